@@ -1,0 +1,41 @@
+# The two commands a new user needs:
+#   make demo   run a local federation on the embedded default data
+#   make test   lint, format check and the whole test suite
+# Both create .venv and install everything from nothing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build of torch by default. On a GPU machine: make TORCH_SPEC="torch" (or a CUDA wheel of your choice).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint format venv bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: venv
+	$(BIN)/python scripts/bench_comms.py --json results/bench_comms.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The per-node daemon: workloads, the inner loop, the sync engine, snapshots, the drop-in API."""

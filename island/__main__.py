@@ -1,0 +1,3 @@
+from island.cli import main
+
+raise SystemExit(main())

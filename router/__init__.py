@@ -1,0 +1,1 @@
+"""Partitioning, the learned router, ensembles of experts, the inference server and client."""

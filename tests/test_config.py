@@ -1,0 +1,60 @@
+"""Typed TOML configs: unknown keys and wrong types name the file and the key."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from comms.config import config_from_dict, config_to_dict, load_config
+from comms.errors import ConfigError
+
+
+@dataclass
+class Sync:
+    every: int = 100
+    codec: str = "int8"
+    lr: float = 0.7
+
+    def validate(self):
+        if self.every < 1:
+            raise ConfigError(f"every: must be at least 1, got {self.every}")
+
+
+@dataclass
+class Top:
+    name: str
+    sync: Sync = field(default_factory=Sync)
+    peers: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+def test_load_round_trip(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('name = "a"\npeers = ["x", "y"]\n[sync]\nevery = 5\nlr = 1\n')
+    cfg = load_config(Top, p)
+    assert cfg == Top(name="a", sync=Sync(every=5, lr=1.0), peers=["x", "y"])
+    assert isinstance(cfg.sync.lr, float)
+    assert config_from_dict(Top, config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"name": "a", "sync": {"evry": 5}}, "sync.evry: unknown key"),
+        ({"name": "a", "sync": {"every": "5"}}, "sync.every: expected an integer"),
+        ({"name": "a", "sync": {"every": 0}}, "sync: every: must be at least 1"),
+        ({"name": "a", "peers": "x"}, "peers: expected a list"),
+        ({"name": "a", "seed": 1.5}, "seed: expected an integer"),
+        ({}, "name"),
+    ],
+)
+def test_bad_keys_named(doc, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        config_from_dict(Top, doc, "island.toml")
+    assert str(e.value).startswith("island.toml: ")
+
+
+def test_bad_toml_names_file(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("name = ")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        load_config(Top, p)
