@@ -75,6 +75,7 @@ class Identity:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a stale temp file may have been created with wider permissions
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
         os.replace(tmp, path)
@@ -183,14 +184,19 @@ class Roster:
             doc = json.loads(Path(path).read_text())
         except OSError as e:
             raise ConfigError(f"cannot read roster {path}: {e.strerror}") from e
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"roster {path} is not valid JSON: {e}") from e
+        peers = doc.get("peers", []) if isinstance(doc, dict) else None
+        if not isinstance(peers, list):
+            raise ConfigError(f'roster {path}: expected {{"peers": [...]}} at the top level')
         roster = cls()
-        for i, p in enumerate(doc.get("peers", [])):
+        for i, p in enumerate(peers):
             try:
                 pk = bytes.fromhex(p["public_key"])
+                if peer_id_of(pk) in roster:
+                    raise ConfigError("this public key is listed twice")
                 roster.add(pk, p["role"], p.get("name", ""))
-            except (KeyError, ValueError, TypeError) as e:
+            except (KeyError, ValueError, TypeError, AttributeError, ConfigError) as e:
                 raise ConfigError(f"roster {path}: peers[{i}] is invalid: {e}") from e
         return roster
 
@@ -200,7 +206,9 @@ class ReplayGuard:
 
     ``check`` only reads; ``commit`` records a sequence once the message has been durably
     accepted, so a message rejected later in the pipeline can be sent again.
-    The state is a plain dict so a service can persist it (``state()`` / ``load_state``).
+    The state is a plain dict so a service can persist it (``state()``, then
+    ``ReplayGuard(state)`` or ``load_state(state)``). ``check`` then ``commit`` is not atomic:
+    a caller that handles one sender from several tasks at once uses ``check_and_commit``.
     """
 
     def __init__(self, state: dict[str, int] | None = None):
@@ -229,6 +237,10 @@ class ReplayGuard:
                     "replayed or duplicated message"
                 )
             self._last[sender] = sequence
+
+    def load_state(self, state: dict[str, int]) -> None:
+        with self._lock:
+            self._last = dict(state)
 
     def last(self, sender: str) -> int | None:
         with self._lock:

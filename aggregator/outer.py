@@ -1,0 +1,290 @@
+"""Outer optimizers at the root, and the rule that keeps every replica bit-identical.
+
+Convention. The pseudo-gradient is the merged delta ``g = mean_i (anchor - params_i)``
+(DiLoCo, Douillard et al. 2023, Algorithm 1, line 12: ``Delta = theta^(t-1) - theta_i^(t)``).
+It points like a gradient: *subtracting* it moves the model toward the islands' parameters.
+So ``SGD(lr=1)`` gives ``theta - g = mean_i params_i``, which is FedAvg.
+
+Each optimizer's :meth:`~OuterOptimizer.step` takes ``theta`` (read only: names and shapes are
+checked, values are not used) and ``g``, advances its own state, and **returns the update**
+``u = theta_new - theta_old`` as new float32 arrays. It does not touch ``theta``. The root
+encodes ``u``, decodes it again and applies the *decoded* ``u`` with :func:`apply_update`, as
+every island does; a float32 add per element in a fixed order gives the same bits everywhere.
+
+- :class:`SGD`: ``u = -lr * g``.
+- :class:`NesterovSGD` (DiLoCo's outer step, lr 0.7, momentum 0.9), exactly
+  ``torch.optim.SGD(lr, momentum=mu, nesterov=True)`` with no dampening or weight decay::
+
+      m <- mu * m + g          (m = 0 before the first step, so the first m is g)
+      u  = -lr * (g + mu * m)
+
+  Same formula and float32 scalars as torch; the bits can differ by an ulp or two because
+  torch's CPU kernels fuse each ``a + alpha * b`` into one FMA while numpy rounds the multiply
+  and the add separately. Replicas stay identical regardless: they all apply the same ``u``.
+
+- :class:`CO2` (Sun et al., "CO2: Efficient Distributed Training with Full
+  Communication-Computation Overlap", ICLR 2024, outer update with gap penalty ``Lambda`` and
+  element-wise outer-momentum clipping ``phi``)::
+
+      m <- beta * m + g / Lambda
+      m <- clamp(m, -phi, +phi)   (in place; applied for real)
+      u  = -alpha * m
+
+All arithmetic is float32 with float32 scalars. State (momentum, step count) round-trips
+through :meth:`~OuterOptimizer.state_dict` / :meth:`~OuterOptimizer.load_state_dict` as plain
+numpy arrays, for the root's checkpoints. No I/O, no threads (one instance per model, driven
+by the root's single merge loop), no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from comms.errors import ConfigError, NonFiniteError, ShapeMismatchError
+
+Params = dict[str, np.ndarray]
+_MOMENTUM = "momentum/"
+_STEP = "step"
+
+
+def _check_same_layout(
+    theta: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], what: str
+) -> None:
+    if theta.keys() != other.keys():
+        missing = sorted(theta.keys() - other.keys())
+        extra = sorted(other.keys() - theta.keys())
+        raise ShapeMismatchError(
+            f"{what} tensor names differ from the model's: missing {missing}, extra {extra}"
+        )
+    for name, x in other.items():
+        if x.shape != theta[name].shape:
+            raise ShapeMismatchError(
+                f"{what} tensor {name!r}: shape {x.shape}, model has {theta[name].shape}"
+            )
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+class OuterOptimizer:
+    """Base class: ``step`` returns the update ``u``; ``state_dict`` holds what must persist."""
+
+    name: ClassVar[str] = ""
+    uses_momentum: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.momentum: Params = {}
+
+    def hyperparams(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _update(self, g: Mapping[str, np.ndarray]) -> Params:
+        """Advance the state on float32 ``g`` and return ``u``."""
+        raise NotImplementedError
+
+    def step(
+        self, theta: Mapping[str, np.ndarray], pseudo_grad: Mapping[str, np.ndarray]
+    ) -> Params:
+        """Advance one outer step on ``pseudo_grad`` and return ``u = theta_new - theta_old``.
+
+        ``theta`` is not modified. A pseudo-gradient holding NaN or Inf raises
+        :class:`~comms.errors.NonFiniteError` before any state changes.
+        """
+        _check_same_layout(theta, pseudo_grad, "pseudo-gradient")
+        g = {name: np.asarray(x, dtype=np.float32) for name, x in pseudo_grad.items()}
+        for name, x in g.items():
+            if not np.isfinite(x).all():
+                raise NonFiniteError(f"pseudo-gradient tensor {name!r} holds NaN or Inf")
+        if self.momentum:
+            _check_same_layout(self.momentum, g, "pseudo-gradient (vs momentum)")
+        u = self._update(g)
+        self.steps += 1
+        return u
+
+    def _momentum_buffer(self, name: str, like: np.ndarray) -> np.ndarray:
+        if name not in self.momentum:
+            self.momentum[name] = np.zeros(like.shape, dtype=np.float32)
+        return self.momentum[name]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the state: ``"step"`` (int64 scalar) and ``"momentum/<name>"`` arrays."""
+        state = {_STEP: np.array(self.steps, dtype=np.int64)}
+        for name, m in self.momentum.items():
+            state[_MOMENTUM + name] = m.copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore the state saved by :meth:`state_dict` (arrays are copied)."""
+        if _STEP not in state:
+            raise ValueError(f"{self.name} state: missing key {_STEP!r}")
+        unknown = [k for k in state if k != _STEP and not k.startswith(_MOMENTUM)]
+        if unknown:
+            raise ValueError(f"{self.name} state: unexpected keys {sorted(unknown)}")
+        momentum = {
+            k[len(_MOMENTUM) :]: np.array(v, dtype=np.float32)
+            for k, v in state.items()
+            if k.startswith(_MOMENTUM)
+        }
+        if momentum and not self.uses_momentum:
+            raise ValueError(f"{self.name} keeps no momentum, but the state holds momentum")
+        self.steps = int(state[_STEP])
+        self.momentum = momentum
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(OuterOptimizer):
+    """``u = -lr * g``; ``lr=1`` is FedAvg (the new model is the mean of the islands')."""
+
+    name = "sgd"
+    uses_momentum = False
+
+    def __init__(self, lr: float = 1.0):
+        super().__init__()
+        _require(math.isfinite(lr) and lr > 0, f"sgd: lr must be a positive number, got {lr!r}")
+        self.lr = float(lr)
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {"lr": self.lr}
+
+    def _update(self, g: Mapping[str, np.ndarray]) -> Params:
+        neg_lr = np.float32(-self.lr)
+        return {name: np.multiply(x, neg_lr, dtype=np.float32) for name, x in g.items()}
+
+
+class NesterovSGD(OuterOptimizer):
+    """DiLoCo's outer step, matching ``torch.optim.SGD(nesterov=True)``; see the module doc."""
+
+    name = "nesterov"
+
+    def __init__(self, lr: float = 0.7, momentum: float = 0.9):
+        super().__init__()
+        _require(
+            math.isfinite(lr) and lr > 0, f"nesterov: lr must be a positive number, got {lr!r}"
+        )
+        _require(0 < momentum < 1, f"nesterov: momentum must be in (0, 1), got {momentum!r}")
+        self.lr = float(lr)
+        self.mu = float(momentum)
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.mu}
+
+    def _update(self, g: Mapping[str, np.ndarray]) -> Params:
+        mu, neg_lr = np.float32(self.mu), np.float32(-self.lr)
+        out = {}
+        for name, x in g.items():
+            m = self._momentum_buffer(name, x)
+            np.multiply(m, mu, out=m)  # m <- mu * m
+            np.add(m, x, out=m)  #        m <- mu * m + g
+            u = np.multiply(m, mu)  #     u  = mu * m
+            np.add(x, u, out=u)  #        u  = g + mu * m
+            np.multiply(u, neg_lr, out=u)  # u = -lr * (g + mu * m)
+            out[name] = u
+        return out
+
+
+class CO2(OuterOptimizer):
+    """CO2's outer step with gap penalty and element-wise momentum clipping (``clip=None``
+    turns the clip off); see the module doc."""
+
+    name = "co2"
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        gap_penalty: float = 1.0,
+        clip: float | None = 1.0,
+    ):
+        super().__init__()
+        _require(math.isfinite(alpha) and alpha > 0, f"co2: alpha must be positive, got {alpha!r}")
+        _require(0 <= beta < 1, f"co2: beta must be in [0, 1), got {beta!r}")
+        _require(
+            math.isfinite(gap_penalty) and gap_penalty > 0,
+            f"co2: gap_penalty must be positive, got {gap_penalty!r}",
+        )
+        _require(
+            clip is None or (math.isfinite(clip) and clip > 0),
+            f"co2: clip must be positive or None, got {clip!r}",
+        )
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.gap_penalty = float(gap_penalty)
+        self.clip = None if clip is None else float(clip)
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "gap_penalty": self.gap_penalty,
+            "clip": self.clip,
+        }
+
+    def _update(self, g: Mapping[str, np.ndarray]) -> Params:
+        beta, lam = np.float32(self.beta), np.float32(self.gap_penalty)
+        neg_alpha = np.float32(-self.alpha)
+        phi = None if self.clip is None else np.float32(self.clip)
+        out = {}
+        for name, x in g.items():
+            m = self._momentum_buffer(name, x)
+            u = np.divide(x, lam, dtype=np.float32)  # g / Lambda (u doubles as scratch)
+            np.multiply(m, beta, out=m)
+            np.add(m, u, out=m)  # m <- beta * m + g / Lambda
+            if phi is not None:
+                np.clip(m, -phi, phi, out=m)  # m <- clamp(m, -phi, phi), kept
+            np.multiply(m, neg_alpha, out=u)  # u = -alpha * m
+            out[name] = u
+        return out
+
+
+OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {
+    cls.name: cls for cls in (SGD, NesterovSGD, CO2)
+}
+DEFAULT_OUTER_OPTIMIZER = "nesterov"
+
+# Completeness: every optimizer defined here is registered under its own, unique name.
+assert {c.name for c in OuterOptimizer.__subclasses__()} == set(OUTER_OPTIMIZERS)
+
+
+def make_outer_optimizer(name: str = DEFAULT_OUTER_OPTIMIZER, **hyperparams: Any) -> OuterOptimizer:
+    """An outer optimizer by registry name (``sgd``, ``nesterov``, ``co2``)."""
+    cls = OUTER_OPTIMIZERS.get(name)
+    if cls is None:
+        raise ConfigError(
+            f"unknown outer optimizer {name!r}; choose one of {sorted(OUTER_OPTIMIZERS)}"
+        )
+    try:
+        return cls(**hyperparams)
+    except TypeError as e:
+        raise ConfigError(
+            f"outer optimizer {name!r}: bad hyperparameters {hyperparams}: {e}"
+        ) from None
+
+
+def apply_update(
+    theta: dict[str, np.ndarray], u: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``theta <- theta + u`` in place, in float32, tensor by tensor in sorted-name order.
+
+    The replica rule: the root and every island call this with the same decoded ``u_v`` on the
+    same ``theta_v`` and so hold the same bits for ``theta_{v+1}``. ``theta``'s arrays must be
+    writable float32; ``u`` must have exactly ``theta``'s names and shapes (a partial update
+    would silently split the replicas). Returns ``theta``.
+    """
+    _check_same_layout(theta, u, "update")
+    for name in sorted(theta):
+        p = theta[name]
+        if p.dtype != np.float32 or not p.flags.writeable:
+            raise ValueError(f"model tensor {name!r} must be a writable float32 array")
+    for name in sorted(theta):
+        np.add(theta[name], u[name], out=theta[name], dtype=np.float32)
+    return theta

@@ -1,0 +1,183 @@
+"""A write-ahead log: an update is on disk (fsynced) before the gateway acknowledges it.
+
+Layout: a directory of segment files ``00000000000000000001.wal`` named by the index of their
+first record. Each record is::
+
+    magic b"AWAL" | u8 type | u64 index | u32 length | 16-byte blake2b(type, index, body) | body
+
+Record types: ``UPDATE`` (an accepted envelope) and ``MARK`` (a checkpoint: every update with
+an index at or below the mark's has been merged and handed on durably, so replay skips it).
+``append`` returns only after ``os.fsync`` of the segment, so an acknowledged update survives
+``kill -9`` and power loss. On open the log is scanned; a torn tail (a partial or corrupt last
+record, which was never acknowledged since the ack follows the fsync) is cut off. Segments
+entirely below the newest mark are deleted by ``compact``.
+
+Concurrency: one writer (the gateway's event loop thread); ``append`` blocks for the fsync, so
+call it through ``asyncio.to_thread`` from async code. Not safe for several processes at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"AWAL"
+_HEAD = struct.Struct("<4sBQI16s")
+UPDATE = 1
+MARK = 2
+
+
+@dataclass(frozen=True)
+class WalRecord:
+    type: int
+    index: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class _Loc:
+    type: int
+    index: int
+    segment: Path
+    offset: int
+    length: int
+
+
+def _digest(rtype: int, index: int, body: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(struct.pack("<BQ", rtype, index))
+    h.update(body)
+    return h.digest()
+
+
+def _scan(path: Path) -> tuple[list[_Loc], int]:
+    """Where each record of one segment lies, and the byte length of its valid prefix."""
+    data = path.read_bytes()
+    records, pos = [], 0
+    while pos + _HEAD.size <= len(data):
+        magic, rtype, index, length, digest = _HEAD.unpack_from(data, pos)
+        end = pos + _HEAD.size + length
+        if magic != MAGIC or end > len(data):
+            break
+        body = data[pos + _HEAD.size : end]
+        if _digest(rtype, index, body) != digest:
+            break
+        records.append(_Loc(rtype, index, path, pos + _HEAD.size, length))
+        pos = end
+    return records, pos
+
+
+class WriteAheadLog:
+    def __init__(self, directory: str | os.PathLike, segment_bytes: int = 256 << 20):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self._found: list[_Loc] = []
+        self.torn_bytes = 0
+        self.last_index = 0
+        self.mark = 0
+        for seg in self._segments():
+            records, valid = _scan(seg)
+            size = seg.stat().st_size
+            if valid < size:  # torn tail: never acknowledged, cut it off
+                self.torn_bytes += size - valid
+                with open(seg, "r+b") as f:
+                    f.truncate(valid)
+                    os.fsync(f.fileno())
+            for r in records:
+                self.last_index = max(self.last_index, r.index)
+                if r.type == MARK:
+                    self.mark = max(self.mark, r.index)
+            self._found.extend(records)
+        self._file = None
+        self._file_size = 0
+        self._open_tail()
+
+    def _segments(self) -> list[Path]:
+        return sorted(self.dir.glob("*.wal"))
+
+    def _open_tail(self) -> None:
+        segs = self._segments()
+        if segs and segs[-1].stat().st_size < self.segment_bytes:
+            path = segs[-1]
+        else:
+            path = self.dir / f"{self.last_index + 1:020d}.wal"
+        self._file = open(path, "ab")
+        self._file_size = self._file.tell()
+        _fsync_dir(self.dir)
+
+    def _write(self, rtype: int, index: int, body: bytes | memoryview) -> None:
+        if self._file_size >= self.segment_bytes:
+            self._file.close()
+            path = self.dir / f"{index:020d}.wal"
+            self._file = open(path, "ab")
+            self._file_size = 0
+            _fsync_dir(self.dir)
+        head = _HEAD.pack(MAGIC, rtype, index, len(body), _digest(rtype, index, body))
+        self._file.write(head)
+        self._file.write(body)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file_size += len(head) + len(body)
+
+    def append(self, body: bytes | memoryview) -> int:
+        """Durably append one update; returns its index (1, 2, ...)."""
+        index = self.last_index + 1
+        self._write(UPDATE, index, body)
+        self.last_index = index
+        return index
+
+    def mark_done(self, index: int, note: bytes = b"") -> None:
+        """Record that every update with an index <= ``index`` is merged and handed on."""
+        if index < self.mark:
+            raise ValueError(f"mark {index} is below the current mark {self.mark}")
+        self._write(MARK, index, note)
+        self.mark = index
+
+    @staticmethod
+    def _read(loc: _Loc) -> WalRecord:
+        with open(loc.segment, "rb") as f:
+            f.seek(loc.offset)
+            return WalRecord(loc.type, loc.index, f.read(loc.length))
+
+    def pending(self) -> Iterator[WalRecord]:
+        """Updates found on open above the newest mark, in order: what a restart replays."""
+        for loc in self._found:
+            if loc.type == UPDATE and loc.index > self.mark:
+                yield self._read(loc)
+
+    def last_mark_note(self) -> bytes:
+        """The note of the newest mark found on open (e.g. the sequence it handed on)."""
+        marks = [loc for loc in self._found if loc.type == MARK and loc.index == self.mark]
+        return self._read(marks[-1]).body if marks else b""
+
+    def compact(self) -> int:
+        """Delete segments whose records are all at or below the mark; returns how many."""
+        segs = self._segments()
+        removed = 0
+        for seg, nxt in itertools.pairwise(segs):
+            first_of_next = int(nxt.stem)
+            if first_of_next - 1 <= self.mark:
+                seg.unlink()
+                removed += 1
+        if removed:
+            _fsync_dir(self.dir)
+        return removed
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,313 @@
+"""TLS material for the gRPC and HTTP links: a federation CA, certificates it issues, PEM files.
+
+A federation runs mutual TLS with one CA: ``make_ca()`` once, then ``issue_cert(ca, hosts)``
+for every daemon; each certificate is valid for both server and client authentication, so the
+same pair serves gRPC ingress and authenticates outgoing pushes. ``make_self_signed`` is for a
+single host that needs encryption but no federation (its certificate is its own trust anchor).
+
+Keys are ECDSA P-256: every TLS stack (OpenSSL, BoringSSL in gRPC) supports them. Private keys
+are written unencrypted and readable by their owner only (mode 0600); certificates are public.
+TLS authenticates hosts; who may send updates is decided separately by the Ed25519 roster
+(``comms.identity``) over the envelopes themselves.
+
+Pure functions plus small file helpers; no shared state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from comms.errors import ConfigError
+
+DEFAULT_HOSTS = ("127.0.0.1", "localhost")
+CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates are valid from a little in the past
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    """A CA certificate and its private key, both PEM."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    def save(self, cert_path: str | os.PathLike, key_path: str | os.PathLike) -> None:
+        save_pair(cert_path, key_path, self.cert_pem, self.key_pem)
+
+    @classmethod
+    def load(
+        cls, cert_path: str | os.PathLike, key_path: str | os.PathLike
+    ) -> CertificateAuthority:
+        cert_pem, key_pem = load_pair(cert_path, key_path)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise ConfigError(f"{cert_path} is not a CA certificate (basicConstraints CA:FALSE)")
+        return cls(cert_pem, key_pem)
+
+
+# ---------------------------------------------------------------- building certificates
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Archipelago"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def subject_alt_names(hosts: list[str] | tuple[str, ...]) -> x509.SubjectAlternativeName:
+    """IP addresses become IP SANs, anything else a DNS SAN; ``ConfigError`` if unusable."""
+    if isinstance(hosts, str) or not hosts:
+        raise ConfigError(f"hosts must be a non-empty list of names or addresses, got {hosts!r}")
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"hosts: every entry must be a non-empty str, got {host!r}")
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        if not host.isascii() or any(c.isspace() for c in host):
+            raise ConfigError(
+                f"hosts: {host!r} is neither an IP address nor an ASCII DNS name "
+                "(use the punycode form of internationalized names)"
+            )
+        names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
+    if days < 1:
+        raise ConfigError(f"days must be at least 1, got {days}")
+    now = dt.datetime.now(dt.UTC)
+    return builder.not_valid_before(now - CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
+
+
+def _leaf_extensions(
+    builder: x509.CertificateBuilder, sans: x509.SubjectAlternativeName, public_key
+) -> x509.CertificateBuilder:
+    return (
+        builder.add_extension(sans, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def make_ca(
+    common_name: str = "Archipelago federation CA", days: int = 3650
+) -> CertificateAuthority:
+    """A new CA (self-signed, may sign leaf certificates only)."""
+    key = _new_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    cert = _validity(builder, days).sign(key, hashes.SHA256())
+    return CertificateAuthority(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def issue_cert(
+    ca: CertificateAuthority,
+    hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS,
+    common_name: str | None = None,
+    days: int = 365,
+) -> tuple[bytes, bytes]:
+    """``(cert_pem, key_pem)`` for ``hosts``, signed by ``ca``, for server and client auth."""
+    sans = subject_alt_names(hosts)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    key = _new_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name or hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    builder = _leaf_extensions(_validity(builder, days), sans, key.public_key())
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def make_self_signed(
+    common_name: str, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, days: int = 365
+) -> tuple[bytes, bytes]:
+    """``(cert_pem, key_pem)`` of a self-signed certificate for ``hosts``.
+
+    Clients trust it by using the certificate itself as their CA file.
+    """
+    sans = subject_alt_names(hosts)
+    key = _new_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
+        )
+    )
+    builder = _leaf_extensions(_validity(builder, days), sans, key.public_key())
+    cert = builder.sign(key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_pem(path: str | os.PathLike, data: bytes, *, private: bool) -> None:
+    """Write PEM atomically; a private key gets mode 0600 from the moment it exists."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    if private:
+        os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply when the file already existed
+    os.replace(tmp, path)
+
+
+def read_pem(path: str | os.PathLike) -> bytes:
+    """The bytes of a PEM file; ``ConfigError`` naming the file if unreadable or not PEM."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{path} is not a PEM file")
+    return data
+
+
+def save_pair(
+    cert_path: str | os.PathLike, key_path: str | os.PathLike, cert_pem: bytes, key_pem: bytes
+) -> None:
+    """Write a certificate (0644) and its private key (0600)."""
+    write_pem(key_path, key_pem, private=True)
+    write_pem(cert_path, cert_pem, private=False)
+
+
+def load_pair(cert_path: str | os.PathLike, key_path: str | os.PathLike) -> tuple[bytes, bytes]:
+    """Read a certificate and its key and check that they belong together."""
+    cert_pem, key_pem = read_pem(cert_path), read_pem(key_path)
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise ConfigError(f"{cert_path} does not hold a PEM certificate: {e}") from e
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key_path} is not an unencrypted PEM private key") from e
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise ConfigError(f"the key in {key_path} does not match the certificate in {cert_path}")
+    return cert_pem, key_pem
+
+
+# ---------------------------------------------------------------- ssl contexts (aiohttp, tests)
+
+
+def _load_chain(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    # ssl only loads a chain from files: stage them in a private temporary directory.
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_file, key_file = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        save_pair(cert_file, key_file, cert_pem, key_pem)
+        context.load_cert_chain(cert_file, key_file)
+
+
+def server_ssl_context(
+    cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None = None
+) -> ssl.SSLContext:
+    """A TLS server context; with ``client_ca_pem`` clients must present a cert it signed."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(context, cert_pem, key_pem)
+    if client_ca_pem is not None:
+        context.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_ssl_context(
+    ca_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None
+) -> ssl.SSLContext:
+    """A TLS client context trusting only ``ca_pem``; presents ``cert_pem`` for mutual TLS."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=ca_pem.decode("ascii"))
+    if cert_pem is not None and key_pem is not None:
+        _load_chain(context, cert_pem, key_pem)
+    return context
