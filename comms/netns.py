@@ -1,0 +1,507 @@
+"""Emulated wide-area links between Linux network namespaces (needs root, ``ip`` and ``tc``).
+
+``up N`` creates a hub namespace ``<prefix>-hub`` (where aggregators run) and N island
+namespaces ``<prefix>-isl0..`` (where islands run). Island k is joined to the hub by its own
+point-to-point link, island side 10.231.k.2, hub side 10.231.k.1; the hub forwards between
+islands, so island-to-island traffic crosses two links. Every link is shaped in both
+directions: ``tbf`` for the rate, and a fixed one-way delay plus random packet loss.
+
+Two backends carry the links:
+
+- ``veth``: a veth pair per link; delay and loss by ``tc netem`` (the kernel's usual path).
+- ``tun``: two TUN devices per link with a small forwarder process that holds each packet for
+  the delay and drops it with the loss probability; rate by ``tbf`` on both TUN devices. For
+  kernels built without ``sch_netem``. The forwarder is one Python process for all links,
+  started by ``up`` and stopped by ``down``.
+
+``auto`` (the default) takes ``veth`` when the link needs no delay or loss or the kernel has
+netem, and ``tun`` otherwise. Everything created lives in namespaces named ``<prefix>-hub`` and
+``<prefix>-isl<k>``; nothing in the root namespace is touched, and ``down`` removes exactly
+those namespaces (and is safe to run twice). State (config, forwarder pid and log) sits in
+``$ARCHIPELAGO_NETNS_STATE/<prefix>`` (default ``/run/archipelago-netns``).
+
+CLI: ``python -m comms.netns up N --rate 10mbit --delay 50ms [--loss 0.1%]``, ``down``,
+``status``, ``exec NS CMD...`` (NS: ``hub``, ``isl0``, ... or a full name); ``--prefix`` picks
+another set of namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import heapq
+import json
+import os
+import random
+import re
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from comms.errors import ConfigError, LinkError
+
+DEFAULT_PREFIX = "arch"
+MAX_ISLANDS = 250
+HUB_IFACE = "isl{k}"  # in the hub namespace, one per island
+ISLAND_IFACE = "uplink"  # in each island namespace
+PREFIX_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+
+_RATE_UNITS = {
+    "bit": 1,
+    "kbit": 1e3,
+    "mbit": 1e6,
+    "gbit": 1e9,
+    "bps": 8,
+    "kbps": 8e3,
+    "mbps": 8e6,
+    "gbps": 8e9,
+}  # tc's units: "bps" is bytes per second
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+# ------------------------------------------------------------------ pure parsing and naming
+
+
+def parse_rate(text: str) -> float:
+    """tc-style rate to bits per second: ``10mbit`` -> 1e7; a bare number is bits/s."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in {"", *_RATE_UNITS}:
+        raise ConfigError(f"rate {text!r}: use a number and one of {sorted(_RATE_UNITS)}")
+    rate = float(m.group(1)) * _RATE_UNITS.get(m.group(2), 1)
+    if rate <= 0:
+        raise ConfigError(f"rate {text!r} must be positive")
+    return rate
+
+
+def parse_delay(text: str) -> float:
+    """tc-style time to seconds: ``50ms`` -> 0.05; a bare number is milliseconds (as in tc)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in {"", *_TIME_UNITS}:
+        raise ConfigError(f"delay {text!r}: use a number and one of {sorted(_TIME_UNITS)}")
+    return float(m.group(1)) * _TIME_UNITS.get(m.group(2), 1e-3)
+
+
+def parse_loss(text: str) -> float:
+    """Loss probability: ``0.1%`` -> 0.001; a bare number is a fraction in [0, 1]."""
+    s = str(text).strip()
+    try:
+        loss = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError as e:
+        raise ConfigError(f"loss {text!r}: use a percentage like 0.1% or a fraction") from e
+    if not 0 <= loss <= 1:
+        raise ConfigError(f"loss {text!r} must be between 0% and 100%")
+    return loss
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    islands: int
+    rate_bps: float
+    delay_s: float = 0.0
+    loss: float = 0.0
+    mtu: int = 1500
+    backend: str = "veth"  # resolved: "veth" or "tun"
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self):
+        if not PREFIX_PATTERN.match(self.prefix):
+            raise ConfigError(f"prefix {self.prefix!r} must match {PREFIX_PATTERN.pattern}")
+        if not 1 <= self.islands <= MAX_ISLANDS:
+            raise ConfigError(f"islands must be in 1..{MAX_ISLANDS}, got {self.islands}")
+        if self.backend not in ("veth", "tun"):
+            raise ConfigError(f"backend must be veth or tun, got {self.backend!r}")
+        if not 576 <= self.mtu <= 9000:
+            raise ConfigError(f"mtu must be in 576..9000, got {self.mtu}")
+
+    @property
+    def hub(self) -> str:
+        return f"{self.prefix}-hub"
+
+    def island(self, k: int) -> str:
+        return f"{self.prefix}-isl{k}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.hub] + [self.island(k) for k in range(self.islands)]
+
+
+def hub_address(k: int) -> str:
+    """The hub's address on island k's link (what island k dials to reach the hub)."""
+    return f"10.231.{k}.1"
+
+
+def island_address(k: int) -> str:
+    return f"10.231.{k}.2"
+
+
+def tbf_args(cfg: LinkConfig) -> list[str]:
+    """tbf rate, burst and queue: burst >= 4 packets or 4 ms of rate; queue >= 2x BDP + 20 ms."""
+    rate_bytes = cfg.rate_bps / 8
+    burst = max(4 * (cfg.mtu + 14), int(rate_bytes * 0.004))
+    limit = max(64 * 1024, int(rate_bytes * (2 * cfg.delay_s + 0.02)))
+    return ["tbf", "rate", f"{int(cfg.rate_bps)}bit", "burst", str(burst), "limit", str(limit)]
+
+
+def netem_args(cfg: LinkConfig) -> list[str]:
+    in_flight = cfg.rate_bps / 8 * cfg.delay_s / cfg.mtu  # packets held by the delay line
+    args = ["netem", "limit", str(max(1000, int(4 * in_flight)))]
+    if cfg.delay_s > 0:
+        args += ["delay", f"{cfg.delay_s * 1e3:.3f}ms"]
+    if cfg.loss > 0:
+        args += ["loss", f"{cfg.loss * 100:.6f}%"]
+    return args
+
+
+def state_dir(prefix: str) -> Path:
+    root = os.environ.get("ARCHIPELAGO_NETNS_STATE", "/run/archipelago-netns")
+    return Path(root) / prefix
+
+
+def our_namespaces(prefix: str, existing: list[str]) -> list[str]:
+    """The namespaces among ``existing`` that belong to ``prefix`` (never anything else)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-(hub|isl\d+)$")
+    return [ns for ns in existing if pattern.match(ns)]
+
+
+# ------------------------------------------------------------------ ip / tc shell
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise LinkError(f"`{' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def require_tools() -> None:
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} not found; install the iproute2 package")
+    if os.geteuid() != 0:
+        raise ConfigError("network namespaces need root (or CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+
+
+def list_namespaces() -> list[str]:
+    out = _run("ip", "netns", "list").stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def kernel_has_netem() -> bool:
+    """Probe sch_netem in a throwaway namespace (some kernels are built without it)."""
+    probe = f"archprobe{os.getpid()}"
+    _run("ip", "netns", "add", probe)
+    try:
+        proc = _run("tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", check=False)
+        return proc.returncode == 0
+    finally:
+        _run("ip", "netns", "del", probe, check=False)
+
+
+def resolve_backend(requested: str, delay_s: float, loss: float) -> str:
+    if requested in ("veth", "tun"):
+        return requested
+    if requested != "auto":
+        raise ConfigError(f"backend must be auto, veth or tun, got {requested!r}")
+    if (delay_s == 0 and loss == 0) or kernel_has_netem():
+        return "veth"
+    return "tun"
+
+
+def _make_link(cfg: LinkConfig, k: int) -> None:
+    hub, isl, hub_if = cfg.hub, cfg.island(k), HUB_IFACE.format(k=k)
+    if cfg.backend == "veth":
+        _run(
+            "ip",
+            "-n",
+            hub,
+            "link",
+            "add",
+            hub_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ISLAND_IFACE,
+            "netns",
+            isl,
+        )
+        _run("ip", "-n", hub, "addr", "add", f"{hub_address(k)}/30", "dev", hub_if)
+        _run("ip", "-n", isl, "addr", "add", f"{island_address(k)}/30", "dev", ISLAND_IFACE)
+    else:
+        _run("ip", "-n", hub, "tuntap", "add", "dev", hub_if, "mode", "tun")
+        _run("ip", "-n", isl, "tuntap", "add", "dev", ISLAND_IFACE, "mode", "tun")
+        _run(
+            "ip", "-n", hub, "addr", "add", hub_address(k), "peer", island_address(k), "dev", hub_if
+        )
+        _run(
+            "ip",
+            "-n",
+            isl,
+            "addr",
+            "add",
+            island_address(k),
+            "peer",
+            hub_address(k),
+            "dev",
+            ISLAND_IFACE,
+        )
+    for ns, dev in ((hub, hub_if), (isl, ISLAND_IFACE)):
+        _run("ip", "-n", ns, "link", "set", dev, "mtu", str(cfg.mtu), "up")
+        _shape(cfg, ns, dev)
+    _run("ip", "-n", isl, "route", "add", "10.231.0.0/16", "via", hub_address(k))
+
+
+def _shape(cfg: LinkConfig, ns: str, dev: str) -> None:
+    tc = ["tc", "-n", ns, "qdisc", "add", "dev", dev]
+    if cfg.backend == "veth" and (cfg.delay_s > 0 or cfg.loss > 0):
+        try:
+            _run(*tc, "root", "handle", "1:", *netem_args(cfg))
+        except LinkError as e:
+            raise LinkError(
+                f"{e}\nThis kernel may lack sch_netem: use --backend tun (or auto)"
+            ) from e
+        _run(*tc, "parent", "1:1", "handle", "10:", *tbf_args(cfg))
+    else:
+        _run(*tc, "root", "handle", "1:", *tbf_args(cfg))
+
+
+def up(
+    islands: int,
+    rate: str | float,
+    delay: str | float = 0.0,
+    loss: str | float = 0.0,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    backend: str = "auto",
+    mtu: int = 1500,
+    ready_timeout: float = 10.0,
+) -> LinkConfig:
+    """Create the namespaces and shaped links (tearing down any earlier set with this prefix)."""
+    require_tools()
+    rate_bps = parse_rate(rate) if isinstance(rate, str) else float(rate)
+    delay_s = parse_delay(delay) if isinstance(delay, str) else float(delay)
+    loss_p = parse_loss(loss) if isinstance(loss, str) else float(loss)
+    cfg = LinkConfig(islands, rate_bps, delay_s, loss_p, mtu, "veth", prefix)  # validates
+    cfg = LinkConfig(
+        islands, rate_bps, delay_s, loss_p, mtu, resolve_backend(backend, delay_s, loss_p), prefix
+    )
+    down(prefix)
+    try:
+        for ns in cfg.namespaces:
+            _run("ip", "netns", "add", ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "netns", "exec", cfg.hub, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for k in range(islands):
+            _make_link(cfg, k)
+        state = state_dir(prefix)
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "config.json").write_text(json.dumps(asdict(cfg)))
+        if cfg.backend == "tun":
+            _start_forwarder(state, ready_timeout)
+    except BaseException:
+        down(prefix)
+        raise
+    return cfg
+
+
+def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """Stop the forwarder and delete this prefix's namespaces; returns the names deleted."""
+    state = state_dir(prefix)
+    _stop_forwarder(state)
+    removed = []
+    for ns in our_namespaces(prefix, list_namespaces()):
+        _run("ip", "netns", "del", ns, check=False)
+        removed.append(ns)
+    shutil.rmtree(state, ignore_errors=True)
+    return removed
+
+
+def status(prefix: str = DEFAULT_PREFIX) -> dict:
+    state = state_dir(prefix)
+    config_path = state / "config.json"
+    namespaces = our_namespaces(prefix, list_namespaces())
+    report: dict = {
+        "prefix": prefix,
+        "namespaces": namespaces,
+        "config": json.loads(config_path.read_text()) if config_path.exists() else None,
+        "forwarder_pid": _forwarder_pid(state),
+        "links": {},
+    }
+    for ns in namespaces:
+        addrs = _run("ip", "-n", ns, "-br", "addr", "show", check=False).stdout.strip()
+        qdiscs = _run("tc", "-n", ns, "qdisc", "show", check=False).stdout.strip()
+        report["links"][ns] = {"addresses": addrs.splitlines(), "qdiscs": qdiscs.splitlines()}
+    return report
+
+
+def exec_argv(namespace: str, argv: list[str], prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """The command line that runs ``argv`` inside one of this prefix's namespaces."""
+    full = namespace if namespace.startswith(f"{prefix}-") else f"{prefix}-{namespace}"
+    if not our_namespaces(prefix, [full]):
+        raise ConfigError(f"{namespace!r} is not one of {prefix}'s namespaces (hub, isl0, ...)")
+    if not argv:
+        raise ConfigError("exec needs a command to run")
+    return ["ip", "netns", "exec", full, *argv]
+
+
+# ------------------------------------------------------------------ the tun forwarder
+
+
+def _start_forwarder(state: Path, timeout: float) -> None:
+    with open(state / "forwarder.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "comms.netns", "_forward", str(state)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    (state / "forwarder.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while not (state / "forwarder.ready").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = (state / "forwarder.log").read_text(errors="replace")[-2000:]
+            raise LinkError(f"link forwarder did not start; its log:\n{tail}")
+        time.sleep(0.02)
+
+
+def _forwarder_pid(state: Path) -> int | None:
+    try:
+        pid = int((state / "forwarder.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    # Only a live forwarder of this very state dir; a recycled pid is left alone.
+    return pid if b"_forward" in cmdline and str(state).encode() in cmdline else None
+
+
+def _stop_forwarder(state: Path, timeout: float = 3.0) -> None:
+    pid = _forwarder_pid(state)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _forwarder_pid(state) is not None:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+
+
+def _open_tun(namespace: str, dev: str) -> int:
+    """Attach to the persistent TUN device ``dev`` inside ``namespace``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    ns_fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        if libc.setns(ns_fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {namespace}")
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", dev.encode(), IFF_TUN | IFF_NO_PI))
+        return fd
+    finally:
+        os.close(ns_fd)
+
+
+def forward(state: Path) -> None:
+    """Relay packets between each link's two TUN ends, holding each for the delay and dropping
+    it with the loss probability. Single-threaded: one selector, one heap of due packets."""
+    cfg = LinkConfig(**json.loads((state / "config.json").read_text()))
+    sel = selectors.DefaultSelector()
+    for k in range(cfg.islands):
+        island_fd = _open_tun(cfg.island(k), ISLAND_IFACE)
+        hub_fd = _open_tun(cfg.hub, HUB_IFACE.format(k=k))
+        sel.register(island_fd, selectors.EVENT_READ, hub_fd)
+        sel.register(hub_fd, selectors.EVENT_READ, island_fd)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    rng = random.Random()
+    due: list[tuple[float, int, int, bytes]] = []  # (release time, sequence, out fd, packet)
+    sequence = 0
+    (state / "forwarder.ready").write_text("ready")
+    while not stopping:
+        timeout = max(0.0, due[0][0] - time.monotonic()) if due else 0.2
+        for key, _ in sel.select(timeout):
+            for _ in range(256):  # bounded, so one busy link cannot starve the others
+                try:
+                    packet = os.read(key.fd, 65536)
+                except BlockingIOError:
+                    break
+                if cfg.loss and rng.random() < cfg.loss:
+                    continue
+                sequence += 1
+                heapq.heappush(due, (time.monotonic() + cfg.delay_s, sequence, key.data, packet))
+        now = time.monotonic()
+        while due and due[0][0] <= now:
+            _, _, out_fd, packet = heapq.heappop(due)
+            # A write the receiving stack refuses is a dropped packet, as on a real link.
+            with contextlib.suppress(OSError):
+                os.write(out_fd, packet)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netns_link", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="create N shaped island links to a hub")
+    p_up.add_argument("islands", type=int)
+    p_up.add_argument("--rate", required=True, help="e.g. 10mbit")
+    p_up.add_argument("--delay", default="0ms", help="one-way, e.g. 50ms")
+    p_up.add_argument("--loss", default="0%", help="per direction, e.g. 0.1%%")
+    p_up.add_argument("--mtu", type=int, default=1500)
+    p_up.add_argument("--backend", default="auto", choices=["auto", "veth", "tun"])
+    sub.add_parser("down", help="remove this prefix's namespaces")
+    sub.add_parser("status", help="print namespaces, addresses and qdiscs as JSON")
+    p_exec = sub.add_parser("exec", help="run a command inside a namespace")
+    p_exec.add_argument("namespace")
+    p_exec.add_argument("argv", nargs=argparse.REMAINDER)
+    p_fwd = sub.add_parser("_forward")  # internal: the tun backend's forwarder
+    p_fwd.add_argument("state")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            cfg = up(
+                args.islands,
+                args.rate,
+                args.delay,
+                args.loss,
+                prefix=args.prefix,
+                backend=args.backend,
+                mtu=args.mtu,
+            )
+            print(
+                f"{cfg.islands} island link(s) up ({cfg.backend} backend); hub namespace "
+                f"{cfg.hub}; island k is 10.231.k.2, the hub on its link 10.231.k.1"
+            )
+        elif args.command == "down":
+            print("removed:", " ".join(down(args.prefix)) or "nothing")
+        elif args.command == "status":
+            print(json.dumps(status(args.prefix), indent=2))
+        elif args.command == "exec":
+            cmd = exec_argv(args.namespace, args.argv, args.prefix)
+            os.execvp(cmd[0], cmd)
+        elif args.command == "_forward":
+            forward(Path(args.state))
+    except (ConfigError, LinkError) as e:
+        print(f"netns_link: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

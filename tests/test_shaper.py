@@ -1,0 +1,147 @@
+"""The in-process link shaper: token-bucket arithmetic by hand, then real-clock rate and latency."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from comms.errors import ConfigError, LinkError
+from comms.shaper import BucketState, TokenBucketShaper, token_bucket_reserve
+
+
+def test_token_bucket_arithmetic_by_hand():
+    # 1000 B/s, burst 500 B, bucket full at t=0.
+    state = BucketState(tokens=500.0, updated_at=0.0)
+    wait, state = token_bucket_reserve(state, now=0.0, nbytes=300, rate=1000.0, burst=500.0)
+    assert wait == 0.0 and state.tokens == 200.0
+    # t=0.1: refill 100 -> 300, minus 700 -> -400: wait 400/1000 s.
+    wait, state = token_bucket_reserve(state, now=0.1, nbytes=700, rate=1000.0, burst=500.0)
+    assert wait == pytest.approx(0.4) and state.tokens == pytest.approx(-400.0)
+    # A concurrent caller at the same instant queues behind that debt: (400 + 100) / 1000.
+    wait, state = token_bucket_reserve(state, now=0.1, nbytes=100, rate=1000.0, burst=500.0)
+    assert wait == pytest.approx(0.5) and state.tokens == pytest.approx(-500.0)
+    # t=2.0: refill 1900 -> 1400, capped at the burst 500; minus 100 -> 400.
+    wait, state = token_bucket_reserve(state, now=2.0, nbytes=100, rate=1000.0, burst=500.0)
+    assert wait == 0.0 and state.tokens == pytest.approx(400.0) and state.updated_at == 2.0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_latency_is_hidden_for_chunks_of_one_bandwidth_delay_product():
+    # 8000 bit/s = 1000 B/s, 0.1 s one way: BDP 100 B. Ten 200 B chunks, each awaited in turn.
+    clock = FakeClock()
+    shaper = TokenBucketShaper(8000, latency_s=0.1, burst_bytes=100, clock=clock, sleep=clock.sleep)
+    for _ in range(10):
+        shaper.throttle(200)
+    # First chunk: 100 B of debt (0.1 s) + 0.1 s latency; then one chunk per 0.2 s.
+    assert clock.now == pytest.approx(2.0)
+    assert shaper.bytes_passed == 2000 and shaper.calls == 10
+
+
+def test_small_chunks_behave_like_a_window_of_one_chunk():
+    clock = FakeClock()
+    shaper = TokenBucketShaper(8000, latency_s=0.1, burst_bytes=100, clock=clock, sleep=clock.sleep)
+    for _ in range(10):
+        shaper.throttle(10)  # 10 B per 0.1 s round, far below the 1000 B/s rate
+    assert clock.now == pytest.approx(1.0)
+
+
+async def test_measured_rate_matches_setting():
+    rate_bps = 24e6  # 3 MB/s
+    shaper = TokenBucketShaper(rate_bps)
+    total, chunk = 3_000_000, 64 * 1024
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        n = min(chunk, total - sent)
+        await shaper.transmit(n)
+        sent += n
+    elapsed = time.perf_counter() - start
+    measured = total * 8 / elapsed
+    assert measured == pytest.approx(rate_bps, rel=0.10)
+    assert shaper.bytes_passed == total
+
+
+def test_threads_share_the_rate():
+    rate_bps = 32e6  # 4 MB/s shared by four threads
+    shaper = TokenBucketShaper(rate_bps, burst_bytes=32 * 1024)
+    per_thread, chunk = 300_000, 30_000
+
+    def push():
+        for _ in range(per_thread // chunk):
+            shaper.throttle(chunk)
+
+    threads = [threading.Thread(target=push) for _ in range(4)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    elapsed = time.perf_counter() - start
+    assert shaper.bytes_passed == 4 * per_thread
+    assert 4 * per_thread * 8 / elapsed == pytest.approx(rate_bps, rel=0.15)
+
+
+async def test_latency_is_added():
+    shaper = TokenBucketShaper(1e9, latency_s=0.15)
+    start = time.perf_counter()
+    await shaper.transmit(100)
+    elapsed = time.perf_counter() - start
+    assert 0.15 <= elapsed < 0.3
+
+
+async def test_loss_one_always_drops_and_zero_never():
+    always = TokenBucketShaper(1e9, loss=1.0, seed=1)
+    for _ in range(20):
+        with pytest.raises(LinkError, match="dropped"):
+            await always.transmit(10)
+    assert always.drops == 20 and always.bytes_passed == 0 and always.bytes_dropped == 200
+
+    never = TokenBucketShaper(1e9, loss=0.0)
+    for _ in range(200):
+        await never.transmit(10)
+    assert never.drops == 0 and never.bytes_passed == 2000
+
+
+def test_partial_loss_is_seeded_and_near_its_probability():
+    def run(seed: int) -> list[bool]:
+        shaper = TokenBucketShaper(1e12, loss=0.3, seed=seed)
+        outcomes = []
+        for _ in range(1000):
+            try:
+                shaper.throttle(1)
+                outcomes.append(True)
+            except LinkError:
+                outcomes.append(False)
+        return outcomes
+
+    first = run(7)
+    assert first == run(7)
+    assert 230 <= first.count(False) <= 370
+
+
+def test_unlimited_rate_and_bad_settings():
+    unlimited = TokenBucketShaper(float("inf"))
+    asyncio.run(unlimited.transmit(10**9))
+    assert unlimited.stats()["bytes_passed"] == 10**9
+    for kwargs in (
+        {"rate_bps": 0},
+        {"rate_bps": 1e6, "loss": 1.5},
+        {"rate_bps": 1e6, "latency_s": -1},
+    ):
+        with pytest.raises(ConfigError):
+            TokenBucketShaper(**kwargs)
+    with pytest.raises(ValueError):
+        unlimited.throttle(-1)
