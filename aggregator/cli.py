@@ -7,7 +7,9 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
-    print("aggregator serve: not implemented yet (lands with the aggregator issue)", file=sys.stderr)
+    print(
+        "aggregator serve: not implemented yet (lands with the aggregator issue)", file=sys.stderr
+    )
     return 2
 
 

@@ -5,8 +5,10 @@ first record. Each record is::
 
     magic b"AWAL" | u8 type | u64 index | u32 length | 16-byte blake2b(type, index, body) | body
 
-Record types: ``UPDATE`` (an accepted envelope) and ``MARK`` (a checkpoint: every update with
-an index at or below the mark's has been merged and handed on durably, so replay skips it).
+Record types: ``UPDATE`` (an accepted envelope), ``INTENT`` (a flush decided: the updates up
+to its index form one partial aggregate, whose note names it, so a restart re-sends exactly
+that partial) and ``MARK`` (a checkpoint: every update with an index at or below the mark's
+has been merged and handed on durably, so replay skips it).
 ``append`` returns only after ``os.fsync`` of the segment, so an acknowledged update survives
 ``kill -9`` and power loss. On open the log is scanned; a torn tail (a partial or corrupt last
 record, which was never acknowledged since the ack follows the fsync) is cut off. Segments
@@ -30,6 +32,7 @@ MAGIC = b"AWAL"
 _HEAD = struct.Struct("<4sBQI16s")
 UPDATE = 1
 MARK = 2
+INTENT = 3
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,14 @@ class WriteAheadLog:
         with open(loc.segment, "rb") as f:
             f.seek(loc.offset)
             return WalRecord(loc.type, loc.index, f.read(loc.length))
+
+    def intent(self, index: int, note: bytes) -> None:
+        """Record that the updates up to ``index`` (above the previous intent) form one flush."""
+        self._write(INTENT, index, note)
+
+    def pending_intents(self) -> list[WalRecord]:
+        """Intents found on open above the newest mark, in order: flushes to re-send."""
+        return [self._read(x) for x in self._found if x.type == INTENT and x.index > self.mark]
 
     def pending(self) -> Iterator[WalRecord]:
         """Updates found on open above the newest mark, in order: what a restart replays."""

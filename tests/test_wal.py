@@ -74,3 +74,16 @@ def test_survives_kill_9_after_append(tmp_path):
     assert out.returncode == -9 and "acked" in out.stdout
     assert [r.body for r in WriteAheadLog(tmp_path).pending()] == [b"u%d" % i for i in range(5)]
     assert os.listdir(tmp_path)
+
+
+def test_intents_survive_until_marked(tmp_path):
+    wal = WriteAheadLog(tmp_path)
+    for i in range(5):
+        wal.append(b"%d" % i)
+    wal.intent(2, b"p1")
+    wal.intent(4, b"p2")
+    wal.mark_done(2, b"p1 acked")
+    wal.close()
+    again = WriteAheadLog(tmp_path)
+    assert [(r.index, r.body) for r in again.pending_intents()] == [(4, b"p2")]
+    assert [r.index for r in again.pending()] == [3, 4, 5]

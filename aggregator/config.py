@@ -1,0 +1,117 @@
+"""The aggregator's typed configuration (``aggregator serve CONFIG.toml``).
+
+Example (a root serving one model)::
+
+    name = "root"
+    role = "root"                     # leaf | mid | root
+    listen = "127.0.0.1:7000"         # gRPC; port 0 picks a free one
+    http = "127.0.0.1:7001"           # /healthz /status /metrics; "" turns it off
+    key = "keys/root.pem"             # Ed25519 identity, created if missing
+    roster = "roster.json"            # public keys allowed to push, with roles
+    state_dir = "state/root"          # write-ahead log, model store, root state
+
+    [merge]
+    buffer_k = 4                      # merge every K island updates...
+    deadline_s = 30.0                 # ...or when the oldest has waited this long
+    staleness = "fedbuff"             # fedbuff | polynomial | hinge | constant
+    max_staleness = 16
+
+    [[models]]
+    model_id = "global"
+    init = "init.safetensors"         # root only: theta_0
+    outer = "nesterov"                # nesterov | sgd | co2
+    outer_params = { lr = 0.7, momentum = 0.9 }
+    codec = "int8"                    # codec of the published u_v
+
+A leaf or mid names its parent by ``parent = "host:port"`` or finds one in the DHT
+(``dht_peers``), choosing by measured round-trip time among aggregators that have room.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from comms.errors import ConfigError
+
+ROLES = ("leaf", "mid", "root")
+
+
+@dataclass
+class MergeConfig:
+    buffer_k: int = 4  # flush after this many island updates (a child's partial counts its own)
+    deadline_s: float = 30.0  # ...or when the oldest buffered update has waited this long
+    staleness: str = "fedbuff"  # weighting by staleness s = v_now - base_version
+    staleness_params: dict[str, float] = field(default_factory=dict)
+    max_staleness: int | None = 16  # staler updates are refused (StaleError) and counted
+    clip_norm: float | None = None  # per-update L2 clip before merging (composes in a tree)
+    weight_by_samples: bool = False  # also weight an update by its meta "tokens"
+
+    def validate(self) -> None:
+        if self.buffer_k < 1:
+            raise ConfigError(f"buffer_k: must be at least 1, got {self.buffer_k}")
+        if self.deadline_s <= 0:
+            raise ConfigError(f"deadline_s: must be positive, got {self.deadline_s}")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ConfigError(f"max_staleness: must be >= 0, got {self.max_staleness}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ConfigError(f"clip_norm: must be positive, got {self.clip_norm}")
+
+
+@dataclass
+class ModelConfig:
+    model_id: str
+    init: str = ""  # root: safetensors file holding theta_0
+    outer: str = "nesterov"  # outer optimizer at the root
+    outer_params: dict[str, Any] = field(default_factory=dict)
+    codec: str = "int8"  # codec of the published u_v (error-free replicas: decode(encode(u)))
+    codec_params: dict[str, Any] = field(default_factory=dict)
+    snapshot_every: int = 10  # a full snapshot of theta every N versions
+    keep_versions: int = 1000  # recent u_v kept for subscribers catching up
+
+    def validate(self) -> None:
+        if not self.model_id:
+            raise ConfigError("model_id: must not be empty")
+        if self.snapshot_every < 1:
+            raise ConfigError(f"snapshot_every: must be at least 1, got {self.snapshot_every}")
+
+
+@dataclass
+class AggregatorConfig:
+    name: str
+    role: Literal["leaf", "mid", "root"] = "leaf"
+    listen: str = "127.0.0.1:0"
+    http: str = "127.0.0.1:0"
+    key: str = ""  # Ed25519 private key (PEM); generated here if missing
+    roster: str = ""  # JSON roster; empty: accept any signed sender (for local experiments)
+    state_dir: str = "state"
+    parent: str = ""  # leaf/mid: parent's gRPC address; empty: discover in the DHT
+    dht_peers: list[str] = field(default_factory=list)  # bootstrap multiaddrs
+    dht_listen: str = "127.0.0.1"  # host the DHT node binds
+    announce_ttl_s: float = 30.0
+    fan_in: int = 0  # most children (islands or aggregators) placed here; 0: no limit
+    max_update_mb: float = 1024.0  # refuse larger envelopes (OversizeError)
+    push_deadline_s: float = 60.0  # deadline of one push to the parent
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    models: list[ModelConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role: must be one of {ROLES}, got {self.role!r}")
+        if self.role == "root":
+            if not self.models:
+                raise ConfigError("models: a root serves at least one [[models]] entry")
+            for i, m in enumerate(self.models):
+                if not m.init:
+                    raise ConfigError(
+                        f"models[{i}].init: a root needs theta_0 (a safetensors file)"
+                    )
+        ids = [m.model_id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"models: model_id repeated in {ids}")
+        if self.max_update_mb <= 0:
+            raise ConfigError(f"max_update_mb: must be positive, got {self.max_update_mb}")
+
+    @property
+    def max_update_bytes(self) -> int:
+        return int(self.max_update_mb * (1 << 20))

@@ -1,0 +1,134 @@
+"""The root's model line: outer step, versions, and bit-identical replicas.
+
+At each flush the root turns the merged pseudo-gradient into a new version (DiLoCo,
+Douillard et al. 2023, Algorithm 1, outer loop; CO2, Sun et al. 2024)::
+
+    g      = sum_i w_i delta_i / sum_i w_i          (aggregator.merge.finalize)
+    u_v    = outer.step(theta_{v-1}, g)             (Nesterov SGD by default)
+    wire   = encode(u_v)                            (the configured codec)
+    theta_v = theta_{v-1} + decode(wire)            (aggregator.outer.apply_update)
+
+The root applies ``decode(encode(u_v))``, not ``u_v``: every replica (a leaf's cache, an
+island's anchor) applies the very same bytes in the same float32 order and so holds exactly
+the bits of ``theta_v``. The codec's error is not lost either: the root keeps it in an
+error-feedback residual that joins the next ``u``.
+
+Pure computation on numpy arrays; the service persists and publishes what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from aggregator.merge import PartialAggregate, finalize
+from aggregator.outer import OuterOptimizer, apply_update
+from comms.codecs import Codec, ErrorFeedback
+from comms.identity import Identity
+from comms.update import Manifest, decode_update, encode_update
+
+
+@dataclass
+class NewVersion:
+    version: int
+    envelope: bytes  # the signed u_v exactly as published
+    update_norm: float
+    count: int
+    weight_sum: float
+    max_staleness: int
+
+
+class RootModel:
+    """``theta_v``, the outer optimizer and the version counter of one ``model_id``."""
+
+    def __init__(
+        self,
+        model_id: str,
+        theta: Mapping[str, np.ndarray],
+        outer: OuterOptimizer,
+        codec: Codec,
+        identity: Identity,
+        version: int = 0,
+    ):
+        self.model_id = model_id
+        self.theta = {k: np.array(v, dtype=np.float32, order="C") for k, v in theta.items()}
+        self.manifest = Manifest.from_arrays(self.theta)
+        self.outer = outer
+        self.codec = codec
+        self.identity = identity
+        self.version = version
+        self.residual = ErrorFeedback()
+
+    def step(self, partial: PartialAggregate) -> NewVersion:
+        """Apply the outer step for one flushed aggregate; returns the published version."""
+        g = finalize(partial)
+        u = self.outer.step(self.theta, g)
+        env = encode_update(
+            u,
+            codec=self.codec,
+            model_id=self.model_id,
+            kind="version",
+            sender=self.identity.peer_id,
+            sequence=self.version + 1,
+            base_version=self.version,
+            meta={
+                "count": partial.count,
+                "weight_sum": float(partial.weight_sum),
+                "max_staleness": int(partial.max_staleness),
+            },
+            error_feedback=self.residual,
+            identity=self.identity,
+        )
+        applied = decode_update(env)
+        apply_update(self.theta, applied)
+        self.version += 1
+        norm = float(np.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in applied.values())))
+        return NewVersion(
+            self.version,
+            env.to_bytes(),
+            norm,
+            partial.count,
+            float(partial.weight_sum),
+            int(partial.max_staleness),
+        )
+
+    def snapshot_envelope(self) -> bytes:
+        """``theta_v`` exactly (codec none), for late joiners."""
+        return snapshot_envelope(self.model_id, self.theta, self.version, self.identity)
+
+    # ---------------------------------------------------------------- persistence
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        out = {f"theta/{k}": v for k, v in self.theta.items()}
+        out.update({f"outer/{k}": np.asarray(v) for k, v in self.outer.state_dict().items()})
+        out.update({f"residual/{k}": v for k, v in self.residual.residuals().items()})
+        return out
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray], version: int) -> None:
+        theta = {k[6:]: v for k, v in arrays.items() if k.startswith("theta/")}
+        if Manifest.from_arrays(theta).tensors != self.manifest.tensors:
+            raise ValueError(f"saved state of {self.model_id!r} does not match its manifest")
+        self.theta = {k: np.array(v, dtype=np.float32) for k, v in theta.items()}
+        self.outer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("outer/")})
+        self.residual.load_residuals(
+            {k[9:]: v for k, v in arrays.items() if k.startswith("residual/")}
+        )
+        self.version = version
+
+
+def snapshot_envelope(
+    model_id: str, theta: Mapping[str, np.ndarray], version: int, identity: Identity
+) -> bytes:
+    env = encode_update(
+        theta,
+        codec="none",
+        model_id=model_id,
+        kind="snapshot",
+        sender=identity.peer_id,
+        sequence=version,
+        base_version=version,
+        identity=identity,
+    )
+    return env.to_bytes()

@@ -1,0 +1,74 @@
+"""Helpers for aggregator tests: a federation's keys and roster, configs, synthetic deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
+from comms.identity import Identity, Roster
+from comms.update import encode_update
+
+
+@dataclass
+class Federation:
+    root: Path
+    islands: list[Identity]
+    aggregators: dict[str, Identity]
+    roster: Roster
+    theta0: dict[str, np.ndarray]
+    roster_path: Path = field(init=False)
+    init_path: Path = field(init=False)
+
+    def __post_init__(self):
+        self.roster_path = self.root / "roster.json"
+        self.roster.save(self.roster_path)
+        self.init_path = self.root / "init.safetensors"
+        save_file(self.theta0, str(self.init_path))
+        for name, ident in self.aggregators.items():
+            ident.save(self.root / "keys" / f"{name}.pem")
+
+    def config(self, name: str, role: str, parent: str = "", **merge) -> AggregatorConfig:
+        models = [ModelConfig(model_id="global", init=str(self.init_path) if role == "root" else "",
+                              codec=merge.pop("codec", "none"))]  # fmt: skip
+        return AggregatorConfig(
+            name=name,
+            role=role,
+            key=str(self.root / "keys" / f"{name}.pem"),
+            roster=str(self.roster_path),
+            state_dir=str(self.root / "state" / name),
+            parent=parent,
+            http="",
+            merge=MergeConfig(**{"buffer_k": 4, "deadline_s": 60.0, **merge}),
+            models=models,
+        )
+
+
+def make_federation(tmp_path: Path, n_islands: int, aggregators=("root", "leaf0", "leaf1"),
+                    shapes=None, seed=0) -> Federation:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    shapes = shapes or {"w": (32, 16), "b": (16,)}
+    theta0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    islands = [Identity.generate() for _ in range(n_islands)]
+    aggs = {name: Identity.generate() for name in aggregators}
+    roster = Roster()
+    for i, ident in enumerate(islands):
+        roster.add(ident.public_key, "island", f"island{i}")
+    for name, ident in aggs.items():
+        roster.add(ident.public_key, "aggregator", name)
+    return Federation(tmp_path, islands, aggs, roster, theta0)
+
+
+def random_delta(theta0: dict, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1000 + seed)
+    return {k: (scale * rng.standard_normal(v.shape)).astype(np.float32) for k, v in theta0.items()}
+
+
+def delta_bytes(ident: Identity, delta, sequence: int, base_version: int = 0, codec="none",
+                model_id="global") -> bytes:  # fmt: skip
+    env = encode_update(delta, codec=codec, model_id=model_id, kind="delta", sender=ident.peer_id,
+                        sequence=sequence, base_version=base_version, identity=ident)  # fmt: skip
+    return env.to_bytes()
