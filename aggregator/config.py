@@ -86,6 +86,7 @@ class AggregatorConfig:
     roster: str = ""  # JSON roster; empty: accept any signed sender (for local experiments)
     state_dir: str = "state"
     parent: str = ""  # leaf/mid: parent's gRPC address; empty: discover in the DHT
+    dht: bool = False  # join (or, with no dht_peers, start) a hivemind DHT and announce there
     dht_peers: list[str] = field(default_factory=list)  # bootstrap multiaddrs
     dht_listen: str = "127.0.0.1"  # host the DHT node binds
     announce_ttl_s: float = 30.0

@@ -134,7 +134,7 @@ class OuterOptimizer:
         }
         if momentum and not self.uses_momentum:
             raise ValueError(f"{self.name} keeps no momentum, but the state holds momentum")
-        self.steps = int(state[_STEP])
+        self.steps = int(np.asarray(state[_STEP]).reshape(-1)[0])  # 0-d or (1,) after a file
         self.momentum = momentum
 
     def __repr__(self) -> str:

@@ -140,3 +140,43 @@ def config_to_dict(obj: Any) -> dict:
         return v
 
     return clean(dataclasses.asdict(obj))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(doc: dict, _prefix: str = "") -> str:
+    """A TOML document for plain data (tables of scalars, lists, tables, arrays of tables)."""
+    lines, tables = [], []
+    for k, v in doc.items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            tables.append((k, v, False))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            tables.append((k, v, True))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v, is_array in tables:
+        name = f"{_prefix}{k}"
+        for item in v if is_array else [v]:
+            out += f"\n[[{name}]]\n" if is_array else f"\n[{name}]\n"
+            out += dump_toml(item, name + ".")
+    return out
+
+
+def save_config(obj: Any, path: str | os.PathLike) -> None:
+    """Write a config dataclass as TOML (``load_config`` reads it back to an equal object)."""
+    Path(path).write_text(dump_toml(config_to_dict(obj)))

@@ -58,3 +58,23 @@ def test_bad_toml_names_file(tmp_path):
     p.write_text("name = ")
     with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
         load_config(Top, p)
+
+
+def test_save_config_round_trip(tmp_path):
+    from comms.config import save_config
+
+    cfg = Top(name='a "quoted" name', sync=Sync(every=7), peers=["p"], seed=3)
+    save_config(cfg, tmp_path / "c.toml")
+    assert load_config(Top, tmp_path / "c.toml") == cfg
+
+
+def test_save_nested_arrays_of_tables(tmp_path):
+    from aggregator.config import AggregatorConfig, ModelConfig
+    from comms.config import save_config
+
+    cfg = AggregatorConfig(
+        name="root", role="root", roster="r.json",
+        models=[ModelConfig("a", init="x", outer_params={"lr": 0.5}), ModelConfig("b", init="y")],
+    )  # fmt: skip
+    save_config(cfg, tmp_path / "agg.toml")
+    assert load_config(AggregatorConfig, tmp_path / "agg.toml") == cfg
