@@ -46,6 +46,10 @@ class MergeConfig:
     max_staleness: int | None = 16  # staler updates are refused (StaleError) and counted
     clip_norm: float | None = None  # per-update L2 clip before merging (composes in a tree)
     weight_by_samples: bool = False  # also weight an update by its meta "tokens"
+    engine: Literal["inline", "pool"] = "inline"  # merge in the service, or in worker processes
+    max_workers: int = 2  # pool: most merge worker processes (scaled with the queue)
+    warm_workers: int = 0  # pool: workers kept alive when idle (0: scale to zero)
+    idle_timeout_s: float = 10.0  # pool: a worker idle this long retires
 
     def validate(self) -> None:
         if self.buffer_k < 1:
@@ -54,6 +58,11 @@ class MergeConfig:
             raise ConfigError(f"deadline_s: must be positive, got {self.deadline_s}")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ConfigError(f"max_staleness: must be >= 0, got {self.max_staleness}")
+        if self.max_workers < 1 or not 0 <= self.warm_workers <= self.max_workers:
+            raise ConfigError(
+                f"max_workers / warm_workers: need 1 <= max_workers and 0 <= warm_workers <= "
+                f"max_workers, got {self.max_workers} / {self.warm_workers}"
+            )
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ConfigError(f"clip_norm: must be positive, got {self.clip_norm}")
 

@@ -29,8 +29,9 @@ import numpy as np
 from aggregator.merge import PartialAggregate, accumulate, merge_into
 from aggregator.robust import clip_by_norm
 from aggregator.staleness import StalenessFunction, staleness
+from comms.codecs import codec_from_spec
 from comms.envelope import Envelope
-from comms.errors import MalformedError, NotFoundError, StaleError
+from comms.errors import ConfigError, MalformedError, NotFoundError, StaleError
 from comms.identity import ReplayGuard, Roster
 from comms.update import Manifest, decode_update, expected_nbytes
 
@@ -99,11 +100,14 @@ def admit(
     v_now: Callable[[str], int],
     guard: ReplayGuard,
     logged_weight: tuple[int, float] | None = None,
+    decode: bool = True,
 ) -> Admitted:
     """Check one pushed envelope; raise the typed rejection or return what to merge.
 
     ``logged_weight`` (staleness, weight) replays a WAL record with the weight it was first
     admitted with; the replay guard and the staleness bound are not consulted again then.
+    With ``decode=False`` a delta is only validated (``Codec.validate``: the same refusals,
+    without building the arrays) and ``Admitted.delta`` is None: merge workers decode it.
     """
     env = Envelope.from_bytes(data, max_bytes=policy.max_bytes, expected_nbytes=expected_nbytes)
     h = env.header
@@ -118,7 +122,11 @@ def admit(
     env.verify(policy.roster, roles=roles)
     if logged_weight is None:
         guard.check(h.sender, h.sequence)
-    arrays = decode_update(env, manifest)
+    if not decode and h.kind == "delta" and policy.clip_norm is None:
+        validate_update(env, manifest)
+        arrays = None
+    else:
+        arrays = decode_update(env, manifest)
     if h.kind == "partial":
         partial = _partial_from_child(env, arrays)
         s = logged_weight[0] if logged_weight else staleness(h.base_version, v_now(h.model_id))
@@ -145,6 +153,17 @@ def admit(
     if policy.clip_norm is not None:
         arrays = clip_by_norm(arrays, policy.clip_norm)
     return Admitted(env, s, weight, delta=arrays)
+
+
+def validate_update(env: Envelope, manifest: Manifest) -> None:
+    """What ``decode_update`` refuses, checked without decoding (see ``Codec.validate``)."""
+    manifest.check(env.header.tensors, env.header.model_id)
+    for spec, payload in env.tensors():
+        try:
+            codec = codec_from_spec(spec.codec)
+        except ConfigError as e:
+            raise MalformedError(f"tensor {spec.name!r}: {e}") from e
+        codec.validate(payload, tuple(spec.shape))
 
 
 def wal_record(admitted: Admitted, data: bytes | memoryview) -> bytes:

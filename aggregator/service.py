@@ -40,7 +40,7 @@ from safetensors.numpy import load_file
 
 from aggregator.config import AggregatorConfig, ModelConfig
 from aggregator.gateway import AdmissionPolicy, Admitted, admit, parse_wal_record, wal_record
-from aggregator.merge import PartialAggregate
+from aggregator.merge import PartialAggregate, merge_into
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outer import apply_update, make_outer_optimizer
 from aggregator.placement import Candidate, choose_closest, eligible
@@ -88,11 +88,28 @@ class ModelLine:
         self.changed = asyncio.Condition()
         self.wakeup = asyncio.Event()
         self.snapshot: tuple[int, bytes] | None = None
+        self.pool = None  # MergePool when merge.engine == "pool"
+        self.pooled = 0  # updates submitted to the pool since the last flush
+
+    @property
+    def buffered(self) -> int:
+        return self.buffer.count + self.pooled
 
     def take_buffer(self) -> tuple[PartialAggregate, int]:
+        """Empty the buffer (the caller holds the lock and, with a pool, flushed it first)."""
         partial, index = self.buffer, self.buffer_index
         self.buffer, self.oldest_at = PartialAggregate(), None
         return partial, index
+
+    async def collect_pool(self) -> None:
+        """Move what the merge workers summed into the in-process buffer."""
+        if self.pool is None or self.pooled == 0:
+            return
+        pooled = await asyncio.to_thread(self.pool.flush)
+        for update_id, reason in self.pool.drain_rejected():
+            log.error("merge worker refused an admitted update %s: %s", update_id, reason)
+        merge_into(self.buffer, pooled)
+        self.pooled = 0
 
     def version_bytes(self, version: int) -> bytes:
         if self.root is not None:
@@ -171,6 +188,8 @@ class AggregatorService:
             else:
                 await self._open_replica(line)
             await self._replay(line)
+            if self.config.merge.engine == "pool":
+                line.pool = self._make_pool(line)
         host, _, port = self.config.listen.rpartition(":")
         self.server = TransportServer(
             self, host=host or "127.0.0.1", port=int(port or 0),
@@ -213,7 +232,23 @@ class AggregatorService:
         if self.parent is not None:
             await self.parent.close()
         for line in self.lines.values():
+            if line.pool is not None:
+                await asyncio.to_thread(line.pool.close)
             line.wal.close()
+
+    def _make_pool(self, line: ModelLine):
+        from aggregator.shm import ParamLayout
+        from aggregator.workers import MergePool
+
+        m = self.config.merge
+        layout = ParamLayout.from_shapes({n: s for n, s, _ in line.manifest.tensors})
+        return MergePool(
+            layout,
+            max_workers=m.max_workers,
+            warm_workers=m.warm_workers,
+            idle_timeout_s=m.idle_timeout_s,
+            max_envelope_bytes=self.config.max_update_bytes,
+        )
 
     def _spawn(self, coro, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -329,13 +364,13 @@ class AggregatorService:
                 self.config.name, replayed, line.model_id,
             )  # fmt: skip
             self.metrics.replayed.inc(replayed)
-        if line.buffer.count:
+        if line.buffered:
             async with line.lock:
                 await self._maybe_flush(line)
 
     # ================================================================== TransportHandler
 
-    def _admit(self, data, logged_weight=None) -> Admitted:
+    def _admit(self, data, logged_weight=None, decode=True) -> Admitted:
         return admit(
             data,
             policy=self.policy,
@@ -343,6 +378,7 @@ class AggregatorService:
             v_now=lambda mid: self.lines[mid].version,
             guard=self.guard,
             logged_weight=logged_weight,
+            decode=decode,
         )
 
     async def on_push(
@@ -355,13 +391,16 @@ class AggregatorService:
             line = self.lines.get(header.model_id)
             if line is None:
                 raise NotFoundError(f"model {header.model_id!r} is not served here")
-            admitted = await asyncio.to_thread(self._admit, data)
+            admitted = await asyncio.to_thread(self._admit, data, None, line.pool is None)
             async with line.lock:
                 self.guard.check(admitted.sender, admitted.sequence)  # a concurrent duplicate
                 body = wal_record(admitted, data)
                 index = await asyncio.to_thread(line.wal.append, body)
                 self.guard.commit(admitted.sender, admitted.sequence)
-                admitted.merge_into(line.buffer)
+                if line.pool is not None and admitted.delta is None:
+                    self._submit_to_pool(line, admitted, len(body) - len(data))
+                else:
+                    admitted.merge_into(line.buffer)
                 line.buffer_index = index
                 if line.oldest_at is None:
                     line.oldest_at = self.clock()
@@ -383,6 +422,16 @@ class AggregatorService:
             "v_now": str(v_now),
             "wal_index": str(index),
         }
+
+    def _submit_to_pool(self, line: ModelLine, admitted: Admitted, head: int) -> None:
+        """Hand an admitted delta to the merge workers by reference to its WAL record."""
+        from aggregator.workers import FileRef, MergeEvent
+
+        path, offset, length = line.wal.last_location
+        source = FileRef(path, offset + head, length - head)  # the envelope inside the record
+        uid = (admitted.sender, admitted.sequence)
+        line.pool.submit(MergeEvent(source, admitted.weight, uid, admitted.staleness))
+        line.pooled += 1
 
     async def subscribe(self, model_id: str, from_version: int) -> AsyncIterator[tuple[int, bytes]]:
         line = self.lines.get(model_id)
@@ -439,7 +488,7 @@ class AggregatorService:
 
     async def _maybe_flush(self, line: ModelLine, deadline: bool = False) -> None:
         """Flush when K updates are buffered or the deadline passed (caller holds the lock)."""
-        count = line.buffer.count
+        count = line.buffered
         if count == 0:
             return
         due = line.oldest_at is not None and (
@@ -447,6 +496,7 @@ class AggregatorService:
         )
         if count < self.config.merge.buffer_k and not (deadline or due):
             return
+        await line.collect_pool()
         partial, index = line.take_buffer()
         if line.root is not None:
             await self._root_step(line, partial, index)
@@ -589,7 +639,8 @@ class AggregatorService:
             "models": {
                 mid: {
                     "version": line.version,
-                    "buffered": line.buffer.count,
+                    "buffered": line.buffered,
+                    "workers": line.pool.stats().workers_alive if line.pool else None,
                     "wal_index": line.wal.last_index,
                     "wal_mark": line.wal.mark,
                     "partials_sent": line.partial_seq,

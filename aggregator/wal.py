@@ -99,6 +99,7 @@ class WriteAheadLog:
             self._found.extend(records)
         self._file = None
         self._file_size = 0
+        self.last_location: tuple[str, int, int] | None = None  # (path, offset, length)
         self._open_tail()
 
     def _segments(self) -> list[Path]:
@@ -122,6 +123,7 @@ class WriteAheadLog:
             self._file_size = 0
             _fsync_dir(self.dir)
         head = _HEAD.pack(MAGIC, rtype, index, len(body), _digest(rtype, index, body))
+        self.last_location = (self._file.name, self._file_size + len(head), len(body))
         self._file.write(head)
         self._file.write(body)
         self._file.flush()
@@ -129,7 +131,8 @@ class WriteAheadLog:
         self._file_size += len(head) + len(body)
 
     def append(self, body: bytes | memoryview) -> int:
-        """Durably append one update; returns its index (1, 2, ...)."""
+        """Durably append one update; returns its index (1, 2, ...). ``last_location`` then
+        says where its body lies, so a merge worker can read it from the file."""
         index = self.last_index + 1
         self._write(UPDATE, index, body)
         self.last_index = index

@@ -152,6 +152,12 @@ class Codec(ABC):
     def bytes_per_param(self, numel: int = 1 << 20) -> float:
         return self.encoded_nbytes(numel) / numel
 
+    def validate(self, payload: bytes, shape: tuple[int, ...]) -> None:
+        """Raise exactly what ``decode`` would (``MalformedError``, ``NonFiniteError``) without
+        keeping the result; codecs override it with a cheaper check where they can (a gateway
+        validates before it acknowledges and leaves decoding to the merge workers)."""
+        self.decode(payload, shape)
+
     def _payload_view(self, payload: bytes, shape: Any) -> tuple[memoryview, tuple[int, ...]]:
         dims = _check_shape(shape, self.name)
         view = memoryview(payload).cast("B")
@@ -253,6 +259,14 @@ class _CastCodec(Codec):
         out = self._from_wire(np.frombuffer(view, dtype=self.wire_dtype))
         _finite_abs_max(out, self.name, "payload")
         return out.reshape(dims)
+
+    def validate(self, payload: bytes, shape: tuple[int, ...]) -> None:
+        if self.wire_dtype.kind != "f":  # bf16 travels as uint16: decode to check
+            return super().validate(payload, shape)
+        view, _ = self._payload_view(payload, shape)
+        wire = np.frombuffer(view, dtype=self.wire_dtype)
+        if not np.isfinite(wire).all():
+            _raise_nonfinite(wire, self.name, "payload")
 
     def _to_wire(self, flat: np.ndarray) -> np.ndarray:
         return flat.astype(self.wire_dtype, copy=False)
@@ -446,6 +460,12 @@ class _BlockwiseAbsmax(Codec):
             self._load_codes(src, q[:1])
             np.multiply(q[0, : n - n_full * b], scales[n_full], out=out[n_full * b :])
         return out.reshape(dims)
+
+    def validate(self, payload: bytes, shape: tuple[int, ...]) -> None:
+        # Codes are small integers, so a payload decodes finite iff its scales are valid.
+        view, dims = self._payload_view(payload, shape)
+        n_blocks = self._num_blocks(math.prod(dims))
+        self._check_scales(np.frombuffer(view, dtype=np.uint8)[: 4 * n_blocks].view(_F32))
 
     def _check_scales(self, scales: np.ndarray) -> None:
         if scales.size == 0:

@@ -175,3 +175,40 @@ async def test_bad_input_rejected_and_service_keeps_serving(tmp_path):
             assert root.server.stats.internal_errors == 0
     finally:
         await root.stop()
+
+
+async def test_merge_pool_scales_with_a_burst_and_back_to_zero(tmp_path):
+    fed = make_federation(tmp_path, 12, aggregators=("root",), shapes={"w": (256, 256)})
+    cfg = fed.config("root", "root", buffer_k=12, engine="pool", max_workers=3, warm_workers=0,
+                     idle_timeout_s=0.5)  # fmt: skip
+    root = AggregatorService(cfg)
+    await root.start()
+    line = root.lines["global"]
+    try:
+        deltas = [random_delta(fed.theta0, i) for i in range(12)]
+        async with TransportClient(root.address) as c:
+            peak = 0
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, line.pool.stats().workers_alive)
+                    await asyncio.sleep(0.01)
+
+            watcher = asyncio.create_task(watch())
+            await asyncio.gather(*(
+                c.push(delta_bytes(fed.islands[i], deltas[i], 1, codec="int8")) for i in range(12)
+            ))  # fmt: skip
+            await wait_for(lambda: line.version == 1)
+            watcher.cancel()
+        assert peak > 1, "the pool did not scale up under the burst"
+        await wait_for(lambda: line.pool.stats().workers_alive == 0, timeout=10)
+        # the pool's merge equals the direct weighted mean of the decoded int8 deltas
+        from comms.update import decode_update as dec
+
+        decoded = [dec(Envelope.from_bytes(delta_bytes(fed.islands[i], deltas[i], 1, codec="int8"),
+                                           max_bytes=1 << 30)) for i in range(12)]  # fmt: skip
+        want = expected_theta1(fed.theta0, decoded)
+        np.testing.assert_allclose(line.theta["w"], want["w"], rtol=1e-5, atol=1e-6)
+    finally:
+        await root.stop()

@@ -428,3 +428,23 @@ def test_error_feedback_state_unchanged_on_bad_input() -> None:
     np.testing.assert_array_equal(ef.residuals()["p"], before)
     with pytest.raises(ValueError, match="call reset"):
         ef.compress("p", np.ones(99, dtype=np.float32), codec)
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8", "int4", "topk"])
+def test_validate_agrees_with_decode(name):
+    from comms.codecs import get_codec as _get
+
+    codec = _get(name)
+    x = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    payload = codec.encode(x)
+    codec.validate(payload, x.shape)  # a valid payload passes
+    with pytest.raises(MalformedError):
+        codec.validate(payload[:-1], x.shape)
+    if name in ("none", "fp16", "int8", "int4"):
+        bad = bytearray(payload)
+        nan = {"none": np.float32(np.nan).tobytes(), "fp16": np.float16(np.nan).tobytes()}
+        bad[: 4 if name != "fp16" else 2] = nan.get(name, np.float32(np.inf).tobytes())
+        with pytest.raises(NonFiniteError):
+            codec.decode(bytes(bad), x.shape)
+        with pytest.raises(NonFiniteError):
+            codec.validate(bytes(bad), x.shape)
