@@ -64,6 +64,15 @@ class Admitted:
     def sequence(self) -> int:
         return self.envelope.header.sequence
 
+    @property
+    def replay_key(self) -> str:
+        return replay_key(self.envelope.header.model_id, self.sender)
+
+
+def replay_key(model_id: str, sender: str) -> str:
+    """Sequences increase per sender *and model*: one island may train several models."""
+    return f"{model_id}/{sender}"
+
 
 @dataclass
 class AdmissionPolicy:
@@ -121,7 +130,7 @@ def admit(
         raise NotFoundError(f"model {h.model_id!r} is not served here")
     env.verify(policy.roster, roles=roles)
     if logged_weight is None:
-        guard.check(h.sender, h.sequence)
+        guard.check(replay_key(h.model_id, h.sender), h.sequence)
     if not decode and h.kind == "delta" and policy.clip_norm is None:
         validate_update(env, manifest)
         arrays = None

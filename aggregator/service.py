@@ -349,7 +349,7 @@ class AggregatorService:
         for record in line.wal.pending():
             weight, data = parse_wal_record(record.body)
             admitted = await asyncio.to_thread(self._admit, data, weight)
-            self.guard.commit(admitted.sender, admitted.sequence)
+            self.guard.commit(admitted.replay_key, admitted.sequence)
             admitted.merge_into(line.buffer)
             line.buffer_index = record.index
             line.oldest_at = line.oldest_at or self.clock()
@@ -393,10 +393,10 @@ class AggregatorService:
                 raise NotFoundError(f"model {header.model_id!r} is not served here")
             admitted = await asyncio.to_thread(self._admit, data, None, line.pool is None)
             async with line.lock:
-                self.guard.check(admitted.sender, admitted.sequence)  # a concurrent duplicate
+                self.guard.check(admitted.replay_key, admitted.sequence)  # a concurrent duplicate
                 body = wal_record(admitted, data)
                 index = await asyncio.to_thread(line.wal.append, body)
-                self.guard.commit(admitted.sender, admitted.sequence)
+                self.guard.commit(admitted.replay_key, admitted.sequence)
                 if line.pool is not None and admitted.delta is None:
                     self._submit_to_pool(line, admitted, len(body) - len(data))
                 else:

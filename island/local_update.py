@@ -1,0 +1,248 @@
+"""The drop-in training-loop API for local-update mode (DiLoCo / CO2), around the user's loop.
+
+Usage (the daemon is built from the same pieces)::
+
+    engine = SyncEngine(SyncConfig(model_id="lm", every=100), identity, "aggregator:7400")
+    with LocalUpdate(model, inner_optimizer, engine=engine) as lu:
+        for batch in data:
+            loss = model(batch); loss.backward()
+            inner_optimizer.step(); inner_optimizer.zero_grad()
+            lu.step()   # once per inner step, after optimizer.step()
+    engine.close()
+
+A **round** is ``every`` (``H``) inner steps from the anchor ``theta_b`` (global version
+``b``). At the round boundary (DiLoCo, Douillard et al. 2023, Algorithm 1; CO2, Sun et al.,
+ICLR 2024, for the overlap):
+
+1. ``delta = anchor - params`` (float32) is handed to the engine, which compresses, signs and
+   pushes it in the background, tagged with ``base_version = b``;
+2. *then* the anchor adopts every global version received so far, in order:
+   ``anchor_v = anchor_{v-1} + u_v`` (float32, sorted-name order: bit-identical with the root);
+3. the model's parameters are reset to the anchor, even when no newer version arrived: the
+   pushed delta carries everything since the anchor, and keeping the local parameters would
+   count that progress twice. The inner optimizer's state (AdamW moments) is kept.
+
+So every inner step reaches the global model exactly once: through this round's delta, which
+the root merges into a later version that this island adopts at a later boundary. In
+``overlapped`` mode a boundary never waits for the network (except to recover from lost
+versions, by downloading a snapshot); in ``sync`` mode (synchronous DiLoCo, for comparison)
+it waits, after pushing, for a version newer than ``b``.
+
+Call-order rules: enter the context (or call ``start()``) before training: a late joiner
+with no anchor downloads the newest snapshot and loads it into the model here. Call
+``step()`` exactly once per inner step, after ``optimizer.step()`` (with gradient
+accumulation: once per optimizer step, not per micro-batch). At a boundary ``step()``
+overwrites the parameters in place: the Parameter objects stay the same, so the optimizer
+and any references to them remain valid. A normal exit ends a partial round like a boundary
+(``flush_on_exit``); an exit by exception does not. The engine belongs to the caller, who
+closes it after the context exits.
+
+Concurrency: one thread (the training loop); the network runs on the engine's loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from island.pseudo import (
+    apply_version,
+    check_same_layout,
+    copy_arrays,
+    load_numpy_into,
+    params_to_numpy,
+    pseudo_gradient,
+)
+from island.sync import PushOutcome, SyncEngine, VersionGapError
+
+log = logging.getLogger(__name__)
+
+
+class LocalUpdate:
+    """Wraps a training loop into local-update rounds; see the module docstring.
+
+    ``anchor`` and ``anchor_version`` resume from a known global version (a restart from a
+    snapshot): the model is left as it is. Without them the newest snapshot is downloaded
+    when the context is entered.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inner_optimizer: torch.optim.Optimizer | None = None,
+        every: int | None = None,
+        *,
+        engine: SyncEngine,
+        anchor: Mapping[str, Any] | None = None,
+        anchor_version: int | None = None,
+        flush_on_exit: bool = True,
+    ):
+        if (anchor is None) != (anchor_version is None):
+            raise ValueError("give both anchor and anchor_version (a resume), or neither")
+        self.model = model
+        self.inner_optimizer = inner_optimizer  # kept as is across rounds, as in DiLoCo
+        self.engine = engine
+        self.every = engine.config.every if every is None else int(every)
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1 inner step, got {every}")
+        self.sync_mode = engine.config.mode == "sync"
+        self.flush_on_exit = flush_on_exit
+        self._anchor: dict[str, np.ndarray] | None = None
+        self._version = -1
+        self._resume = (anchor_version, anchor) if anchor is not None else None
+        self._round = 0
+        self._steps_in_round = 0
+        self._tokens_in_round = 0
+        self._total_steps = 0
+        self._boundary_s = 0.0
+        self._started_at: float | None = None
+        self.last_push: Any = None  # future of the last round's PushOutcome
+
+    # ------------------------------------------------------------------ lifetime
+
+    def start(self) -> LocalUpdate:
+        """Set the anchor: from ``anchor`` (resume) or the aggregator's snapshot (late join)."""
+        if self._anchor is not None:
+            return self
+        self._started_at = time.perf_counter()
+        if self._resume is not None:
+            version, anchor = self._resume
+            self._anchor = copy_arrays(anchor)
+            self._version = int(version)
+            check_same_layout(dict(self.model.named_parameters()), self._anchor, "resume anchor")
+            if self.engine.newest_version() is None:
+                self.engine.follow(self._version)
+        else:
+            self._version, params = self.engine.fetch_snapshot()
+            self._anchor = copy_arrays(params)
+            load_numpy_into(self.model, self._anchor)
+        log.info("model %s: training from global version %d", self.engine.model_id, self._version)
+        return self
+
+    def __enter__(self) -> LocalUpdate:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.flush_on_exit and self._steps_in_round:
+            self.end_round()
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self, tokens: int = 0) -> bool:
+        """Count one inner step; at the ``every``-th step of a round, end the round (push,
+        adopt, reset). ``tokens``: samples or tokens this step consumed, summed into the
+        delta's meta (aggregators may weight updates by it). Returns True when a round ended.
+        """
+        if self._anchor is None:
+            raise RuntimeError("call lu.step() inside `with LocalUpdate(...)` or after start()")
+        self._steps_in_round += 1
+        self._tokens_in_round += int(tokens)
+        self._total_steps += 1
+        if self._steps_in_round >= self.every:
+            self.end_round()
+            return True
+        return False
+
+    def end_round(self) -> None:
+        """Push this round's delta, adopt the newest global version, reset params to it.
+
+        Called by ``step()`` at each boundary; call it directly to end a round early.
+        """
+        if self._anchor is None:
+            raise RuntimeError("end_round() before start()")
+        start = time.perf_counter()
+        delta = pseudo_gradient(self._anchor, params_to_numpy(self.model))
+        meta = {
+            "steps": self._steps_in_round,
+            "tokens": self._tokens_in_round,
+            "round": self._round,
+        }
+        self.last_push = self.engine.submit_delta(delta, base_version=self._version, meta=meta)
+        if self.sync_mode:
+            self.engine.wait_for_version(self._version, self.engine.config.sync_timeout_s)
+        self._adopt()
+        self._round += 1
+        self._steps_in_round = self._tokens_in_round = 0
+        self._boundary_s += time.perf_counter() - start
+
+    def catch_up(self) -> int:
+        """Adopt the versions received so far without pushing (e.g. to read the final global
+        model after training). Only between rounds: with steps taken since the last boundary
+        their progress would be lost, so that raises RuntimeError (call ``end_round()``).
+        Returns the new version."""
+        if self._anchor is None:
+            raise RuntimeError("catch_up() before start()")
+        if self._steps_in_round:
+            raise RuntimeError(
+                f"catch_up() with {self._steps_in_round} steps not pushed; call end_round() first"
+            )
+        self._adopt()
+        return self._version
+
+    def _adopt(self) -> None:
+        """Move the anchor to the newest version received; params <- anchor."""
+        try:
+            versions = self.engine.take_versions(after=self._version)
+        except VersionGapError as err:
+            log.warning("model %s: %s", self.engine.model_id, err)
+            version, params = self.engine.fetch_snapshot()
+            if version >= self._version:
+                self._anchor, self._version = copy_arrays(params), version
+            else:  # an older snapshot than our anchor: keep ours, follow from it
+                self.engine.follow(self._version)
+        else:
+            for version, u in versions:
+                apply_version(self._anchor, u)
+                self._version = version
+        load_numpy_into(self.model, self._anchor)
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def version(self) -> int:
+        """The global version of the current anchor."""
+        return self._version
+
+    @property
+    def round(self) -> int:
+        """Rounds completed so far."""
+        return self._round
+
+    @property
+    def anchor(self) -> dict[str, np.ndarray]:
+        """The anchor's float32 arrays (read only: the engine's replica of ``theta_version``)."""
+        if self._anchor is None:
+            raise RuntimeError("no anchor before start()")
+        return self._anchor
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Rounds, steps, version and timings, plus the engine's counters under ``sync``.
+
+        ``blocked_s`` is time the training thread waited on the network (snapshot downloads,
+        sync-mode waits); ``compute_fraction`` is the rest of the time since ``start()``, as
+        a fraction: the compute utilization that overlap is meant to keep near 1.
+        """
+        sync = self.engine.stats
+        elapsed = 0.0 if self._started_at is None else time.perf_counter() - self._started_at
+        blocked = sync["blocked_s"]
+        return {
+            "rounds": self._round,
+            "steps": self._total_steps,
+            "steps_in_round": self._steps_in_round,
+            "version": self._version,
+            "boundary_s": self._boundary_s,
+            "blocked_s": blocked,
+            "elapsed_s": elapsed,
+            "compute_fraction": max(0.0, 1.0 - blocked / elapsed) if elapsed > 0 else 1.0,
+            "sync": sync,
+        }
+
+    def last_outcome(self, timeout: float | None = None) -> PushOutcome | None:
+        """Wait for and return the last push's outcome (None if nothing was pushed yet)."""
+        return None if self.last_push is None else self.last_push.result(timeout)

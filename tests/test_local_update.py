@@ -1,0 +1,278 @@
+"""The drop-in API's round boundaries, driven through a real gRPC transport on loopback.
+
+Most tests put test_sync's ``RecordingHandler`` on the server side (a transport-level fixture
+that records pushes and serves versions the test builds; not an aggregator); the last one
+trains two islands against the real root aggregator service.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from aggtools import make_federation
+from test_sync import ProtocolHarness, wait_until
+
+from aggregator.outer import apply_update
+from aggregator.service import AggregatorService
+from comms.aio import LoopThread
+from comms.update import decode_update
+from island.local_update import LocalUpdate
+from island.pseudo import copy_arrays, params_to_numpy, pseudo_gradient
+from island.sync import SyncConfig, SyncEngine, SyncTimeoutError
+
+
+@pytest.fixture
+def harness():
+    h = ProtocolHarness()
+    h.start_server()
+    yield h
+    h.close()
+
+
+def tiny_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(8, 4)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.05)
+
+
+def random_params(rng, scale: float = 1.0) -> dict[str, np.ndarray]:
+    return {
+        "weight": (rng.standard_normal((4, 8)) * scale).astype(np.float32),
+        "bias": (rng.standard_normal(4) * scale).astype(np.float32),
+    }
+
+
+def inner_step(model, optimizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def assert_model_holds(model, arrays) -> None:
+    for name, value in params_to_numpy(model).items():
+        assert value.tobytes() == arrays[name].tobytes(), name
+
+
+def test_a_late_joiner_starts_from_the_snapshot_and_each_boundary_pushes_then_adopts(harness):
+    rng = np.random.default_rng(0)
+    theta0 = random_params(rng)
+    harness.set_snapshot(5, theta0)
+    engine = harness.engine(codec="none")
+    model, optimizer = tiny_model()
+    with LocalUpdate(model, optimizer, every=3, engine=engine) as lu:
+        assert lu.version == 5
+        assert_model_holds(model, theta0)
+        for i in range(2):
+            inner_step(model, optimizer, i)
+            assert lu.step(tokens=16) is False
+        u6 = random_params(rng, scale=1e-3)
+        harness.publish(6, u6)
+        engine.wait_for_version(5, timeout=5)  # arrives mid-round
+        inner_step(model, optimizer, 2)
+        progress = pseudo_gradient(theta0, params_to_numpy(model))
+        assert lu.step(tokens=16) is True
+
+        assert lu.last_outcome(timeout=10).status == "accepted"
+        push = harness.handler.pushes[0]
+        assert (push.header.sequence, push.header.base_version) == (1, 5)
+        assert push.header.meta == {"steps": 3, "tokens": 48, "round": 0}
+        sent = decode_update(push)
+        for name in theta0:
+            assert sent[name].tobytes() == progress[name].tobytes()  # codec none: exact
+        anchor6 = apply_update(copy_arrays(theta0), u6)  # what the root holds as theta_6
+        assert_model_holds(model, anchor6)  # params reset to the adopted anchor
+        assert (lu.version, lu.round) == (6, 1)
+
+        for i in range(3):  # a round with no new version: params still reset to the anchor
+            inner_step(model, optimizer, 10 + i)
+            lu.step()
+        assert_model_holds(model, anchor6)
+        assert lu.last_outcome(timeout=10).status == "accepted"
+        assert [p.header.base_version for p in harness.handler.pushes] == [5, 6]
+        assert optimizer.state[model.weight]["step"].item() == 6  # AdamW state kept
+        inner_step(model, optimizer, 20)
+        lu.step()
+    assert lu.last_outcome(timeout=10).status == "accepted"  # the partial round, on exit
+    assert harness.handler.pushes[-1].header.meta == {"steps": 1, "tokens": 0, "round": 2}
+    assert lu.stats["rounds"] == 3 and lu.stats["steps"] == 7
+
+
+def test_every_inner_step_reaches_the_pushes_exactly_once_up_to_the_residual(harness):
+    rng = np.random.default_rng(1)
+    theta0 = random_params(rng)
+    harness.set_snapshot(0, theta0)
+    engine = harness.engine(codec="int8")
+    model, optimizer = tiny_model(1)
+    progress = []
+    with LocalUpdate(model, optimizer, every=2, engine=engine, flush_on_exit=False) as lu:
+        for r in range(4):
+            for i in range(2):
+                inner_step(model, optimizer, 100 * r + i)
+                if i == 1:
+                    progress.append(pseudo_gradient(lu.anchor, params_to_numpy(model)))
+                lu.step()
+            harness.publish(r + 1, random_params(rng, scale=1e-3))
+            engine.wait_for_version(r, timeout=5)
+        assert lu.last_outcome(timeout=10).status == "accepted"
+    pushes = [decode_update(p) for p in harness.handler.pushes]
+    residuals = engine.state_dict()["residuals"]
+    assert len(pushes) == 4 and lu.version == 3  # version 4 came after the last boundary
+    for name in theta0:
+        total = np.sum([p[name] for p in progress], axis=0)
+        sent = np.sum([p[name] for p in pushes], axis=0)
+        assert np.abs(residuals[name]).max() > 0
+        np.testing.assert_allclose(sent + residuals[name], total, rtol=0, atol=1e-6)
+
+
+def test_sync_mode_waits_at_the_boundary_for_a_newer_version_and_times_out_clearly(harness):
+    rng = np.random.default_rng(2)
+    theta0 = random_params(rng)
+    harness.set_snapshot(0, theta0)
+    engine = harness.engine(codec="none", mode="sync", sync_timeout_s=1.0)
+    model, optimizer = tiny_model(2)
+    u1 = random_params(rng, scale=1e-3)
+    with LocalUpdate(model, optimizer, every=2, engine=engine, flush_on_exit=False) as lu:
+        inner_step(model, optimizer, 0)
+        lu.step()
+        inner_step(model, optimizer, 1)
+        threading.Timer(0.3, harness.publish, (1, u1)).start()
+        start = time.perf_counter()
+        lu.step()
+        assert time.perf_counter() - start >= 0.25  # it waited for the version
+        assert lu.version == 1
+        assert_model_holds(model, apply_update(copy_arrays(theta0), u1))
+        assert lu.stats["blocked_s"] >= 0.25
+        for i in range(2):
+            inner_step(model, optimizer, 2 + i)
+            if i == 0:
+                lu.step()
+        with pytest.raises(SyncTimeoutError, match="no global version newer than 1"):
+            lu.step()
+
+
+def test_overlapped_mode_does_not_wait_for_the_push_at_the_boundary(harness):
+    rng = np.random.default_rng(3)
+    harness.set_snapshot(0, random_params(rng))
+    harness.handler.ack_delay_s = 1.0
+    engine = harness.engine(codec="int8")
+    model, optimizer = tiny_model(3)
+    with LocalUpdate(model, optimizer, every=1, engine=engine, flush_on_exit=False) as lu:
+        inner_step(model, optimizer, 0)
+        start = time.perf_counter()
+        lu.step()
+        boundary_s = time.perf_counter() - start
+        assert not lu.last_push.done()  # the ack is still a second away
+        assert boundary_s < 0.9  # well under the 1 s the ack takes
+        assert lu.last_outcome(timeout=10).status == "accepted"
+    assert lu.stats["blocked_s"] < 0.5  # the snapshot download only
+
+
+def test_resuming_from_an_anchor_needs_no_snapshot(harness):
+    rng = np.random.default_rng(4)
+    anchor = random_params(rng)
+    engine = harness.engine(codec="none")  # the handler has no snapshot: a fetch would fail
+    model, optimizer = tiny_model(4)
+    before = params_to_numpy(model)
+    u4 = random_params(rng, scale=1e-3)
+    with LocalUpdate(
+        model, optimizer, every=1, engine=engine, anchor=anchor, anchor_version=3
+    ) as lu:
+        assert_model_holds(model, before)  # a resume keeps the model as saved
+        harness.publish(4, u4)
+        engine.wait_for_version(3, timeout=5)
+        inner_step(model, optimizer, 0)
+        lu.step()
+        assert lu.version == 4
+        assert_model_holds(model, apply_update(copy_arrays(anchor), u4))
+        assert lu.last_outcome(timeout=10).status == "accepted"
+    assert harness.handler.subscriptions == [4]
+    assert harness.handler.pushes[0].header.base_version == 3
+
+
+def test_lost_versions_at_a_boundary_fall_back_to_a_snapshot(harness):
+    rng = np.random.default_rng(5)
+    harness.set_snapshot(0, random_params(rng))
+    engine = harness.engine(codec="none", max_buffered_versions=1)
+    model, optimizer = tiny_model(5)
+    with LocalUpdate(model, optimizer, every=1, engine=engine, flush_on_exit=False) as lu:
+        harness.publish(1, random_params(rng, scale=1e-3))
+        harness.publish(2, random_params(rng, scale=1e-3))
+        engine.wait_for_version(1, timeout=5)  # version 1 was evicted to hold version 2
+        theta2 = random_params(rng)
+        harness.set_snapshot(2, theta2)
+        inner_step(model, optimizer, 0)
+        lu.step()
+        assert lu.version == 2
+        assert_model_holds(model, theta2)
+        wait_until(lambda: harness.handler.subscriptions[-1] == 3)
+    assert engine.stats["snapshots_fetched"] == 2
+
+
+def test_step_before_start_is_a_clear_error(harness):
+    model, optimizer = tiny_model()
+    lu = LocalUpdate(model, optimizer, every=2, engine=harness.engine())
+    with pytest.raises(RuntimeError, match="inside `with LocalUpdate"):
+        lu.step()
+    with pytest.raises(ValueError, match="both anchor and anchor_version"):
+        LocalUpdate(model, optimizer, engine=lu.engine, anchor_version=1)
+
+
+# ------------------------------------------------------------------ against the real aggregator
+
+
+def test_two_islands_and_a_real_root_aggregator_end_with_identical_bits(tmp_path):
+    fed = make_federation(
+        tmp_path, 2, aggregators=("root",), shapes={"weight": (4, 8), "bias": (4,)}
+    )
+    config = fed.config("root", "root", buffer_k=2, codec="int8")  # u_v published as int8
+    rounds, every = 3, 2
+    with LoopThread("aggregator") as aggregator_loop:
+        root = AggregatorService(config)
+        address = aggregator_loop.run(root.start(), 30)
+        engines, updates, errors = [], [], []
+
+        def island(i: int) -> None:
+            try:
+                sync = SyncConfig(model_id="global", every=every, codec="int8",
+                                  retry_interval_s=0.05)  # fmt: skip
+                engine = SyncEngine(sync, fed.islands[i], address, roster=fed.roster)
+                engines.append(engine)
+                model, optimizer = tiny_model(10 + i)
+                with LocalUpdate(model, optimizer, engine=engine) as lu:
+                    assert lu.version == 0
+                    for step in range(rounds * every):
+                        inner_step(model, optimizer, 1000 * i + step)
+                        lu.step(tokens=16)
+                    assert lu.last_outcome(timeout=10).status == "accepted"
+                updates.append((lu, model))
+            except BaseException as err:  # surfaces in the main thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=island, args=(i,)) for i in range(2)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors
+            line = root.lines["global"]
+            wait_until(lambda: line.version == rounds, timeout=20)  # 2 islands x 3 rounds / K=2
+            for lu, model in updates:
+                lu.engine.wait_for_version(rounds - 1, timeout=10)
+                assert lu.catch_up() == rounds
+                for name, theta in line.theta.items():  # the root's own replica
+                    assert lu.anchor[name].tobytes() == theta.tobytes(), name
+                assert_model_holds(model, line.theta)
+                stats = lu.engine.stats
+                assert (stats["pushes_accepted"], stats["pushes_stale"]) == (rounds, 0)
+                assert stats["versions_refused"] == 0
+        finally:
+            for engine in engines:
+                engine.close(timeout=2)
+            aggregator_loop.run(root.stop(), 10)

@@ -1,0 +1,405 @@
+"""The island's sync engine against a real gRPC transport server on loopback.
+
+The server's handler here is ``RecordingHandler``: a transport-level fixture for the island's
+side of the protocol. It records the envelopes pushed to it, answers with acks or typed
+rejections, and serves version and snapshot envelopes that the test builds. It merges nothing
+and is not an aggregator; end-to-end tests against the real aggregator live with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from comms.aio import LoopThread
+from comms.config import config_from_dict
+from comms.envelope import Envelope
+from comms.errors import ConfigError, NotFoundError, ReplayError, StaleError
+from comms.identity import Identity, Roster
+from comms.transport import TransportClient, TransportServer
+from comms.update import decode_update, encode_update
+from island.sync import SyncConfig, SyncEngine, VersionGapError
+
+MODEL = "lm"
+
+
+def version_envelope(version: int, u: dict, signer: Identity, codec: str = "none") -> bytes:
+    """``u_v`` as the root publishes it: kind "version", base_version v - 1, signed."""
+    env = encode_update(
+        u,
+        codec=codec,
+        model_id=MODEL,
+        kind="version",
+        sender=signer.peer_id,
+        sequence=version,
+        base_version=version - 1,
+        identity=signer,
+    )
+    return env.to_bytes()
+
+
+def snapshot_envelope(version: int, theta: dict, signer: Identity) -> bytes:
+    env = encode_update(
+        theta,
+        codec="none",
+        model_id=MODEL,
+        kind="snapshot",
+        sender=signer.peer_id,
+        sequence=version,
+        base_version=version,
+        identity=signer,
+    )
+    return env.to_bytes()
+
+
+class RecordingHandler:
+    """Records pushed envelopes; serves the versions and the snapshot the test sets."""
+
+    def __init__(self):
+        self.pushes: list[Envelope] = []
+        self.last_sequence: dict[str, int] = {}  # replay guard, per sender
+        self.versions: dict[int, bytes] = {}
+        self.snapshot: bytes | None = None
+        self.ack_delay_s = 0.0
+        self.stale_sequences: set[int] = set()
+        self.skip_once: set[int] = set()  # versions left out of the next subscription
+        self.subscriptions: list[int] = []
+        self._published = asyncio.Event()
+
+    async def on_push(self, upload_id, data, metadata):
+        env = Envelope.from_bytes(data, max_bytes=1 << 30)
+        sender, sequence = env.header.sender, env.header.sequence
+        await asyncio.sleep(self.ack_delay_s)
+        if sequence in self.stale_sequences:
+            raise StaleError(f"update based on version {env.header.base_version} is too stale")
+        if sequence <= self.last_sequence.get(sender, -1):
+            raise ReplayError(f"sequence {sequence} of {sender} was accepted already")
+        self.last_sequence[sender] = sequence
+        self.pushes.append(env)
+        v_now = max(self.versions, default=0)
+        return {
+            "status": "accepted",
+            "staleness": v_now - env.header.base_version,
+            "weight": 1.0,
+            "v_now": v_now,
+        }
+
+    async def subscribe(self, model_id, from_version):
+        self.subscriptions.append(from_version)
+        skip, self.skip_once = self.skip_once, set()
+        version = from_version
+        while True:
+            published = self._published
+            while version in self.versions:
+                if version not in skip:
+                    yield version, self.versions[version]
+                version += 1
+            await published.wait()
+
+    async def fetch(self, model_id, version):
+        if self.snapshot is None:
+            raise NotFoundError(f"model {model_id!r} has no snapshot")
+        return self.snapshot
+
+    async def publish(self, version: int, data: bytes) -> None:
+        self.versions[version] = data
+        self._published.set()
+        self._published = asyncio.Event()
+
+
+class ProtocolHarness:
+    """A RecordingHandler behind a real TransportServer on its own loop thread, identities,
+    a roster, and engines built against it (closed at the end)."""
+
+    def __init__(self):
+        self.island, self.root = Identity.generate(), Identity.generate()
+        self.roster = Roster()
+        self.roster.add(self.island.public_key, "island")
+        self.roster.add(self.root.public_key, "aggregator")
+        self.handler = RecordingHandler()
+        self.server_loop = LoopThread("test-server").start()
+        self.server: TransportServer | None = None
+        self.port = 0
+        self.engines: list[SyncEngine] = []
+
+    def start_server(self, port: int = 0) -> None:
+        self.server = TransportServer(self.handler, port=port)
+        self.port = self.server_loop.run(self.server.start(), 10)
+
+    def stop_server(self) -> None:
+        self.server_loop.run(self.server.stop(0), 10)
+
+    def client(self) -> TransportClient:
+        return TransportClient(f"127.0.0.1:{self.port}", deadline_s=5, retries=1, backoff_s=0.01)
+
+    def engine(self, identity: Identity | None = None, **config) -> SyncEngine:
+        config = {
+            "model_id": MODEL,
+            "retry_interval_s": 0.05,
+            "max_retry_interval_s": 0.2,
+            **config,
+        }
+        engine = SyncEngine(
+            SyncConfig(**config), identity or self.island, self.client, roster=self.roster
+        )
+        self.engines.append(engine)
+        return engine
+
+    def publish(self, version: int, u: dict, signer: Identity | None = None) -> None:
+        data = version_envelope(version, u, signer or self.root)
+        self.server_loop.run(self.handler.publish(version, data), 5)
+
+    def set_snapshot(self, version: int, theta: dict) -> None:
+        self.handler.snapshot = snapshot_envelope(version, theta, self.root)
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close(timeout=1.0)
+        if self.server is not None:
+            self.stop_server()
+        self.server_loop.stop()
+
+
+@pytest.fixture
+def harness():
+    h = ProtocolHarness()
+    h.start_server()
+    yield h
+    h.close()
+
+
+def random_delta(rng, scale=1e-2) -> dict[str, np.ndarray]:
+    return {
+        "w": (rng.standard_normal((4, 300)) * scale).astype(np.float32),
+        "b": (rng.standard_normal(3) * scale).astype(np.float32),
+    }
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------------------ pushes
+
+
+def test_pushes_follow_the_protocol_and_error_feedback_accounts_for_codec_loss(harness):
+    engine = harness.engine(codec="int8")
+    rng = np.random.default_rng(0)
+    deltas = [random_delta(rng) for _ in range(4)]
+    futures = [
+        engine.submit_delta(d, base_version=r, meta={"steps": 10, "tokens": 80, "round": r})
+        for r, d in enumerate(deltas)
+    ]
+    outcomes = [f.result(timeout=10) for f in futures]
+    assert [o.status for o in outcomes] == ["accepted"] * 4
+    assert outcomes[2].ack["status"] == "accepted" and outcomes[2].ack["staleness"] == "-2"
+
+    pushes = harness.handler.pushes
+    assert [p.header.sequence for p in pushes] == [1, 2, 3, 4]
+    for r, env in enumerate(pushes):
+        assert (env.header.kind, env.header.model_id) == ("delta", MODEL)
+        assert env.header.base_version == r
+        assert env.header.meta == {"steps": 10, "tokens": 80, "round": r}
+        assert env.header.tensors[0].codec["name"] == "int8"
+        env.verify(harness.roster, roles=("island",))  # signed by the island
+
+    sent = [decode_update(env) for env in pushes]
+    residuals = engine.state_dict()["residuals"]
+    for name in ("w", "b"):
+        total_true = np.sum([d[name] for d in deltas], axis=0)
+        total_sent = np.sum([s[name] for s in sent], axis=0)
+        assert np.abs(residuals[name]).max() > 0  # int8 lost something ...
+        np.testing.assert_allclose(total_sent + residuals[name], total_true, rtol=0, atol=1e-7)
+
+    stats = engine.stats
+    assert stats["pushes_accepted"] == 4 and stats["pushes_pending"] == 0
+    assert stats["last_staleness"] == -3 and stats["last_v_now"] == 0
+    assert stats["bytes_sent"] >= sum(p.wire_size for p in pushes)
+
+
+def test_a_stale_rejection_is_counted_and_dropped_and_later_pushes_go_through(harness):
+    engine = harness.engine(codec="none")
+    harness.handler.stale_sequences = {1}
+    rng = np.random.default_rng(1)
+    first = engine.submit_delta(random_delta(rng), 0, {"steps": 7, "round": 0})
+    second = engine.submit_delta(random_delta(rng), 0, {"steps": 7, "round": 1})
+    stale, accepted = first.result(timeout=10), second.result(timeout=10)
+    assert stale.status == "stale" and "too stale" in stale.reason
+    assert accepted.status == "accepted"
+    assert [p.header.sequence for p in harness.handler.pushes] == [2]
+    stats = engine.stats
+    assert (stats["pushes_stale"], stats["pushes_accepted"], stats["steps_lost"]) == (1, 1, 7)
+
+
+def test_a_replay_rejection_counts_as_delivered(harness):
+    rng = np.random.default_rng(2)
+    harness.engine(codec="none").submit_delta(random_delta(rng), 0).result(timeout=10)
+    restarted = harness.engine(codec="none")  # same island, its state lost: sequence 1 again
+    outcome = restarted.submit_delta(random_delta(rng), 0).result(timeout=10)
+    assert outcome.status == "replayed"
+    assert restarted.stats["pushes_replayed"] == 1 and restarted.stats["steps_lost"] == 0
+    assert len(harness.handler.pushes) == 1
+
+
+def test_a_down_link_keeps_the_push_queued_and_sends_it_when_the_server_is_back(harness):
+    harness.stop_server()
+    port = harness.port
+    engine = harness.engine(codec="none")
+    future = engine.submit_delta(random_delta(np.random.default_rng(3)), 0, {"steps": 5})
+    wait_until(lambda: engine.stats["push_link_failures"] >= 2)
+    assert not future.done() and engine.stats["pushes_pending"] == 1
+    harness.start_server(port)  # the same address comes back
+    assert future.result(timeout=10).status == "accepted"
+    assert [p.header.sequence for p in harness.handler.pushes] == [1]
+    assert engine.stats["pushes_pending"] == 0
+
+
+def test_a_full_queue_drops_the_oldest_waiting_push_and_keeps_the_order(harness):
+    harness.stop_server()
+    port = harness.port
+    engine = harness.engine(codec="none", max_pending_pushes=2)
+    rng = np.random.default_rng(4)
+    futures = [engine.submit_delta(random_delta(rng), 0, {"steps": 3}) for _ in range(5)]
+    wait_until(lambda: sum(f.done() for f in futures) >= 2)
+    harness.start_server(port)
+    outcomes = [f.result(timeout=10) for f in futures]
+    statuses = [o.status for o in outcomes]
+    delivered = [p.header.sequence for p in harness.handler.pushes]
+    assert statuses.count("dropped") == engine.stats["pushes_dropped"] >= 2
+    assert statuses[-2:] == ["accepted", "accepted"]  # the newest are never the ones dropped
+    assert delivered == sorted(delivered) and delivered[-2:] == [4, 5]
+    assert len(delivered) + statuses.count("dropped") == 5
+    assert engine.stats["steps_lost"] == 3 * statuses.count("dropped")
+
+
+def test_close_abandons_undelivered_pushes_and_keeps_them_for_a_restart(harness):
+    rng = np.random.default_rng(5)
+    delta = random_delta(rng)
+    first = harness.engine(codec="int8")
+    first.submit_delta(delta, 0, {"steps": 4}).result(timeout=10)  # sequence 1, delivered
+    harness.stop_server()
+    port = harness.port
+    pending = first.submit_delta(delta, 1, {"steps": 4, "round": 1})  # sequence 2: link down
+    start = time.monotonic()
+    first.close(timeout=0.3)
+    assert time.monotonic() - start < 3
+    assert pending.result(timeout=1).status == "abandoned"
+    state = first.state_dict()
+    assert state["next_sequence"] == 3 and [p["sequence"] for p in state["pending"]] == [2]
+    assert set(state["residuals"]) == {"w", "b"}
+
+    harness.start_server(port)
+    second = harness.engine(codec="int8")
+    second.load_state_dict(state)
+    assert second.state_dict()["residuals"]["w"].tobytes() == state["residuals"]["w"].tobytes()
+    third = second.submit_delta(delta, 1, {"steps": 4})
+    assert third.result(timeout=10).status == "accepted"
+    assert [p.header.sequence for p in harness.handler.pushes] == [1, 2, 3]
+    assert harness.handler.pushes[1].header.meta == {"steps": 4, "round": 1}
+    with pytest.raises(RuntimeError, match="before the first submit_delta"):
+        second.load_state_dict(state)
+
+
+def test_a_push_resent_after_a_restart_reaches_the_server_exactly_once(harness):
+    harness.handler.ack_delay_s = 0.3
+    first = harness.engine(codec="int8")
+    future = first.submit_delta(random_delta(np.random.default_rng(9)), 0, {"steps": 2})
+    state = first.state_dict()  # taken while the push is in flight, as a crash would find it
+    assert [p["sequence"] for p in state["pending"]] == [1]
+    restarted = harness.engine(codec="int8")
+    restarted.load_state_dict(state)
+    wait_until(lambda: restarted.stats["pushes_pending"] == 0)
+    assert future.result(timeout=5).status == "accepted"
+    assert [p.header.sequence for p in harness.handler.pushes] == [1]  # once, not twice
+    assert restarted.stats["pushes_accepted"] + restarted.stats["pushes_replayed"] == 1
+
+
+# ------------------------------------------------------------------ versions
+
+
+def test_versions_are_verified_and_taken_in_order(harness):
+    engine = harness.engine()
+    rng = np.random.default_rng(6)
+    us = {v: random_delta(rng) for v in (1, 2, 3)}
+    harness.publish(1, us[1])
+    harness.publish(2, us[2], signer=harness.island)  # not an aggregator: refused
+    engine.follow(0)
+    assert engine.wait_for_version(0, timeout=5) == 1
+    wait_until(lambda: engine.stats["versions_refused"] >= 1)
+    assert engine.newest_version() == 1
+    harness.publish(2, us[2])  # the real version 2 replaces the forged one
+    harness.publish(3, us[3])
+    assert engine.wait_for_version(2, timeout=5) == 3
+    taken = engine.take_versions(after=0)
+    assert [v for v, _ in taken] == [1, 2, 3]
+    for v, u in taken:
+        assert u["w"].tobytes() == us[v]["w"].tobytes()
+    assert engine.take_versions(after=3) == []
+    assert engine.stats["newest_version"] == 3 and engine.stats["blocked_s"] > 0
+
+
+def test_a_skipped_version_on_the_stream_resubscribes_from_the_missing_one(harness):
+    engine = harness.engine()
+    rng = np.random.default_rng(7)
+    for v in (1, 2, 3):
+        harness.publish(v, random_delta(rng))
+    harness.handler.skip_once = {2}
+    engine.follow(0)
+    engine.wait_for_version(2, timeout=5)
+    assert [v for v, _ in engine.take_versions(after=0)] == [1, 2, 3]
+    assert harness.handler.subscriptions == [1, 2]
+    assert engine.stats["version_gaps"] == 1
+
+
+def test_evicted_versions_raise_a_gap_and_a_snapshot_recovers(harness):
+    engine = harness.engine(max_buffered_versions=2)
+    rng = np.random.default_rng(8)
+    for v in (1, 2, 3, 4):
+        harness.publish(v, random_delta(rng))
+    engine.follow(0)
+    engine.wait_for_version(3, timeout=5)
+    with pytest.raises(VersionGapError, match="fetch a snapshot"):
+        engine.take_versions(after=0)
+    theta = random_delta(rng, scale=1.0)
+    harness.set_snapshot(4, theta)
+    version, params = engine.fetch_snapshot(timeout=10)
+    assert version == 4 and params["w"].tobytes() == theta["w"].tobytes()
+    harness.publish(5, random_delta(rng))
+    engine.wait_for_version(4, timeout=5)
+    assert [v for v, _ in engine.take_versions(after=4)] == [5]
+    assert harness.handler.subscriptions[-1] == 5
+    assert engine.stats["snapshots_fetched"] == 1
+
+
+def test_a_missing_snapshot_is_a_typed_error(harness):
+    engine = harness.engine()
+    with pytest.raises(NotFoundError, match="has no snapshot"):
+        engine.fetch_snapshot(timeout=10)
+    assert engine.newest_version() is None
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_loads_from_a_table_and_names_bad_keys():
+    config = config_from_dict(SyncConfig, {"model_id": "lm", "every": 50, "mode": "sync"})
+    assert (config.every, config.mode, config.codec, config.max_pending_pushes) == (
+        50,
+        "sync",
+        "int8",
+        8,
+    )
+    with pytest.raises(ConfigError, match="every: must be positive"):
+        config_from_dict(SyncConfig, {"model_id": "lm", "every": 0})
+    with pytest.raises(ConfigError, match="mode: must be one of"):
+        config_from_dict(SyncConfig, {"model_id": "lm", "mode": "eager"})
+    with pytest.raises(ConfigError, match="model_id: set the id"):
+        config_from_dict(SyncConfig, {})
+    with pytest.raises(ConfigError, match="unknown codec 'int3'"):
+        SyncConfig(model_id="lm", codec="int3").validate()
