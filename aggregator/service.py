@@ -43,7 +43,6 @@ from aggregator.gateway import AdmissionPolicy, Admitted, admit, parse_wal_recor
 from aggregator.merge import PartialAggregate, merge_into
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outer import apply_update, make_outer_optimizer
-from aggregator.placement import Candidate, choose_closest, eligible
 from aggregator.root import RootModel, snapshot_envelope
 from aggregator.staleness import get_staleness_function
 from aggregator.store import ModelStore
@@ -60,6 +59,7 @@ from comms.errors import (
     ReplayError,
 )
 from comms.identity import Identity, ReplayGuard, Roster
+from comms.placement import Candidate, choose_closest, eligible
 from comms.transport import TransportClient, TransportServer
 from comms.update import Manifest, decode_update, encode_update
 

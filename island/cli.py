@@ -1,17 +1,94 @@
-"""``island``: the per-node daemon's command line."""
+"""``island``: the per-node daemon's command line.
+
+``island run CONFIG.toml`` trains until its steps are done or SIGINT/SIGTERM; once training
+starts it prints one line a launcher can wait for::
+
+    island NAME training (MODE) status http://HOST:PORT
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import math
+import signal
 import sys
+import urllib.error
+import urllib.request
 
 
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"island {name}: not implemented yet (lands with the island issue)", file=sys.stderr)
+def _run(args: argparse.Namespace) -> int:
+    from comms.config import load_config
+    from comms.errors import CommsError, ConfigError
+    from island.config import IslandConfig
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(IslandConfig, args.config)
+        from island.daemon import Island
+
+        island = Island(config)
+    except (ConfigError, ValueError) as e:
+        print(f"island: {e}", file=sys.stderr)
         return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: island.stop())
 
-    return run
+    import threading
+
+    def announce():
+        island.ready.wait()
+        status = f"http://{island.http_address}" if island.http_address else "-"
+        print(f"island {config.name} training ({config.mode}) status {status}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        summary = island.run()
+    except CommsError as e:
+        print(f"island: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "sync"}), flush=True)
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from comms.identity import Identity
+
+    ident = Identity.load_or_create(args.path)
+    print(json.dumps({"peer_id": ident.peer_id, "public_key": ident.public_key.hex()}))
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from comms.config import load_config
+    from comms.errors import ConfigError
+    from island.config import IslandConfig
+    from island.daemon import export_initial_parameters
+
+    try:
+        config = load_config(IslandConfig, args.config)
+    except ConfigError as e:
+        print(f"island: {e}", file=sys.stderr)
+        return 2
+    shapes = export_initial_parameters(config, args.out)
+    n = sum(math.prod(s) for s in shapes.values())
+    print(f"wrote {args.out}: {len(shapes)} tensors, {n} parameters")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            print(json.dumps(json.loads(r.read()), indent=2))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"island status: cannot read {url}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the island daemon from a TOML config")
     p.add_argument("config", help="path to the island's TOML config")
-    p.set_defaults(func=_not_yet("run"))
-    p = sub.add_parser("keygen", help="generate an Ed25519 identity key file")
-    p.add_argument("path", help="where to write the private key (PEM)")
-    p.set_defaults(func=_not_yet("keygen"))
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_run)
+    p = sub.add_parser("keygen", help="create (or show) an Ed25519 identity key file")
+    p.add_argument("path", help="the private key file (PEM); created if missing")
+    p.set_defaults(func=_keygen)
+    p = sub.add_parser("init", help="write theta_0 of an island config (a root's models.init)")
+    p.add_argument("config", help="an island TOML config (workload, workload_config, seed)")
+    p.add_argument("--out", required=True, help="the safetensors file to write")
+    p.set_defaults(func=_init)
     p = sub.add_parser("status", help="print the status of a running island")
     p.add_argument("url", help="the island's status URL, e.g. http://127.0.0.1:8470")
-    p.set_defaults(func=_not_yet("status"))
+    p.set_defaults(func=_status)
     return parser
 
 

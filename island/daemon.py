@@ -1,0 +1,410 @@
+"""The island daemon: the training loop of one island, built from the drop-in pieces.
+
+``Island(config).run()`` trains the configured workload. In ``local_update`` mode it wraps
+its own loop in ``LocalUpdate`` (the same object a user with their own ``train.py`` uses):
+every ``sync.every`` inner steps the round's pseudo-gradient is pushed to the leaf aggregator
+and the newest global version adopted (DiLoCo, Douillard et al. 2023; overlapped as in CO2,
+Sun et al. 2024). In ``expert`` mode it trains alone on one cluster of a saved partition
+(Decentralized Diffusion Models; c-BTM) and writes a signed expert checkpoint at the end.
+
+Durability: a lazy snapshot (``island.snapshot``) is taken at round boundaries; ``run``
+resumes from the newest complete one, so ``kill -9`` loses at most the round in progress,
+which was never pushed. SIGINT/SIGTERM end the round in progress (its delta is pushed),
+settle or abandon in-flight pushes (abandoned ones stay in the snapshot), write a final
+snapshot and exit.
+
+Concurrency: the training loop runs in the calling thread; the network (gRPC pushes and the
+version stream) and the HTTP status server run on one ``LoopThread``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from comms.aio import LoopThread
+from comms.identity import Identity, Roster
+from island.config import IslandConfig
+from island.local_update import LocalUpdate
+from island.snapshot import (
+    AsyncSnapshotter,
+    SnapshotState,
+    capture_rng_state,
+    latest_complete,
+    read_snapshot,
+    restore_rng_state,
+)
+from island.sync import SyncEngine
+from island.workloads import get_workload
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``lr``, then constant or cosine down to ``min_lr_ratio * lr``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or cfg.total_steps <= cfg.warmup_steps:
+        return cfg.lr
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
+
+
+class Island:
+    """One island: ``run()`` trains until ``steps`` or ``stop()``; status via ``status()``."""
+
+    def __init__(self, config: IslandConfig, *, identity: Identity | None = None):
+        self.config = config
+        self.identity = identity or (
+            Identity.load_or_create(config.key) if config.key else Identity.generate()
+        )
+        self.roster = Roster.load(config.roster) if config.roster else None
+        self.workload = get_workload(config.workload, **config.workload_config)
+        self._stop = threading.Event()
+        self.step = 0
+        self.round_records: list[dict[str, Any]] = []
+        self.compute_s = 0.0
+        self.eval_s = 0.0
+        self.started = time.perf_counter()
+        self.last_loss = float("nan")
+        self.tokens = 0
+        self.lu: LocalUpdate | None = None
+        self.engine: SyncEngine | None = None
+        self.loop: LoopThread | None = None
+        self.http_address = ""
+        self.ready = threading.Event()
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        """Ask the loop to finish the round in progress and shut down cleanly."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _doc_indices(self) -> list[int] | None:
+        if self.config.mode != "expert":
+            return None
+        from safetensors.numpy import load_file
+
+        path = Path(self.config.expert.partition) / "partition.safetensors"
+        labels = load_file(str(path))["labels"]
+        idx = np.flatnonzero(labels == self.config.expert.cluster)
+        if idx.size == 0:
+            raise ValueError(f"cluster {self.config.expert.cluster} of {path} has no documents")
+        return idx.tolist()
+
+    def _make_engine(self) -> SyncEngine:
+        from comms.shaper import TokenBucketShaper
+
+        link = self.config.link
+        shaper = None
+        if link.rate_mbit > 0:
+            shaper = TokenBucketShaper(
+                link.rate_mbit * 1e6, latency_s=link.latency_ms / 1e3, loss=link.loss
+            )
+        address = self.config.aggregator or self._discover_leaf()
+        return SyncEngine(
+            self.config.sync, self.identity, address, roster=self.roster, loop=self.loop,
+            shaper=shaper,
+        )  # fmt: skip
+
+    def _discover_leaf(self) -> str:
+        from comms.discovery import Discovery
+        from comms.placement import Candidate, choose_closest, eligible
+
+        disco = Discovery.start(self.identity, initial_peers=self.config.dht_peers)
+        try:
+            records = disco.lookup("aggregator")
+        finally:
+            disco.shutdown()
+        cands = eligible(
+            [Candidate.from_record(r) for r in records], ("leaf", "mid", "root"),
+            self.config.sync.model_id,
+        )  # fmt: skip
+        chosen = self.loop.run(choose_closest(cands), timeout=30)
+        log.info("%s: chose aggregator %s at %s", self.config.name, chosen.name, chosen.address)
+        return chosen.address
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        o = self.config.optim
+        return torch.optim.AdamW(
+            model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        """Train; returns a summary. Blocks until ``steps`` are done or ``stop()``."""
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.loop = LoopThread(f"island-{cfg.name}").start()
+        try:
+            if cfg.http:
+                from island.status import start_status_server
+
+                self.http_address = self.loop.run(start_status_server(self, cfg.http), 30)
+            return self._train()
+        finally:
+            if self.engine is not None:
+                self.engine.close(timeout=30)
+            self.loop.stop()
+
+    def _train(self) -> dict[str, Any]:
+        cfg = self.config
+        model = self.workload.build_model(cfg.seed)
+        optimizer = self._optimizer(model)
+        data_seed = cfg.data_seed if cfg.data_seed >= 0 else cfg.seed + cfg.shard
+        batches = self.workload.train_batches(
+            data_seed, shard=cfg.shard, num_shards=cfg.num_shards, doc_indices=self._doc_indices()
+        )
+        snapshotter = (
+            AsyncSnapshotter(cfg.snapshot.dir, keep=cfg.snapshot.keep) if cfg.snapshot.dir else None
+        )
+        resumed = self._resume(model, optimizer, batches)
+        if cfg.mode == "local_update":
+            self.engine = self._make_engine()
+            if resumed is not None:
+                self.engine.load_state_dict(resumed.data["engine"])
+                anchor = {k: np.asarray(v) for k, v in resumed.anchor.items()}
+                self.lu = LocalUpdate(
+                    model, optimizer, engine=self.engine, anchor=anchor,
+                    anchor_version=int(resumed.meta["base_version"]),
+                )  # fmt: skip
+            else:
+                self.lu = LocalUpdate(model, optimizer, engine=self.engine)
+            self.lu.start()
+        self.ready.set()
+        opt_cfg = cfg.optim
+        opt_cfg.total_steps = cfg.steps  # for the cosine schedule
+        losses: list[float] = []
+        self.started = time.perf_counter()
+        progress = _progress(cfg, self.step)
+        try:
+            while (cfg.steps == 0 or self.step < cfg.steps) and not self.stopping:
+                t0 = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(self.step, opt_cfg)
+                batch = next(batches)
+                loss = self.workload.loss(model, batch)
+                loss.backward()
+                if opt_cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                spent = time.perf_counter() - t0
+                if cfg.slowdown > 1:
+                    time.sleep(spent * (cfg.slowdown - 1))
+                self.compute_s += time.perf_counter() - t0
+                self.step += 1
+                self.last_loss = float(loss)
+                losses.append(self.last_loss)
+                tokens = _batch_tokens(batch)
+                self.tokens += tokens
+                if progress is not None:
+                    progress.update(1)
+                if self.lu is not None:
+                    if self.lu.step(tokens=tokens):
+                        self._end_of_round(model, optimizer, batches, snapshotter, losses)
+                        losses = []
+                elif self.step % cfg.snapshot.every_steps == 0 or self.step == cfg.steps:
+                    self._expert_checkpoint(model, optimizer, batches, snapshotter, losses)
+                    losses = []
+            if self.lu is not None and self.lu._steps_in_round:
+                self.lu.end_round()  # push the partial round: its progress is not lost
+                self._end_of_round(model, optimizer, batches, snapshotter, losses, final=True)
+        finally:
+            if progress is not None:
+                progress.close()
+            if self.engine is not None:
+                self.engine.close(timeout=30)
+            if snapshotter is not None:
+                self._snapshot(model, optimizer, batches, snapshotter)
+                snapshotter.close()
+        if cfg.mode == "expert" and cfg.expert.output:
+            self._save_expert(model)
+        return self.summary()
+
+    def _resume(self, model, optimizer, batches) -> SnapshotState | None:
+        cfg = self.config
+        if not cfg.snapshot.dir:
+            return None
+        path = latest_complete(cfg.snapshot.dir)
+        if path is None:
+            return None
+        state = read_snapshot(path)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        batches.load_state_dict(state.data["batches"])
+        restore_rng_state(state.rng)
+        self.step = int(state.meta["step"])
+        self.tokens = int(state.meta.get("tokens", 0))
+        log.warning("%s: resumed from %s at step %d", cfg.name, path, self.step)
+        return state
+
+    def _snapshot(self, model, optimizer, batches, snapshotter) -> None:
+        data = {"batches": batches.state_dict()}
+        meta = {"step": self.step, "tokens": self.tokens, "island": self.config.name}
+        anchor: dict[str, Any] = {}
+        if self.lu is not None:
+            data["engine"] = self.engine.state_dict()
+            anchor = self.lu.anchor
+            meta["base_version"] = self.lu.version
+            meta["round"] = self.lu.round
+        state = SnapshotState(
+            model=model.state_dict(), optimizer=optimizer.state_dict(), anchor=anchor,
+            rng=capture_rng_state(), data=data, meta=meta,
+        )  # fmt: skip
+        snapshotter.snapshot(state, self.step)
+
+    def _evaluate(self, model) -> float:
+        t0 = time.perf_counter()
+        val = self.workload.validation_loss(model, max_batches=self.config.eval_batches)
+        self.eval_s += time.perf_counter() - t0
+        return float(val)
+
+    def _end_of_round(self, model, optimizer, batches, snapshotter, losses, final=False) -> None:
+        """After a push and an adoption: evaluate the global model, log, snapshot."""
+        lu = self.lu
+        rnd = lu.round
+        evaluate = self.config.eval_every and (rnd % self.config.eval_every == 0 or final)
+        val = self._evaluate(model) if evaluate else None  # params == anchor: the global model
+        sync = self.engine.stats
+        record = {
+            "t": round(time.perf_counter() - self.started, 3),
+            "island": self.config.name,
+            "round": rnd,
+            "step": self.step,
+            "version": lu.version,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "val_loss": val,
+            "bytes_sent": sync["bytes_sent"],
+            "bytes_received": sync["bytes_received"],
+            "staleness": sync["last_staleness"],
+            "pushes_accepted": sync["pushes_accepted"],
+            "pushes_stale": sync["pushes_stale"],
+            "steps_lost": sync["steps_lost"],
+            "utilization": self.utilization(),
+        }
+        self._record(record)
+        if snapshotter is not None and (rnd % self.config.snapshot.every_rounds == 0):
+            self._snapshot(model, optimizer, batches, snapshotter)
+
+    def _expert_checkpoint(self, model, optimizer, batches, snapshotter, losses) -> None:
+        val = self._evaluate(model)
+        self._record({
+            "t": round(time.perf_counter() - self.started, 3),
+            "island": self.config.name,
+            "step": self.step,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "val_loss": val,
+            "utilization": self.utilization(),
+        })  # fmt: skip
+        if snapshotter is not None:
+            self._snapshot(model, optimizer, batches, snapshotter)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.round_records.append(record)
+        log.info("%s", json.dumps(record))
+        if self.config.metrics_file:
+            with open(self.config.metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _save_expert(self, model) -> None:
+        from island.checkpoint import save_expert
+
+        e = self.config.expert
+        save_expert(
+            e.output, model, workload=self.config.workload,
+            workload_config=self.config.workload_config, expert_id=e.expert_id or self.config.name,
+            cluster=e.cluster, version=self.step, identity=self.identity,
+            extra={"steps": self.step, "flops": self.workload.flops_per_step() * self.step},
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ status
+
+    def utilization(self) -> float:
+        """Fraction of wall time (evaluation excluded) spent in forward/backward/optimizer."""
+        wall = time.perf_counter() - self.started - self.eval_s
+        return min(1.0, self.compute_s / wall) if wall > 0 else 1.0
+
+    def summary(self) -> dict[str, Any]:
+        out = {
+            "name": self.config.name,
+            "mode": self.config.mode,
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": self.last_loss,
+            "utilization": self.utilization(),
+            "tokens_per_s": self.tokens / max(1e-9, time.perf_counter() - self.started),
+        }
+        if self.lu is not None:
+            sync = self.engine.stats
+            out.update(
+                version=self.lu.version,
+                anchor_digest=params_digest(self.lu.anchor),
+                round=self.lu.round,
+                staleness=sync["last_staleness"],
+                bytes_sent=sync["bytes_sent"],
+                bytes_received=sync["bytes_received"],
+                queue_depth=sync["pushes_pending"],
+                sync=sync,
+            )
+        return out
+
+
+def params_digest(params: dict[str, np.ndarray]) -> str:
+    """blake2b of the parameters' bytes in sorted-name order: equal digests, equal bits."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(params[name], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _batch_tokens(batch: Any) -> int:
+    for name in ("inputs", "x_t"):
+        t = getattr(batch, name, None)
+        if t is not None:
+            return int(t.numel()) if name == "inputs" else int(t.shape[0])
+    return 0
+
+
+def _progress(cfg: IslandConfig, start: int):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps or None, initial=start, desc=cfg.name, unit="step")
+
+
+def export_initial_parameters(config: IslandConfig, path: str) -> dict[str, tuple[int, ...]]:
+    """Write theta_0 of the configured workload and seed as safetensors (the root's ``init``);
+    returns the shapes. Every island of a run starts from the aggregator's copy of it."""
+    from safetensors.numpy import save_file
+
+    from island.pseudo import params_to_numpy
+
+    model = get_workload(config.workload, **config.workload_config).build_model(config.seed)
+    params = params_to_numpy(model)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(params, path)
+    return {k: tuple(v.shape) for k, v in params.items()}

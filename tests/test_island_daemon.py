@@ -1,0 +1,183 @@
+"""`island run` processes against real `aggregator serve` processes on loopback."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
+from aggregator.outer import apply_update
+from comms.config import save_config
+from comms.envelope import Envelope
+from comms.identity import Identity, Roster
+from comms.transport import TransportClient
+from comms.update import decode_update
+from island.config import IslandConfig, SnapshotConfig
+from island.daemon import export_initial_parameters, params_digest
+from island.sync import SyncConfig
+
+pytestmark = pytest.mark.timeout(240)
+TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 4}
+
+
+def _start(args, log, ready):
+    logf = open(log, "ab")
+    p = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=logf,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    line = p.stdout.readline().decode()
+    if ready not in line:
+        p.kill()
+        raise RuntimeError(f"{args} did not start: {line!r}; see {log}")
+    return p, line
+
+
+def _stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _federation(tmp_path, n_islands, steps, every, codec="int8"):
+    idents = [Identity.generate() for _ in range(n_islands)]
+    root_id = Identity.generate()
+    roster = Roster()
+    for i, ident in enumerate(idents):
+        ident.save(tmp_path / f"island{i}.pem")
+        roster.add(ident.public_key, "island", f"island{i}")
+    root_id.save(tmp_path / "root.pem")
+    roster.add(root_id.public_key, "aggregator", "root")
+    roster.save(tmp_path / "roster.json")
+    islands = [
+        IslandConfig(
+            name=f"island{i}",
+            key=str(tmp_path / f"island{i}.pem"),
+            roster=str(tmp_path / "roster.json"),
+            aggregator="",
+            workload="bytelm",
+            workload_config=TINY,
+            steps=steps,
+            shard=i,
+            num_shards=n_islands,
+            threads=1,
+            eval_batches=1,
+            http="127.0.0.1:0",
+            metrics_file=str(tmp_path / f"island{i}.jsonl"),
+            sync=SyncConfig(model_id="global", every=every, codec=codec),
+            snapshot=SnapshotConfig(dir=str(tmp_path / f"snap{i}")),
+        )
+        for i in range(n_islands)
+    ]
+    export_initial_parameters(islands[0], str(tmp_path / "init.safetensors"))
+    root = AggregatorConfig(
+        name="root", role="root", key=str(tmp_path / "root.pem"),
+        roster=str(tmp_path / "roster.json"), state_dir=str(tmp_path / "root-state"), http="",
+        merge=MergeConfig(buffer_k=n_islands, deadline_s=5.0),
+        models=[ModelConfig("global", init=str(tmp_path / "init.safetensors"), codec="int8")],
+    )  # fmt: skip
+    save_config(root, tmp_path / "root.toml")
+    return islands
+
+
+async def _root_theta(address):
+    async with TransportClient(address) as c:
+        env = Envelope.from_bytes(await c.fetch("global", -1), max_bytes=1 << 30)
+        return env.header.base_version, decode_update(env)
+
+
+async def _theta_at(address, theta0, version):
+    """theta_version rebuilt from theta_0 and the published u_1..u_version."""
+    theta = {k: v.copy() for k, v in theta0.items()}
+    if version == 0:
+        return theta
+    async with TransportClient(address) as c:
+        async for v, data in c.subscribe("global", 1):
+            apply_update(theta, decode_update(Envelope.from_bytes(data, max_bytes=1 << 30)))
+            if v == version:
+                return theta
+
+
+def test_two_islands_end_bit_identical_with_the_root(tmp_path):
+    islands = _federation(tmp_path, 2, steps=30, every=10)
+    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
+                        "serving on")  # fmt: skip
+    address = line.split("serving on ")[1].split()[0]
+    procs = []
+    try:
+        for i, cfg in enumerate(islands):
+            cfg.aggregator = address
+            cfg.snapshot.dir = ""
+            save_config(cfg, tmp_path / f"island{i}.toml")
+            procs.append(_start(["island", "run", str(tmp_path / f"island{i}.toml")],
+                                tmp_path / f"island{i}.log", "training")[0])  # fmt: skip
+        summaries = []
+        for p in procs:
+            out, _ = p.communicate(timeout=180)
+            assert p.returncode == 0, (tmp_path / "island0.log").read_text()[-3000:]
+            summaries.append(json.loads(out.decode().strip().splitlines()[-1]))
+        version, theta = asyncio.run(_root_theta(address))
+        assert version >= 2
+        theta0 = load_file(str(tmp_path / "init.safetensors"))
+        for s in summaries:  # every island's anchor holds exactly the root's bits at its version
+            rebuilt = asyncio.run(_theta_at(address, theta0, s["version"]))
+            assert params_digest(rebuilt) == s["anchor_digest"]
+        assert params_digest(asyncio.run(_theta_at(address, theta0, version))) == params_digest(
+            theta
+        )
+        for i in range(2):
+            records = [
+                json.loads(x) for x in (tmp_path / f"island{i}.jsonl").read_text().splitlines()
+            ]
+            assert records[-1]["step"] == 30 and records[-1]["bytes_sent"] > 0
+            losses = [r["val_loss"] for r in records if r["val_loss"] is not None]
+            assert all(np.isfinite(losses))
+        assert all(s["step"] == 30 for s in summaries)
+        assert max(s["version"] for s in summaries) <= version
+    finally:
+        for p in procs:
+            _stop(p)
+        _stop(root)
+
+
+def test_island_killed_with_sigkill_resumes_from_its_snapshot(tmp_path):
+    (cfg,) = _federation(tmp_path, 1, steps=400, every=5)
+    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
+                        "serving on")  # fmt: skip
+    cfg.aggregator = line.split("serving on ")[1].split()[0]
+    save_config(cfg, tmp_path / "island.toml")
+    try:
+        p, _ = _start(["island", "run", str(tmp_path / "island.toml")], tmp_path / "island.log",
+                      "training")  # fmt: skip
+        deadline = time.time() + 120
+        metrics = tmp_path / "island0.jsonl"
+        while time.time() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        done_before = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+        assert done_before and max(done_before) >= 10
+        cfg.steps = max(done_before) + 10
+        save_config(cfg, tmp_path / "island.toml")
+        p, _ = _start(["island", "run", str(tmp_path / "island.toml")], tmp_path / "island.log",
+                      "training")  # fmt: skip
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        log = (tmp_path / "island.log").read_text()
+        assert "resumed from" in log
+        resumed_at = int(log.split("resumed from")[1].split("at step ")[1].split()[0])
+        assert resumed_at >= 5
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        assert summary["step"] == cfg.steps
+    finally:
+        _stop(root)
