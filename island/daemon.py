@@ -327,14 +327,15 @@ class Island:
                 f.write(json.dumps(record) + "\n")
 
     def _save_expert(self, model) -> None:
-        from island.checkpoint import save_expert
+        from island.checkpoint import partition_id, save_expert
 
         e = self.config.expert
         save_expert(
             e.output, model, workload=self.config.workload,
             workload_config=self.config.workload_config, expert_id=e.expert_id or self.config.name,
             cluster=e.cluster, version=self.step, identity=self.identity,
-            extra={"steps": self.step, "flops": self.workload.flops_per_step() * self.step},
+            partition=partition_id(e.partition), train_steps=self.step,
+            train_flops=float(self.workload.flops_per_step() * self.step),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ status

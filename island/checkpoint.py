@@ -1,0 +1,288 @@
+"""Signed model checkpoints: weights, a manifest, and an Ed25519 signature.
+
+A checkpoint is a directory::
+
+    model.safetensors   the module's state_dict (tied weights stored once; safetensors, no pickle)
+    manifest.json       what the weights are, who signed them, and the digest of every file
+
+The manifest of an expert names its workload and the workload config that rebuilds the model,
+the expert id, the partition it was trained on (``partition_id``, a digest of the partition's
+files) and its cluster in it, a version, training steps and FLOPs, ``created_at``, the
+BLAKE2b-256 digest of each file (``files``), the signer's peer id and public key, and
+``signature``: the signer's Ed25519 signature over the canonical JSON of every other field
+(sorted keys, no whitespace, UTF-8).
+
+Loading checks, in order: the signature (``SignatureError``), that the signer is known when a
+roster or a set of trusted keys is given (``UnknownPeerError``), each file's digest
+(``DigestMismatchError``), that the workload exists (``ConfigError``); only then are the
+weights read, strictly (every tensor named, no extra one). Without a roster or trusted keys
+the signature only proves the files were not changed since some key signed them.
+
+Experts are rebuilt from their workload's config without reading the workload's data (the
+corpus may exist only on the machine that trained them): ``build_model`` of a workload uses
+only its config and device. An island in expert mode writes these; ``router.checkpoint``
+reads them and adds router checkpoints in the same format.
+
+Files are written beside their final names and renamed into place, weights first, manifest
+last, so a crash leaves either the old checkpoint or a digest mismatch, never silent garbage.
+Synchronous file I/O; no threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from comms.config import config_from_dict
+from comms.errors import ConfigError, DigestMismatchError, SignatureError, UnknownPeerError
+from comms.identity import Identity, Roster, peer_id_of, verify_signature
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.safetensors"
+PARTITION_FILES = ("partition.json", "partition.safetensors")  # router.partition's files
+_CHUNK = 1 << 20
+
+
+# --- signing and digests (pure but for reading files) -------------------------------------------
+
+
+def canonical_json(doc: Mapping[str, Any]) -> bytes:
+    """The bytes that are signed: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Hex BLAKE2b-256 of a file's bytes."""
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def partition_id(directory: str | os.PathLike) -> str:
+    """A short content id of a saved partition: BLAKE2b of its two files."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in PARTITION_FILES:
+        path = Path(directory) / name
+        if not path.is_file():
+            raise ConfigError(f"{directory}: no saved partition (missing {name})")
+        digest.update(bytes.fromhex(file_digest(path)))
+    return digest.hexdigest()
+
+
+def sign_manifest(fields: Mapping[str, Any], identity: Identity) -> dict[str, Any]:
+    """``fields`` plus the signer's peer id and public key, and the signature over all of it."""
+    doc = {k: v for k, v in fields.items() if k != "signature"}
+    doc["signer"] = identity.peer_id
+    doc["signer_public_key"] = identity.public_key.hex()
+    doc["signature"] = identity.sign(canonical_json(doc)).hex()
+    return doc
+
+
+def _as_public_key(key: bytes | str) -> bytes:
+    return bytes(key) if isinstance(key, bytes | bytearray) else bytes.fromhex(key)
+
+
+def verify_manifest(
+    doc: Mapping[str, Any],
+    roster: Roster | None = None,
+    trusted_keys: Iterable[bytes | str] | None = None,
+) -> None:
+    """Raise ``SignatureError`` unless ``doc`` carries a valid signature by the key it names,
+    and ``UnknownPeerError`` if that key is not in ``roster`` / ``trusted_keys`` (raw 32-byte
+    keys or their hex) when those are given."""
+    try:
+        signature = bytes.fromhex(doc["signature"])
+        public_key = bytes.fromhex(doc["signer_public_key"])
+        signer = str(doc["signer"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SignatureError(f"manifest is unsigned or its signature fields are bad ({e})") from e
+    if peer_id_of(public_key) != signer:
+        raise SignatureError(f"manifest signer {signer} does not match its public key")
+    signed = canonical_json({k: v for k, v in doc.items() if k != "signature"})
+    if roster is not None:
+        entry = roster.require(signer)
+        if entry.public_key != public_key:
+            raise SignatureError(f"manifest signer {signer} names a key other than the roster's")
+    if trusted_keys is not None and public_key not in {_as_public_key(k) for k in trusted_keys}:
+        raise UnknownPeerError(f"checkpoint signer {signer} is not among the trusted keys")
+    verify_signature(public_key, signature, signed)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    directory: str | os.PathLike,
+    module: nn.Module,
+    fields: Mapping[str, Any],
+    identity: Identity,
+    extra_files: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Save ``module``'s weights and a signed manifest of ``fields`` into ``directory``.
+    ``extra_files`` (paths relative to ``directory``, already written) are digested too."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_weights = directory / (WEIGHTS_FILE + ".tmp")
+    save_model(module, str(tmp_weights))
+    files = {WEIGHTS_FILE: file_digest(tmp_weights)}
+    for name in extra_files:
+        files[name] = file_digest(directory / name)
+    doc = {"format_version": FORMAT_VERSION, **fields, "files": files}
+    doc.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    manifest = sign_manifest(doc, identity)
+    tmp_manifest = directory / (MANIFEST_FILE + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp_weights, directory / WEIGHTS_FILE)
+    os.replace(tmp_manifest, directory / MANIFEST_FILE)
+    return manifest
+
+
+def save_expert(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    *,
+    workload: str,
+    workload_config: Mapping[str, Any],
+    expert_id: str,
+    cluster: int | None,
+    version: int = 0,
+    identity: Identity,
+    partition: str | None = None,
+    train_steps: int = 0,
+    train_flops: float = 0.0,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write an expert checkpoint; returns its signed manifest. ``partition`` is the id of the
+    partition the expert was trained on (``partition_id(dir)``); ``cluster`` its index there
+    (the router output that selects it)."""
+    if not isinstance(expert_id, str) or not expert_id or "." in expert_id:
+        raise ValueError(f"expert_id must be a non-empty string without '.', got {expert_id!r}")
+    fields = {
+        "kind": "expert",
+        "workload": workload,
+        "workload_config": dict(workload_config),
+        "expert_id": expert_id,
+        "partition_id": partition,
+        "cluster": None if cluster is None else int(cluster),
+        "version": int(version),
+        "train_steps": int(train_steps),
+        "train_flops": float(train_flops),
+        "extra": dict(extra or {}),
+    }
+    _check_json(fields)
+    return write_checkpoint(directory, model, fields, identity)
+
+
+def _check_json(fields: Mapping[str, Any]) -> None:
+    try:
+        canonical_json(fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"manifest fields must be plain JSON data: {e}") from e
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def read_manifest(
+    directory: str | os.PathLike,
+    kind: str,
+    roster: Roster | None = None,
+    trusted_keys: Iterable[bytes | str] | None = None,
+) -> dict[str, Any]:
+    """The verified manifest of the checkpoint in ``directory``: signature, signer, digests
+    of every file it lists, format version and ``kind`` (``expert`` or ``router``)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise ConfigError(
+            f"{directory}: no {kind} checkpoint here (expected {MANIFEST_FILE} and {WEIGHTS_FILE})"
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SignatureError(f"{path}: not valid JSON ({e}); the manifest is damaged") from e
+    if not isinstance(doc, dict):
+        raise SignatureError(f"{path}: expected a JSON object")
+    verify_manifest(doc, roster, trusted_keys)
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: format_version {doc.get('format_version')!r}; this code reads "
+            f"{FORMAT_VERSION}"
+        )
+    if doc.get("kind") != kind:
+        raise ConfigError(f"{directory}: is a {doc.get('kind')!r} checkpoint, not a {kind}")
+    files = doc.get("files")
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise ConfigError(f"{path}: lists no digest for {WEIGHTS_FILE}")
+    for name, expected in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConfigError(f"{path}: file {name!r} lies outside the checkpoint directory")
+        file = directory / name
+        if not file.is_file():
+            raise DigestMismatchError(f"{directory}: {name} is listed in the manifest but missing")
+        got = file_digest(file)
+        if got != expected:
+            raise DigestMismatchError(
+                f"{file}: BLAKE2b {got[:16]}... differs from the signed {str(expected)[:16]}...; "
+                "the file was changed or damaged after signing"
+            )
+    return doc
+
+
+def build_workload_model(
+    name: str, config: Mapping[str, Any], device: str = "cpu", seed: int = 0
+) -> nn.Module:
+    """A fresh model of workload ``name`` from its config dict, without loading its data."""
+    from island.workloads import WORKLOADS, Workload, get_workload
+
+    if name not in WORKLOADS:
+        raise ConfigError(f"workload: unknown name {name!r}; known: {', '.join(sorted(WORKLOADS))}")
+    cls = WORKLOADS[name]
+    settings = {**config, "device": device}
+    typed = config_from_dict(cls.Config, settings, f"workload {name}")
+    workload = cls.__new__(cls)
+    Workload.__init__(workload, typed)  # config and device only: the data is not read
+    try:
+        return workload.build_model(seed)
+    except AttributeError:  # a workload whose model needs its data: build it in full
+        return get_workload(name, **settings).build_model(seed)
+
+
+def _load_weights(module: nn.Module, directory: Path, device: str) -> None:
+    try:
+        load_model(module, directory / WEIGHTS_FILE, strict=True, device=device)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"{directory}: weights do not fit the model the manifest names: {e}"
+        ) from e
+
+
+def load_expert(
+    directory: str | os.PathLike,
+    roster: Roster | None = None,
+    trusted_keys: Iterable[bytes | str] | None = None,
+    device: str = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Verify and load an expert checkpoint: (model in eval mode on ``device``, manifest)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory, "expert", roster, trusted_keys)
+    config = manifest.get("workload_config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{directory}: workload_config must be a table, got {config!r}")
+    try:
+        model = build_workload_model(str(manifest.get("workload")), config, device)
+    except ConfigError as e:
+        raise ConfigError(f"{directory}/{MANIFEST_FILE}: {e}") from e
+    _load_weights(model, directory, device)
+    return model.eval(), manifest
