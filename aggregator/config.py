@@ -50,6 +50,7 @@ class MergeConfig:
     max_workers: int = 2  # pool: most merge worker processes (scaled with the queue)
     warm_workers: int = 0  # pool: workers kept alive when idle (0: scale to zero)
     idle_timeout_s: float = 10.0  # pool: a worker idle this long retires
+    scale_up_backlog: int = 2  # pool: another worker starts when this many events wait per worker
 
     def validate(self) -> None:
         if self.buffer_k < 1:

@@ -247,6 +247,7 @@ class AggregatorService:
             max_workers=m.max_workers,
             warm_workers=m.warm_workers,
             idle_timeout_s=m.idle_timeout_s,
+            scale_up_backlog=m.scale_up_backlog,
             max_envelope_bytes=self.config.max_update_bytes,
         )
 

@@ -92,4 +92,4 @@ def test_error_feedback_accounts_everything(params):
         for n, v in decode_update(env).items():
             sent[n] += v
     for n, v in params.items():
-        np.testing.assert_allclose(sent[n] + ef.residual(n), 5 * v, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sent[n] + ef.residuals()[n], 5 * v, rtol=1e-5, atol=1e-5)
