@@ -32,6 +32,8 @@ class Federation:
             ident.save(self.root / "keys" / f"{name}.pem")
 
     def config(self, name: str, role: str, parent: str = "", **merge) -> AggregatorConfig:
+        """A config for aggregator ``name``; ``merge`` overrides MergeConfig fields (and
+        ``codec``, the root's codec of published versions)."""
         models = [ModelConfig(model_id="global", init=str(self.init_path) if role == "root" else "",
                               codec=merge.pop("codec", "none"))]  # fmt: skip
         return AggregatorConfig(

@@ -200,3 +200,77 @@ async def test_merge_pool_scales_with_a_burst_and_back_to_zero(tmp_path):
         np.testing.assert_allclose(line.theta["w"], want["w"], rtol=1e-5, atol=1e-6)
     finally:
         await root.stop()
+
+
+async def test_two_models_status_and_metrics_over_http(tmp_path):
+    import aiohttp
+    from safetensors.numpy import save_file
+
+    from aggregator.config import ModelConfig
+
+    fed = make_federation(tmp_path, 2, aggregators=("root",))
+    other = {"v": np.ones(8, np.float32)}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    cfg = fed.config("root", "root", buffer_k=1)
+    cfg.models.append(
+        ModelConfig("expert-1", init=str(tmp_path / "other.safetensors"), codec="none")
+    )
+    cfg.http = "127.0.0.1:0"
+    root = AggregatorService(cfg)
+    await root.start()
+    try:
+        async with TransportClient(root.address) as c:
+            await c.push(delta_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1))
+            # the same island, another model: its own sequence line (replay keyed per model)
+            await c.push(delta_bytes(fed.islands[0], {"v": np.full(8, 0.5, np.float32)}, 1,
+                                     model_id="expert-1"))  # fmt: skip
+            with pytest.raises(ShapeMismatchError):
+                await c.push(delta_bytes(fed.islands[1], {"v": np.ones(8, np.float32)}, 1))
+        assert root.lines["global"].version == 1 and root.lines["expert-1"].version == 1
+        # Nesterov from zero momentum: u = -lr * (g + mu * g) = -0.7 * 1.9 * 0.5
+        np.testing.assert_allclose(
+            root.lines["expert-1"].theta["v"], 1 - 0.7 * 1.9 * 0.5, rtol=1e-6
+        )
+        async with aiohttp.ClientSession() as http:
+            base = f"http://{root.http_address}"
+            async with http.get(base + "/healthz") as r:
+                assert r.status == 200
+            async with http.get(base + "/status") as r:
+                status = await r.json()
+            assert status["models"]["global"]["version"] == 1
+            assert status["models"]["expert-1"]["version"] == 1
+            async with http.get(base + "/metrics") as r:
+                text = await r.text()
+            assert (
+                'archipelago_updates_accepted_total{kind="delta",model_id="expert-1"} 1.0' in text
+            )
+            assert 'archipelago_updates_rejected_total{reason="shape"} 1.0' in text
+    finally:
+        await root.stop()
+
+
+async def test_leaf_finds_its_parent_in_the_dht(tmp_path):
+    from comms.discovery import Discovery
+
+    fed = make_federation(tmp_path, 2)
+    root_disco = await asyncio.to_thread(Discovery.start, fed.aggregators["root"])
+    peers = await asyncio.to_thread(root_disco.bootstrap_addresses)
+    leaf_disco = await asyncio.to_thread(Discovery.start, fed.aggregators["leaf0"], peers)
+    root = AggregatorService(fed.config("root", "root", buffer_k=1), discovery=root_disco)
+    leaf = None
+    try:
+        await root.start()
+        leaf = AggregatorService(fed.config("leaf0", "leaf", buffer_k=1), discovery=leaf_disco)
+        await leaf.start()
+        assert leaf.parent_address == root.address
+        records = await asyncio.to_thread(leaf_disco.lookup, "aggregator")
+        assert {r.fields["role"] for r in records} == {"root", "leaf"}
+        async with TransportClient(leaf.address) as c:
+            await c.push(delta_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1))
+        await wait_for(lambda: leaf.lines["global"].version == 1)
+    finally:
+        if leaf is not None:
+            await leaf.stop()
+        await root.stop()
+        for d in (leaf_disco, root_disco):
+            await asyncio.to_thread(d.shutdown)

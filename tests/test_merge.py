@@ -302,3 +302,49 @@ def test_median_of_medians_is_not_the_median():
     of_medians = coordinate_median([coordinate_median(leaf_a), coordinate_median(leaf_b)])
     assert of_medians["w"][0] == 4.5  # median(0, 9)
     assert coordinate_median(leaf_a + leaf_b)["w"][0] == 5.0  # 0,0,1,9,9,9 -> (1+9)/2
+
+
+def reference_weighted_sum(deltas_and_weights):
+    """``sum_i w_i * x_i`` the long way: each product rounded to float32, then added to zeros."""
+    acc = None
+    for x, w in deltas_and_weights:
+        if acc is None:
+            acc = np.zeros(x.shape, dtype=np.float32)
+        product = np.multiply(x, np.float32(w), dtype=np.float32)
+        acc = np.add(acc, product, dtype=np.float32)
+    return acc
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("weights", [(0.7, 0.3, 1.25), (1.0, 1.0, 1.0), (1.0, 0.5, 1.0)])
+def test_fast_paths_give_the_bits_of_the_long_way(dtype, weights):
+    # 300_001 elements: more than two blocks of the scaled add, and a ragged last block.
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal(300_001).astype(dtype) for _ in weights]
+    p = PartialAggregate()
+    for i, (x, w) in enumerate(zip(xs, weights, strict=True)):
+        accumulate(p, {"w": x}, w, update_id=("isl", i))
+    got = p.weighted_sum["w"]
+    want = reference_weighted_sum(list(zip(xs, weights, strict=True)))
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.flags.writeable
+    np.testing.assert_array_equal(got, want)
+    assert got.tobytes() == want.tobytes()  # bit for bit
+
+
+def test_first_delta_and_unit_weight_allocate_only_the_partial():
+    n = 1 << 22  # 4 Mi float32 = 16 MiB
+    delta = {"big": np.ones(n, dtype=np.float32)}
+    for weight in (0.5, 1.0):
+        p = PartialAggregate()
+        tracemalloc.start()
+        try:
+            accumulate(p, delta, weight)  # the new partial itself: 16 MiB, nothing more
+            _, peak_fresh = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            accumulate(p, delta, 1.0)  # in place, no scratch at all
+            _, peak_add = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak_fresh < (16 << 20) + (64 << 10), f"fresh partial peak {peak_fresh} bytes"
+        assert peak_add - (16 << 20) < 64 << 10, f"unit-weight add peak {peak_add} bytes"
+        assert p.weighted_sum["big"][0] == weight + 1 and p.weighted_sum["big"][-1] == weight + 1
