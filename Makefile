@@ -34,8 +34,15 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Every benchmark, one after the other (they compare side by side inside each script), then
+# BENCHMARKS.md from their JSON. Run on a quiet machine; it takes a while.
 bench: venv
-	$(BIN)/python scripts/bench_comms.py --json results/bench_comms.json
+	$(BIN)/python scripts/bench_comms.py --json docs/benchmarks/bench_comms.json
+	$(BIN)/python scripts/bench_aggregator.py --json docs/benchmarks/bench_aggregator.json
+	$(BIN)/python scripts/bench_island.py --json docs/benchmarks/bench_island.json
+	$(BIN)/python scripts/bench_ensemble.py --json docs/benchmarks/bench_ensemble.json
+	$(BIN)/python scripts/bench_quality.py --json docs/benchmarks/bench_quality.json
+	$(BIN)/python scripts/gen_benchmarks.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
