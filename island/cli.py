@@ -4,6 +4,9 @@
 starts it prints one line a launcher can wait for::
 
     island NAME training (MODE) status http://HOST:PORT
+
+``torchrun --nproc-per-node N -m island run CONFIG.toml`` runs one island on N processes
+(``island.distributed``); only rank 0 prints these lines.
 """
 
 from __future__ import annotations
@@ -45,13 +48,18 @@ def _run(args: argparse.Namespace) -> int:
         status = f"http://{island.http_address}" if island.http_address else "-"
         print(f"island {config.name} training ({config.mode}) status {status}", flush=True)
 
-    threading.Thread(target=announce, daemon=True).start()
+    leader = island.group.is_leader  # under torchrun only rank 0 prints (island.distributed)
+    if leader:
+        threading.Thread(target=announce, daemon=True).start()
     try:
         summary = island.run()
     except CommsError as e:
         print(f"island: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in summary.items() if k != "sync"}), flush=True)
+    if leader:
+        print(json.dumps({k: v for k, v in summary.items() if k != "sync"}), flush=True)
+    else:
+        logging.getLogger("island").info("rank %d done: %s", island.group.rank, summary)
     return 0
 
 

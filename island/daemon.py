@@ -34,6 +34,16 @@ import torch
 from comms.aio import LoopThread
 from comms.identity import Identity, Roster
 from island.config import IslandConfig
+from island.distributed import (
+    FollowerLocalUpdate,
+    RankGroup,
+    collective_timeout_s,
+    make_local_update,
+    rank_group_from_env,
+    replicas_agree,
+    share_resume_state,
+    training_state_digest,
+)
 from island.local_update import LocalUpdate
 from island.snapshot import (
     AsyncSnapshotter,
@@ -64,10 +74,20 @@ def lr_at(step: int, cfg) -> float:
 class Island:
     """One island: ``run()`` trains until ``steps`` or ``stop()``; status via ``status()``."""
 
-    def __init__(self, config: IslandConfig, *, identity: Identity | None = None):
+    def __init__(
+        self, config: IslandConfig, *, identity: Identity | None = None,
+        group: RankGroup | None = None,
+    ):  # fmt: skip
         self.config = config
+        # Under torchrun: this process's rank in the island (island.distributed); else rank 0
+        # of 1. Only the leader (rank 0) uses the identity, the network and files.
+        self.group = group or rank_group_from_env(
+            collective_timeout_s(config.sync.sync_timeout_s, config.sync.snapshot_timeout_s)
+        )
         self.identity = identity or (
-            Identity.load_or_create(config.key) if config.key else Identity.generate()
+            Identity.load_or_create(config.key)
+            if config.key and self.group.is_leader
+            else Identity.generate()
         )
         self.roster = Roster.load(config.roster) if config.roster else None
         self.workload = get_workload(config.workload, **config.workload_config)
@@ -79,7 +99,8 @@ class Island:
         self.started = time.perf_counter()
         self.last_loss = float("nan")
         self.tokens = 0
-        self.lu: LocalUpdate | None = None
+        self.lu: LocalUpdate | FollowerLocalUpdate | None = None
+        self.replicas_agree: bool | None = None  # set at the end of a multi-process run
         self.engine: SyncEngine | None = None
         self.loop: LoopThread | None = None
         self.http_address = ""
@@ -156,7 +177,7 @@ class Island:
             torch.set_num_threads(cfg.threads)
         self.loop = LoopThread(f"island-{cfg.name}").start()
         try:
-            if cfg.http:
+            if cfg.http and self.group.is_leader:
                 from island.status import start_status_server
 
                 self.http_address = self.loop.run(start_status_server(self, cfg.http), 30)
@@ -165,30 +186,35 @@ class Island:
             if self.engine is not None:
                 self.engine.close(timeout=30)
             self.loop.stop()
+            self.group.close()
 
     def _train(self) -> dict[str, Any]:
         cfg = self.config
         model = self.workload.build_model(cfg.seed)
         optimizer = self._optimizer(model)
+        train_model = self.group.wrap_model(model)  # DDP across ranks; `model` to read and eval
         data_seed = cfg.data_seed if cfg.data_seed >= 0 else cfg.seed + cfg.shard
+        shard, num_shards = self.group.data_shard(cfg.shard, cfg.num_shards)
         batches = self.workload.train_batches(
-            data_seed, shard=cfg.shard, num_shards=cfg.num_shards, doc_indices=self._doc_indices()
+            data_seed, shard=shard, num_shards=num_shards, doc_indices=self._doc_indices()
         )
         snapshotter = (
-            AsyncSnapshotter(cfg.snapshot.dir, keep=cfg.snapshot.keep) if cfg.snapshot.dir else None
+            AsyncSnapshotter(cfg.snapshot.dir, keep=cfg.snapshot.keep)
+            if cfg.snapshot.dir and self.group.is_leader
+            else None
         )
         resumed = self._resume(model, optimizer, batches)
         if cfg.mode == "local_update":
-            self.engine = self._make_engine()
+            self.engine = self._make_engine() if self.group.is_leader else None
+            anchor = anchor_version = None
             if resumed is not None:
                 self.engine.load_state_dict(resumed.data["engine"])
                 anchor = {k: np.asarray(v) for k, v in resumed.anchor.items()}
-                self.lu = LocalUpdate(
-                    model, optimizer, engine=self.engine, anchor=anchor,
-                    anchor_version=int(resumed.meta["base_version"]),
-                )  # fmt: skip
-            else:
-                self.lu = LocalUpdate(model, optimizer, engine=self.engine)
+                anchor_version = int(resumed.meta["base_version"])
+            self.lu = make_local_update(
+                self.group, model, optimizer, engine=self.engine, every=cfg.sync.every,
+                anchor=anchor, anchor_version=anchor_version,
+            )  # fmt: skip
             self.lu.start()
         self.ready.set()
         opt_cfg = cfg.optim
@@ -197,12 +223,15 @@ class Island:
         self.started = time.perf_counter()
         progress = _progress(cfg, self.step)
         try:
-            while (cfg.steps == 0 or self.step < cfg.steps) and not self.stopping:
+            # every rank stops after the same step (one all-reduce a step under torchrun)
+            while (cfg.steps == 0 or self.step < cfg.steps) and not self.group.any_rank(
+                self.stopping
+            ):
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(self.step, opt_cfg)
                 batch = next(batches)
-                loss = self.workload.loss(model, batch)
+                loss = self.workload.loss(train_model, batch)
                 loss.backward()
                 if opt_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
@@ -213,7 +242,7 @@ class Island:
                     time.sleep(spent * (cfg.slowdown - 1))
                 self.compute_s += time.perf_counter() - t0
                 self.step += 1
-                self.last_loss = float(loss)
+                self.last_loss = loss.item()
                 losses.append(self.last_loss)
                 tokens = _batch_tokens(batch)
                 self.tokens += tokens
@@ -237,11 +266,25 @@ class Island:
             if snapshotter is not None:
                 self._snapshot(model, optimizer, batches, snapshotter)
                 snapshotter.close()
-        if cfg.mode == "expert" and cfg.expert.output:
+        if self.group.world_size > 1:
+            digest = training_state_digest(model, optimizer)  # params and AdamW moments
+            self.replicas_agree = replicas_agree(self.group, digest)
+        if cfg.mode == "expert" and cfg.expert.output and self.group.is_leader:
             self._save_expert(model)
         return self.summary()
 
     def _resume(self, model, optimizer, batches) -> SnapshotState | None:
+        if self.group.world_size == 1:
+            return self._resume_from_snapshot(model, optimizer, batches)
+        state = (
+            self._resume_from_snapshot(model, optimizer, batches) if self.group.is_leader else None
+        )
+        position = share_resume_state(self.group, state, model, optimizer, batches)
+        if position is not None:  # the followers take the leader's step count
+            self.step, self.tokens = position["step"], position["tokens"]
+        return state
+
+    def _resume_from_snapshot(self, model, optimizer, batches) -> SnapshotState | None:
         cfg = self.config
         if not cfg.snapshot.dir:
             return None
@@ -281,6 +324,8 @@ class Island:
 
     def _end_of_round(self, model, optimizer, batches, snapshotter, losses, final=False) -> None:
         """After a push and an adoption: evaluate the global model, log, snapshot."""
+        if not self.group.is_leader:
+            return
         lu = self.lu
         rnd = lu.round
         evaluate = self.config.eval_every and (rnd % self.config.eval_every == 0 or final)
@@ -307,6 +352,8 @@ class Island:
             self._snapshot(model, optimizer, batches, snapshotter)
 
     def _expert_checkpoint(self, model, optimizer, batches, snapshotter, losses) -> None:
+        if not self.group.is_leader:
+            return
         val = self._evaluate(model)
         self._record({
             "t": round(time.perf_counter() - self.started, 3),
@@ -355,7 +402,10 @@ class Island:
             "utilization": self.utilization(),
             "tokens_per_s": self.tokens / max(1e-9, time.perf_counter() - self.started),
         }
-        if self.lu is not None:
+        if self.group.world_size > 1:
+            out.update(rank=self.group.rank, ranks=self.group.world_size)
+            out.update(replicas_agree=self.replicas_agree)
+        if self.lu is not None and self.engine is not None:
             sync = self.engine.stats
             out.update(
                 version=self.lu.version,
