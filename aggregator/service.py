@@ -66,6 +66,7 @@ from comms.update import Manifest, decode_update, encode_update
 log = logging.getLogger(__name__)
 
 VERSION_CACHE = 256  # recent u_v a leaf or mid keeps for its subscribers
+ROOT_VERSION_CACHE = 8  # the root's newest u_v in memory (older ones come from its store)
 
 
 class ModelLine:
@@ -79,7 +80,7 @@ class ModelLine:
         self.version = 0
         self.root: RootModel | None = None
         self.store: ModelStore | None = None  # root: versions and snapshots on disk
-        self.cache: OrderedDict[int, bytes] = OrderedDict()  # recent u_v (leaf/mid)
+        self.cache: OrderedDict[int, bytes] = OrderedDict()  # recent u_v (the root's too)
         self.buffer = PartialAggregate()
         self.buffer_index = 0  # WAL index of the newest update in the buffer
         self.oldest_at: float | None = None
@@ -111,8 +112,14 @@ class ModelLine:
         merge_into(self.buffer, pooled)
         self.pooled = 0
 
+    def remember(self, version: int, data: bytes) -> None:
+        """Keep a published u_v in memory for subscribers (the same bytes object for all)."""
+        self.cache[version] = data
+        while len(self.cache) > (ROOT_VERSION_CACHE if self.root is not None else VERSION_CACHE):
+            self.cache.popitem(last=False)
+
     def version_bytes(self, version: int) -> bytes:
-        if self.root is not None:
+        if self.root is not None and version not in self.cache:
             return self.store.get_version(version)
         try:
             return self.cache[version]
@@ -187,9 +194,9 @@ class AggregatorService:
                 await asyncio.to_thread(self._open_root_line, line, cfg)
             else:
                 await self._open_replica(line)
-            await self._replay(line)
             if self.config.merge.engine == "pool":
                 line.pool = self._make_pool(line)
+            await self._replay(line)
         host, _, port = self.config.listen.rpartition(":")
         self.server = TransportServer(
             self, host=host or "127.0.0.1", port=int(port or 0),
@@ -349,14 +356,19 @@ class AggregatorService:
         replayed = 0
         for record in line.wal.pending():
             weight, data = parse_wal_record(record.body)
-            admitted = await asyncio.to_thread(self._admit, data, weight)
+            admitted = await asyncio.to_thread(self._admit, data, weight, line.pool is None)
             self.guard.commit(admitted.replay_key, admitted.sequence)
-            admitted.merge_into(line.buffer)
+            if line.pool is not None and admitted.delta is None:  # a backlog: workers scale up
+                head = len(record.body) - len(data)
+                self._submit_to_pool(line, admitted, (record.path, record.offset + head, len(data)))
+            else:
+                admitted.merge_into(line.buffer)
             line.buffer_index = record.index
             line.oldest_at = line.oldest_at or self.clock()
             replayed += 1
             while bounds and record.index == bounds[0][0]:
                 index, note = bounds.pop(0)
+                await line.collect_pool()
                 partial, _ = line.take_buffer()
                 await self._queue_partial(line, partial, index, int(note["seq"]), resend=True)
         if replayed:
@@ -399,9 +411,11 @@ class AggregatorService:
                 index = await asyncio.to_thread(line.wal.append, body)
                 self.guard.commit(admitted.replay_key, admitted.sequence)
                 if line.pool is not None and admitted.delta is None:
-                    self._submit_to_pool(line, admitted, len(body) - len(data))
-                else:
-                    admitted.merge_into(line.buffer)
+                    path, offset, length = line.wal.last_location
+                    head = len(body) - len(data)  # the envelope inside the record
+                    self._submit_to_pool(line, admitted, (path, offset + head, length - head))
+                else:  # off the loop: a model-sized add (the lock keeps the buffer ours)
+                    await asyncio.to_thread(admitted.merge_into, line.buffer)
                 line.buffer_index = index
                 if line.oldest_at is None:
                     line.oldest_at = self.clock()
@@ -424,14 +438,13 @@ class AggregatorService:
             "wal_index": str(index),
         }
 
-    def _submit_to_pool(self, line: ModelLine, admitted: Admitted, head: int) -> None:
-        """Hand an admitted delta to the merge workers by reference to its WAL record."""
+    def _submit_to_pool(self, line: ModelLine, admitted: Admitted, where) -> None:
+        """Hand an admitted delta to the merge workers by reference to its WAL record:
+        ``where`` is (path, offset, length) of the envelope's bytes on disk."""
         from aggregator.workers import FileRef, MergeEvent
 
-        path, offset, length = line.wal.last_location
-        source = FileRef(path, offset + head, length - head)  # the envelope inside the record
         uid = (admitted.sender, admitted.sequence)
-        line.pool.submit(MergeEvent(source, admitted.weight, uid, admitted.staleness))
+        line.pool.submit(MergeEvent(FileRef(*where), admitted.weight, uid, admitted.staleness))
         line.pooled += 1
 
     async def subscribe(self, model_id: str, from_version: int) -> AsyncIterator[tuple[int, bytes]]:
@@ -442,7 +455,7 @@ class AggregatorService:
         while True:
             async with line.changed:
                 await line.changed.wait_for(lambda v=v: line.version >= v)
-            data = await asyncio.to_thread(line.version_bytes, v)
+            data = line.cache.get(v) or await asyncio.to_thread(line.version_bytes, v)
             self.metrics.bytes_out.inc(len(data))
             yield v, data
             v += 1
@@ -512,12 +525,12 @@ class AggregatorService:
 
         def step_and_persist():
             nv = line.root.step(partial)
-            line.store.put_version(nv.version, nv.envelope)
-            if nv.version % cfg.snapshot_every == 0:
-                line.store.put_snapshot(nv.version, line.root.theta)
-            line.store.save_state(
+            line.store.save_version_and_state(  # u_v, state (and snapshot), concurrently
+                nv.version,
+                nv.envelope,
                 line.root.state_arrays(),
                 {"version": nv.version, "wal_index": index, "guard": guard},
+                snapshot=line.root.theta if nv.version % cfg.snapshot_every == 0 else None,
             )
             line.wal.mark_done(index, msgpack.packb({"version": nv.version}))
             line.wal.compact()
@@ -526,6 +539,7 @@ class AggregatorService:
 
         nv = await asyncio.to_thread(step_and_persist)
         line.theta = line.root.theta
+        line.remember(nv.version, nv.envelope)
         await self._publish(line, nv.version)
         self.metrics.merge_seconds.observe(time.perf_counter() - t0)
         self.metrics.version.labels(line.model_id).set(nv.version)
@@ -611,9 +625,7 @@ class AggregatorService:
                     u = await asyncio.to_thread(decode_update, env, line.manifest)
                     async with line.lock:
                         await asyncio.to_thread(apply_update, line.theta, u)
-                        line.cache[version] = data
-                        while len(line.cache) > VERSION_CACHE:
-                            line.cache.popitem(last=False)
+                        line.remember(version, data)
                         await self._publish(line, version)
                     self.metrics.version.labels(line.model_id).set(version)
             except asyncio.CancelledError:

@@ -12,7 +12,10 @@ For each ``model_id`` the root keeps, under ``DIR/<model_id>/``:
   and bookkeeping, written atomically after each version, so a restarted root resumes exactly.
 
 Every write goes to a temporary file, is fsynced and renamed into place: a crash leaves
-either the old or the new file, never a torn one. numpy and safetensors only (no torch).
+either the old or the new file, never a torn one. ``save_version_and_state`` writes a new
+version's files concurrently (worker threads: the writes and fsyncs overlap) and renames the
+state into place last, so a state at version ``v`` always has ``u_v`` on disk beside it.
+numpy and safetensors only (no torch).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +55,27 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_save_arrays(
-    path: Path, arrays: Mapping[str, np.ndarray], meta: dict | None = None
-) -> None:
+def stage_arrays(path: Path, arrays: Mapping[str, np.ndarray], meta: dict | None = None) -> Path:
+    """Write ``arrays`` to ``path``'s temporary file and fsync it; returns the temporary path
+    (:func:`commit` renames it into place)."""
     tmp = path.with_name(path.name + ".tmp")
     contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     save_file(contiguous, str(tmp), metadata={"meta": json.dumps(meta or {})})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    return tmp
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename a staged (fsynced) temporary file into place, durably."""
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def atomic_save_arrays(
+    path: Path, arrays: Mapping[str, np.ndarray], meta: dict | None = None
+) -> None:
+    commit(stage_arrays(path, arrays, meta), path)
 
 
 class ModelStore:
@@ -149,6 +164,33 @@ class ModelStore:
     def save_state(self, arrays: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:
         """The root's full state (theta, optimizer state) and its bookkeeping, atomically."""
         atomic_save_arrays(self.dir / "state.safetensors", arrays, meta)
+
+    def save_version_and_state(
+        self,
+        version: int,
+        envelope_bytes: bytes | memoryview,
+        arrays: Mapping[str, np.ndarray],
+        meta: dict[str, Any],
+        snapshot: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """A new version's files: ``u_v``, the root state at ``v`` and, if given, the
+        snapshot of ``theta_v``; returns once all are durable (publish only then).
+
+        The three are written and fsynced concurrently; the state is renamed into place only
+        after ``u_v`` (and the snapshot) are durable, so a crash never leaves a state at ``v``
+        without ``u_v`` beside it (a subscriber catching up to ``v`` needs it). A crash
+        before the rename leaves the state at ``v - 1``, which replays to ``v`` again.
+        """
+        state_path = self.dir / "state.safetensors"
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="store") as pool:
+            staged = pool.submit(stage_arrays, state_path, arrays, meta)
+            others = [pool.submit(self.put_version, version, envelope_bytes)]
+            if snapshot is not None:
+                others.append(pool.submit(self.put_snapshot, version, snapshot))
+            for done in others:
+                done.result()
+            tmp = staged.result()
+        commit(tmp, state_path)
 
     def load_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         path = self.dir / "state.safetensors"

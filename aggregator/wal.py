@@ -40,6 +40,8 @@ class WalRecord:
     type: int
     index: int
     body: bytes
+    path: str = ""  # where the body lies on disk (a merge worker can read it from there)
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,8 @@ class WriteAheadLog:
     def _read(loc: _Loc) -> WalRecord:
         with open(loc.segment, "rb") as f:
             f.seek(loc.offset)
-            return WalRecord(loc.type, loc.index, f.read(loc.length))
+            body = f.read(loc.length)
+        return WalRecord(loc.type, loc.index, body, str(loc.segment), loc.offset)
 
     def intent(self, index: int, note: bytes) -> None:
         """Record that the updates up to ``index`` (above the previous intent) form one flush."""

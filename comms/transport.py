@@ -3,7 +3,7 @@
 The transport moves bytes and knows nothing about what they hold. Three calls
 (``comms/proto/archipelago.proto``, package ``archipelago.v1``):
 
-- ``Push``: client-streaming upload of one blob in digested chunks (``comms.chunks``). The
+- ``Push``: client-streaming upload of one blob in checked chunks (``comms.chunks``). The
   server keeps partial uploads in memory (bounded in count and bytes, expiring when idle);
   a client that lost its link asks ``UploadStatus`` how many bytes arrived and resumes there,
   never resending acknowledged bytes. A completed blob is handed to the handler exactly once;
@@ -18,8 +18,12 @@ back into typed errors (``RemoteRejected`` subclasses that are also the matching
 ``comms.errors`` class, e.g. ``except StaleError`` catches a remote stale rejection).
 
 Concurrency: everything runs on one asyncio event loop (grpc.aio). Server state is touched
-only from that loop, so it takes no locks. A synchronous caller reaches a client through
-``comms.aio.LoopThread``.
+only from that loop, so it takes no locks. Checking the bytes of a large chunk or blob (CRC-32,
+BLAKE2b; both release the GIL) runs in a worker thread (``asyncio.to_thread``) on pure inputs,
+so one big hash does not stall every other stream; the results are applied back on the loop.
+The chunk messages of a blob that Subscribe or Fetch streams are built (split, checked,
+digested) once and shared by every stream sending the same bytes (``ChunkMessageCache``).
+A synchronous caller reaches a client through ``comms.aio.LoopThread``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import contextlib
 import logging
 import random
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
@@ -45,12 +50,12 @@ from comms.chunks import (
     PartialUpload,
     UploadTable,
     digest,
+    verify_chunk,
 )
 from comms.chunks import split_chunks as _split
 from comms.errors import (
     CommsError,
     ConfigError,
-    DigestMismatchError,
     LinkError,
     MalformedError,
     ProtocolVersionError,
@@ -62,6 +67,7 @@ from comms.proto import archipelago_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+OFF_LOOP_BYTES = 1 << 20  # check/hash at least this many bytes in a worker thread (~1 ms)
 MESSAGE_OVERHEAD_BYTES = 64 * 1024  # room for the non-data fields of one chunk message
 ERROR_TYPE_KEY = "archipelago-error"  # trailing metadata: the comms.errors class name
 REASON_KEY = "archipelago-reason"  # trailing metadata: the error's stable reason tag
@@ -210,6 +216,100 @@ class ServerStats:
 # ----------------------------------------------------------------------------- servicer
 
 
+async def _off_loop(fn, nbytes: int, *args, **kwargs):
+    """``fn(*args, **kwargs)``, in a worker thread when it touches OFF_LOOP_BYTES or more."""
+    if nbytes >= OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _crc_of(msg) -> int | None:
+    """A chunk message's CRC-32, or None when it carries none (an older sender's)."""
+    return msg.chunk_crc32 if msg.HasField("chunk_crc32") else None
+
+
+def build_chunk_messages(
+    message_type, model_id: str, version: int, data: bytes, chunk_size: int
+) -> list[tuple[Any, int]]:
+    """``(message, data bytes)`` for each ``VersionMessage``/``FetchChunk`` that streams
+    ``data``: split, with each chunk's CRC-32 and the blob's BLAKE2b digest. The sizes ride
+    along because reading a message's bytes field back copies it. Pure; runs in a worker
+    thread."""
+    blob_digest = digest(data)
+    return [
+        (
+            message_type(
+                model_id=model_id,
+                version=version,
+                data=chunk.data,
+                offset=chunk.offset,
+                total_size=len(data),
+                chunk_crc32=chunk.crc32,
+                blob_digest=blob_digest,
+            ),
+            len(chunk.data),
+        )
+        for chunk in _split(data, chunk_size)
+    ]
+
+
+@dataclass
+class _CachedBlob:
+    data: bytes
+    messages: asyncio.Future  # -> build_chunk_messages(...)
+
+
+class ChunkMessageCache:
+    """The chunk messages of recently streamed blobs, built once and shared across streams.
+
+    N subscribers of one version (or N fetches of one snapshot) get the very same message
+    objects, so the blob is split and digested once, not N times. An entry is keyed by
+    (message type, model_id, version) and holds the blob it was built from; it is used only
+    for the same bytes (the same object, or equal bytes: a memcmp, ~10x cheaper than the
+    digest), so a key whose blob changed (fetch of version -1) is rebuilt, never served
+    stale. Concurrent requests for a blob being built wait for that one build. Bounded by
+    ``max_entries`` and ``max_bytes`` (each entry counts twice its blob: the blob and the
+    messages' copy), least recently used first out; a blob over half of ``max_bytes`` is
+    built for its stream alone. Loop-confined: no locks.
+    """
+
+    def __init__(self, chunk_size: int, *, max_entries: int = 8, max_bytes: int = 512 << 20):
+        self.chunk_size = chunk_size
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.builds = 0  # blobs split and digested (a cache miss each)
+        self._entries: OrderedDict[tuple, _CachedBlob] = OrderedDict()
+
+    async def messages(
+        self, message_type, model_id: str, version: int, data: bytes
+    ) -> list[tuple[Any, int]]:
+        """``(message, nbytes)`` for each chunk of ``data`` (see :func:`build_chunk_messages`)."""
+        key = (message_type, model_id, version)
+        entry = self._entries.get(key)
+        if entry is not None and (entry.data is data or entry.data == data):
+            self._entries.move_to_end(key)
+            return await asyncio.shield(entry.messages)
+        build = (message_type, model_id, version, data, self.chunk_size)
+        self.builds += 1
+        if 2 * len(data) > self.max_bytes:
+            return await _off_loop(build_chunk_messages, len(data), *build)
+        entry = _CachedBlob(
+            data, asyncio.ensure_future(_off_loop(build_chunk_messages, len(data), *build))
+        )
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries or (
+            sum(2 * len(e.data) for e in self._entries.values()) > self.max_bytes
+        ):
+            self._entries.popitem(last=False)
+        try:
+            return await asyncio.shield(entry.messages)
+        except Exception:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+            raise
+
+
 class _Servicer(pb_grpc.TransportServicer):
     """Decodes requests, calls the handler, maps errors to statuses."""
 
@@ -218,6 +318,7 @@ class _Servicer(pb_grpc.TransportServicer):
         self.uploads = uploads
         self.chunk_size = chunk_size
         self.stats = ServerStats()
+        self.sent_chunks = ChunkMessageCache(chunk_size)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str):
         code, details, trailing = _status_of(exc, method)
@@ -246,9 +347,10 @@ class _Servicer(pb_grpc.TransportServicer):
             versions = self.handler.subscribe(request.model_id, request.from_version)
             async with _closing(versions):
                 async for version, data in versions:
-                    for msg in self._chunk_messages(
+                    for msg, nbytes in await self.sent_chunks.messages(
                         pb.VersionMessage, request.model_id, version, data
                     ):
+                        self.stats.bytes_sent += nbytes
                         yield msg
         except Exception as exc:
             await self._abort(context, exc, "Subscribe")
@@ -257,24 +359,14 @@ class _Servicer(pb_grpc.TransportServicer):
         try:
             check_protocol_version(request.protocol_version)
             data = await self.handler.fetch(request.model_id, request.version)
-            for msg in self._chunk_messages(pb.FetchChunk, request.model_id, request.version, data):
+            messages = await self.sent_chunks.messages(
+                pb.FetchChunk, request.model_id, request.version, data
+            )
+            for msg, nbytes in messages:
+                self.stats.bytes_sent += nbytes
                 yield msg
         except Exception as exc:
             await self._abort(context, exc, "Fetch")
-
-    def _chunk_messages(self, message_type, model_id: str, version: int, data: bytes):
-        blob_digest = digest(data)
-        for chunk in _split(data, self.chunk_size):
-            self.stats.bytes_sent += len(chunk.data)
-            yield message_type(
-                model_id=model_id,
-                version=version,
-                data=chunk.data,
-                offset=chunk.offset,
-                total_size=len(data),
-                chunk_digest=chunk.digest,
-                blob_digest=blob_digest,
-            )
 
     def _upload_state(self, request: pb.UploadQuery) -> pb.UploadState:
         check_protocol_version(request.protocol_version)
@@ -308,17 +400,27 @@ class _Servicer(pb_grpc.TransportServicer):
         return self._ack(upload.upload_id, upload.total_size, fields)
 
     async def _receive(self, upload: PartialUpload, first: pb.PushChunk, requests) -> None:
-        """Append this stream's chunks; start the delivery once the blob is complete."""
+        """Append this stream's chunks; start the delivery once the blob is complete.
+
+        A large chunk is checked in a worker thread; the append happens back on the loop,
+        and only if no newer stream took the upload over meanwhile."""
         token = upload.owner = object()  # a newer push of the same upload takes over
+        what = f"upload {upload.upload_id!r}"
         try:
             msg = first
             while msg is not None:
                 if upload.owner is not token:
-                    raise SupersededError(f"upload {upload.upload_id!r}: superseded")
-                self.stats.bytes_received += len(msg.data)
-                self.stats.bytes_accepted += upload.assembler.add(
-                    msg.offset, msg.data, msg.chunk_digest
-                )
+                    raise SupersededError(f"{what}: superseded")
+                data = msg.data  # read once: each read of a bytes field copies it
+                self.stats.bytes_received += len(data)
+                upload.assembler.expect(msg.offset, len(data))
+                await _off_loop(
+                    verify_chunk, len(data), data, msg.chunk_digest, _crc_of(msg),
+                    offset=msg.offset, name=what,
+                )  # fmt: skip
+                if upload.owner is not token:
+                    raise SupersededError(f"{what}: superseded")
+                self.stats.bytes_accepted += upload.assembler.add(msg.offset, data, verified=True)
                 upload.touched = self.uploads.clock()
                 if upload.assembler.complete:
                     break
@@ -328,24 +430,23 @@ class _Servicer(pb_grpc.TransportServicer):
                 upload.owner = None
         if not upload.assembler.complete:
             raise MalformedError(
-                f"upload {upload.upload_id!r}: stream ended at {upload.received_bytes} of "
+                f"{what}: stream ended at {upload.received_bytes} of "
                 f"{upload.total_size} bytes; resume from that offset"
             )
-        try:
-            data = upload.assembler.finish()
-        except DigestMismatchError:
-            self.uploads.forget(upload.upload_id)  # unrecoverable: start over
-            raise
-        upload.assembler = None
-        self.stats.deliveries += 1
-        upload.delivery = asyncio.ensure_future(
-            self.handler.on_push(upload.upload_id, data, dict(upload.metadata))
-        )
+        upload.delivery = asyncio.ensure_future(self._deliver(upload))
         upload.delivery.add_done_callback(lambda task: self._record(upload, task))
 
+    async def _deliver(self, upload: PartialUpload) -> dict[str, str]:
+        """Check the whole-blob digest (off the loop when large), then hand the blob over."""
+        data = await _off_loop(upload.assembler.finish, upload.total_size)
+        upload.assembler = None
+        self.stats.deliveries += 1
+        return await self.handler.on_push(upload.upload_id, data, dict(upload.metadata))
+
     def _record(self, upload: PartialUpload, task: asyncio.Future) -> None:
-        """Keep a delivery's outcome so a retried push gets the same answer."""
-        if task.cancelled():
+        """Keep a delivery's outcome so a retried push gets the same answer; forget an upload
+        whose delivery was cancelled or whose blob failed its digest (it starts over)."""
+        if task.cancelled() or upload.assembler is not None:
             self.uploads.forget(upload.upload_id)
         else:
             self.uploads.record(upload, task.exception() or task.result())
@@ -549,7 +650,7 @@ class TransportClient:
     ) -> dict[str, str]:
         """Upload ``data``; return the handler's ack fields. Resumes where the server is."""
         upload_id = upload_id or uuid.uuid4().hex
-        blob_digest = digest(data)
+        blob_digest = await _off_loop(digest, len(data), data)
         retries = self.retries if retries is None else retries
         failures, best_offset = 0, -1
         while True:
@@ -583,7 +684,7 @@ class TransportClient:
                     await self.shaper.transmit(len(chunk.data))
                 if call.done():  # the server answered early (e.g. a rejection)
                     break
-                msg = pb.PushChunk(offset=chunk.offset, data=chunk.data, chunk_digest=chunk.digest)
+                msg = pb.PushChunk(offset=chunk.offset, data=chunk.data, chunk_crc32=chunk.crc32)
                 if index == 0:
                     msg.upload_id, msg.protocol_version = upload_id, self.protocol_version
                     msg.total_size, msg.blob_digest = len(data), blob_digest
@@ -686,9 +787,12 @@ class TransportClient:
                 assembler = ChunkAssembler(
                     msg.total_size, msg.blob_digest, self.max_download_bytes, name=what
                 )
-            self.stats.bytes_received += assembler.add(msg.offset, msg.data, msg.chunk_digest)
+            data = msg.data  # read once: each read of a bytes field copies it
+            self.stats.bytes_received += assembler.add(
+                msg.offset, data, msg.chunk_digest, _crc_of(msg)
+            )
             if assembler.complete:
-                return msg.version, assembler.finish()
+                return msg.version, await _off_loop(assembler.finish, assembler.total_size)
 
 
 def _brief(err: BaseException) -> str:

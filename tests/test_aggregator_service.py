@@ -8,6 +8,7 @@ from aggtools import delta_bytes, make_federation, random_delta
 
 from aggregator.outer import NesterovSGD, apply_update
 from aggregator.service import AggregatorService
+from comms import PROTOCOL_VERSION
 from comms.envelope import Envelope
 from comms.errors import (
     DigestMismatchError,
@@ -156,7 +157,7 @@ async def test_bad_input_rejected_and_service_keeps_serving(tmp_path):
             with pytest.raises(DigestMismatchError):
                 await c.push(bytes(tampered))
             with pytest.raises(MalformedError):
-                await c.push(b"ARCP\x00\x01" + bytes(20))
+                await c.push(b"ARCP" + PROTOCOL_VERSION.to_bytes(2, "big") + bytes(20))
             # still serving, and the accepted one is buffered exactly once
             ack = await c.push(delta_bytes(other, d, 9))
             assert ack["status"] == "accepted"
@@ -178,23 +179,32 @@ async def test_bad_input_rejected_and_service_keeps_serving(tmp_path):
 
 
 async def test_merge_pool_scales_with_a_burst_and_back_to_zero(tmp_path):
+    """16 logged updates replayed at once after a restart are a burst: the elastic pool scales
+    up to merge them, flushes the exact weighted mean, then retires to zero when idle."""
     n = 16
     fed = make_federation(tmp_path, n, aggregators=("root",), shapes={"w": (512, 512)})
+    deltas = [random_delta(fed.theta0, i) for i in range(n)]
+    blobs = [delta_bytes(fed.islands[i], deltas[i], 1, codec="int8") for i in range(n)]
     cfg = fed.config("root", "root", buffer_k=n, engine="pool", max_workers=3, warm_workers=0,
                      idle_timeout_s=0.5, scale_up_backlog=1)  # fmt: skip
+    cfg.merge.buffer_k = 10 * n  # first life: acknowledge and log, never flush
+    root = AggregatorService(cfg)
+    await root.start()
+    try:
+        async with TransportClient(root.address) as c:
+            await asyncio.gather(*(c.push(b) for b in blobs))
+        assert root.lines["global"].version == 0
+    finally:
+        await root.stop()
+    cfg.merge.buffer_k = n  # second life: the replayed backlog is one full buffer
     root = AggregatorService(cfg)
     await root.start()
     line = root.lines["global"]
     try:
-        deltas = [random_delta(fed.theta0, i) for i in range(n)]
-        blobs = [delta_bytes(fed.islands[i], deltas[i], 1, codec="int8") for i in range(n)]
-        async with TransportClient(root.address) as c:
-            await asyncio.gather(*(c.push(b) for b in blobs))
-            await wait_for(lambda: line.version == 1)
+        await wait_for(lambda: line.version == 1)
         stats = line.pool.stats()
-        assert stats.workers_peak > 1, f"the pool did not scale up under the burst: {stats}"
+        assert stats.events_merged == n and stats.workers_peak > 1, stats
         await wait_for(lambda: line.pool.stats().workers_alive == 0, timeout=15)
-        # the pool's merge equals the direct weighted mean of the decoded int8 deltas
         decoded = [decode_update(Envelope.from_bytes(b, max_bytes=1 << 30)) for b in blobs]
         want = expected_theta1(fed.theta0, decoded)
         np.testing.assert_allclose(line.theta["w"], want["w"], rtol=1e-5, atol=1e-6)

@@ -1,12 +1,21 @@
 """Chunk framing: split, digest, in-order reassembly, limits and resume points."""
 
 import hashlib
+import zlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from comms.chunks import ChunkAssembler, OffsetMismatchError, UploadTable, digest, split_chunks
+from comms.chunks import (
+    ChunkAssembler,
+    OffsetMismatchError,
+    UploadTable,
+    chunk_crc32,
+    digest,
+    split_chunks,
+    verify_chunk,
+)
 from comms.errors import DigestMismatchError, MalformedError, OversizeError, RejectedError
 
 BLOB = bytes(range(256)) * 40  # 10240 bytes
@@ -53,6 +62,50 @@ def test_round_trip(blob, chunk_size):
         assembler.add(chunk.offset, chunk.data, chunk.digest)
     assert assembler.complete
     assert assembler.finish() == blob
+
+
+def test_chunks_carry_a_crc32_and_reassemble_checked_by_it():
+    chunks = list(split_chunks(BLOB, chunk_size=4096))
+    assert [c.crc32 for c in chunks] == [zlib.crc32(c.data) for c in chunks]
+    assert chunk_crc32(b"abc") == zlib.crc32(b"abc") == 0x352441C2
+    assembler = assembler_for(BLOB)
+    for chunk in chunks:
+        assembler.add(chunk.offset, chunk.data, crc32=chunk.crc32)
+    assert assembler.finish() == BLOB
+
+
+def test_wrong_crc32_is_refused_and_changes_nothing():
+    assembler = assembler_for(BLOB)
+    good = zlib.crc32(BLOB[:100])
+    with pytest.raises(DigestMismatchError, match="chunk at offset 0"):
+        assembler.add(0, BLOB[:100], crc32=good ^ 1)
+    # Both checks given: both must hold.
+    with pytest.raises(DigestMismatchError):
+        assembler.add(0, BLOB[:100], digest(b"other"), crc32=good)
+    assert assembler.received_bytes == 0
+    assert assembler.add(0, BLOB[:100], digest(BLOB[:100]), crc32=good) == 100
+
+
+def test_chunk_with_no_check_is_malformed():
+    assembler = assembler_for(BLOB)
+    with pytest.raises(MalformedError, match="carries no check"):
+        assembler.add(0, BLOB[:100])
+    with pytest.raises(MalformedError, match="carries no check"):
+        verify_chunk(BLOB[:100])
+    assert assembler.received_bytes == 0
+
+
+def test_verified_add_checks_position_but_not_bytes():
+    assembler = assembler_for(BLOB)
+    verify_chunk(BLOB[:100], crc32=zlib.crc32(BLOB[:100]))  # what a worker thread runs
+    assert assembler.add(0, BLOB[:100], verified=True) == 100
+    with pytest.raises(OffsetMismatchError):
+        assembler.expect(0, 10)
+    with pytest.raises(OversizeError):
+        assembler.expect(100, len(BLOB))
+    with pytest.raises(OffsetMismatchError):
+        assembler.add(0, BLOB[:100], verified=True)
+    assert assembler.received_bytes == 100
 
 
 def test_received_bytes_is_the_resume_point():

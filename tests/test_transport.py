@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from comms.chunks import digest
 from comms.errors import (
     DigestMismatchError,
     LinkError,
+    MalformedError,
     NotFoundError,
     OversizeError,
     ProtocolVersionError,
@@ -327,6 +329,91 @@ async def test_wrong_chunk_digest_is_refused_with_data_loss(server, handler):
     assert isinstance(remote_error(info.value), DigestMismatchError)
     assert handler.pushes == []
     assert server.stats.rejected == {"digest": 1}
+
+
+async def test_wrong_chunk_crc32_is_refused_with_data_loss(server, handler):
+    bad = zlib.crc32(b"payload") ^ 1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await raw_push(server, header(b"payload", chunk_digest=b"", chunk_crc32=bad))
+    assert info.value.code() is grpc.StatusCode.DATA_LOSS
+    assert handler.pushes == []
+    ok = header(b"payload", upload_id="crc", chunk_digest=b"", chunk_crc32=zlib.crc32(b"payload"))
+    assert (await raw_push(server, ok)).received_bytes == 7
+    assert handler.pushes == [("crc", b"payload", {})]
+
+
+async def test_chunk_without_any_check_is_malformed(server, handler):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await raw_push(server, header(b"payload", chunk_digest=b""))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(remote_error(info.value), MalformedError)
+    assert "carries no check" in info.value.details()
+    assert handler.pushes == []
+
+
+async def test_whole_blob_digest_mismatch_is_data_loss_and_the_upload_starts_over(
+    server, client, handler
+):
+    blob = os.urandom(3 * MiB)  # big enough for the worker-thread path
+    chunks = [
+        header(
+            blob[i : i + 1000],
+            upload_id="torn",
+            total_size=len(blob),
+            blob_digest=digest(b"another blob"),
+            offset=i,
+            chunk_digest=b"",
+            chunk_crc32=zlib.crc32(blob[i : i + 1000]),
+        )
+        for i in range(0, 5000, 1000)
+    ]
+    last = header(
+        blob[5000:],
+        upload_id="torn",
+        total_size=len(blob),
+        blob_digest=digest(b"another blob"),
+        offset=5000,
+        chunk_digest=b"",
+        chunk_crc32=zlib.crc32(blob[5000:]),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await raw_push(server, *chunks, last)
+    assert info.value.code() is grpc.StatusCode.DATA_LOSS
+    assert "whole-blob digest mismatch" in info.value.details()
+    assert handler.pushes == []
+    query = pb.UploadQuery(upload_id="torn", protocol_version=PROTOCOL_VERSION)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        state = await pb_grpc.TransportStub(channel).UploadStatus(query, timeout=5)
+    assert not state.known  # forgotten: the same upload id starts over, and then succeeds
+    assert await client.push(blob, upload_id="torn") == {"sequence": "1", "size": str(3 * MiB)}
+    assert handler.pushes[0][1] == blob
+
+
+async def test_subscribers_of_a_version_share_one_split_and_digest(server, handler):
+    handler.versions["lm"][3] = os.urandom(2 * MiB)  # past the worker-thread threshold
+    clients = [client_for(server) for _ in range(4)]
+    try:
+
+        async def versions(client):
+            return [item async for item in client.subscribe("lm", from_version=1)]
+
+        got = await asyncio.gather(*(versions(c) for c in clients))
+    finally:
+        for c in clients:
+            await c.close()
+    want = sorted(handler.versions["lm"].items())
+    assert all(received == want for received in got)
+    assert server._servicer.sent_chunks.builds == len(want)  # once per version, not per stream
+    assert server.stats.bytes_sent == 4 * sum(len(d) for _, d in want)
+
+
+async def test_fetch_reuses_messages_only_for_the_same_bytes(server, client, handler):
+    first = await client.fetch("lm", 7)
+    assert await client.fetch("lm", 7) == first
+    assert server._servicer.sent_chunks.builds == 1
+    handler.snapshots["lm", 7] = os.urandom(10_000)  # same key, new bytes: never served stale
+    assert await client.fetch("lm", 7) == handler.snapshots["lm", 7] != first
+    assert server._servicer.sent_chunks.builds == 2
 
 
 async def test_chunk_at_a_wrong_offset_names_the_expected_offset(server):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63omms/proto/archipelago.proto\x12\x0e\x61rchipelago.v1\"\x81\x02\n\tPushChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lob_digest\x18\x04 \x01(\x0c\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.archipelago.v1.PushChunk.MetadataEntry\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x14\n\x0c\x63hunk_digest\x18\x08 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x07PushAck\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x33\n\x06\x66ields\x18\x03 \x03(\x0b\x32#.archipelago.v1.PushAck.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x0bUploadQuery\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"\x82\x01\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\r\n\x05known\x18\x02 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x13\n\x0b\x62lob_digest\x18\x05 \x01(\x0c\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\"T\n\x10SubscribeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x04\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\"\x90\x01\n\x0eVersionMessage\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x14\n\x0c\x63hunk_digest\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62lob_digest\x18\x07 \x01(\x0c\"K\n\x0c\x46\x65tchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\"\x8c\x01\n\nFetchChunk\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x14\n\x0c\x63hunk_digest\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62lob_digest\x18\x07 \x01(\x0c\x32\xa9\x02\n\tTransport\x12<\n\x04Push\x12\x19.archipelago.v1.PushChunk\x1a\x17.archipelago.v1.PushAck(\x01\x12H\n\x0cUploadStatus\x12\x1b.archipelago.v1.UploadQuery\x1a\x1b.archipelago.v1.UploadState\x12O\n\tSubscribe\x12 .archipelago.v1.SubscribeRequest\x1a\x1e.archipelago.v1.VersionMessage0\x01\x12\x43\n\x05\x46\x65tch\x12\x1c.archipelago.v1.FetchRequest\x1a\x1a.archipelago.v1.FetchChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63omms/proto/archipelago.proto\x12\x0e\x61rchipelago.v1\"\xab\x02\n\tPushChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lob_digest\x18\x04 \x01(\x0c\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.archipelago.v1.PushChunk.MetadataEntry\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x14\n\x0c\x63hunk_digest\x18\x08 \x01(\x0c\x12\x18\n\x0b\x63hunk_crc32\x18\t \x01(\rH\x00\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_chunk_crc32\"\x98\x01\n\x07PushAck\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x33\n\x06\x66ields\x18\x03 \x03(\x0b\x32#.archipelago.v1.PushAck.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x0bUploadQuery\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"\x82\x01\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\r\n\x05known\x18\x02 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x13\n\x0b\x62lob_digest\x18\x05 \x01(\x0c\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\"T\n\x10SubscribeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x04\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\"\xba\x01\n\x0eVersionMessage\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x14\n\x0c\x63hunk_digest\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62lob_digest\x18\x07 \x01(\x0c\x12\x18\n\x0b\x63hunk_crc32\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_chunk_crc32\"K\n\x0c\x46\x65tchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\"\xb6\x01\n\nFetchChunk\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x14\n\x0c\x63hunk_digest\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62lob_digest\x18\x07 \x01(\x0c\x12\x18\n\x0b\x63hunk_crc32\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_chunk_crc322\xa9\x02\n\tTransport\x12<\n\x04Push\x12\x19.archipelago.v1.PushChunk\x1a\x17.archipelago.v1.PushAck(\x01\x12H\n\x0cUploadStatus\x12\x1b.archipelago.v1.UploadQuery\x1a\x1b.archipelago.v1.UploadState\x12O\n\tSubscribe\x12 .archipelago.v1.SubscribeRequest\x1a\x1e.archipelago.v1.VersionMessage0\x01\x12\x43\n\x05\x46\x65tch\x12\x1c.archipelago.v1.FetchRequest\x1a\x1a.archipelago.v1.FetchChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHACK_FIELDSENTRY']._loaded_options = None
   _globals['_PUSHACK_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_PUSHCHUNK']._serialized_start=50
-  _globals['_PUSHCHUNK']._serialized_end=307
-  _globals['_PUSHCHUNK_METADATAENTRY']._serialized_start=260
-  _globals['_PUSHCHUNK_METADATAENTRY']._serialized_end=307
-  _globals['_PUSHACK']._serialized_start=310
-  _globals['_PUSHACK']._serialized_end=462
-  _globals['_PUSHACK_FIELDSENTRY']._serialized_start=417
-  _globals['_PUSHACK_FIELDSENTRY']._serialized_end=462
-  _globals['_UPLOADQUERY']._serialized_start=464
-  _globals['_UPLOADQUERY']._serialized_end=522
-  _globals['_UPLOADSTATE']._serialized_start=525
-  _globals['_UPLOADSTATE']._serialized_end=655
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=657
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=741
-  _globals['_VERSIONMESSAGE']._serialized_start=744
-  _globals['_VERSIONMESSAGE']._serialized_end=888
-  _globals['_FETCHREQUEST']._serialized_start=890
-  _globals['_FETCHREQUEST']._serialized_end=965
-  _globals['_FETCHCHUNK']._serialized_start=968
-  _globals['_FETCHCHUNK']._serialized_end=1108
-  _globals['_TRANSPORT']._serialized_start=1111
-  _globals['_TRANSPORT']._serialized_end=1408
+  _globals['_PUSHCHUNK']._serialized_end=349
+  _globals['_PUSHCHUNK_METADATAENTRY']._serialized_start=286
+  _globals['_PUSHCHUNK_METADATAENTRY']._serialized_end=333
+  _globals['_PUSHACK']._serialized_start=352
+  _globals['_PUSHACK']._serialized_end=504
+  _globals['_PUSHACK_FIELDSENTRY']._serialized_start=459
+  _globals['_PUSHACK_FIELDSENTRY']._serialized_end=504
+  _globals['_UPLOADQUERY']._serialized_start=506
+  _globals['_UPLOADQUERY']._serialized_end=564
+  _globals['_UPLOADSTATE']._serialized_start=567
+  _globals['_UPLOADSTATE']._serialized_end=697
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=699
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=783
+  _globals['_VERSIONMESSAGE']._serialized_start=786
+  _globals['_VERSIONMESSAGE']._serialized_end=972
+  _globals['_FETCHREQUEST']._serialized_start=974
+  _globals['_FETCHREQUEST']._serialized_end=1049
+  _globals['_FETCHCHUNK']._serialized_start=1052
+  _globals['_FETCHCHUNK']._serialized_end=1234
+  _globals['_TRANSPORT']._serialized_start=1237
+  _globals['_TRANSPORT']._serialized_end=1534
 # @@protoc_insertion_point(module_scope)

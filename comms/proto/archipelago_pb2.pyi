@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PushChunk(_message.Message):
-    __slots__ = ("upload_id", "protocol_version", "total_size", "blob_digest", "metadata", "offset", "data", "chunk_digest")
+    __slots__ = ("upload_id", "protocol_version", "total_size", "blob_digest", "metadata", "offset", "data", "chunk_digest", "chunk_crc32")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class PushChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_CRC32_FIELD_NUMBER: _ClassVar[int]
     upload_id: str
     protocol_version: int
     total_size: int
@@ -31,7 +32,8 @@ class PushChunk(_message.Message):
     offset: int
     data: bytes
     chunk_digest: bytes
-    def __init__(self, upload_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., total_size: _Optional[int] = ..., blob_digest: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., chunk_digest: _Optional[bytes] = ...) -> None: ...
+    chunk_crc32: int
+    def __init__(self, upload_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., total_size: _Optional[int] = ..., blob_digest: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., chunk_digest: _Optional[bytes] = ..., chunk_crc32: _Optional[int] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("upload_id", "received_bytes", "fields")
@@ -85,7 +87,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., from_version: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class VersionMessage(_message.Message):
-    __slots__ = ("model_id", "version", "data", "offset", "total_size", "chunk_digest", "blob_digest")
+    __slots__ = ("model_id", "version", "data", "offset", "total_size", "chunk_digest", "blob_digest", "chunk_crc32")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,7 @@ class VersionMessage(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_CRC32_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: int
     data: bytes
@@ -100,7 +103,8 @@ class VersionMessage(_message.Message):
     total_size: int
     chunk_digest: bytes
     blob_digest: bytes
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., chunk_digest: _Optional[bytes] = ..., blob_digest: _Optional[bytes] = ...) -> None: ...
+    chunk_crc32: int
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., chunk_digest: _Optional[bytes] = ..., blob_digest: _Optional[bytes] = ..., chunk_crc32: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("model_id", "version", "protocol_version")
@@ -113,7 +117,7 @@ class FetchRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class FetchChunk(_message.Message):
-    __slots__ = ("model_id", "version", "data", "offset", "total_size", "chunk_digest", "blob_digest")
+    __slots__ = ("model_id", "version", "data", "offset", "total_size", "chunk_digest", "blob_digest", "chunk_crc32")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +125,7 @@ class FetchChunk(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_CRC32_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: int
     data: bytes
@@ -128,4 +133,5 @@ class FetchChunk(_message.Message):
     total_size: int
     chunk_digest: bytes
     blob_digest: bytes
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., chunk_digest: _Optional[bytes] = ..., blob_digest: _Optional[bytes] = ...) -> None: ...
+    chunk_crc32: int
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., chunk_digest: _Optional[bytes] = ..., blob_digest: _Optional[bytes] = ..., chunk_crc32: _Optional[int] = ...) -> None: ...
