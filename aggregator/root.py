@@ -77,6 +77,9 @@ class RootModel:
                 "count": partial.count,
                 "weight_sum": float(partial.weight_sum),
                 "max_staleness": int(partial.max_staleness),
+                # which island updates this version holds: an island that applied its own
+                # in-flight delta locally (eager rebase) drops it once it is in a version
+                "contributors": sorted([s, q] for s, q in partial.contributors),
             },
             error_feedback=self.residual,
             identity=self.identity,

@@ -216,6 +216,8 @@ class Island:
                 anchor=anchor, anchor_version=anchor_version,
             )  # fmt: skip
             self.lu.start()
+            if resumed is not None and self.group.is_leader:
+                self.lu.load_state_dict(resumed.data.get("local_update", {}))
         self.ready.set()
         opt_cfg = cfg.optim
         opt_cfg.total_steps = cfg.steps  # for the cosine schedule
@@ -307,6 +309,7 @@ class Island:
         anchor: dict[str, Any] = {}
         if self.lu is not None:
             data["engine"] = self.engine.state_dict()
+            data["local_update"] = self.lu.state_dict()
             anchor = self.lu.anchor
             meta["base_version"] = self.lu.version
             meta["round"] = self.lu.round

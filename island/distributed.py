@@ -210,8 +210,8 @@ def receive_anchor(group: RankGroup, anchor: Arrays, have: int | None) -> int:
 
 
 class LeaderLocalUpdate(LocalUpdate):
-    """``LocalUpdate`` on rank 0: after each start and boundary, shares the anchor with the
-    followers (its version; the arrays only when the version changed)."""
+    """``LocalUpdate`` on rank 0: after each start and boundary, shares the round's start
+    point with the followers (its serial; the arrays only when it changed)."""
 
     def __init__(self, *args: Any, group: RankGroup, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -235,8 +235,10 @@ class LeaderLocalUpdate(LocalUpdate):
         self._share()
 
     def _share(self) -> None:
+        # the round's start point (the anchor, plus own in-flight deltas when eager): it
+        # changes every round, so it is keyed by its serial rather than the global version
         self._shared_version = send_anchor(
-            self.group, self._version, self._anchor, self._shared_version
+            self.group, self.start_serial, self._start, self._shared_version
         )
 
 

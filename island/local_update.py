@@ -14,13 +14,23 @@ A **round** is ``every`` (``H``) inner steps from the anchor ``theta_b`` (global
 ``b``). At the round boundary (DiLoCo, Douillard et al. 2023, Algorithm 1; CO2, Sun et al.,
 ICLR 2024, for the overlap):
 
-1. ``delta = anchor - params`` (float32) is handed to the engine, which compresses, signs and
-   pushes it in the background, tagged with ``base_version = b``;
+1. ``delta = start - params`` (float32), the progress of this round only, is handed to the
+   engine, which compresses, signs and pushes it in the background, tagged with
+   ``base_version = b``;
 2. *then* the anchor adopts every global version received so far, in order:
    ``anchor_v = anchor_{v-1} + u_v`` (float32, sorted-name order: bit-identical with the root);
-3. the model's parameters are reset to the anchor, even when no newer version arrived: the
-   pushed delta carries everything since the anchor, and keeping the local parameters would
-   count that progress twice. The inner optimizer's state (AdamW moments) is kept.
+3. the next round starts from ``start = anchor - sum(own deltas no version holds yet)``
+   (``rebase = "eager"``, the default) or from ``anchor`` alone (``"reset"``). Either way the
+   local parameters are overwritten: the pushed delta carries this round's progress, and
+   keeping them would count it twice. The inner optimizer's state (AdamW moments) is kept.
+
+Why eager: with overlap, the version that merges this round's delta arrives during the next
+round, so a reset start lacks the island's own last round and the root applies a delta
+computed one version back; with Nesterov's momentum 0.9 that delay makes DiLoCo's outer loop
+oscillate. Applying its own in-flight delta locally (undamped; the merged one replaces it as
+soon as a version lists it among its ``contributors``) starts each round where the global
+model is heading, in the spirit of CO2's overlap (Sun et al. 2024) and of eager updates for
+overlapped DiLoCo (Kale et al. 2025).
 
 So every inner step reaches the global model exactly once: through this round's delta, which
 the root merges into a later version that this island adopts at a later boundary. In
@@ -63,6 +73,17 @@ from island.sync import PushOutcome, SyncEngine, VersionGapError
 log = logging.getLogger(__name__)
 
 
+class _Unresolved:
+    """The future of a delta pushed before a restart: outcome unknown, treated as pending."""
+
+    @staticmethod
+    def done() -> bool:
+        return False
+
+
+_PENDING = _Unresolved()
+
+
 class LocalUpdate:
     """Wraps a training loop into local-update rounds; see the module docstring.
 
@@ -93,6 +114,11 @@ class LocalUpdate:
         self.sync_mode = engine.config.mode == "sync"
         self.flush_on_exit = flush_on_exit
         self._anchor: dict[str, np.ndarray] | None = None
+        self._start: dict[str, np.ndarray] | None = None  # where the current round began
+        self._in_flight: dict[int, dict[str, np.ndarray]] = {}  # own deltas no version holds
+        self._in_flight_futures: dict[int, Any] = {}
+        self.eager = engine.config.rebase == "eager"
+        self.start_serial = 0  # changes whenever the round's start point does
         self._version = -1
         self._resume = (anchor_version, anchor) if anchor is not None else None
         self._round = 0
@@ -117,9 +143,11 @@ class LocalUpdate:
             check_same_layout(dict(self.model.named_parameters()), self._anchor, "resume anchor")
             if self.engine.newest_version() is None:
                 self.engine.follow(self._version)
+            self._start = params_to_numpy(self.model)  # a resumed round start (see state_dict)
         else:
             self._version, params = self.engine.fetch_snapshot()
             self._anchor = copy_arrays(params)
+            self._start = copy_arrays(self._anchor)
             load_numpy_into(self.model, self._anchor)
         log.info("model %s: training from global version %d", self.engine.model_id, self._version)
         return self
@@ -156,13 +184,16 @@ class LocalUpdate:
         if self._anchor is None:
             raise RuntimeError("end_round() before start()")
         start = time.perf_counter()
-        delta = pseudo_gradient(self._anchor, params_to_numpy(self.model))
+        delta = pseudo_gradient(self._start, params_to_numpy(self.model))
         meta = {
             "steps": self._steps_in_round,
             "tokens": self._tokens_in_round,
             "round": self._round,
         }
         self.last_push = self.engine.submit_delta(delta, base_version=self._version, meta=meta)
+        if self.eager:
+            seq = self.last_push.sequence
+            self._in_flight[seq], self._in_flight_futures[seq] = delta, self.last_push
         if self.sync_mode:
             self.engine.wait_for_version(self._version, self.engine.config.sync_timeout_s)
         self._adopt()
@@ -185,7 +216,7 @@ class LocalUpdate:
         return self._version
 
     def _adopt(self) -> None:
-        """Move the anchor to the newest version received; params <- anchor."""
+        """Move the anchor to the newest version received; params <- the next round's start."""
         try:
             versions = self.engine.take_versions(after=self._version)
         except VersionGapError as err:
@@ -195,11 +226,29 @@ class LocalUpdate:
                 self._anchor, self._version = copy_arrays(params), version
             else:  # an older snapshot than our anchor: keep ours, follow from it
                 self.engine.follow(self._version)
+            self._in_flight.clear()  # which of ours the snapshot holds is unknown
+            self._in_flight_futures.clear()
         else:
             for version, u in versions:
                 apply_version(self._anchor, u)
                 self._version = version
-        load_numpy_into(self.model, self._anchor)
+        self._set_start()
+
+    def _set_start(self) -> None:
+        """start = anchor - the own deltas no adopted version holds yet (eager), or anchor."""
+        merged = self.engine.merged_sequences() if self.eager else None
+        for seq in list(self._in_flight):
+            future = self._in_flight_futures[seq]
+            refused = future.done() and future.result().status not in ("accepted", "replayed")
+            if merged is None or seq in merged or refused:  # in the global model, or never will be
+                del self._in_flight[seq], self._in_flight_futures[seq]
+        start = copy_arrays(self._anchor)
+        for delta in self._in_flight.values():
+            for name, d in delta.items():
+                np.subtract(start[name], d, out=start[name])
+        self._start = start
+        self.start_serial += 1
+        load_numpy_into(self.model, start)
 
     # ------------------------------------------------------------------ introspection
 
@@ -212,6 +261,24 @@ class LocalUpdate:
     def round(self) -> int:
         """Rounds completed so far."""
         return self._round
+
+    @property
+    def start_point(self) -> dict[str, np.ndarray]:
+        """Where the current round began (the anchor plus own in-flight deltas, when eager)."""
+        if self._start is None:
+            raise RuntimeError("no start point before start()")
+        return self._start
+
+    def state_dict(self) -> dict[str, Any]:
+        """The own deltas still in flight (by sequence), for a snapshot taken at a boundary."""
+        return {"in_flight": {str(k): v for k, v in self._in_flight.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` after ``start()`` on a resume: their futures are gone, so
+        they leave when a version lists them (or at the next snapshot download)."""
+        for k, v in state.get("in_flight", {}).items():
+            self._in_flight[int(k)] = {n: np.asarray(a, dtype=np.float32) for n, a in v.items()}
+            self._in_flight_futures[int(k)] = _PENDING
 
     @property
     def anchor(self) -> dict[str, np.ndarray]:

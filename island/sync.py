@@ -84,6 +84,9 @@ class SyncConfig:
     codec: str = "int8"  # codec of pushed deltas: none, fp16, bf16, int8, int4, topk
     codec_params: dict[str, Any] = field(default_factory=dict)  # e.g. {block = 128}
     mode: Literal["overlapped", "sync"] = "overlapped"  # overlapped never waits at a boundary
+    # where a round starts: "eager" = the newest global version plus this island's own deltas
+    # still in flight (applied locally until a version holds them); "reset" = the version alone
+    rebase: Literal["eager", "reset"] = "eager"
     max_pending_pushes: int = 8  # pushes waiting for a link; on overflow the oldest is dropped
     sync_timeout_s: float = 600.0  # sync mode: longest wait for the next global version
     snapshot_timeout_s: float = 300.0  # longest wait for a snapshot download
@@ -225,6 +228,7 @@ class SyncEngine:
         self._pending: collections.deque[_PendingPush] = collections.deque()
         self._next_sequence = 1
         self._versions: collections.OrderedDict[int, Envelope] = collections.OrderedDict()
+        self._merged_own: set[int] | None = set()
         self._received: int | None = None  # newest version received in order; None: not following
         self._first_available: int = 0  # versions below this one are gone from the buffer
         self._lost_after: int | None = None  # the aggregator no longer holds versions after this
@@ -267,6 +271,7 @@ class SyncEngine:
             identity=self.identity,
         )
         item = _PendingPush(sequence, base_version, dict(meta or {}), env.to_bytes())
+        item.future.sequence = sequence  # known at once: LocalUpdate tracks its own deltas
         with self._lock:
             self._next_sequence = sequence + 1
             self._stats.pushes_submitted += 1
@@ -521,6 +526,7 @@ class SyncEngine:
                 self._first_available = max(self._first_available, taken[-1][0] + 1)
         decoded = []
         for v, env in taken:
+            self._note_contributors(v, env)
             try:
                 decoded.append((v, decode_update(env)))
             except RejectedError as err:  # checked and signed, yet undecodable: start over
@@ -528,6 +534,23 @@ class SyncEngine:
                     f"model {self.model_id}: version {v} does not decode ({err}); fetch a snapshot"
                 ) from err
         return decoded
+
+    def _note_contributors(self, version: int, env: Envelope) -> None:
+        """Remember which of this island's sequences ``version`` holds (``None``: unknown)."""
+        listed = env.header.meta.get("contributors")
+        if listed is None:
+            self._merged_own = None
+            return
+        me = self.identity.peer_id
+        own = {int(q) for s, q in listed if s == me}
+        if self._merged_own is not None:
+            self._merged_own |= own
+
+    def merged_sequences(self) -> set[int] | None:
+        """This island's sequences held by the versions taken since the last call; ``None``
+        when a version did not list its contributors (an older root): then assume all."""
+        merged, self._merged_own = self._merged_own, set()
+        return merged
 
     def wait_for_version(self, after: int, timeout: float) -> int:
         """Block until a version newer than ``after`` is received; return the newest.

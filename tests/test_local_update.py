@@ -63,7 +63,7 @@ def test_a_late_joiner_starts_from_the_snapshot_and_each_boundary_pushes_then_ad
     rng = np.random.default_rng(0)
     theta0 = random_params(rng)
     harness.set_snapshot(5, theta0)
-    engine = harness.engine(codec="none")
+    engine = harness.engine(codec="none", rebase="reset")
     model, optimizer = tiny_model()
     with LocalUpdate(model, optimizer, every=3, engine=engine) as lu:
         assert lu.version == 5
@@ -103,6 +103,54 @@ def test_a_late_joiner_starts_from_the_snapshot_and_each_boundary_pushes_then_ad
     assert lu.stats["rounds"] == 3 and lu.stats["steps"] == 7
 
 
+def test_eager_rebase_starts_from_the_anchor_minus_own_deltas_in_flight(harness):
+    """Overlapped: the version merging a round's delta arrives during the next round, so the
+    next round starts from anchor - own in-flight delta, until a version lists it."""
+    rng = np.random.default_rng(7)
+    theta0 = random_params(rng)
+    harness.set_snapshot(0, theta0)
+    engine = harness.engine(codec="none")
+    assert engine.config.rebase == "eager"
+    model, optimizer = tiny_model(7)
+    me = harness.island.peer_id
+    with LocalUpdate(model, optimizer, every=2, engine=engine, flush_on_exit=False) as lu:
+        for i in range(2):
+            inner_step(model, optimizer, i)
+            lu.step()
+        assert lu.last_outcome(timeout=10).status == "accepted"
+        d1 = decode_update(harness.handler.pushes[0])
+        want = {k: theta0[k] - d1[k] for k in theta0}  # no version yet: own delta applied
+        for k in want:
+            assert lu.start_point[k].tobytes() == want[k].tobytes()
+        assert_model_holds(model, want)
+        # version 1 holds another island's update only: ours stays in flight
+        u1 = random_params(rng, scale=1e-3)
+        harness.publish(1, u1, contributors=[["someone-else", 1]])
+        engine.wait_for_version(0, timeout=5)
+        for i in range(2):
+            inner_step(model, optimizer, 10 + i)
+            lu.step()
+        assert lu.last_outcome(timeout=10).status == "accepted"
+        d2 = decode_update(harness.handler.pushes[1])
+        assert harness.handler.pushes[1].header.base_version == 0  # the round began at 0
+        anchor1 = apply_update(copy_arrays(theta0), u1)
+        assert_model_holds(model, {k: anchor1[k] - d1[k] - d2[k] for k in theta0})
+        # version 2 lists our first push: only the second stays applied locally
+        u2 = random_params(rng, scale=1e-3)
+        harness.publish(2, u2, contributors=[[me, 1], ["someone-else", 2]])
+        engine.wait_for_version(1, timeout=5)
+        for i in range(2):
+            inner_step(model, optimizer, 20 + i)
+            lu.step()
+        assert lu.last_outcome(timeout=10).status == "accepted"
+        d3 = decode_update(harness.handler.pushes[2])
+        anchor2 = apply_update(anchor1, u2)
+        want = {k: (anchor2[k] - d2[k]) - d3[k] for k in theta0}
+        assert_model_holds(model, want)
+        assert sorted(lu.state_dict()["in_flight"]) == ["2", "3"]
+        assert all(lu.anchor[k].tobytes() == anchor2[k].tobytes() for k in theta0)
+
+
 def test_every_inner_step_reaches_the_pushes_exactly_once_up_to_the_residual(harness):
     rng = np.random.default_rng(1)
     theta0 = random_params(rng)
@@ -115,7 +163,7 @@ def test_every_inner_step_reaches_the_pushes_exactly_once_up_to_the_residual(har
             for i in range(2):
                 inner_step(model, optimizer, 100 * r + i)
                 if i == 1:
-                    progress.append(pseudo_gradient(lu.anchor, params_to_numpy(model)))
+                    progress.append(pseudo_gradient(lu.start_point, params_to_numpy(model)))
                 lu.step()
             harness.publish(r + 1, random_params(rng, scale=1e-3))
             engine.wait_for_version(r, timeout=5)

@@ -26,8 +26,11 @@ from island.sync import SyncConfig, SyncEngine, VersionGapError
 MODEL = "lm"
 
 
-def version_envelope(version: int, u: dict, signer: Identity, codec: str = "none") -> bytes:
-    """``u_v`` as the root publishes it: kind "version", base_version v - 1, signed."""
+def version_envelope(
+    version: int, u: dict, signer: Identity, codec: str = "none", contributors=None
+) -> bytes:
+    """``u_v`` as the root publishes it: kind "version", base_version v - 1, signed; with
+    ``contributors`` ([peer id, sequence] pairs) its meta lists the updates it holds."""
     env = encode_update(
         u,
         codec=codec,
@@ -36,6 +39,7 @@ def version_envelope(version: int, u: dict, signer: Identity, codec: str = "none
         sender=signer.peer_id,
         sequence=version,
         base_version=version - 1,
+        meta=None if contributors is None else {"contributors": contributors},
         identity=signer,
     )
     return env.to_bytes()
@@ -148,8 +152,8 @@ class ProtocolHarness:
         self.engines.append(engine)
         return engine
 
-    def publish(self, version: int, u: dict, signer: Identity | None = None) -> None:
-        data = version_envelope(version, u, signer or self.root)
+    def publish(self, version: int, u: dict, signer: Identity | None = None, contributors=None):
+        data = version_envelope(version, u, signer or self.root, contributors=contributors)
         self.server_loop.run(self.handler.publish(version, data), 5)
 
     def set_snapshot(self, version: int, theta: dict) -> None:
