@@ -1,0 +1,606 @@
+"""Quality per byte and time to a target loss: Archipelago against DDP, synchronous DiLoCo and
+hivemind, side by side in one run (bytelm, ``--world`` workers, same model, seed, data and
+inner optimizer; see ``scripts/quality_methods.py`` for the workers).
+
+1. **DDP** (gloo, gradients all-reduced every step) trains ``S`` steps; its final held-out
+   loss is the **target**. Its bytes are counted as a ring all-reduce sends them: per step
+   and worker ``2 (N-1)/N * P`` bytes sent and as many received (``P`` = fp32 gradient bytes).
+2. **Sync DiLoCo**: ``H`` inner steps, blocking outer sync through a real ``aggregator
+   serve`` root (``buffer_k = N``, Nesterov 0.7 / 0.9), fp32 pseudo-gradients (codec none).
+3. **hivemind**: ``hivemind.Optimizer(use_local_updates=True)`` at the same ``H``.
+4. **Archipelago**: overlapped, staleness-weighted sync, int8 and int4 deltas with error
+   feedback (published ``u_v`` in the same codec), ``H`` in ``--H``.
+
+Every method but DDP runs until it has done ``S`` steps *and* reached the target, or
+``--max-factor * S`` steps. Rank 0 evaluates the held-out loss every round. Reported per
+method: the loss at step ``S`` (the honest gap at equal steps), bytes sent + received per
+worker until the target is first reached, steps to it, DDP's bytes over the method's.
+
+**Time to target is modelled, not measured on shaped links**: all methods run on loopback
+on one (shared) machine, where wall-clock time says little about a slow link. The model:
+one worker's compute per inner step ``c`` is measured once, alone, before the runs; per link
+(rate ``r``, one-way delay ``d``; ``100`` = 100 Mbit/s no delay, ``10`` = 10 Mbit/s + 50 ms)
+
+- DDP:   per step ``max(c, 2 (N-1) (P / N / r + d))`` (all-reduce fully overlapped with
+  the step: generous to DDP);
+- sync DiLoCo, k rounds: ``k (H c + o + 3 d) + B / r``, ``B`` the measured bytes so far, ``o``
+  the measured per-round encode/apply time;
+- Archipelago (overlapped), k rounds: ``max(k (H c + o), B / r + 3 k d)`` (pushes and
+  versions overlap the compute);
+- hivemind, k epochs: ``max(k H c, (B / 2) / r + 4 k d)`` (background averaging overlaps the
+  compute; matchmaking waits are not charged: generous to hivemind).
+
+``--no-netns`` is accepted for the common benchmark interface; no run here uses network
+namespaces (the model above stands in for shaped links), and the JSON says so in its notes.
+
+    python scripts/bench_quality.py [--quick] [--no-netns] --json PATH [--plots DIR]
+
+Writes ``{"target_loss", "ddp": {...}, "sync_diloco": {...}, "hivemind": {...},
+"archipelago": {"int8_H100": {...}, ...}, "config", "notes", "plots", "meta"}``; each method
+holds ``final_loss, steps, bytes_per_island, bytes_to_target, seconds_to_target{"100","10"}``
+(null where the target was never reached) plus ``loss_at_S``, ``steps_to_target``,
+``ddp_bytes_ratio``, ``utilization``, ``curve`` and the run's diagnostics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
+sys.path[:0] = [p for p in (str(SCRIPTS), str(REPO)) if p not in sys.path]
+
+from benchlib import format_table, write_json  # noqa: E402
+
+WORKER = SCRIPTS / "quality_methods.py"
+MODEL_ID = "global"
+LINKS = {"100": (100e6, 0.0), "10": (10e6, 0.050)}  # name: (bits per second, one-way delay s)
+FULL_MODEL = {"d_model": 128, "n_layer": 4, "n_head": 4, "context": 128, "batch_size": 16}
+QUICK_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 4}
+OPTIM = {"lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0}
+OUTER = {"lr": 0.7, "momentum": 0.9}
+HIVEMIND_STANDARD = {"matchmaking_time": 5.0, "averaging_timeout": 60.0}
+
+
+# ============================================================================ pure figures
+
+
+def transfer_s(nbytes: float, rate_bps: float, delay_s: float, trips: float = 1) -> float:
+    """Seconds to move ``nbytes`` over a link of ``rate_bps`` with ``trips`` one-way delays."""
+    return nbytes * 8 / rate_bps + trips * delay_s
+
+
+def ddp_bytes_per_step(param_bytes: int, world: int) -> float:
+    """Ring all-reduce, per worker and step: ``2 (N-1)/N * P`` sent plus as many received."""
+    return 2 * (2 * (world - 1) / world * param_bytes)
+
+
+def ddp_seconds(steps: int, compute_s: float, param_bytes: int, world: int, link) -> float:
+    rate, delay = link
+    comm = 2 * (world - 1) * transfer_s(param_bytes / world, rate, delay)
+    return steps * max(compute_s, comm)
+
+
+def rounds_seconds(kind: str, rounds: int, h: int, compute_s: float, overhead_s: float,
+                   nbytes: float, link) -> float:  # fmt: skip
+    """Modelled wall time of ``rounds`` rounds that moved ``nbytes`` (sent + received) so far;
+    ``kind``: ``sync`` (blocking), ``overlapped`` or ``hivemind`` (see the module docstring)."""
+    rate, delay = link
+    work = rounds * (h * compute_s + overhead_s)
+    if kind == "sync":
+        return work + transfer_s(nbytes, rate, delay, 3 * rounds)
+    if kind == "overlapped":
+        return max(work, transfer_s(nbytes, rate, delay, 3 * rounds))
+    if kind == "hivemind":
+        return max(rounds * h * compute_s, transfer_s(nbytes / 2, rate, delay, 4 * rounds))
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def first_crossing(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first evaluation at or below ``target`` (curve in step order), or None."""
+    return next((point for point in curve if point["loss"] <= target), None)
+
+
+def loss_at(curve: list[dict[str, Any]], step: int) -> float | None:
+    """The loss of the last evaluation at or before ``step``."""
+    before = [p for p in curve if p["step"] <= step]
+    return before[-1]["loss"] if before else None
+
+
+# ============================================================================ processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM the process's group (it leads its own session), then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+            if sig == signal.SIGTERM:  # the leader is gone; its children may not be
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            return
+
+
+def run_workers(specs: list[dict[str, Any]], run_dir: Path, timeout_s: float) -> list[dict]:
+    """Start one worker process per spec, wait for every ``result-RANK.json``, then stop
+    them all (hivemind workers linger in shutdown). Raises RuntimeError with a log tail."""
+    procs = []
+    try:
+        for spec in specs:
+            path = run_dir / f"spec-{spec['rank']}.json"
+            path.write_text(json.dumps(spec))
+            log = open(run_dir / f"worker-{spec['rank']}.log", "wb")
+            procs.append(subprocess.Popen(
+                [sys.executable, str(WORKER), str(path)], stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            ))  # fmt: skip
+            log.close()
+        deadline = time.monotonic() + timeout_s
+        results = [run_dir / f"result-{s['rank']}.json" for s in specs]
+        while not all(p.exists() for p in results):
+            for spec, proc, res in zip(specs, procs, results, strict=True):
+                if proc.poll() is not None and not res.exists():
+                    tail = (run_dir / f"worker-{spec['rank']}.log").read_text()[-1500:]
+                    raise RuntimeError(f"worker {spec['rank']} exited {proc.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not finish within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        for proc in procs:  # give clean exits a moment, then stop the rest
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(2.0)
+        return [json.loads(p.read_text()) for p in results]
+    finally:
+        for proc in procs:
+            stop_process(proc)
+
+
+class Federation:
+    """Keys, a roster, theta_0 and a real ``aggregator serve`` root, in ``run_dir``."""
+
+    def __init__(self, run_dir: Path, workload_cfg: dict, seed: int, world: int,
+                 publish_codec: str, deadline_s: float, outer: tuple[str, dict]):  # fmt: skip
+        from safetensors.numpy import save_file
+
+        from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
+        from comms.config import save_config
+        from comms.identity import Identity, Roster
+        from island.pseudo import params_to_numpy
+        from island.workloads import get_workload
+
+        roster = Roster()
+        self.keys = []
+        for rank in range(world):
+            ident, path = Identity.generate(), run_dir / f"island{rank}.pem"
+            ident.save(path)
+            roster.add(ident.public_key, "island", f"island{rank}")
+            self.keys.append(str(path))
+        root = Identity.generate()
+        root.save(run_dir / "root.pem")
+        roster.add(root.public_key, "aggregator", "root")
+        self.roster = str(run_dir / "roster.json")
+        roster.save(self.roster)
+        model = get_workload("bytelm", **workload_cfg).build_model(seed)
+        save_file(params_to_numpy(model), str(run_dir / "init.safetensors"))
+        config = AggregatorConfig(
+            name="root", role="root", key=str(run_dir / "root.pem"), roster=self.roster,
+            state_dir=str(run_dir / "root-state"), http="",
+            merge=MergeConfig(buffer_k=world, deadline_s=deadline_s),
+            models=[ModelConfig(MODEL_ID, init=str(run_dir / "init.safetensors"),
+                                outer=outer[0], outer_params=dict(outer[1]), codec=publish_codec)],
+        )  # fmt: skip
+        save_config(config, run_dir / "root.toml")
+        log = open(run_dir / "root.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "serve", str(run_dir / "root.toml"),
+             "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=log, cwd=REPO, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        line = self.proc.stdout.readline().decode()
+        if "serving on" not in line:
+            stop_process(self.proc)
+            tail = (run_dir / "root.log").read_text()[-1500:]
+            raise RuntimeError(f"aggregator did not start: {line!r}\n{tail}")
+        self.address = line.split("serving on ")[1].split()[0]
+
+    def close(self) -> None:
+        stop_process(self.proc)
+        self.proc.stdout.close()
+
+
+# ============================================================================ runs
+
+
+def calibrate_compute_s(workload_cfg: dict, steps: int = 25) -> tuple[float, int]:
+    """Median seconds of one inner step of one worker running alone (one thread), and the
+    model's fp32 parameter bytes."""
+    import torch
+    from quality_methods import make_adamw
+
+    from island.workloads import get_workload
+
+    torch.set_num_threads(1)
+    workload = get_workload("bytelm", **workload_cfg)
+    model = workload.build_model(0)
+    opt = make_adamw(model.parameters(), OPTIM)
+    batches = workload.train_batches(0)
+    times = []
+    for _ in range(steps + 5):
+        t0 = time.perf_counter()
+        workload.loss(model, next(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return statistics.median(times[5:]), param_bytes
+
+
+def base_spec(args, method: str, run_dir: Path, steps: int) -> dict[str, Any]:
+    return {
+        "method": method, "world": args.world, "run_dir": str(run_dir), "steps": steps,
+        "min_steps": args.steps, "target": None, "workload": args.workload, "seed": args.seed,
+        "data_seed": args.seed, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
+        "warmup_steps": args.warmup, "timeout_s": args.timeout, **OPTIM,
+    }  # fmt: skip
+
+
+def run_method(args, tmp: Path, name: str, method: str, **extra: Any) -> dict[str, Any]:
+    """One method's workers (and, for DiLoCo, its root aggregator); their results."""
+    run_dir = tmp / name
+    run_dir.mkdir()
+    steps = args.steps if method == "ddp" else int(args.max_factor * args.steps)
+    spec = {**base_spec(args, method, run_dir, steps), "target": extra.pop("target", None)}
+    spec.update(extra)
+    federation = None
+    t0 = time.perf_counter()
+    print(f"--- {name}: up to {steps} steps", flush=True)
+    try:
+        if method == "ddp":
+            spec["port"] = free_port()
+        elif method == "diloco":
+            federation = Federation(run_dir, args.workload, args.seed, args.world,
+                                    spec["publish_codec"], args.deadline, spec["outer"])  # fmt: skip
+            spec.update(address=federation.address, roster=federation.roster, model_id=MODEL_ID)
+        elif method == "hivemind":
+            spec["run_id"] = f"bench_quality_{os.getpid()}_{name}"
+        specs = [
+            {**spec, "rank": r, "key": federation.keys[r] if federation else ""}
+            for r in range(args.world)
+        ]
+        results = run_workers(specs, run_dir, args.timeout)
+    finally:
+        if federation is not None:
+            federation.close()
+    print(f"    {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"results": results, "spec": spec, "run_s": time.perf_counter() - t0}
+
+
+def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str, Any]:
+    """The JSON figures of one method from its workers' results."""
+    results, spec = run["results"], run["spec"]
+    rank0 = results[0]
+    world, c, pbytes = args.world, cal["compute_s"], cal["param_bytes"]
+    h = spec.get("H", 1)
+    curve = []
+    for e in rank0["evals"]:
+        point = {"step": e["step"], "loss": e["loss"]}
+        if kind == "ddp":
+            point["bytes"] = e["step"] * ddp_bytes_per_step(pbytes, world)
+            point["seconds"] = {n: ddp_seconds(e["step"], c, pbytes, world, link)
+                                for n, link in LINKS.items()}  # fmt: skip
+        else:
+            if kind == "hivemind":
+                point["bytes"] = 4 * e["allreduce_out"] + e["state_out"]
+                overhead = 0.0
+            else:
+                point["bytes"] = e["bytes_sent"] + e["bytes_received"]
+                boundary = max(0.0, rank0["boundary_s"] - rank0["blocked_s"])
+                overhead = boundary / max(1, rank0["rounds"])
+            rounds = e["step"] // h
+            point["seconds"] = {
+                n: rounds_seconds(kind, rounds, h, c, overhead, point["bytes"], link)
+                for n, link in LINKS.items()
+            }
+        curve.append(point)
+    if kind == "ddp":
+        per_island = [r["steps"] * ddp_bytes_per_step(pbytes, world) for r in results]
+    elif kind == "hivemind":
+        per_island = [4 * r["allreduce_out"] + r["state_out"] for r in results]
+    else:
+        per_island = [r["bytes_sent"] + r["bytes_received"] for r in results]
+    hit = first_crossing(curve, target)
+    last = curve[-1] if curve else {"step": 0, "seconds": dict.fromkeys(LINKS, 0.0)}
+    out: dict[str, Any] = {
+        "final_loss": curve[-1]["loss"] if curve else None,
+        "steps": rank0["steps"],
+        "bytes_per_island": statistics.mean(per_island),
+        "bytes_to_target": hit["bytes"] if hit else None,
+        "seconds_to_target": {n: hit["seconds"][n] if hit else None for n in LINKS},
+        "steps_to_target": hit["step"] if hit else None,
+        "loss_at_S": loss_at(curve, args.steps),
+        "utilization": {
+            n: (last["step"] * c / last["seconds"][n]) if last["seconds"][n] else None
+            for n in LINKS
+        },  # modelled: compute time over modelled wall time
+        "curve": curve,
+        "measured": {
+            "run_s": run["run_s"],
+            "step_s_median": [r["step_s_median"] for r in results],
+            "loopback_compute_fraction": [
+                r["lu"]["compute_fraction"] for r in results if "lu" in r
+            ],
+        },
+    }
+    if kind in ("sync", "overlapped"):
+        out["measured"]["staleness_last"] = [e.get("staleness") for e in rank0["evals"]][-1:]
+        out["measured"]["pushes_stale"] = [r["lu"]["sync"]["pushes_stale"] for r in results]
+    if kind == "hivemind":
+        out["measured"]["epochs"] = [r["epoch"] for r in results]
+    return out
+
+
+def ratios(doc: dict[str, Any]) -> None:
+    """``ddp_bytes_ratio``: DDP's bytes to the target over each method's."""
+    ddp_bytes = doc["ddp"].get("bytes_to_target")
+    for entry in method_entries(doc):
+        mine = entry.get("bytes_to_target")
+        entry["ddp_bytes_ratio"] = ddp_bytes / mine if ddp_bytes and mine else None
+
+
+def method_entries(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    flat = [doc[k] for k in ("ddp", "sync_diloco", "hivemind")]
+    return flat + list(doc["archipelago"].values())
+
+
+def named_entries(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    named = [(k, doc[k]) for k in ("ddp", "sync_diloco", "hivemind")]
+    return named + [(f"archipelago {k}", v) for k, v in doc["archipelago"].items()]
+
+
+# ============================================================================ output
+
+
+def plot(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
+    """Loss vs bytes and loss vs modelled wall-clock (both links) as PNGs; their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = doc["target_loss"]
+    curves = [(n, e["curve"]) for n, e in named_entries(doc) if e.get("curve")]
+    paths = {}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves:
+        pts = [(p["bytes"], p["loss"]) for p in curve if p["bytes"] > 0]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".", label=name)
+    ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    ax.set(xscale="log", xlabel="bytes sent + received per worker", ylabel="held-out loss",
+           title="loss vs bytes (bytelm)")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["loss_vs_bytes"] = str(out_dir / f"{stem}_loss_vs_bytes.png")
+    fig.savefig(paths["loss_vs_bytes"], dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(LINKS), figsize=(12, 4.5), sharey=True)
+    for ax, (link, label) in zip(axes, (("100", "100 Mbit/s"), ("10", "10 Mbit/s + 50 ms")),
+                                 strict=True):  # fmt: skip
+        for name, curve in curves:
+            ax.plot([p["seconds"][link] for p in curve], [p["loss"] for p in curve],
+                    marker=".", label=name)  # fmt: skip
+        ax.axhline(target, color="k", linestyle="--", linewidth=1)
+        ax.set(xscale="log", xlabel="modelled wall-clock seconds", title=label)
+    axes[0].set_ylabel("held-out loss")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("loss vs modelled wall-clock (compute measured, links modelled)")
+    fig.tight_layout()
+    paths["loss_vs_wallclock"] = str(out_dir / f"{stem}_loss_vs_wallclock.png")
+    fig.savefig(paths["loss_vs_wallclock"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    rows = []
+    for name, e in named_entries(doc):
+        if "error" in e:
+            status = "skipped" if e["error"].startswith("skipped") else "FAILED"
+            rows.append([name, status, *[None] * 9])
+            continue
+        secs = e["seconds_to_target"]
+        rows.append([
+            name, e["loss_at_S"], e["final_loss"], e["steps"], e["steps_to_target"],
+            e["bytes_to_target"], e["ddp_bytes_ratio"], secs["100"], secs["10"],
+            e["utilization"]["10"], e["bytes_per_island"],
+        ])  # fmt: skip
+    headers = ["method", "loss@S", "final", "steps", "steps->tgt", "bytes->tgt", "DDP/x bytes",
+               "s->tgt 100M*", "s->tgt 10M*", "util 10M*", "bytes total"]  # fmt: skip
+    print(f"\ntarget loss (DDP after {doc['config']['S']} steps): {doc['target_loss']:.4f}")
+    print(format_table(headers, rows))
+    print("* modelled: measured compute per step + link model (see notes)")
+
+
+def empty_entry(error: str) -> dict[str, Any]:
+    return {
+        "final_loss": None, "steps": None, "bytes_per_island": None, "bytes_to_target": None,
+        "seconds_to_target": dict.fromkeys(LINKS), "steps_to_target": None, "loss_at_S": None,
+        "utilization": dict.fromkeys(LINKS), "curve": [], "error": error,
+    }  # fmt: skip
+
+
+def measure(args, tmp: Path, doc: dict, slot: str, kind: str, method: str, cal, **extra):
+    """Run one method and put its figures in ``doc`` (or an error entry, and go on)."""
+    holder, key = (doc["archipelago"], slot) if kind == "overlapped" else (doc, slot)
+    name = f"archipelago_{slot}" if kind == "overlapped" else slot
+    try:
+        run = run_method(args, tmp, name, method, **extra)
+        holder[key] = summarize(kind, run, doc["target_loss"], args, cal)
+    except Exception as err:  # one broken method must not hide the others' figures
+        print(f"    {name}: FAILED: {err}", flush=True)
+        holder[key] = empty_entry(f"{type(err).__name__}: {err}")
+
+
+def parse_outer(text: str) -> tuple[str, dict[str, float]]:
+    """``"nesterov:lr=0.7,momentum=0.5"`` -> ``("nesterov", {"lr": 0.7, "momentum": 0.5})``."""
+    name, _, rest = text.partition(":")
+    try:
+        params = {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME:key=number,...") from err
+    return name, params
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, a few dozen steps (CI)")
+    p.add_argument("--no-netns", action="store_true", help="no network namespaces (see notes)")
+    p.add_argument("--json", help="write every figure here")
+    p.add_argument("--plots", help="folder for the PNGs (default: beside --json, or ./)")
+    p.add_argument("--steps", type=int, help="S: DDP's steps (default 3000; quick 40)")
+    p.add_argument("--max-factor", type=float, help="others run up to this times S (3; 1.5)")
+    p.add_argument("--H", type=int, nargs="+", help="Archipelago's H (50 100 250 500; 10)")
+    p.add_argument("--codecs", nargs="+", default=["int8", "int4"])
+    p.add_argument("--baseline-H", type=int, help="H of sync DiLoCo and hivemind (100; 10)")
+    p.add_argument(
+        "--arch-outer",
+        type=parse_outer,
+        default=("nesterov", OUTER),
+        help="Archipelago's outer step at the root, NAME:k=v,... "
+        "(default nesterov:lr=0.7,momentum=0.9; e.g. co2:lr=0.7,momentum=0.5)",
+    )
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--n-head", type=int)
+    p.add_argument("--context", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--warmup", type=int, help="inner lr warm-up steps (100; 5)")
+    p.add_argument("--eval-batches", type=int, help="held-out batches per evaluation (16; 2)")
+    p.add_argument("--eval-every", type=int, help="DDP's evaluation interval (min H)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline", type=float, default=60.0, help="aggregator merge deadline_s")
+    p.add_argument("--timeout", type=float, default=3600.0, help="longest run of one method, s")
+    p.add_argument("--workdir", help="a new folder for run files, kept (default: a temp dir)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["sync_diloco", "hivemind"])
+    args = p.parse_args(argv)
+    quick = args.quick
+    model = dict(QUICK_MODEL if quick else FULL_MODEL)
+    for key in ("d_model", "n_layer", "n_head", "context", "batch_size"):
+        if getattr(args, key) is not None:
+            model[key] = getattr(args, key)
+    args.workload = model
+    defaults = {"steps": (40, 3000), "max_factor": (1.5, 3.0), "H": ([10], [50, 100, 250, 500]),
+                "baseline_H": (10, 100), "warmup": (5, 100), "eval_batches": (2, 16)}  # fmt: skip
+    for key, (q, full) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, q if quick else full)
+    if args.eval_every is None:
+        args.eval_every = min([*args.H, args.baseline_H])
+    if quick:
+        args.timeout = min(args.timeout, 120.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    compute_s, param_bytes = calibrate_compute_s(args.workload)
+    cal = {"compute_s": compute_s, "param_bytes": param_bytes}
+    print(f"model {args.workload}: {param_bytes // 4:,} params; one worker's step alone: "
+          f"{compute_s * 1e3:.1f} ms", flush=True)  # fmt: skip
+    hivemind_settings = dict(HIVEMIND_STANDARD)
+    if args.quick:  # epochs would be shorter than matchmaking: slow the steps, match fast
+        hivemind_settings.update(matchmaking_time=0.5, averaging_timeout=10.0, step_floor_s=0.05)
+    doc: dict[str, Any] = {"target_loss": None, "archipelago": {}}
+    with contextlib.ExitStack() as stack:
+        if args.workdir:  # kept afterwards, for the workers' logs
+            tmp = Path(args.workdir)
+            tmp.mkdir(parents=True, exist_ok=False)
+        else:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_quality_")))
+        ddp = run_method(args, tmp, "ddp", "ddp")
+        doc["ddp"] = summarize("ddp", ddp, float("-inf"), args, cal)
+        doc["target_loss"] = target = doc["ddp"]["final_loss"]
+        doc["ddp"] = summarize("ddp", ddp, target, args, cal)
+        print(f"    target loss: {target:.4f}", flush=True)
+        h = args.baseline_H
+        if "sync_diloco" in args.skip:
+            doc["sync_diloco"] = empty_entry("skipped (--skip)")
+        else:
+            measure(args, tmp, doc, "sync_diloco", "sync", "diloco", cal, target=target, H=h,
+                    codec="none", publish_codec="none", mode="sync",
+                    outer=("nesterov", OUTER))  # fmt: skip
+        if "hivemind" in args.skip:
+            doc["hivemind"] = empty_entry("skipped (--skip)")
+        else:
+            measure(args, tmp, doc, "hivemind", "hivemind", "hivemind", cal, target=target,
+                    H=h, **hivemind_settings)  # fmt: skip
+        for codec in args.codecs:
+            for every in args.H:
+                measure(args, tmp, doc, f"{codec}_H{every}", "overlapped", "diloco", cal,
+                        target=target, H=every, codec=codec, publish_codec=codec,
+                        mode="overlapped", outer=args.arch_outer)  # fmt: skip
+    ratios(doc)
+    doc["config"] = {
+        "S": args.steps, "max_steps": int(args.max_factor * args.steps), "world": args.world,
+        "workload": args.workload, "params": param_bytes // 4, "inner_optim": OPTIM,
+        "warmup_steps": args.warmup, "outer": {"sync_diloco": ["nesterov", OUTER],
+                                               "archipelago": list(args.arch_outer)},
+        "baseline_H": h, "H": args.H,
+        "codecs": args.codecs, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
+        "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}
+                                                   for k, (r, d) in LINKS.items()},
+        "hivemind": hivemind_settings, "quick": args.quick,
+    }  # fmt: skip
+    doc["notes"] = notes(args, hivemind_settings)
+    json_path = Path(args.json) if args.json else None
+    out_dir = Path(args.plots) if args.plots else (json_path.parent if json_path else Path("."))
+    doc["plots"] = plot(doc, out_dir, json_path.stem if json_path else "bench_quality")
+    print_table(doc)
+    write_json(args.json, doc)
+    return 0
+
+
+def notes(args, hivemind_settings: dict) -> list[str]:
+    return [
+        "seconds_to_target and utilization are MODELLED: one worker's compute per step measured "
+        "alone before the runs, plus the link model in scripts/bench_quality.py's docstring; no "
+        "run used shaped links or network namespaces"
+        + (" (--no-netns given)" if args.no_netns else ""),
+        "bytes: DDP counted as a ring all-reduce (2(N-1)/N*P sent + as many received per step); "
+        "DiLoCo/Archipelago measured on the wire by the sync engine (includes the initial "
+        "snapshot download and envelope overhead); hivemind: 4x the serialized reduce-scatter "
+        "parts each peer sent, plus state it served (DHT and libp2p framing not counted)",
+        "evaluation: rank 0's model every round (DiLoCo: the global anchor just adopted; "
+        "hivemind: its local parameters after background averaging) on fixed held-out windows",
+        f"hivemind: use_local_updates=True, target_batch_size = world*batch*H, "
+        f"{hivemind_settings}; default delay_state_averaging (background averaging)",
+        "all workers of a method share one machine's cores; real wall times are in "
+        "measured.run_s and are not comparable to a slow link",
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Worker processes of ``scripts/bench_quality.py``: one training method, one rank each.
+
+``python scripts/quality_methods.py SPEC.json`` trains one worker of one method and writes
+``result-RANK.json`` into the spec's ``run_dir``. The methods share everything but the way
+workers combine their progress: the workload (bytelm), the initial weights (``seed``), the
+data stream of each rank (``train_batches(data_seed, shard=rank, num_shards=world)``), the
+inner optimizer (AdamW, linear warm-up then a constant rate, grad-norm clip) and the batch
+per step. Rank 0 evaluates the model it holds on the held-out windows at every round
+(``eval_every`` steps) and records ``(step, loss, bytes)``.
+
+- ``ddp``: ``torch.distributed`` (gloo) with ``DistributedDataParallel``: gradients are
+  all-reduced every step. Bytes are not measured but counted as a ring all-reduce sends them.
+- ``diloco``: ``island.LocalUpdate`` + ``SyncEngine`` against a real ``aggregator serve``
+  root (DiLoCo, Douillard et al. 2023, Algorithm 1). ``mode = "sync"`` is synchronous
+  DiLoCo; ``"overlapped"`` is Archipelago's overlapped, staleness-weighted sync (CO2, Sun et
+  al. 2024). Bytes are the engine's on-the-wire counters (envelopes and gRPC framing).
+- ``hivemind``: ``hivemind.Optimizer(use_local_updates=True)``, one epoch = ``world * batch
+  * H`` samples, parameters averaged by hivemind's butterfly all-reduce in the background.
+  Bytes: the serialized tensor parts each peer sends in the reduce-scatter phase, counted
+  by a pass-through compression (``CountingNoCompression``); the all-gather phase returns
+  parts of equal size and the peer receives as much as it sends, so sent + received is four
+  times that figure. DHT and libp2p framing are not counted.
+
+Early stop: once rank 0 has run at least ``min_steps`` and reached ``target`` it creates
+``run_dir/stop``; every worker checks for that file before each step and stops.
+
+Concurrency: each worker is single-threaded in its training loop; the sync engine and
+hivemind run their networking on their own threads or processes. This module must not
+import grpc (``comms.transport``) in a hivemind worker before hivemind forks its processes,
+so the imports sit inside each worker function.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from island.workloads import get_workload  # noqa: E402
+
+
+def inner_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps`` to ``lr``, then constant (the island default)."""
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr
+
+
+def make_adamw(params, spec: dict[str, Any]) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        params, lr=spec["lr"], betas=tuple(spec["betas"]), weight_decay=spec["weight_decay"]
+    )
+
+
+class Recorder:
+    """Rank 0's evaluation records and every rank's step timings."""
+
+    def __init__(self, spec: dict[str, Any], workload, model: torch.nn.Module):
+        self.spec, self.workload, self.model = spec, workload, model
+        self.rank = spec["rank"]
+        self.run_dir = Path(spec["run_dir"])
+        self.stop_path = self.run_dir / "stop"
+        self.evals: list[dict[str, Any]] = []
+        self.step_s: list[float] = []
+        self.eval_s = 0.0
+        self.started = time.perf_counter()
+
+    def stopped(self) -> bool:
+        return self.stop_path.exists()
+
+    def barrier(self) -> None:
+        """Wait until every rank is ready to train (start-up times differ by seconds)."""
+        (self.run_dir / f"ready-{self.rank}").touch()
+        ready = [self.run_dir / f"ready-{r}" for r in range(self.spec["world"])]
+        deadline = time.monotonic() + self.spec["timeout_s"]
+        while not all(p.exists() for p in ready):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every worker became ready in {self.run_dir}")
+            time.sleep(0.02)
+        self.started = time.perf_counter()
+
+    def evaluate(self, step: int, **extra: Any) -> float:
+        t0 = time.perf_counter()
+        loss = float(self.workload.validation_loss(self.model, self.spec["eval_batches"]))
+        self.eval_s += time.perf_counter() - t0
+        record = {"step": step, "loss": loss, "t": time.perf_counter() - self.started, **extra}
+        self.evals.append(record)
+        target = self.spec.get("target")
+        if target is not None and step >= self.spec["min_steps"] and loss <= target:
+            self.stop_path.touch()
+        print(json.dumps({"rank": self.rank, **record}), file=sys.stderr, flush=True)
+        return loss
+
+    def write(self, steps: int, **extra: Any) -> None:
+        timed = self.step_s[5:] or self.step_s  # the first steps warm caches up
+        result = {
+            "rank": self.rank,
+            "steps": steps,
+            "evals": self.evals,
+            "step_s_median": statistics.median(timed) if timed else None,
+            "wall_s": time.perf_counter() - self.started,
+            "eval_s": self.eval_s,
+            "compute_s": sum(self.step_s),
+            **extra,
+        }
+        tmp = self.run_dir / f"result-{self.rank}.json.tmp"
+        tmp.write_text(json.dumps(result))
+        tmp.rename(self.run_dir / f"result-{self.rank}.json")
+
+
+def timed_step(rec: Recorder, step: int, model, optimizer, batch, lr_groups, spec) -> float:
+    """One inner step (forward, backward, clip, optimizer); returns the training loss."""
+    t0 = time.perf_counter()
+    for group in lr_groups:
+        group["lr"] = inner_lr(step, spec["lr"], spec["warmup_steps"])
+    loss = rec.workload.loss(model, batch)
+    loss.backward()
+    if spec["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    spent = time.perf_counter() - t0
+    rec.step_s.append(spent)
+    if spec.get("step_floor_s", 0) > spent:  # --quick: lets hivemind's averaging finish
+        time.sleep(spec["step_floor_s"] - spent)
+    return float(loss.detach())
+
+
+# ============================================================================ DDP
+
+
+def ddp_worker(spec: dict[str, Any]) -> None:
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, world = spec["rank"], spec["world"]
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=spec["timeout_s"]),
+    )  # fmt: skip
+    try:
+        workload = get_workload("bytelm", **spec["workload"])
+        model = workload.build_model(spec["seed"])
+        ddp = DistributedDataParallel(model)
+        optimizer = make_adamw(ddp.parameters(), spec)
+        batches = workload.train_batches(spec["data_seed"], shard=rank, num_shards=world)
+        rec = Recorder(spec, workload, model)
+        steps = spec["steps"]
+        for step in range(steps):
+            timed_step(rec, step, ddp, optimizer, next(batches), optimizer.param_groups, spec)
+            if rank == 0 and ((step + 1) % spec["eval_every"] == 0 or step + 1 == steps):
+                rec.evaluate(step + 1)
+        rec.write(steps)
+    finally:
+        dist.destroy_process_group()
+
+
+# ============================================================================ DiLoCo
+
+
+def diloco_worker(spec: dict[str, Any]) -> None:
+    from comms.identity import Identity, Roster
+    from island.local_update import LocalUpdate
+    from island.sync import SyncConfig, SyncEngine
+
+    rank = spec["rank"]
+    workload = get_workload("bytelm", **spec["workload"])
+    model = workload.build_model(spec["seed"])
+    optimizer = make_adamw(model.parameters(), spec)
+    batches = workload.train_batches(spec["data_seed"], shard=rank, num_shards=spec["world"])
+    config = SyncConfig(
+        model_id=spec["model_id"], every=spec["H"], codec=spec["codec"], mode=spec["mode"],
+        sync_timeout_s=spec["timeout_s"], retry_interval_s=0.2, max_retry_interval_s=2.0,
+    )  # fmt: skip
+    identity = Identity.load(spec["key"])
+    engine = SyncEngine(config, identity, spec["address"], roster=Roster.load(spec["roster"]))
+    rec = Recorder(spec, workload, model)
+    lu = LocalUpdate(model, optimizer, engine=engine, flush_on_exit=False)
+    step = 0
+    try:
+        lu.start()
+        rec.barrier()
+        tokens = spec["workload"]["batch_size"] * spec["workload"]["context"]
+        while step < spec["steps"] and not rec.stopped():
+            timed_step(rec, step, model, optimizer, next(batches), optimizer.param_groups, spec)
+            step += 1
+            if lu.step(tokens=tokens) and rank == 0:
+                sync = engine.stats
+                # params == the anchor after a boundary: this is global version lu.version
+                rec.evaluate(
+                    step, version=lu.version, bytes_sent=sync["bytes_sent"],
+                    bytes_received=sync["bytes_received"], staleness=sync["last_staleness"],
+                )  # fmt: skip
+        stats = lu.stats
+        rec.write(step, lu=stats, boundary_s=stats["boundary_s"], blocked_s=stats["blocked_s"],
+                  rounds=stats["rounds"], bytes_sent=stats["sync"]["bytes_sent"],
+                  bytes_received=stats["sync"]["bytes_received"])  # fmt: skip
+    finally:
+        engine.close(timeout=5)
+
+
+# ============================================================================ hivemind
+
+
+def counting_compression(counter):
+    """A ``NoCompression`` that adds the size of every tensor part it serializes to
+    ``counter`` (a ``multiprocessing.Value`` shared with hivemind's averager process)."""
+    from hivemind.compression import NoCompression
+
+    class CountingNoCompression(NoCompression):
+        def compress(self, tensor, info, allow_inplace=False):
+            message = super().compress(tensor, info, allow_inplace)
+            with counter.get_lock():
+                counter.value += message.ByteSize()
+            return message
+
+    return CountingNoCompression()
+
+
+def _dht_peers(spec: dict[str, Any], dht) -> list[str]:
+    """Rank 0 publishes its multiaddrs in ``run_dir/dht.json``; the others wait for them."""
+    path = Path(spec["run_dir"]) / "dht.json"
+    if spec["rank"] == 0:
+        path.write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
+        return []
+    deadline = time.monotonic() + spec["timeout_s"]
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not publish its DHT address in {path}")
+        time.sleep(0.05)
+    return json.loads(path.read_text())
+
+
+def hivemind_worker(spec: dict[str, Any]) -> None:
+    import multiprocessing as mp
+
+    import hivemind
+
+    rank, world, h = spec["rank"], spec["world"], spec["H"]
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    if rank == 0:
+        dht = hivemind.DHT(start=True, host_maddrs=listen)
+        _dht_peers(spec, dht)
+    else:
+        dht = hivemind.DHT(start=True, host_maddrs=listen, initial_peers=_dht_peers(spec, None))
+    workload = get_workload("bytelm", **spec["workload"])
+    model = workload.build_model(spec["seed"])
+    batch_size = spec["workload"]["batch_size"]
+    allreduce_out = mp.Value("q", 0)
+    state_out = mp.Value("q", 0)
+    opt = hivemind.Optimizer(
+        dht=dht, run_id=spec["run_id"], target_batch_size=world * batch_size * h,
+        batch_size_per_step=batch_size, params=model.parameters(),
+        optimizer=lambda params: make_adamw(params, spec), use_local_updates=True,
+        matchmaking_time=spec["matchmaking_time"], averaging_timeout=spec["averaging_timeout"],
+        state_averaging_compression=counting_compression(allreduce_out),
+        load_state_compression=counting_compression(state_out), verbose=False,
+    )  # fmt: skip
+    lr_groups = opt.state_averager.optimizer.param_groups  # the live groups (not copies)
+    batches = workload.train_batches(spec["data_seed"], shard=rank, num_shards=world)
+    rec = Recorder(spec, workload, model)
+    rec.barrier()
+    step = 0
+    while step < spec["steps"] and not rec.stopped():
+        timed_step(rec, step, model, opt, next(batches), lr_groups, spec)
+        step += 1
+        if rank == 0 and step % h == 0:
+            rec.evaluate(step, epoch=opt.local_epoch, allreduce_out=allreduce_out.value,
+                         state_out=state_out.value)  # fmt: skip
+    rec.write(step, epoch=opt.local_epoch, allreduce_out=allreduce_out.value,
+              state_out=state_out.value)  # fmt: skip
+    # the result is written: the launcher may kill this process group from here on
+    opt.shutdown()
+    dht.shutdown()
+
+
+WORKERS = {"ddp": ddp_worker, "diloco": diloco_worker, "hivemind": hivemind_worker}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    torch.set_num_threads(spec.get("threads", 1))
+    WORKERS[spec["method"]](spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

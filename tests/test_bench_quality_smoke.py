@@ -1,0 +1,83 @@
+"""Smoke test of ``scripts/bench_quality.py --quick``: every method (DDP over gloo, synchronous
+DiLoCo and Archipelago against a real aggregator process, hivemind peers) trains, and every
+figure of the JSON and both plots are produced."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(240)
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_quality.py"
+KEYS = {"final_loss", "steps", "bytes_per_island", "bytes_to_target", "seconds_to_target"}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _check_method(name, entry, target):
+    assert "error" not in entry, (name, entry.get("error"))
+    assert entry.keys() >= KEYS, name
+    assert set(entry["seconds_to_target"]) == {"100", "10"}, name
+    assert _positive(entry["final_loss"]) and entry["final_loss"] < 6.0, name  # below ln 256
+    assert _positive(entry["bytes_per_island"]), name  # every method communicated
+    assert entry["steps"] >= 10, name
+    reached = entry["bytes_to_target"] is not None
+    assert reached == (entry["steps_to_target"] is not None), name
+    for seconds in entry["seconds_to_target"].values():  # null exactly when never reached
+        assert (seconds is not None) == reached and (seconds is None or _positive(seconds))
+    if reached:
+        point = next(p for p in entry["curve"] if p["step"] == entry["steps_to_target"])
+        assert point["loss"] <= target and point["bytes"] == entry["bytes_to_target"]
+    steps = [p["step"] for p in entry["curve"]]
+    assert steps == sorted(steps) and len(steps) >= 2, name
+    sent = [p["bytes"] for p in entry["curve"]]
+    assert sent == sorted(sent), name  # cumulative counters only grow
+
+
+def test_quick_benchmark_runs_every_method_and_writes_every_figure(tmp_path):
+    out = tmp_path / "quality.json"
+    args = ["--quick", "--no-netns", "--json", str(out), "--workdir", str(tmp_path / "work")]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    target = doc["target_loss"]
+    assert _positive(target)
+    ddp = doc["ddp"]
+    assert ddp["final_loss"] == target and ddp["steps"] == doc["config"]["S"]
+    assert ddp["bytes_to_target"] is not None and ddp["ddp_bytes_ratio"] == 1.0
+    methods = {"ddp": ddp, "sync_diloco": doc["sync_diloco"], "hivemind": doc["hivemind"]}
+    assert set(doc["archipelago"]) == {"int8_H10", "int4_H10"}
+    methods.update({f"archipelago {k}": v for k, v in doc["archipelago"].items()})
+    for name, entry in methods.items():
+        _check_method(name, entry, target)
+    assert doc["hivemind"]["measured"]["epochs"][0] >= 1  # hivemind really averaged
+    for path in doc["plots"].values():
+        png = Path(path)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        png.unlink()
+    assert {"date", "machine", "command"} <= doc["meta"].keys()
+    assert any("MODELLED" in note for note in doc["notes"])
+    assert "archipelago int4_H10" in run.stdout and "target loss" in run.stdout
+    assert not _processes_mentioning(str(tmp_path))  # workers, peers, aggregator: all gone
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return found
