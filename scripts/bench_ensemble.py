@@ -1,0 +1,700 @@
+"""Benchmark expert mode: K experts plus a learned router against a compute-matched monolith.
+
+For each workload (``bytelm`` and ``flow``), at equal total training FLOPs:
+
+1. Partition the training data into K clusters (bytelm: c-BTM's TF-IDF -> SVD -> L2 ->
+   balanced k-means over files; flow: balanced k-means on the pixels) and assign every
+   held-out document or image to its nearest centroid.
+2. Train a monolith on all the data at batch ``B`` for ``S`` steps, and K experts in isolation,
+   each on its cluster only for the same ``S`` steps at batches that sum to ``B``: Decentralized
+   Diffusion Models' split of the monolith's batch across the experts (McAllister et al. 2025),
+   so the experts' FLOPs sum to the monolith's. By default (``--split proportional``) expert k
+   gets the share of the batch that comes from cluster k in the monolith's draws (its share of
+   the bytes for text, of the images for flow); ``--split equal`` gives each ``B / K``.
+3. Train the router by cross-entropy against the cluster label (bytelm: ``PrefixRouter`` on
+   the bytes so far, with c-BTM's non-parametric router as a baseline; flow: ``FlowRouter`` on
+   ``(x_t, t)``), and measure its held-out accuracy (bytelm by position in the window; flow by
+   noise level ``t``).
+4. Held-out loss of the monolith, of each expert alone on all held-out data, and of the
+   ensemble under ``full``, ``top_k:2`` and ``top1`` (bytelm: mean next-byte NLL in nats per
+   byte over fixed validation windows; flow: flow-matching MSE at fixed noise draws).
+5. flow only: sample quality as a Frechet distance (the FID formula of Heusel et al. 2017)
+   between generated samples and the held-out digits, in the penultimate-layer features of a
+   small MLP digit classifier trained here; the train-versus-held-out distance is the floor.
+   Every method samples the same number of images from the same noise with the same Euler
+   steps.
+6. Router overhead: wall time of one router forward over one expert forward on the same batch
+   (best of several repeats, no_grad), and the same ratio in FLOPs.
+
+Targets (the experts-and-router issue): a sparse ensemble (top-1 or top-2) beats the
+monolith (lower held-out loss on bytelm, lower Frechet distance on flow); router overhead at
+most 5%. Each workload's ``targets`` entry says whether they were met.
+
+Everything runs in this process, on one CPU thread by default (``--threads``)::
+
+    python scripts/bench_ensemble.py [--quick] [--only bytelm|flow] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread for numpy/scikit-learn as well: set before they load their thread pools.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import itertools  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import timeit  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import format_table, write_json  # noqa: E402
+
+from island.workloads import Workload, get_workload  # noqa: E402
+from island.workloads.flow import model_velocity  # noqa: E402
+from island.workloads.flow import sample as flow_sample  # noqa: E402
+from router.ensemble import EnsembleModel  # noqa: E402
+from router.models import CbtmRouter, FlowRouter, PrefixRouter, expert_forward_flops  # noqa: E402
+from router.partition import Partition, TextPartitioner, VectorPartitioner  # noqa: E402
+from router.training import (  # noqa: E402
+    accuracy_by_noise,
+    held_out_labels,
+    pack_texts,
+    router_accuracy,
+    sample_document_windows,
+    train_router,
+)
+
+RULES = {"full": "full", "top2": "top_k:2", "top1": "top1"}
+OVERHEAD_TARGET = 0.05
+POSITION_EDGES = (0, 4, 16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes and step counts of one workload's run (identical for monolith and experts)."""
+
+    model: dict[str, Any]  # workload config keys for every model (monolith and experts)
+    batch: int  # monolith batch; the experts' batches sum to it
+    steps: int  # optimizer steps of the monolith and of each expert
+    lr: float  # AdamW peak learning rate (linear warmup, cosine decay to 10%)
+    router: dict[str, Any]  # router constructor keywords
+    router_steps: int
+    router_batch: int
+    router_lr: float
+    eval_batch: int  # validation windows or images per batch
+    eval_batches: int
+    overhead_batch: int  # rows of the batch timed for the router overhead
+    samples: int = 0  # flow: images generated per method (0: as many as training images)
+    sample_steps: int = 0  # flow: Euler steps per sample
+    classifier_steps: int = 0  # flow: steps of the digit classifier for the Frechet features
+
+
+# fmt: off
+FULL_PLANS = {
+    "bytelm": Plan(
+        model={"d_model": 128, "n_layer": 2, "n_head": 4, "context": 64}, batch=32, steps=600,
+        lr=2e-3, router={"d_model": 32, "n_layers": 2, "kernel_size": 4, "context": 64},
+        router_steps=1500, router_batch=64, router_lr=3e-3, eval_batch=32, eval_batches=8,
+        overhead_batch=32,
+    ),
+    "flow": Plan(
+        model={"hidden": 512, "n_blocks": 3}, batch=256, steps=800, lr=1e-3,
+        router={"hidden": 128, "depth": 3}, router_steps=2500, router_batch=256, router_lr=2e-3,
+        eval_batch=256, eval_batches=8, overhead_batch=512, samples=1000, sample_steps=40,
+        classifier_steps=1500,
+    ),
+}
+QUICK_PLANS = {
+    "bytelm": Plan(
+        model={"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32}, batch=8, steps=15,
+        lr=2e-3, router={"d_model": 16, "n_layers": 1, "kernel_size": 4, "context": 32},
+        router_steps=15, router_batch=16, router_lr=3e-3, eval_batch=8, eval_batches=2,
+        overhead_batch=8,
+    ),
+    "flow": Plan(
+        model={"hidden": 32, "n_blocks": 1}, batch=32, steps=30, lr=1e-3,
+        router={"hidden": 32, "depth": 2}, router_steps=30, router_batch=64, router_lr=2e-3,
+        eval_batch=64, eval_batches=2, overhead_batch=64, samples=200, sample_steps=8,
+        classifier_steps=100,
+    ),
+}
+# fmt: on
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    """Linear warmup over the first 5% of steps, then cosine decay to 10% of ``peak``."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train_model(workload: Workload, model: nn.Module, batches, steps: int, lr: float) -> float:
+    """AdamW on ``workload.loss`` for ``steps`` batches; returns the mean loss of the last 10%."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
+        loss = workload.loss(model, next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return float(np.mean(losses[-max(1, steps // 10) :]))
+
+
+def split_batch(batch: int, shares: Sequence[float]) -> list[int]:
+    """Split ``batch`` rows in proportion to ``shares`` (largest remainder), at least one row
+    each, summing to ``batch``."""
+    shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
+    if batch < len(shares):
+        raise ValueError(f"a batch of {batch} cannot give each of {len(shares)} experts a row")
+    exact = 1 + shares * (batch - len(shares))
+    sizes = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - sizes), kind="stable")
+    sizes[order[: batch - sizes.sum()]] += 1
+    return sizes.tolist()
+
+
+@dataclasses.dataclass
+class Trained:
+    monolith: nn.Module
+    experts: list[nn.Module]
+    expert_batches: list[int]
+    train_flops: dict[str, float]
+    final_train_loss: dict[str, Any]
+
+
+def train_compute_matched(
+    name: str, plan: Plan, labels: np.ndarray, shares: Sequence[float], split: str, seed: int
+) -> Trained:
+    """The monolith at batch B on all documents for S steps, and K experts on their clusters
+    for S steps at batches summing to B: equal total training FLOPs. ``split="proportional"``
+    gives expert k the rows of the monolith's batch that come from cluster k on average
+    (``B * shares[k]``); ``split="equal"`` gives every expert ``B / K``."""
+    k = len(shares)
+    batches = split_batch(plan.batch, shares if split == "proportional" else np.ones(k))
+    monolith_wl = get_workload(name, batch_size=plan.batch, **plan.model)
+    started = time.perf_counter()
+    monolith = monolith_wl.build_model(seed)
+    mono_loss = train_model(
+        monolith_wl, monolith, monolith_wl.train_batches(seed), plan.steps, plan.lr
+    )
+    print(f"  monolith trained in {time.perf_counter() - started:.0f} s", flush=True)
+    experts, expert_loss, expert_flops = [], [], 0.0
+    for cluster, batch in enumerate(batches):
+        started = time.perf_counter()
+        expert_wl = get_workload(name, batch_size=batch, **plan.model)
+        members = np.flatnonzero(labels == cluster).tolist()
+        expert = expert_wl.build_model(seed)
+        data = expert_wl.train_batches(seed + 1 + cluster, doc_indices=members)
+        expert_loss.append(train_model(expert_wl, expert, data, plan.steps, plan.lr))
+        experts.append(expert)
+        expert_flops += expert_wl.flops_per_step() * plan.steps
+        print(
+            f"  expert {cluster} (batch {batch}) trained in {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+    flops = {"monolith": monolith_wl.flops_per_step() * plan.steps, "experts": expert_flops}
+    losses = {"monolith": mono_loss, "experts": expert_loss}
+    return Trained(monolith, experts, batches, flops, losses)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def ensemble_of(name: str, experts: Sequence[nn.Module], router: nn.Module, rule: str):
+    parts = {f"expert{i}": m for i, m in enumerate(experts)}
+    return EnsembleModel.from_parts(name, parts, router, rule).eval()
+
+
+def ensemble_losses(eval_wl: Workload, experts, router, batches: int) -> dict[str, float]:
+    """Held-out loss of the ensemble under each rule (``workload.loss`` of an ensemble is its
+    NLL for bytelm, whose forward gives normalised log-probabilities, and its velocity MSE for
+    flow)."""
+    return {
+        key: eval_wl.validation_loss(ensemble_of(eval_wl.name, experts, router, rule), batches)
+        for key, rule in RULES.items()
+    }
+
+
+def own_cluster_losses(eval_wl: Workload, models: list, val_labels, batches: int) -> list:
+    """Model ``i`` on the held-out documents of cluster ``i`` (None where there are none)."""
+    out = []
+    for cluster, model in enumerate(models):
+        docs = np.flatnonzero(val_labels == cluster).tolist()
+        out.append(eval_wl.validation_loss(model, batches, doc_indices=docs) if docs else None)
+    return out
+
+
+def best_seconds(fn: Callable[[], Any], repeats: int = 7, number: int = 5) -> float:
+    """Best-of-``repeats`` wall seconds of one call (each repeat averages ``number`` calls)."""
+    with torch.no_grad():
+        fn()  # warm up
+        return min(timeit.repeat(fn, number=number, repeat=repeats)) / number
+
+
+def overhead(router_fn: Callable[[], Any], expert_fn: Callable[[], Any]) -> dict[str, float]:
+    router_s, expert_s = best_seconds(router_fn), best_seconds(expert_fn)
+    return {"fraction": router_s / expert_s, "router_s": router_s, "expert_s": expert_s}
+
+
+@torch.no_grad()
+def prefix_accuracy(router: nn.Module, documents, labels, length: int, samples: int, seed: int):
+    """Held-out accuracy of a prefix router: overall, and by position in a window of
+    ``length`` bytes drawn inside one document (position i has seen i + 1 bytes)."""
+    data, offsets = pack_texts([bytes(d.content) for d in documents])
+    rng = np.random.default_rng([seed, 13])
+    windows, mask, docs = sample_document_windows(rng, data, offsets, samples, length)
+    hits = np.zeros_like(mask)
+    for start in range(0, samples, 128):
+        chunk = torch.from_numpy(windows[start : start + 128])
+        predicted = router.prefix_probabilities(chunk).argmax(dim=-1).cpu().numpy()
+        hits[start : start + 128] = predicted == np.asarray(labels)[docs[start : start + 128], None]
+    hits &= mask
+    bands = []
+    edges = [e for e in POSITION_EDGES if e < length] + [length]
+    for lo, hi in itertools.pairwise(edges):
+        bands.append(
+            {
+                "pos_lo": lo,
+                "pos_hi": hi,
+                "accuracy": float(hits[:, lo:hi].sum()) / max(1, int(mask[:, lo:hi].sum())),
+            }
+        )
+    return {"overall": float(hits.sum() / mask.sum()), "by_position": bands}
+
+
+# --- Frechet distance in a digit classifier's feature space -----------------------------------
+
+
+class DigitClassifier(nn.Module):
+    """MLP on 8x8 digits, (B, 64) -> (B, 10); ``features`` is its penultimate layer."""
+
+    def __init__(self, hidden: int = 128, features: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, features), nn.SiLU()
+        )
+        self.head = nn.Linear(features, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32).reshape(len(images), 64))
+        return self.body(x).double().numpy()
+
+
+def train_digit_classifier(images: np.ndarray, labels: np.ndarray, steps: int, seed: int):
+    """AdamW, batch 128, light Gaussian input noise so features stay sane on imperfect samples."""
+    torch.manual_seed(seed)
+    model = DigitClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-3)
+    rng = np.random.default_rng([seed, 17])
+    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
+    for _ in range(steps):
+        rows = torch.from_numpy(rng.integers(0, len(images), size=128))
+        x = x_all[rows] + 0.1 * torch.randn(len(rows), 64)
+        loss = F.cross_entropy(model(x), y_all[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))`` of two feature sets (n, D)."""
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(root).all():  # near-singular product: regularise both sides
+        eps = 1e-6 * np.eye(len(cov_a))
+        root = scipy.linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    root = np.real(root)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * root))
+
+
+# --- the two workloads ------------------------------------------------------------------------
+
+
+def common_figures(eval_wl, trained: Trained, router, val_labels, plan: Plan) -> dict:
+    """Held-out losses of the monolith, each expert alone, each ensemble rule, and per cluster."""
+    n = plan.eval_batches
+    return {
+        "monolith_loss": eval_wl.validation_loss(trained.monolith, n),
+        "expert_losses": [eval_wl.validation_loss(m, n) for m in trained.experts],
+        "ensemble": ensemble_losses(eval_wl, trained.experts, router, n),
+        "expert_own_cluster_losses": own_cluster_losses(eval_wl, trained.experts, val_labels, n),
+        "monolith_cluster_losses": own_cluster_losses(
+            eval_wl, [trained.monolith] * len(trained.experts), val_labels, n
+        ),
+    }
+
+
+def fit_router(router, eval_wl, labels, plan: Plan, seed: int, seconds: dict):
+    clock = time.perf_counter()
+    metrics = train_router(
+        router, eval_wl, labels, plan.router_steps, plan.router_batch, plan.router_lr, seed
+    )
+    seconds["train_router"] = time.perf_counter() - clock
+    print(f"  router trained in {seconds['train_router']:.0f} s", flush=True)
+    return router.eval(), metrics
+
+
+def bytelm_benchmark(plan: Plan, k: int, split: str, seed: int) -> dict[str, Any]:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    eval_wl = get_workload("bytelm", batch_size=plan.eval_batch, **plan.model)
+    train_docs, val_docs = eval_wl.documents(), eval_wl.validation_documents()
+    partition = TextPartitioner(k, balanced=True, seed=seed).fit([d.content for d in train_docs])
+    val_labels = held_out_labels(partition, val_docs)
+    print(partition.report([d.id for d in train_docs], examples=2), flush=True)
+    # the monolith draws windows uniformly over bytes, so a cluster's share is its bytes
+    sizes = np.array([len(d.content) for d in train_docs], dtype=np.float64)
+    shares = np.bincount(partition.labels, weights=sizes, minlength=k)
+    seconds["partition"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    trained = train_compute_matched("bytelm", plan, partition.labels, shares, split, seed)
+    seconds["train_models"] = time.perf_counter() - clock
+    torch.manual_seed(seed)
+    router, metrics = fit_router(
+        PrefixRouter(k, **plan.router), eval_wl, partition.labels, plan, seed, seconds
+    )
+    cbtm = CbtmRouter(partition)
+
+    clock = time.perf_counter()
+    length, samples = plan.model["context"], 4 * plan.eval_batch * plan.eval_batches
+    accuracy = prefix_accuracy(router, val_docs, val_labels, length, samples, seed)
+    result = {
+        "loss_unit": "nats per byte (mean next-byte NLL over fixed held-out windows)",
+        **common_figures(eval_wl, trained, router, val_labels, plan),
+    }
+    seconds["evaluate"] = time.perf_counter() - clock
+
+    idx = next(eval_wl.train_batches(seed + 99)).inputs[: plan.overhead_batch]
+    expert = trained.experts[0]
+    timing = overhead(lambda: router.prefix_probabilities(idx), lambda: expert(idx))
+    cbtm_timing = overhead(lambda: cbtm.prefix_probabilities(idx), lambda: expert(idx))
+    clock = time.perf_counter()
+    result["cbtm"] = {
+        "ensemble": ensemble_losses(eval_wl, trained.experts, cbtm, plan.eval_batches),
+        "router_accuracy": prefix_accuracy(cbtm, val_docs, val_labels, length, samples, seed),
+        "router_overhead": cbtm_timing["fraction"],
+    }
+    seconds["evaluate_cbtm"] = time.perf_counter() - clock
+    timing.update(batch=list(idx.shape))
+    timing.update(flops_fraction=router.flops_per_forward() / expert_forward_flops(eval_wl))
+    extra = {"train_bytes": shares.astype(int).tolist()}
+    return finish(
+        result,
+        trained,
+        metrics,
+        accuracy,
+        timing,
+        partition,
+        val_labels,
+        extra,
+        plan,
+        split,
+        seconds,
+    )
+
+
+def flow_benchmark(plan: Plan, k: int, split: str, seed: int) -> dict[str, Any]:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    eval_wl = get_workload("flow", batch_size=plan.eval_batch, **plan.model)
+    partition = VectorPartitioner(k, balanced=True, seed=seed).fit(eval_wl.train_images)
+    val_labels = held_out_labels(partition, eval_wl.validation_documents())
+    seconds["partition"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    trained = train_compute_matched("flow", plan, partition.labels, partition.sizes, split, seed)
+    seconds["train_models"] = time.perf_counter() - clock
+    torch.manual_seed(seed)
+    router, metrics = fit_router(
+        FlowRouter(k, **plan.router), eval_wl, partition.labels, plan, seed, seconds
+    )
+
+    clock = time.perf_counter()
+    per_bin = max(256, plan.eval_batch * plan.eval_batches // 2)
+    bands = accuracy_by_noise(
+        router, eval_wl, val_labels, bins=10, samples_per_bin=per_bin, seed=seed
+    )
+    accuracy = {
+        "overall": router_accuracy(router, eval_wl, val_labels, samples=5 * per_bin, seed=seed),
+        "by_noise": [{"t_lo": lo, "t_hi": hi, "accuracy": acc} for lo, hi, acc in bands],
+    }
+    result = {
+        "loss_unit": "flow-matching MSE per pixel at fixed held-out noise draws and times",
+        **common_figures(eval_wl, trained, router, val_labels, plan),
+    }
+    seconds["evaluate"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    result.update(frechet_figures(eval_wl, trained, router, partition, plan, seed))
+    seconds["sample_and_frechet"] = time.perf_counter() - clock
+
+    x = torch.from_numpy(eval_wl.train_images[: plan.overhead_batch].copy())
+    x, t = x + torch.randn_like(x), torch.rand(len(x))
+    expert = trained.experts[0]
+    timing = overhead(lambda: router.probabilities(x, t), lambda: expert(x, t))
+    timing.update(batch=list(x.shape))
+    timing.update(flops_fraction=router.flops_per_forward() / expert_forward_flops(eval_wl))
+    extra = {
+        "digit_classes_per_cluster": [
+            np.bincount(eval_wl.train_labels[partition.labels == c], minlength=10).tolist()
+            for c in range(k)
+        ]
+    }
+    return finish(
+        result,
+        trained,
+        metrics,
+        accuracy,
+        timing,
+        partition,
+        val_labels,
+        extra,
+        plan,
+        split,
+        seconds,
+    )
+
+
+def frechet_figures(
+    eval_wl, trained: Trained, router, partition: Partition, plan: Plan, seed: int
+) -> dict[str, Any]:
+    """Sample every method from the same noise and score it against the held-out digits; the
+    floor scores as many training digits (drawn once) against the same held-out set."""
+    classifier = train_digit_classifier(
+        eval_wl.train_images, eval_wl.train_labels, plan.classifier_steps, seed
+    )
+    with torch.no_grad():
+        predicted = classifier(torch.from_numpy(eval_wl.val_images)).argmax(dim=1).numpy()
+    held_out = classifier.features(eval_wl.val_images)
+    n = min(plan.samples or len(eval_wl.train_images), len(eval_wl.train_images))
+    floor_rows = np.random.default_rng([seed, 19]).permutation(len(eval_wl.train_images))[:n]
+    shares: dict[str, list[float]] = {}
+
+    def score(key: str, images: np.ndarray) -> float:
+        images = np.clip(images.reshape(len(images), -1), -1.0, 1.0)
+        shares[key] = (np.bincount(partition.assign(images), minlength=partition.k) / n).tolist()
+        return frechet_distance(classifier.features(images), held_out)
+
+    def sample_model(model: nn.Module) -> np.ndarray:
+        return flow_sample(model_velocity(model), n, plan.sample_steps, seed)
+
+    frechet = {"monolith": score("monolith", sample_model(trained.monolith))}
+    calls = {}
+    for key, rule in RULES.items():
+        ensemble = ensemble_of("flow", trained.experts, router, rule)
+        frechet[key] = score(key, ensemble.sample(n, plan.sample_steps, seed))
+        calls[key] = ensemble.expert_calls / plan.sample_steps
+    frechet["floor"] = score("floor", eval_wl.train_images[floor_rows])
+    experts_alone = [score(f"expert{i}", sample_model(m)) for i, m in enumerate(trained.experts)]
+    return {
+        "frechet": frechet,
+        "expert_frechet": experts_alone,
+        "frechet_detail": {
+            "samples": n,
+            "euler_steps": plan.sample_steps,
+            "held_out_images": len(eval_wl.val_images),
+            "classifier_held_out_accuracy": float((predicted == eval_wl.val_labels).mean()),
+            "features": "penultimate layer (32 SiLU units) of a 64-128-32-10 MLP",
+            "expert_calls_per_step": calls,
+            "cluster_shares": shares,  # nearest-centroid cluster of each sample set
+            "training_cluster_shares": (partition.sizes / partition.sizes.sum()).tolist(),
+        },
+    }
+
+
+def finish(
+    result, trained, metrics, accuracy, timing, partition, val_labels, extra, plan, split, seconds
+) -> dict[str, Any]:
+    """Add the router figures, the settings, the timings and whether the targets were met."""
+    accuracy["train"] = metrics.train_accuracy
+    result.update(
+        router_overhead=timing["fraction"],
+        router_overhead_detail=timing,
+        train_flops={**trained.train_flops, "router": metrics.train_flops},
+        router_accuracy=accuracy,
+        final_train_loss=trained.final_train_loss,
+        expert_batches=trained.expert_batches,
+        partition={
+            "sizes": partition.sizes.tolist(),
+            "held_out_sizes": np.bincount(val_labels, minlength=partition.k).tolist(),
+            **extra,
+        },
+    )
+    if "frechet" in result:
+        measure, monolith, sparse = "frechet", result["frechet"]["monolith"], result["frechet"]
+    else:
+        measure, monolith, sparse = "held-out loss", result["monolith_loss"], result["ensemble"]
+    best_sparse = min(sparse["top1"], sparse["top2"])
+    result["targets"] = {
+        "measure": measure,
+        "sparse_ensemble_beats_monolith": bool(best_sparse < monolith),
+        "best_sparse_over_monolith": best_sparse / monolith,
+        "router_overhead_at_most_5pct": bool(result["router_overhead"] <= OVERHEAD_TARGET),
+    }
+    result["settings"] = {**dataclasses.asdict(plan), "split": split}
+    result["seconds"] = seconds
+    return result
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def print_tables(results: dict[str, dict], k: int, threads: int) -> None:
+    for name, r in results.items():
+        plan, flow = r["settings"], name == "flow"
+        frechet = r.get("frechet", {})
+
+        def fd(key: str, frechet=frechet) -> list:
+            return [frechet[key]] if frechet else []
+
+        rows = [["monolith", r["monolith_loss"], *fd("monolith")]]
+        for i, loss in enumerate(r["expert_losses"]):
+            rows.append([f"expert {i} alone", loss, *([r["expert_frechet"][i]] if flow else [])])
+        router_name = "FlowRouter" if flow else "PrefixRouter"
+        rows += [[f"ensemble {key} ({router_name})", r["ensemble"][key], *fd(key)] for key in RULES]
+        if flow:
+            rows.append(["floor: train vs held-out digits", None, r["frechet"]["floor"]])
+        else:
+            rows += [
+                [f"ensemble {key} (c-BTM router)", r["cbtm"]["ensemble"][key]] for key in RULES
+            ]
+        print(f"\n{name}: K={k} experts vs a compute-matched monolith ({r['loss_unit']})")
+        print(format_table(["model", "held-out loss", *(["Frechet"] if flow else [])], rows))
+        per_cluster = zip(r["monolith_cluster_losses"], r["expert_own_cluster_losses"], strict=True)
+        print(
+            "per held-out cluster, monolith vs its expert: "
+            + ", ".join(
+                f"{i}: {m:.3f} vs {e:.3f}" for i, (m, e) in enumerate(per_cluster) if m is not None
+            )
+        )
+        acc, flops, detail, t = (
+            r["router_accuracy"],
+            r["train_flops"],
+            r["router_overhead_detail"],
+            r["targets"],
+        )
+        if flow:
+            bands = [
+                f"t {b['t_lo']:.1f}-{b['t_hi']:.1f}: {b['accuracy']:.2f}" for b in acc["by_noise"]
+            ]
+            shares = r["frechet_detail"]["cluster_shares"]
+            print(
+                "samples per cluster: "
+                + "; ".join(
+                    f"{key} {[round(v, 2) for v in shares[key]]}"
+                    for key in ("floor", "monolith", *RULES)
+                )
+            )
+        else:
+            bands = [
+                f"pos {b['pos_lo']}-{b['pos_hi'] - 1}: {b['accuracy']:.2f}"
+                for b in acc["by_position"]
+            ]
+            cbtm = r["cbtm"]
+            print(
+                f"c-BTM router: held-out accuracy {cbtm['router_accuracy']['overall']:.3f}, "
+                f"overhead {cbtm['router_overhead']:.1%} of an expert forward"
+            )
+        print(
+            f"router held-out accuracy {acc['overall']:.3f} (chance {1 / k:.2f}); "
+            + ", ".join(bands)
+        )
+        print(
+            f"router overhead {r['router_overhead']:.1%} of one expert forward (wall, batch "
+            f"{detail['batch']}), {detail['flops_fraction']:.1%} in FLOPs; train FLOPs: "
+            f"monolith {flops['monolith']:.3g}, experts {flops['experts']:.3g}, router "
+            f"{flops['router']:.3g} ({flops['router'] / flops['experts']:.1%} of experts)"
+        )
+        print(
+            f"targets: sparse ensemble beats monolith on {t['measure']}: "
+            f"{_yes(t['sparse_ensemble_beats_monolith'])} (best sparse / monolith = "
+            f"{t['best_sparse_over_monolith']:.3f}); router overhead <= 5%: "
+            f"{_yes(t['router_overhead_at_most_5pct'])}"
+        )
+        sampling = (
+            f"; {r['frechet_detail']['samples']} samples x {plan['sample_steps']} Euler steps"
+            if flow
+            else ""
+        )
+        print(
+            f"settings: model {plan['model']}; monolith batch {plan['batch']}, expert batches "
+            f"{r['expert_batches']} ({plan['split']} split), {plan['steps']} steps each, AdamW "
+            f"lr {plan['lr']}; router {plan['router']}, {plan['router_steps']} steps x "
+            f"{plan['router_batch']}; eval {plan['eval_batches']} x {plan['eval_batch']}"
+            f"{sampling}; {threads} torch thread(s); seconds: "
+            + ", ".join(f"{key} {value:.0f}" for key, value in r["seconds"].items())
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models and few steps (smoke test)")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--only", choices=["bytelm", "flow"], help="run one workload")
+    p.add_argument("--k", type=int, default=4, help="number of experts (clusters)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--split",
+        choices=["proportional", "equal"],
+        default="proportional",
+        help="how the monolith's batch is split across the experts (by cluster share, or B/K)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plans = QUICK_PLANS if args.quick else FULL_PLANS
+    runners = {"bytelm": bytelm_benchmark, "flow": flow_benchmark}
+    results = {}
+    started = time.perf_counter()
+    for name in [args.only] if args.only else list(runners):
+        print(f"== {name}", flush=True)
+        results[name] = runners[name](plans[name], args.k, args.split, args.seed)
+    print_tables(results, args.k, args.threads)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    write_json(args.json, {**results, "k": args.k, "quick": args.quick})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
