@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # CPU build of torch by default. On a GPU machine: make TORCH_SPEC="torch" (or a CUDA wheel of your choice).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint format venv bench clean
+.PHONY: demo demo-comms test lint format venv bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
+	$(BIN)/python scripts/federation.py
+
+# The comms layer alone: DHT discovery, signed int8 pushes over shaped links, rejections.
+demo-comms: venv
 	$(BIN)/python scripts/demo.py
 
 lint: venv

@@ -184,7 +184,7 @@ class Island:
             return self._train()
         finally:
             if self.engine is not None:
-                self.engine.close(timeout=30)
+                self.engine.close(timeout=self.config.sync.close_timeout_s)
             self.loop.stop()
             self.group.close()
 
@@ -264,7 +264,7 @@ class Island:
             if progress is not None:
                 progress.close()
             if self.engine is not None:
-                self.engine.close(timeout=30)
+                self.engine.close(timeout=self.config.sync.close_timeout_s)
             if snapshotter is not None:
                 self._snapshot(model, optimizer, batches, snapshotter)
                 snapshotter.close()

@@ -43,6 +43,7 @@ the daemon has one code path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -170,6 +171,10 @@ class TorchRankGroup(RankGroup):
 
     def close(self) -> None:
         if self._dist.is_initialized():
+            # every rank reaches this point before any tears its sockets down: a rank leaving
+            # while another still talks to it aborts the process inside gloo
+            with contextlib.suppress(RuntimeError):
+                self._dist.barrier()
             self._dist.destroy_process_group()
 
 

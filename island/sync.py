@@ -92,6 +92,7 @@ class SyncConfig:
     snapshot_timeout_s: float = 300.0  # longest wait for a snapshot download
     verify_versions: bool = True  # check version signatures (when a roster is configured)
     max_buffered_versions: int = 256  # versions held for the next boundary; beyond: snapshot
+    close_timeout_s: float = 30.0  # at shutdown, longest wait for pushes still in flight
     retry_interval_s: float = 1.0  # first wait before retrying a failed link (then doubles)
     max_retry_interval_s: float = 30.0  # cap of that backoff
 

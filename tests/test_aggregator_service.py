@@ -263,9 +263,12 @@ async def test_leaf_finds_its_parent_in_the_dht(tmp_path):
     from comms.discovery import Discovery
 
     fed = make_federation(tmp_path, 2)
-    root_disco = await asyncio.to_thread(Discovery.start, fed.aggregators["root"])
+    # generous timeouts: a DHT node starts a p2pd process, slow on a loaded machine
+    root_disco = await asyncio.to_thread(Discovery.start, fed.aggregators["root"], timeout=60)
     peers = await asyncio.to_thread(root_disco.bootstrap_addresses)
-    leaf_disco = await asyncio.to_thread(Discovery.start, fed.aggregators["leaf0"], peers)
+    leaf_disco = await asyncio.to_thread(
+        Discovery.start, fed.aggregators["leaf0"], peers, timeout=60
+    )
     root = AggregatorService(fed.config("root", "root", buffer_k=1), discovery=root_disco)
     leaf = None
     try:

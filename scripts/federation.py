@@ -1,0 +1,649 @@
+"""The main job: one command runs a whole local federation and ends with a report.
+
+    python scripts/federation.py [--quick] [--islands N] [--workload bytelm|flow]
+                                 [--data PATH] [--out DIR] [--netns]
+
+Every participant is a separate OS process started through its own command line with a
+generated TOML config and Ed25519 key, exactly as on separate machines:
+
+- ``aggregator serve``: a root that also hosts the DHT bootstrap (``dht = true``), and two
+  leaves that join that DHT and find the root there;
+- ``island run``: N islands, each pushing to its leaf over a shaped link (the in-process token
+  bucket, default 10 Mbit/s and 50 ms; with ``--netns`` each island runs in its own network
+  namespace behind a ``tc``-shaped link instead, ``comms.netns``);
+- ``router partition / train / serve / eval`` for the expert phase and the ensemble.
+
+Phases: (1) local-update: N islands train one model with overlapped, staleness-aware sync
+(DiLoCo, Douillard et al. 2023; CO2, Sun et al. 2024), one island ``slowdown`` times slower so
+staleness is real; (2) experts: the corpus is clustered into N partitions (c-BTM, Gururangan et
+al. 2023), N islands each train an expert alone (Decentralized Diffusion Models, McAllister et
+al. 2025), the router is trained, and a monolith is trained on all data with the same total
+FLOPs (one more expert-mode island on a one-cluster partition); (3) ensemble: the ensemble is
+served and queried through ``router.Client`` and evaluated against the monolith. The report
+(``federation_report``) is written to OUT/report.{md,html,json}.
+
+Processes: each child runs in its own process group with ``PR_SET_PDEATHSIG`` = SIGTERM, so
+children die with the launcher even after ``kill -9``; at the end, on Ctrl+C or SIGTERM, they
+are stopped islands first, then leaves, then the root (SIGTERM, then SIGKILL after a grace
+period). ``OUT/processes.json`` lists every child's pid as it starts.
+
+Concurrency: the main thread starts every child (PDEATHSIG follows the thread that forked)
+and drives the phases; one reader thread per child copies its stdout into its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from federation_procs import Child, FederationError, Supervisor, tail
+from federation_report import Progress, phase_summary, write_report
+
+from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
+from comms.config import save_config
+from comms.identity import Identity, Roster
+from island.config import ExpertConfig, IslandConfig, LinkConfig, OptimConfig, SnapshotConfig
+from island.sync import SyncConfig
+from router.cli import EvalSection, PartitionSection, RouterConfig, RouterSection, WorkloadSection
+from router.server import LimitsConfig, ServeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = ".federation"
+NETNS_PREFIX = "fed"
+GLOBAL_CURVE_POINTS = 16  # versions of the global model evaluated for the report
+# --quick without --data trains on these standard-library packages only (about 1.5 MB).
+QUICK_PACKAGES = ("asyncio", "email", "xml", "http", "urllib", "json", "logging", "concurrent")
+MODEL_ID = "global"
+PROMPTS = ("import asyncio\n\nasync def ", "class HTTPServer(", "def __init__(self, ")
+
+
+@dataclass
+class Plan:
+    """Sizes of one run. The federation's bytelm is smaller than the workload's default
+    (0.8 M parameters) so that N islands and the aggregators share two cores."""
+
+    workload: str
+    model: dict[str, Any]
+    steps: int  # local-update inner steps of a full-speed island
+    every: int  # H: inner steps per round
+    slowdown: float  # the last island is this many times slower (and does steps / slowdown)
+    warmup: int
+    lr: float
+    expert_steps: int  # per expert; the monolith gets islands * expert_steps
+    router_steps: int
+    router_model: dict[str, Any]
+    partition: dict[str, Any]
+    eval_batches: int  # held-out batches of every validation loss in the run
+    deadline_s: float  # aggregator merge deadline
+    max_bytes: int  # bytes generated per prompt
+    codec: str = "int8"  # of the islands' pushes (the root publishes u_v in int8 too)
+    outer: str = "nesterov"  # the root's outer optimizer, with DiLoCo's lr and momentum
+    outer_params: dict[str, float] = field(default_factory=lambda: {"lr": 0.7, "momentum": 0.9})
+    rate_mbit: float = 10.0
+    latency_ms: float = 50.0
+    data: list[str] = field(default_factory=list)
+
+
+def quick_corpus() -> list[str]:
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [str(stdlib / p) for p in QUICK_PACKAGES if (stdlib / p).is_dir()]
+
+
+def make_plan(workload: str, quick: bool, data: list[str]) -> Plan:
+    if workload == "bytelm":
+        model = (
+            {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 8}
+            if quick
+            else {"d_model": 64, "n_layer": 2, "n_head": 4, "context": 64, "batch_size": 16}
+        )
+        model["data"] = data or (quick_corpus() if quick else [])
+        ctx = model["context"]
+        router_model = {
+            "d_model": 16 if quick else 32,
+            "n_layers": 1 if quick else 2,
+            "context": ctx,
+        }
+        part = {"svd_dims": 32, "n_init": 2, "max_features": 5000} if quick else {"n_init": 4}
+    else:
+        model = {"hidden": 64, "n_blocks": 1, "time_dim": 16} if quick else {"hidden": 128}
+        router_model, part = {}, {"n_init": 2 if quick else 4}
+    if quick:
+        return Plan(workload, model, steps=150, every=25, slowdown=2.5, warmup=20, lr=3e-3,
+                    expert_steps=150, router_steps=80, router_model=router_model,
+                    partition=part, eval_batches=2, deadline_s=1.5, max_bytes=32, data=data)  # fmt: skip
+    return Plan(workload, model, steps=800, every=50, slowdown=2.5, warmup=50, lr=3e-3,
+                expert_steps=500, router_steps=400, router_model=router_model, partition=part,
+                eval_batches=4, deadline_s=4.0, max_bytes=96, data=data)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the federation
+
+
+class Federation:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.n = args, args.islands
+        self.out = Path(args.out).resolve()
+        self.run_dir = self.out / "run"
+        self.plan = make_plan(
+            args.workload, args.quick, [str(Path(args.data).resolve())] if args.data else []
+        )
+        self.sup = Supervisor(self.out, REPO, NETNS_PREFIX)
+        self.facts: dict[str, Any] = {
+            "islands": self.n,
+            "workload": args.workload,
+            "quick": args.quick,
+        }
+        self.agg_http: dict[str, str] = {}
+
+    def path(self, *parts: str) -> str:
+        return str(self.run_dir.joinpath(*parts))
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self) -> None:
+        prepare_out_dir(self.out)
+        for sub in ("keys", "configs", "metrics", "state", "experts"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.out / "logs").mkdir(exist_ok=True)
+        roster = Roster()
+        names = [f"island{i}" for i in range(self.n)] + ["monolith"]
+        for name in names:
+            roster.add(
+                Identity.load_or_create(self.path("keys", f"{name}.pem")).public_key, "island", name
+            )
+        for name in ("root", "leaf0", "leaf1"):
+            roster.add(
+                Identity.load_or_create(self.path("keys", f"{name}.pem")).public_key,
+                "aggregator",
+                name,
+            )
+        roster.add(
+            Identity.load_or_create(self.path("keys", "router.pem")).public_key, "admin", "router"
+        )
+        roster.save(self.path("roster.json"))
+        if self.args.netns:
+            from comms import netns
+
+            cfg = netns.up(
+                self.n, self.plan.rate_mbit * 1e6, self.plan.latency_ms / 1e3, prefix=NETNS_PREFIX
+            )
+            print(f"netns: {self.n} links up ({cfg.backend}), {self.plan.rate_mbit:g} Mbit/s, "
+                  f"{self.plan.latency_ms:g} ms", flush=True)  # fmt: skip
+
+    def island_config(self, i: int, **overrides: Any) -> IslandConfig:
+        p = self.plan
+        slow = i == self.n - 1 and self.n > 1
+        cfg = IslandConfig(
+            name=f"island{i}", key=self.path("keys", f"island{i}.pem"), roster=self.path("roster.json"),
+            workload=p.workload, workload_config=p.model, seed=0, shard=i, num_shards=self.n,
+            steps=round(p.steps / p.slowdown) if slow else p.steps, threads=1,
+            slowdown=p.slowdown if slow else 1.0, eval_batches=p.eval_batches,
+            http="" if self.args.netns else "127.0.0.1:0",
+            metrics_file=self.path("metrics", f"island{i}.jsonl"),
+            optim=OptimConfig(lr=p.lr, warmup_steps=p.warmup),
+            sync=SyncConfig(model_id=MODEL_ID, every=p.every, codec=p.codec),
+            link=LinkConfig() if self.args.netns else LinkConfig(p.rate_mbit, p.latency_ms),
+            snapshot=SnapshotConfig(dir=self.path("state", f"island{i}")),
+        )  # fmt: skip
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cfg
+
+    def start_aggregators(self) -> None:
+        """The root (with the DHT bootstrap), then two leaves that find it through the DHT."""
+        t0 = time.perf_counter()
+        init = self.path("init.safetensors")
+        # theta_0 depends only on the workload and the seed; the address is never dialled
+        save_config(
+            self.island_config(0, aggregator="127.0.0.1:1"), self.path("configs", "init.toml")
+        )
+        self.sup.run(
+            "init", "island", "init", self.path("configs", "init.toml"), "--out", init, timeout=120
+        )
+        listen = "0.0.0.0:0" if self.args.netns else "127.0.0.1:0"
+        ns = "hub" if self.args.netns else ""
+        per_leaf = math.ceil(self.n / 2)
+
+        def config(name: str, role: str, **kw: Any) -> str:
+            cfg = AggregatorConfig(
+                name=name, role=role, listen=listen, key=self.path("keys", f"{name}.pem"),
+                roster=self.path("roster.json"), state_dir=self.path("state", name),
+                merge=MergeConfig(buffer_k=self.n if role == "root" else per_leaf, deadline_s=self.plan.deadline_s),
+                **kw,
+            )  # fmt: skip
+            save_config(cfg, self.path("configs", f"{name}.toml"))
+            return self.path("configs", f"{name}.toml")
+
+        root_cfg = config(
+            "root",
+            "root",
+            dht=True,
+            models=[
+                ModelConfig(
+                    MODEL_ID, init=init, outer=self.plan.outer, outer_params=self.plan.outer_params
+                )
+            ],
+        )
+        root = self.sup.start("root", "aggregator", "serve", root_cfg, namespace=ns)
+        line = root.wait_line("serving on", 120)
+        self.root_address = line.split("serving on ")[1].split()[0]
+        self.agg_http["root"] = line.split(" http ")[1].split()[0]
+        bootstrap = line.split(" dht ")[1].split(",")
+        leaves = []
+        for name in ("leaf0", "leaf1"):
+            cfg = config(
+                name,
+                "leaf",
+                dht=True,
+                dht_peers=bootstrap,
+                fan_in=per_leaf,
+                models=[ModelConfig(MODEL_ID)],
+            )
+            leaves.append(self.sup.start(name, "aggregator", "serve", cfg, namespace=ns))
+        self.leaf_ports = []
+        for leaf in leaves:
+            line = leaf.wait_line("serving on", 120)
+            self.leaf_ports.append(int(line.split("serving on ")[1].split()[0].rpartition(":")[2]))
+            self.agg_http[leaf.name] = line.split(" http ")[1].split()[0]
+        print(f"aggregators: root {self.root_address} (DHT bootstrap {bootstrap[0]}), leaves on "
+              f"ports {self.leaf_ports} found the root through the DHT "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
+
+    # ------------------------------------------------------------------ phase 1
+
+    def local_update(self) -> None:
+        t0 = time.perf_counter()
+        from comms import netns
+
+        configs = []
+        for i in range(self.n):
+            host = netns.hub_address(i) if self.args.netns else "127.0.0.1"
+            cfg = self.island_config(i, aggregator=f"{host}:{self.leaf_ports[i % 2]}")
+            save_config(cfg, self.path("configs", f"island{i}.toml"))
+            configs.append(cfg)
+        link = "netns tc" if self.args.netns else "in-process shaper"
+        print(f"\n[1/3] local-update: {self.n} islands train one {self.plan.workload} model "
+              f"(H={self.plan.every}, int8 pushes, {self.plan.rate_mbit:g} Mbit/s {self.plan.latency_ms:g} ms "
+              f"links via {link}; island{self.n - 1} {self.plan.slowdown:g}x slower)", flush=True)  # fmt: skip
+        islands = [
+            self.sup.start(c.name, "island", "run", self.path("configs", f"{c.name}.toml"),
+                           namespace=f"isl{i}" if self.args.netns else "", death_signal=signal.SIGKILL)
+            for i, c in enumerate(configs)
+        ]  # fmt: skip
+        t0_mono, wall_start = time.monotonic(), time.time()
+        for child in islands:
+            child.wait_line("training", 300)
+        watch(
+            islands,
+            [c.metrics_file for c in configs],
+            sum(c.steps for c in configs),
+            "local-update",
+        )
+        for child in islands:
+            child.finish(600)
+        self.facts["local_update"] = {
+            "island_configs": [{"name": c.name, "steps": c.steps, "slowdown": c.slowdown} for c in configs],
+            "summaries": [c.json_summary() for c in islands],
+            "records": {c.name: read_jsonl(c.metrics_file) for c in configs},
+            "logs": {c.name: str(c.log_path) for c in islands},
+            "started_at": {c.name: c.ready_at - t0_mono for c in islands},
+            "wall_start": wall_start,
+            "root_log": str(self.out / "logs" / "root.log"),
+            "outer": {"outer": self.plan.outer, **self.plan.outer_params},
+            "link": {"rate_mbit": self.plan.rate_mbit, "latency_ms": self.plan.latency_ms, "shaper": link},
+            "every": self.plan.every,
+            "seconds": time.perf_counter() - t0,
+        }  # fmt: skip
+
+    def finish_local_update(self) -> None:
+        """Evaluate theta_0 and the root's final model; print the phase's summary line."""
+        t0 = time.perf_counter()
+        self.facts["local_update"]["global"] = self.evaluate_global()
+        self.facts["local_update"]["seconds"] += time.perf_counter() - t0
+        print(phase_summary(self.facts, "local_update"), flush=True)
+
+    def evaluate_global(self) -> dict[str, Any]:
+        """theta_0's and the root's final validation loss (in the hub namespace with --netns)."""
+        args = [json.dumps(self.agg_http), self.root_address, self.path("configs", "island0.toml"),
+                self.path("init.safetensors"), self.path("global.json")]  # fmt: skip
+        if self.args.netns:
+            from comms import netns
+
+            argv = netns.exec_argv(
+                "hub", [sys.executable, __file__, "--eval-global", *args], NETNS_PREFIX
+            )
+            subprocess.run(argv, check=True, timeout=300, env=self.sup.env, cwd=REPO)
+        else:
+            eval_global(*args, timeout=60 + 4 * self.plan.deadline_s)
+        return json.loads(Path(self.path("global.json")).read_text())
+
+    # ------------------------------------------------------------------ phase 2
+
+    def router_config(self, k: int, name: str) -> str:
+        p = self.plan
+        experts = [self.path("experts", f"expert{i}") for i in range(self.n)]
+        cfg = RouterConfig(
+            workload=WorkloadSection(p.workload, p.model),
+            partition=PartitionSection(dir=self.path(name), k=k, **p.partition),
+            router=RouterSection(dir=self.path("router"), config=p.router_model,
+                                 expert_ids=[f"expert{i}" for i in range(k)], steps=p.router_steps,
+                                 batch_size=64, eval_samples=512, key=self.path("keys", "router.pem")),
+            eval=EvalSection(experts=experts, monolith=self.path("experts", "monolith"),
+                             max_batches=p.eval_batches, output=self.path("eval.json")),
+        )  # fmt: skip
+        path = self.path("configs", f"{name}.toml")
+        save_config(cfg, path)
+        return path
+
+    def start_partitions(self) -> None:
+        """Cluster the corpus (K = islands, and K = 1 for the monolith) in the background: it
+        needs nothing from the federation, so it overlaps the aggregators' start."""
+        configs = [self.router_config(self.n, "partition"), self.router_config(1, "partition_all")]
+        runs = [
+            self.sup.start(f"partition{k}", "router", "partition", c) for k, c in enumerate(configs)
+        ]
+        self.partitions = (configs, runs)
+
+    def experts(self) -> None:
+        t0 = time.perf_counter()
+        p = self.plan
+        partitions, runs = self.partitions
+        for child in runs:
+            child.finish(600)
+        configs = []
+        for i in range(self.n + 1):
+            mono = i == self.n
+            name = "monolith" if mono else f"expert{i}"
+            cfg = self.island_config(
+                0, name=name, mode="expert", key=self.path("keys", f"{'monolith' if mono else f'island{i}'}.pem"),
+                steps=p.expert_steps * (self.n if mono else 1), slowdown=1.0, shard=0, num_shards=1,
+                metrics_file=self.path("metrics", f"{name}.jsonl"), snapshot=SnapshotConfig(),
+                expert=ExpertConfig(partition=self.path("partition_all" if mono else "partition"),
+                                    cluster=0 if mono else i, output=self.path("experts", name), expert_id=name),
+            )  # fmt: skip
+            cfg.snapshot.every_steps = max(10, cfg.steps // 8)
+            save_config(cfg, self.path("configs", f"{name}.toml"))
+            configs.append(cfg)
+        children = [
+            self.sup.start(
+                c.name,
+                "island",
+                "run",
+                self.path("configs", f"{c.name}.toml"),
+                death_signal=signal.SIGKILL,
+            )
+            for c in configs
+        ]
+        router = self.sup.start("router-train", "router", "train", partitions[0])
+        self.finish_local_update()  # while the expert islands start
+        print(f"\n[2/3] experts: {self.n} clusters, {self.n} experts of {p.expert_steps} steps in "
+              f"isolation, a router, and a monolith of {self.n * p.expert_steps} steps on all data",
+              flush=True)  # fmt: skip
+        for line in runs[0].stdout:
+            if line.startswith("cluster "):
+                print(f"  {line}", flush=True)
+        watch(children, [c.metrics_file for c in configs], sum(c.steps for c in configs), "experts")
+        for child in [*children, router]:
+            child.finish(900)
+        from safetensors.numpy import load_file
+
+        labels = load_file(str(Path(self.path("partition")) / "partition.safetensors"))["labels"]
+        manifest = json.loads((Path(self.path("router")) / "manifest.json").read_text())
+        self.facts["experts"] = {
+            "cluster_sizes": [int(x) for x in np.bincount(labels, minlength=self.n)],
+            "partition_report": [ln for ln in runs[0].stdout if ln.startswith("cluster ")],
+            "router": manifest.get("extra", {}),
+            "steps": {c.name: c.steps for c in configs},
+            "records": {c.name: read_jsonl(c.metrics_file) for c in configs},
+            "summaries": {c.name: ch.json_summary() for c, ch in zip(configs, children, strict=True)},
+            "seconds": time.perf_counter() - t0,
+        }  # fmt: skip
+        self.router_config_path = partitions[0]
+        print(phase_summary(self.facts, "experts"), flush=True)
+
+    # ------------------------------------------------------------------ phase 3
+
+    def ensemble(self) -> None:
+        t0 = time.perf_counter()
+        print(f"\n[3/3] ensemble: serve {self.n} experts with the router, query it, evaluate against "
+              "the monolith", flush=True)  # fmt: skip
+        serve = ServeConfig(
+            listen="127.0.0.1:0", experts=[self.path("experts", f"expert{i}") for i in range(self.n)],
+            router=self.path("router"), rule="top1", roster=self.path("roster.json"),
+            limits=LimitsConfig(request_timeout=300.0),
+        )  # fmt: skip
+        save_config(serve, self.path("configs", "serve.toml"))
+        server = self.sup.start(
+            "router-serve", "router", "serve", self.path("configs", "serve.toml")
+        )
+        evaluation = self.sup.start("router-eval", "router", "eval", self.router_config_path)
+        url = server.wait_line("router serving", 300).rsplit(" ", 1)[1]
+        samples = query_ensemble(url, self.plan, self.out)
+        evaluation.finish(900)
+        server.stop(20)
+        self.facts["ensemble"] = {
+            "url": url,
+            "samples": samples,
+            "eval": json.loads(Path(self.path("eval.json")).read_text()),
+            "seconds": time.perf_counter() - t0,
+        }
+        print(phase_summary(self.facts, "ensemble"), flush=True)
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.prepare()
+        self.start_partitions()
+        self.start_aggregators()
+        self.local_update()
+        self.experts()
+        self.ensemble()
+        self.facts["wall_seconds"] = time.perf_counter() - t0
+        self.facts["plan"] = self.plan.__dict__
+        return self.facts
+
+    def close(self) -> None:
+        self.sup.stop_all()
+        if self.args.netns:
+            from comms import netns
+
+            netns.down(NETNS_PREFIX)
+
+
+def prepare_out_dir(out: Path) -> None:
+    """OUT is ours if empty or made by an earlier run (it has the marker); then it is cleared."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise FederationError(
+                f"--out {out} exists and was not made by this script; choose another directory"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by scripts/federation.py; cleared by the next run\n")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def watch(children: list[Child], metrics: list[str], total: int, label: str) -> None:
+    """A progress bar of the steps the children's metrics files report, until all exit."""
+    bar = Progress(total, label)
+    while True:
+        done = sum(max((r.get("step", 0) for r in read_jsonl(m)), default=0) for m in metrics)
+        bar.update(done)
+        failed = [c for c in children if c.proc.poll() not in (None, 0)]
+        if failed:
+            bar.close()
+            c = failed[0]
+            raise FederationError(
+                f"{c.name} exited with {c.proc.returncode}; see {c.log_path}:\n{tail(c.log_path)}"
+            )
+        if all(c.proc.poll() is not None for c in children):
+            break
+        time.sleep(0.5)
+    bar.update(total)
+    bar.close()
+
+
+def query_ensemble(url: str, plan: Plan, out: Path) -> list[dict[str, Any]]:
+    """Prompts (bytelm) or a sample grid (flow) through ``router.Client``; printed as they come."""
+    from router import Client
+
+    client = Client(url, timeout=300)
+    if plan.workload == "flow":
+        png = client.sample(n=16, steps=30, seed=0, format="png")
+        images = client.sample(n=16, steps=30, seed=0)
+        (out / "samples.png").write_bytes(png)
+        print(f"  16 samples (30 Euler steps, top1 re-routed per step) -> {out / 'samples.png'}")
+        return [{"grid_png": "samples.png", "n": 16, "steps": 30, "mean": float(images.mean()),
+                 "std": float(images.std())}]  # fmt: skip
+    samples = []
+    for prompt in PROMPTS:
+        print(f"  prompt {prompt!r}:", flush=True)
+        with client.generate_stream(prompt, max_bytes=plan.max_bytes, temperature=0.8, seed=0) as s:
+            text = "".join(piece.text for piece in s)
+            result = s.result
+        print("  " + (prompt + text).replace("\n", "\n  "), flush=True)
+        samples.append({"prompt": prompt, "completion": text,
+                        "expert_counts": result.expert_counts if result else {}})  # fmt: skip
+    return samples
+
+
+def eval_global(agg_http: str, root: str, island_config: str, init: str, out: str,
+                timeout: float = 120.0) -> None:  # fmt: skip
+    """Wait until every aggregator's buffer is empty and the root's version stops moving, then
+    write the validation loss of the global model theta_v at up to ``GLOBAL_CURVE_POINTS``
+    versions from theta_0 to the root's final one (rebuilt from the published u_v, exactly
+    as an island holds them) to ``out``."""
+    import asyncio
+    import urllib.request
+
+    from safetensors.numpy import load_file
+
+    from aggregator.outer import apply_update
+    from comms.config import load_config
+    from comms.envelope import Envelope
+    from comms.transport import TransportClient
+    from comms.update import decode_update
+    from island.pseudo import load_numpy_into
+    from island.workloads import get_workload
+
+    def status(address: str) -> dict:
+        with urllib.request.urlopen(f"http://{address}/status", timeout=10) as r:
+            return json.loads(r.read())
+
+    addresses, last, deadline = json.loads(agg_http), None, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [status(a) for a in addresses.values()]
+        busy = any(s["outbox"] or any(m["buffered"] for m in s["models"].values()) for s in states)
+        version = status(addresses["root"])["models"][MODEL_ID]["version"]
+        if not busy and version == last:
+            break
+        last = version
+        time.sleep(1.0)
+
+    version = status(addresses["root"])["models"][MODEL_ID]["version"]
+    theta = load_file(init)
+    versions = [*range(0, version, max(1, math.ceil(version / GLOBAL_CURVE_POINTS))), version]
+
+    async def replay() -> dict[int, dict]:
+        """theta_v at the chosen versions, rebuilt from theta_0 and the published u_v."""
+        chosen = {0: {k: v.copy() for k, v in theta.items()}}
+        if version == 0:
+            return chosen
+        async with TransportClient(root) as c:
+            async for v, data in c.subscribe(MODEL_ID, 1):
+                apply_update(theta, decode_update(Envelope.from_bytes(data, max_bytes=1 << 30)))
+                if v in versions:
+                    chosen[v] = {k: x.copy() for k, x in theta.items()}
+                if v >= version:
+                    return chosen
+        return chosen
+
+    thetas = asyncio.run(replay())
+    cfg = load_config(IslandConfig, island_config)
+    workload = get_workload(cfg.workload, **cfg.workload_config)
+    model = workload.build_model(cfg.seed)
+    curve = []
+    for v in sorted(thetas):
+        load_numpy_into(model, thetas[v])
+        curve.append([v, workload.validation_loss(model, max_batches=cfg.eval_batches)])
+    params = sum(x.size for x in theta.values())
+    Path(out).write_text(json.dumps({"version": curve[-1][0], "val_loss_start": curve[0][1],
+                                     "val_loss_end": curve[-1][1], "curve": curve,
+                                     "params": int(params)}))  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Run a whole local federation and write a report.")
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps (about a minute)")
+    p.add_argument("--islands", type=int, default=4, help="islands (and experts); default 4")
+    p.add_argument("--workload", choices=["bytelm", "flow"], default="bytelm")
+    p.add_argument("--data", help="bytelm: a text file or folder (default: the Python stdlib)")
+    p.add_argument("--out", default="runs/federation", help="output directory (cleared first)")
+    p.add_argument("--netns", action="store_true",
+                   help="root only: islands in network namespaces behind tc-shaped links")  # fmt: skip
+    p.add_argument("--eval-global", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.eval_global:
+        eval_global(*args.eval_global)
+        return 0
+    if args.islands < 2:
+        print("federation: --islands must be at least 2", file=sys.stderr)
+        return 2
+    if args.workload == "flow" and args.data:
+        print("federation: --data is for bytelm (flow uses the bundled digits)", file=sys.stderr)
+        return 2
+    if args.netns:
+        from comms import netns
+        from comms.errors import ConfigError
+
+        try:
+            netns.require_tools()
+        except ConfigError as e:
+            print(f"federation: --netns: {e}", file=sys.stderr)
+            return 2
+
+    def on_term(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    fed = Federation(args)
+    try:
+        facts = fed.run()
+    except KeyboardInterrupt:
+        print("\nfederation: interrupted; stopping every process", file=sys.stderr, flush=True)
+        return 130
+    except (FederationError, subprocess.CalledProcessError) as e:
+        print(f"\nfederation: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            fed.close()
+    report = write_report(fed.out, facts)
+    print(report["headline"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""The federation run's report: figures from what the run measured, plots, md/html/json.
+
+``write_report(out, facts)`` turns the facts ``scripts/federation.py`` collected (island round
+records, exit summaries and logs, the root's final model, the partition, the router's
+manifest, ``router eval``'s losses, the ensemble's answers) into:
+
+- ``OUT/report.json``: the headline figures (``islands``, ``local_update``, ``experts``,
+  ``ensemble``, ``wall_seconds``) for other tools;
+- ``OUT/report.md`` with the plots as PNG files in ``OUT/plots/``, and ``OUT/report.html``,
+  self-contained (the same PNGs embedded as base64);
+- a short headline table (returned as text; the launcher prints it).
+
+What synchronous data-parallel training would have sent: a ring all-reduce of fp32 gradients
+every step moves ``2 (N - 1) / N * 4 * params`` bytes per island per step (Patarasuk & Yuan
+2009), so an island that did ``s`` steps would have sent ``s`` times that
+(``ddp_equivalent_bytes``). Nothing here is pasted: every number comes from the run.
+
+``Progress`` is the launcher's progress bar (a redrawn line on a terminal, a line per quarter
+otherwise). Pure functions plus file writes; single-threaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STALENESS_LINE = re.compile(r"push of sequence \d+ accepted \(staleness (-?\d+)")
+ROOT_VERSION_LINE = re.compile(
+    r"^(\S+ \S+) INFO aggregator\.service: root: version (\d+) of ", re.M
+)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """``label [#####.....] done/total``: redrawn in place on a terminal, else every 25%."""
+
+    def __init__(self, total: int, label: str, stream=None):
+        self.total, self.label = max(1, total), label
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.shown = -1
+
+    def update(self, done: int) -> None:
+        done = min(done, self.total)
+        if self.tty:
+            filled = int(30 * done / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            self.stream.write(f"\r  {self.label} [{bar}] {done}/{self.total} steps")
+            self.stream.flush()
+        elif (quarter := 4 * done // self.total) > self.shown:
+            self.shown = quarter
+            self.stream.write(f"  {self.label}: {done}/{self.total} steps ({25 * quarter}%)\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------- pure figures
+
+
+def ddp_bytes_per_step(params: int, islands: int) -> float:
+    """Bytes one island sends per step in a ring all-reduce of fp32 gradients."""
+    return 2.0 * (islands - 1) / islands * 4.0 * params
+
+
+def staleness_from_log(text: str) -> list[int]:
+    """The staleness of every accepted push, from an island's log lines."""
+    return [int(m.group(1)) for m in STALENESS_LINE.finditer(text)]
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def local_update_figures(facts: dict[str, Any]) -> dict[str, Any]:
+    lu, n = facts["local_update"], facts["islands"]
+    params = lu["global"]["params"]
+    names = [c["name"] for c in lu["island_configs"]]
+    summaries = {s["name"]: s for s in lu["summaries"] if s}
+    steps = [summaries[x]["step"] for x in names]
+    sent = [summaries[x]["bytes_sent"] for x in names]
+    ddp = [s * ddp_bytes_per_step(params, n) for s in steps]
+    staleness = {}
+    for name in names:
+        try:
+            staleness[name] = staleness_from_log(Path(lu["logs"][name]).read_text(errors="replace"))
+        except OSError:
+            staleness[name] = []
+    every = [x for v in staleness.values() for x in v]
+    return {
+        "params": params,
+        "steps": steps,
+        "slowdown": [c["slowdown"] for c in lu["island_configs"]],
+        "val_loss_start": lu["global"]["val_loss_start"],
+        "val_loss_end": lu["global"]["val_loss_end"],
+        "global_versions": lu["global"]["version"],
+        "global_curve": lu["global"]["curve"],
+        "bytes_sent": int(sum(sent)),
+        "bytes_sent_per_island": sent,
+        "bytes_received": int(sum(summaries[x]["bytes_received"] for x in names)),
+        "ddp_equivalent_bytes": float(sum(ddp)),
+        "ddp_equivalent_per_island": ddp,
+        "utilization": [summaries[x]["utilization"] for x in names],
+        "staleness": {
+            "per_island": staleness,
+            "mean": float(np.mean(every)) if every else None,
+            "max": max(every) if every else None,
+        },
+        "link": lu["link"],
+        "outer": lu.get("outer"),
+        "every": lu["every"],
+        "seconds": lu["seconds"],
+    }
+
+
+def experts_figures(facts: dict[str, Any]) -> dict[str, Any]:
+    ex = facts["experts"]
+    router = ex["router"]
+    return {
+        "cluster_sizes": ex["cluster_sizes"],
+        "partition": ex["partition_report"],
+        "router_accuracy": router.get("held_out_accuracy"),
+        "router_train_accuracy": router.get("train_accuracy"),
+        "router_steps": router.get("steps"),
+        "steps": ex["steps"],
+        "final_val_loss": {k: (r[-1]["val_loss"] if r else None) for k, r in ex["records"].items()},
+        "seconds": ex["seconds"],
+    }
+
+
+def ensemble_figures(facts: dict[str, Any]) -> dict[str, Any]:
+    en = facts["ensemble"]
+    losses = en["eval"]["losses"]
+    return {
+        "monolith_loss": losses.get("monolith"),
+        "full_loss": losses.get("ensemble full"),
+        "top2_loss": losses.get("ensemble top_k:2"),
+        "top1_loss": losses.get("ensemble top1"),
+        "expert_losses": {
+            k[len("expert ") :]: v for k, v in losses.items() if k.startswith("expert ")
+        },
+        "samples": en["samples"],
+        "seconds": en["seconds"],
+    }
+
+
+def summarize(facts: dict[str, Any]) -> dict[str, Any]:
+    """The report.json document."""
+    return {
+        "islands": facts["islands"],
+        "workload": facts["workload"],
+        "quick": facts["quick"],
+        "model": facts["plan"]["model"],
+        "local_update": local_update_figures(facts),
+        "experts": experts_figures(facts),
+        "ensemble": ensemble_figures(facts),
+        "wall_seconds": facts["wall_seconds"],
+    }
+
+
+def phase_summary(facts: dict[str, Any], phase: str) -> str:
+    """The one-line summary printed when a phase ends."""
+    if phase == "local_update":
+        f = local_update_figures(facts)
+        st = f["staleness"]
+        return (
+            f"local-update done: global val loss {loss(f['val_loss_start'])} -> "
+            f"{loss(f['val_loss_end'])} over {f['global_versions']} versions; "
+            f"{megabytes(f['bytes_sent'])} sent (sync data-parallel: "
+            f"{megabytes(f['ddp_equivalent_bytes'])}); staleness mean "
+            f"{st['mean'] if st['mean'] is None else round(st['mean'], 2)} max {st['max']}; "
+            f"{f['seconds']:.0f} s"
+        )
+    if phase == "experts":
+        f = experts_figures(facts)
+        vals = " ".join(loss(v) for v in f["final_val_loss"].values())
+        return (
+            f"experts done: cluster sizes {f['cluster_sizes']}; router held-out accuracy "
+            f"{loss(f['router_accuracy'])}; final val loss (experts, monolith) {vals}; "
+            f"{f['seconds']:.0f} s"
+        )
+    f = ensemble_figures(facts)
+    return (
+        f"ensemble done: held-out loss full {loss(f['full_loss'])}, top2 {loss(f['top2_loss'])}, "
+        f"top1 {loss(f['top1_loss'])} vs monolith {loss(f['monolith_loss'])}; {f['seconds']:.0f} s"
+    )
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def loss(x: Any) -> str:
+    return f"{x:.3f}" if finite(x) else "-"
+
+
+def headline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    lu, ex, en = r["local_update"], r["experts"], r["ensemble"]
+    util = lu["utilization"]
+    st = lu["staleness"]
+    ratio = lu["ddp_equivalent_bytes"] / max(1, lu["bytes_sent"])
+    return [
+        ("islands", f"{r['islands']} ({r['workload']}, {lu['params']:,} parameters)"),
+        (
+            "global val loss",
+            f"{loss(lu['val_loss_start'])} -> {loss(lu['val_loss_end'])} "
+            f"({lu['global_versions']} versions)",
+        ),
+        ("bytes sent (all islands)", megabytes(lu["bytes_sent"])),
+        (
+            "sync data-parallel would send",
+            f"{megabytes(lu['ddp_equivalent_bytes'])} ({ratio:.0f}x)",
+        ),
+        ("utilization per island", " ".join(f"{u:.2f}" for u in util)),
+        (
+            "staleness mean / max",
+            f"{st['mean']:.2f} / {st['max']}" if st["mean"] is not None else "-",
+        ),
+        ("expert cluster sizes", " ".join(str(s) for s in ex["cluster_sizes"])),
+        (
+            "router held-out accuracy",
+            f"{ex['router_accuracy']:.3f} (chance {1 / len(ex['cluster_sizes']):.2f})"
+            if finite(ex["router_accuracy"])
+            else "-",
+        ),
+        (
+            "ensemble loss full / top2 / top1",
+            f"{loss(en['full_loss'])} / {loss(en['top2_loss'])} / {loss(en['top1_loss'])}",
+        ),
+        ("monolith loss (same FLOPs)", loss(en["monolith_loss"])),
+        (
+            "wall time",
+            f"{r['wall_seconds']:.0f} s (phases {lu['seconds']:.0f} / "
+            f"{ex['seconds']:.0f} / {en['seconds']:.0f} s)",
+        ),
+    ]
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'figure'.ljust(width)}  value", f"{'-' * width}  {'-' * 30}"]
+    return "\n".join([*lines, *(f"{k.ljust(width)}  {v}" for k, v in rows)])
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    return plt, fig, ax
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def version_times(root_log: str, wall_start: float) -> dict[int, float]:
+    """Seconds after ``wall_start`` at which the root published each version (its log)."""
+    import datetime
+
+    times = {0: 0.0}
+    try:
+        text = Path(root_log).read_text(errors="replace")
+    except OSError:
+        return times
+    for m in ROOT_VERSION_LINE.finditer(text):
+        stamp = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        times[int(m.group(2))] = stamp - wall_start
+    return times
+
+
+def plot_val_loss(facts: dict[str, Any]) -> bytes:
+    plt, fig, ax = _figure()
+    lu = facts["local_update"]
+    offsets = lu.get("started_at", {})
+    for name, records in lu["records"].items():
+        rs = [x for x in records if finite(x.get("val_loss"))]
+        ts = [x["t"] + offsets.get(name, 0.0) for x in rs]  # on the launcher's clock
+        ax.plot(ts, [x["val_loss"] for x in rs], marker=".", label=name, alpha=0.6)
+    when = version_times(lu.get("root_log", ""), lu.get("wall_start", 0.0))
+    curve = [(when[v], val) for v, val in lu["global"]["curve"] if v in when]
+    ax.plot(*zip(*curve, strict=True), color="black", marker="o", linewidth=2,
+            label="global model (root)")  # fmt: skip
+    ax.set(xlabel="seconds since the islands started", ylabel="validation loss",
+           title="Local-update: validation loss, islands and global model")  # fmt: skip
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def plot_bytes(r: dict[str, Any]) -> bytes:
+    plt, fig, ax = _figure()
+    lu = r["local_update"]
+    x = np.arange(len(lu["steps"]))
+    ax.bar(x - 0.2, lu["bytes_sent_per_island"], 0.4, label="sent (int8 pseudo-gradients)")
+    ax.bar(x + 0.2, lu["ddp_equivalent_per_island"], 0.4, label="sync data-parallel, fp32 ring")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"island{i}\n{s} steps" for i, s in enumerate(lu["steps"])])
+    ax.set(ylabel="bytes", title="Bytes sent per island vs synchronous data-parallel")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def plot_bars(labels, values, title, ylabel, hline=None, ylim=None) -> bytes:
+    plt, fig, ax = _figure()
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.set_xticks(range(len(values)), labels)
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+    if hline is not None:
+        ax.axhline(hline, color="gray", linestyle="--", linewidth=1)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set(title=title, ylabel=ylabel)
+    return _png(plt, fig)
+
+
+def plot_staleness(r: dict[str, Any]) -> bytes:
+    plt, fig, ax = _figure()
+    per = r["local_update"]["staleness"]["per_island"]
+    top = max([0, *(x for v in per.values() for x in v)])
+    bins = np.arange(-0.5, top + 1.5)
+    ax.hist(list(per.values()), bins=bins, stacked=True, label=list(per))
+    ax.set(
+        xlabel="staleness s = v_now - base version",
+        ylabel="accepted pushes",
+        title="Staleness of accepted pushes",
+    )
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def make_plots(facts: dict[str, Any], r: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+    lu, ex, en = r["local_update"], r["experts"], r["ensemble"]
+    k = len(ex["cluster_sizes"])
+    plots = {
+        "val_loss": ("Validation loss over time", plot_val_loss(facts)),
+        "bytes": ("Bytes sent vs synchronous data-parallel", plot_bytes(r)),
+        "utilization": ("Compute utilization per island", plot_bars(
+            [f"island{i}" for i in range(len(lu["utilization"]))], lu["utilization"],
+            "Compute utilization (training time / wall time)", "fraction", ylim=(0, 1.1))),
+        "staleness": ("Staleness histogram", plot_staleness(r)),
+        "clusters": ("Expert cluster sizes", plot_bars(
+            [f"cluster {i}" for i in range(k)], ex["cluster_sizes"], "Documents per cluster",
+            "documents")),
+    }  # fmt: skip
+    acc = [(n, v) for n, v in (("train", ex["router_train_accuracy"]),
+                               ("held-out", ex["router_accuracy"])) if finite(v)]  # fmt: skip
+    if acc:
+        plots["router"] = (
+            "Router accuracy",
+            plot_bars(
+                [n for n, _ in acc],
+                [v for _, v in acc],
+                f"Router accuracy (dashed: chance 1/{k})",
+                "accuracy",
+                hline=1 / k,
+                ylim=(0, 1.1),
+            ),
+        )
+    names = [("monolith", en["monolith_loss"]), ("full", en["full_loss"]),
+             ("top2", en["top2_loss"]), ("top1", en["top1_loss"])]  # fmt: skip
+    names += [(e, v) for e, v in en["expert_losses"].items()]
+    names = [(n, v) for n, v in names if finite(v)]
+    plots["ensemble"] = (
+        "Ensemble vs monolith",
+        plot_bars(
+            [n for n, _ in names],
+            [v for _, v in names],
+            "Held-out loss: monolith, ensemble rules, single experts",
+            "loss",
+        ),
+    )
+    return plots
+
+
+# --------------------------------------------------------------------------- documents
+
+CAPTIONS = {
+    "val_loss": "Black: the global model theta_v, rebuilt from theta_0 and the versions the root "
+    "published, at the time the root published it. Colours: each island's model at its round "
+    "boundaries (the newest version it holds, plus its own deltas still in flight).",
+    "bytes": "Synchronous data-parallel: a ring all-reduce of fp32 gradients every step, "
+    "2 (N - 1) / N x 4 bytes x parameters per island per step, for the steps each island did.",
+    "utilization": "Time in forward, backward and optimizer over wall time (evaluation "
+    "excluded); the slow island's emulated slowness counts as compute.",
+    "staleness": "s = v_now - base version of every accepted push, from the islands' logs.",
+    "ensemble": "Held-out loss (router eval): the monolith trained on all data with the same "
+    "total FLOPs as the experts together; the ensemble under each rule; each expert alone.",
+}
+
+
+def samples_markdown(r: dict[str, Any]) -> list[str]:
+    lines = []
+    for s in r["ensemble"]["samples"]:
+        if "grid_png" in s:
+            lines += [f"![samples]({s['grid_png']})", ""]
+            continue
+        counts = ", ".join(f"{k}: {v}" for k, v in s["expert_counts"].items())
+        lines += [f"Prompt `{s['prompt']!r}` (bytes per top expert: {counts}):", "", "```",
+                  s["prompt"] + s["completion"], "```", ""]  # fmt: skip
+    return lines
+
+
+def render_markdown(r: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
+    lu = r["local_update"]
+    model = {k: v for k, v in r["model"].items() if k != "data"}
+    data = ", ".join(Path(d).name for d in r["model"].get("data", []))
+    data = f"data: {data}" if data else "data: the Python standard library"
+    lines = [
+        "# Archipelago federation run", "",
+        f"{r['islands']} islands, workload `{r['workload']}` with model config `{json.dumps(model)}` ({data}) "
+        f"({lu['params']:,} parameters; smaller than the workload's default so that every island "
+        f"and aggregator shares this machine's cores){' (--quick)' if r['quick'] else ''}. "
+        f"Links: {lu['link']['rate_mbit']:g} Mbit/s, {lu['link']['latency_ms']:g} ms "
+        f"({lu['link']['shaper']}); H = {lu['every']} inner steps per round; outer optimizer "
+        f"{lu['outer']}; island slowdowns "
+        f"{lu['slowdown']}. Every figure below was measured in this run.", "",
+        "## Headline", "", "| figure | value |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in headline_rows(r)), "",
+    ]  # fmt: skip
+    for key, (title, _) in plots.items():
+        lines += [f"## {title}", "", f"![{title}](plots/{key}.png)", ""]
+        if key in CAPTIONS:
+            lines += [CAPTIONS[key], ""]
+    lines += ["## Partition", "", "```", *r["experts"]["partition"], "```", ""]
+    lines += ["## Samples from the served ensemble (top1, re-routed per step)", ""]
+    lines += samples_markdown(r)
+    return "\n".join(lines)
+
+
+def render_html(markdown: str, plots: dict[str, tuple[str, bytes]], out: Path) -> str:
+    """A self-contained page from the markdown: headings, tables, code and embedded images."""
+    body, in_code, table = [], False, []
+
+    def image(src: str, alt: str) -> str:
+        key = Path(src).stem
+        data = plots[key][1] if key in plots else (out / src).read_bytes()
+        return (
+            f'<img alt="{html.escape(alt)}" src="data:image/png;base64,'
+            f'{base64.b64encode(data).decode()}">'
+        )
+
+    def flush_table() -> None:
+        if table:
+            rows = [f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in t)}</tr>" for t in table]
+            body.append(f"<table>{''.join(rows)}</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+        elif in_code:
+            body.append(html.escape(line))
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                table.append(cells)
+        else:
+            flush_table()
+            if m := re.fullmatch(r"!\[(.*)\]\((.*)\)", line):
+                body.append(image(m.group(2), m.group(1)))
+            elif line.startswith("#"):
+                level = len(line) - len(line.lstrip("#"))
+                body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+            elif line:
+                body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:2px 10px;"
+        "border-bottom:1px solid #ddd}pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}"
+        "img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Archipelago federation"
+        f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
+
+
+def write_report(out: Path, facts: dict[str, Any]) -> dict[str, Any]:
+    """Write report.json, report.md (+ plots/) and report.html; returns the summary plus the
+    printed headline table under ``headline``."""
+    out = Path(out)
+    r = summarize(facts)
+    plots = make_plots(facts, r)
+    (out / "plots").mkdir(exist_ok=True)
+    for key, (_, data) in plots.items():
+        (out / "plots" / f"{key}.png").write_bytes(data)
+    md = render_markdown(r, plots)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(render_html(md, plots, out))
+    (out / "report.json").write_text(json.dumps(r, indent=2))
+    table = format_table(headline_rows(r))
+    return {**r, "headline": f"\n{table}\n\nreport: {out / 'report.md'} and {out / 'report.html'}"}

@@ -1,0 +1,133 @@
+"""The main job (scripts/federation.py) as a user runs it: ``--quick`` end to end with real
+aggregator, island and router processes, and no orphans when the launcher is killed with -9.
+
+These are the slowest tests of the suite (about a minute each on an idle two-core machine)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "scripts" / "federation.py"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+def finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_quick_federation_writes_a_sane_report(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    for phase in ("local-update done", "experts done", "ensemble done", "router held-out accuracy"):
+        assert phase in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["islands"] == 4
+
+    lu = report["local_update"]
+    assert finite(lu["val_loss_start"]) and finite(lu["val_loss_end"])
+    assert lu["val_loss_end"] < lu["val_loss_start"]  # the global model learned
+    assert lu["global_versions"] >= 2
+    assert lu["bytes_sent"] > 0 and all(b > 0 for b in lu["bytes_sent_per_island"])
+    assert lu["ddp_equivalent_bytes"] > lu["bytes_sent"]
+    assert len(lu["utilization"]) == 4 and all(0 < u <= 1 for u in lu["utilization"])
+    assert lu["steps"][-1] < lu["steps"][0]  # the slow island did fewer steps
+    assert sum(len(v) for v in lu["staleness"]["per_island"].values()) >= 4
+
+    ex = report["experts"]
+    assert len(ex["cluster_sizes"]) == 4 and all(s > 0 for s in ex["cluster_sizes"])
+    assert 0.25 < ex["router_accuracy"] <= 1  # better than chance over 4 clusters
+
+    en = report["ensemble"]
+    for key in ("monolith_loss", "full_loss", "top2_loss", "top1_loss"):
+        assert finite(en[key]) and en[key] < math.log(256), key  # below the uniform byte loss
+    assert len(en["samples"]) == 3 and all(s["completion"] for s in en["samples"])
+    assert finite(report["wall_seconds"])
+
+    page = (out / "report.html").read_text()
+    pngs = page.count('src="data:image/png;base64,')
+    assert pngs >= 7
+    first = page.split('src="data:image/png;base64,')[1].split('"')[0]
+    assert base64.b64decode(first).startswith(b"\x89PNG")
+    assert "plots/val_loss.png" in (out / "report.md").read_text()
+    assert (out / "plots" / "val_loss.png").stat().st_size > 1000
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes (its parent, the killed launcher, is gone too)
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _group_alive(pgid: int) -> list[int]:
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(entry.name))
+    return alive
+
+
+def test_killing_the_launcher_leaves_no_orphans(tmp_path):
+    out = tmp_path / "run"
+    log = open(tmp_path / "launcher.log", "wb")
+    launcher = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), "--quick", "--out", str(out)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        children = []
+        while time.monotonic() < deadline and launcher.poll() is None:
+            try:
+                children = json.loads((out / "processes.json").read_text())
+            except (OSError, ValueError):
+                children = []
+            if (out / "run" / "metrics" / "island0.jsonl").exists():
+                break  # aggregators (with the DHT) are up and the islands are training
+            time.sleep(0.2)
+        names = {c["name"] for c in children}
+        assert {"root", "leaf0", "leaf1", "island0"} <= names, (
+            tmp_path / "launcher.log"
+        ).read_text()
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(10)
+        pids = [c["pid"] for c in children]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            left = [p for p in pids if _alive(p) or _group_alive(p)]
+            if not left:
+                break
+            time.sleep(0.2)
+        left = {c["name"]: _group_alive(c["pid"]) for c in children if _group_alive(c["pid"])}
+        assert not left, f"still running after the launcher died: {left}"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for c in json.loads((out / "processes.json").read_text()) if out.exists() else []:
+            for pid in _group_alive(c["pid"]):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
