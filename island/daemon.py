@@ -19,6 +19,7 @@ version stream) and the HTTP status server run on one ``LoopThread``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -233,7 +234,8 @@ class Island:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(self.step, opt_cfg)
                 batch = next(batches)
-                loss = self.workload.loss(train_model, batch)
+                with self._autocast():
+                    loss = self.workload.loss(train_model, batch)
                 loss.backward()
                 if opt_cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
@@ -274,6 +276,12 @@ class Island:
         if cfg.mode == "expert" and cfg.expert.output and self.group.is_leader:
             self._save_expert(model)
         return self.summary()
+
+    def _autocast(self):
+        """bf16 autocast on CUDA (weights, optimizer and pseudo-gradients stay fp32)."""
+        if self.workload.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _resume(self, model, optimizer, batches) -> SnapshotState | None:
         if self.group.world_size == 1:

@@ -181,3 +181,37 @@ def test_island_killed_with_sigkill_resumes_from_its_snapshot(tmp_path):
         assert summary["step"] == cfg.steps
     finally:
         _stop(root)
+
+
+def test_status_endpoint_reports_progress_while_training(tmp_path):
+    import threading
+    import urllib.request
+
+    from island.daemon import Island
+
+    (cfg,) = _federation(tmp_path, 1, steps=100_000, every=5)
+    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
+                        "serving on")  # fmt: skip
+    cfg.aggregator = line.split("serving on ")[1].split()[0]
+    cfg.snapshot.dir = ""
+    island = Island(cfg)
+    thread = threading.Thread(target=island.run, daemon=True)
+    thread.start()
+    try:
+        assert island.ready.wait(60)
+        deadline = time.time() + 60
+        while island.lu.round < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        base = f"http://{island.http_address}"
+        assert urllib.request.urlopen(base + "/healthz", timeout=10).read() == b"ok\n"
+        status = json.loads(urllib.request.urlopen(base + "/status", timeout=10).read())
+        assert status["step"] >= 10 and status["bytes_sent"] > 0 and status["version"] >= 0
+        assert 0 < status["utilization"] <= 1 and status["tokens_per_s"] > 0
+        metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+        assert 'archipelago_island_step{island="island0"}' in metrics
+        assert "archipelago_island_bytes_sent_total" in metrics
+    finally:
+        island.stop()
+        thread.join(60)
+        _stop(root)
+    assert not thread.is_alive()
