@@ -18,6 +18,8 @@ from typing import Any
 def _f(v: Any, digits: int = 3) -> str:
     if v is None:
         return "—"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
     if isinstance(v, float):
         if v != v:
             return "nan"
@@ -143,10 +145,41 @@ def ensemble(doc: dict) -> str:
         parts += [f"### {wl}", _table(["model", "held-out loss"], rows)]
         if "frechet" in d:
             parts.append(_table(["samples", "Fréchet distance"], list(d["frechet"].items())))
+        acc = d.get("router_accuracy")
+        overall = acc.get("overall") if isinstance(acc, dict) else acc
         parts.append(
-            f"Router overhead: {_f(d.get('router_overhead'))} of one expert's forward; router "
-            f"accuracy {_f(d.get('router_accuracy'))}."
+            f"Router overhead: {_f(d.get('router_overhead'))} of one expert's forward time; "
+            f"router held-out accuracy {_f(overall)}."
         )
+        if isinstance(acc, dict):
+            bins = acc.get("by_noise") or acc.get("by_position") or []
+            key = "t" if "by_noise" in acc else "pos"
+            parts.append(
+                _table(
+                    [f"{key} from", f"{key} to", "router accuracy"],
+                    [[b[f"{key}_lo"], b[f"{key}_hi"], b["accuracy"]] for b in bins],
+                )
+            )
+        t = d.get("targets", {})
+        if t:
+            parts.append(
+                _table(
+                    ["target", "measured", "status"],
+                    [
+                        [
+                            "a sparse ensemble (top-1 or top-2) beats the monolith",
+                            f"best sparse / monolith {_f(t.get('best_sparse_over_monolith'))} "
+                            f"({t.get('measure')})",
+                            _status(t.get("sparse_ensemble_beats_monolith")),
+                        ],
+                        [
+                            "router overhead <= 5%",
+                            d.get("router_overhead"),
+                            _status(t.get("router_overhead_at_most_5pct")),
+                        ],
+                    ],
+                )
+            )
     return "\n\n".join(parts)
 
 
@@ -161,11 +194,13 @@ def quality(doc: dict) -> str:
         [
             "## Quality per byte and time to target (headline)",
             _meta(doc),
-            f"Target loss (DDP's final held-out loss): {_f(doc.get('target_loss'))}.",
+            f"Target loss (DDP's final held-out loss): {_f(doc.get('target_loss'))}. Settings: "
+            f"`{json.dumps(doc.get('config', {}))}`.",
             _table(
                 [
                     "method",
                     "final loss",
+                    "steps to target",
                     "bytes to target",
                     "DDP bytes / bytes",
                     "s to target @100 Mbit/s",
@@ -173,16 +208,49 @@ def quality(doc: dict) -> str:
                 ],
                 rows,
             ),
+            _quality_targets(doc),
+            "\n".join(f"- {n}" for n in doc.get("notes", [])),
+            "![loss vs bytes](docs/benchmarks/quality/bench_quality_loss_vs_bytes.png)\n"
+            "![loss vs wall clock](docs/benchmarks/quality/bench_quality_loss_vs_wallclock.png)",
         ]
     )
+
+
+def _quality_targets(doc: dict) -> str:
+    arch = doc.get("archipelago", {})
+    ratios = [d.get("ddp_bytes_ratio") for d in arch.values() if d.get("ddp_bytes_ratio")]
+    best = max(ratios) if ratios else None
+
+    def t10(d: dict) -> float | None:
+        return (d.get("seconds_to_target") or {}).get("10")
+
+    ours = [t10(d) for d in arch.values() if t10(d)]
+    fastest = min(ours) if ours else None
+    ddp10 = t10(doc.get("ddp", {}))
+    others = [t10(doc.get(k, {})) for k in ("sync_diloco", "hivemind")]
+    beats_others = (
+        None if fastest is None else all(o is None or fastest < o for o in others if o is not None)
+    )
+    return _table(
+        ["target", "measured", "status"],
+        [
+            ["bytes to DDP's loss: >= 300x fewer than DDP (goal 1000x)", f"{_f(best)}x",
+             _status(None if best is None else best >= 300)],
+            ["time to DDP's loss at 10 Mbit/s: >= 10x shorter than DDP's",
+             f"{_f(ddp10 / fastest if fastest and ddp10 else None)}x",
+             _status(None if fastest is None or ddp10 is None else ddp10 / fastest >= 10)],
+            ["... and shorter than sync DiLoCo and hivemind", f"{_f(fastest)} s vs "
+             f"{', '.join(_f(o) for o in others)} s", _status(beats_others)],
+        ],
+    )  # fmt: skip
 
 
 def _quality_row(d: dict, doc: dict) -> list[Any]:
     ddp_bytes = doc.get("ddp", {}).get("bytes_to_target")
     b = d.get("bytes_to_target")
     s = d.get("seconds_to_target") or {}
-    return [d.get("final_loss"), b, ddp_bytes / b if b and ddp_bytes else None, s.get("100"),
-            s.get("10")]  # fmt: skip
+    return [d.get("final_loss"), d.get("steps_to_target"), b,
+            ddp_bytes / b if b and ddp_bytes else None, s.get("100"), s.get("10")]  # fmt: skip
 
 
 SECTIONS = {
