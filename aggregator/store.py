@@ -31,18 +31,11 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from aggregator.wal import fsync_dir
 from comms.errors import NotFoundError
 from comms.update import Manifest
 
 _VERSION_FILE = re.compile(r"^(\d{10})\.(env|safetensors)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
@@ -52,7 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def stage_arrays(path: Path, arrays: Mapping[str, np.ndarray], meta: dict | None = None) -> Path:
@@ -69,7 +62,7 @@ def stage_arrays(path: Path, arrays: Mapping[str, np.ndarray], meta: dict | None
 def commit(tmp: Path, path: Path) -> None:
     """Rename a staged (fsynced) temporary file into place, durably."""
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_save_arrays(

@@ -115,7 +115,7 @@ class WriteAheadLog:
             path = self.dir / f"{self.last_index + 1:020d}.wal"
         self._file = open(path, "ab")
         self._file_size = self._file.tell()
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _write(self, rtype: int, index: int, body: bytes | memoryview) -> None:
         if self._file_size >= self.segment_bytes:
@@ -123,7 +123,7 @@ class WriteAheadLog:
             path = self.dir / f"{index:020d}.wal"
             self._file = open(path, "ab")
             self._file_size = 0
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         head = _HEAD.pack(MAGIC, rtype, index, len(body), _digest(rtype, index, body))
         self.last_location = (self._file.name, self._file_size + len(head), len(body))
         self._file.write(head)
@@ -183,7 +183,7 @@ class WriteAheadLog:
                 seg.unlink()
                 removed += 1
         if removed:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return removed
 
     def close(self) -> None:
@@ -192,7 +192,8 @@ class WriteAheadLog:
             self._file = None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a file created or renamed in it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

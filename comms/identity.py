@@ -215,14 +215,18 @@ class ReplayGuard:
         self._last: dict[str, int] = dict(state or {})
         self._lock = threading.Lock()
 
-    def check(self, sender: str, sequence: int) -> None:
-        with self._lock:
-            last = self._last.get(sender)
+    @staticmethod
+    def _refuse_if_seen(sender: str, sequence: int, last: int | None) -> None:
         if last is not None and sequence <= last:
             raise ReplayError(
                 f"sequence {sequence} from {sender} is not above the last accepted ({last}): "
                 "replayed or duplicated message"
             )
+
+    def check(self, sender: str, sequence: int) -> None:
+        with self._lock:
+            last = self._last.get(sender)
+        self._refuse_if_seen(sender, sequence, last)
 
     def commit(self, sender: str, sequence: int) -> None:
         with self._lock:
@@ -230,12 +234,7 @@ class ReplayGuard:
 
     def check_and_commit(self, sender: str, sequence: int) -> None:
         with self._lock:
-            last = self._last.get(sender)
-            if last is not None and sequence <= last:
-                raise ReplayError(
-                    f"sequence {sequence} from {sender} is not above the last accepted ({last}): "
-                    "replayed or duplicated message"
-                )
+            self._refuse_if_seen(sender, sequence, self._last.get(sender))
             self._last[sender] = sequence
 
     def load_state(self, state: dict[str, int]) -> None:
