@@ -32,6 +32,8 @@ class Proc:
             self.p.kill()
             raise RuntimeError(f"aggregator did not start: {line!r}; see {log_path}")
         self.address = line.split("serving on ")[1].split()[0]
+        dht = line.split(" dht ")[1].strip() if " dht " in line else "-"
+        self.dht = [] if dht == "-" else dht.split(",")
 
     def kill9(self):
         self.p.send_signal(signal.SIGKILL)
@@ -95,6 +97,35 @@ def test_leaf_killed_after_ack_replays_its_wal(tmp_path):
         assert version2 == 1
         for k in theta:
             assert np.array_equal(theta[k], theta2[k])
+    finally:
+        for p in (leaf, root):
+            if p is not None:
+                p.stop()
+
+
+def test_a_leaf_finds_its_parent_in_the_dht(tmp_path):
+    """Processes, as users run them: the root starts a DHT (hivemind forks its node before any
+    gRPC thread exists); the leaf has no parent address, only the DHT's, and picks the root."""
+    fed = make_federation(tmp_path, 1, aggregators=("root", "leaf0"))
+    root_cfg = fed.config("root", "root", buffer_k=1)
+    root_cfg.dht = True
+    save_config(root_cfg, tmp_path / "root.toml")
+    root = Proc(tmp_path / "root.toml", tmp_path / "root.log")
+    leaf = None
+    try:
+        assert root.dht, "the root printed no DHT address"
+        leaf_cfg = fed.config("leaf0", "leaf", buffer_k=1)
+        leaf_cfg.dht_peers = root.dht
+        save_config(leaf_cfg, tmp_path / "leaf.toml")
+        leaf = Proc(tmp_path / "leaf.toml", tmp_path / "leaf.log")
+
+        async def push():
+            async with TransportClient(leaf.address) as c:
+                return await c.push(delta_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1))
+
+        assert asyncio.run(push())["status"] == "accepted"
+        version, _ = asyncio.run(_theta_at(root.address, 1))
+        assert version == 1  # the leaf's partial reached the root it found in the DHT
     finally:
         for p in (leaf, root):
             if p is not None:

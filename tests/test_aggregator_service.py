@@ -257,33 +257,3 @@ async def test_two_models_status_and_metrics_over_http(tmp_path):
             assert 'archipelago_updates_rejected_total{reason="shape"} 1.0' in text
     finally:
         await root.stop()
-
-
-async def test_leaf_finds_its_parent_in_the_dht(tmp_path):
-    from comms.discovery import Discovery
-
-    fed = make_federation(tmp_path, 2)
-    # generous timeouts: a DHT node starts a p2pd process, slow on a loaded machine
-    root_disco = await asyncio.to_thread(Discovery.start, fed.aggregators["root"], timeout=60)
-    peers = await asyncio.to_thread(root_disco.bootstrap_addresses)
-    leaf_disco = await asyncio.to_thread(
-        Discovery.start, fed.aggregators["leaf0"], peers, timeout=60
-    )
-    root = AggregatorService(fed.config("root", "root", buffer_k=1), discovery=root_disco)
-    leaf = None
-    try:
-        await root.start()
-        leaf = AggregatorService(fed.config("leaf0", "leaf", buffer_k=1), discovery=leaf_disco)
-        await leaf.start()
-        assert leaf.parent_address == root.address
-        records = await asyncio.to_thread(leaf_disco.lookup, "aggregator")
-        assert {r.fields["role"] for r in records} == {"root", "leaf"}
-        async with TransportClient(leaf.address) as c:
-            await c.push(delta_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1))
-        await wait_for(lambda: leaf.lines["global"].version == 1)
-    finally:
-        if leaf is not None:
-            await leaf.stop()
-        await root.stop()
-        for d in (leaf_disco, root_disco):
-            await asyncio.to_thread(d.shutdown)
