@@ -44,27 +44,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from comms.errors import ConfigError, NonFiniteError, ShapeMismatchError
+from comms.errors import ConfigError, NonFiniteError
+
+# apply_update is the replica rule, shared with every island; re-exported here for the root
+from comms.update import apply_update, check_same_layout  # noqa: F401
 
 Params = dict[str, np.ndarray]
 _MOMENTUM = "momentum/"
 _STEP = "step"
-
-
-def _check_same_layout(
-    theta: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], what: str
-) -> None:
-    if theta.keys() != other.keys():
-        missing = sorted(theta.keys() - other.keys())
-        extra = sorted(other.keys() - theta.keys())
-        raise ShapeMismatchError(
-            f"{what} tensor names differ from the model's: missing {missing}, extra {extra}"
-        )
-    for name, x in other.items():
-        if x.shape != theta[name].shape:
-            raise ShapeMismatchError(
-                f"{what} tensor {name!r}: shape {x.shape}, model has {theta[name].shape}"
-            )
 
 
 def _require(ok: bool, message: str) -> None:
@@ -97,13 +84,13 @@ class OuterOptimizer:
         ``theta`` is not modified. A pseudo-gradient holding NaN or Inf raises
         :class:`~comms.errors.NonFiniteError` before any state changes.
         """
-        _check_same_layout(theta, pseudo_grad, "pseudo-gradient")
+        check_same_layout(theta, pseudo_grad, "pseudo-gradient")
         g = {name: np.asarray(x, dtype=np.float32) for name, x in pseudo_grad.items()}
         for name, x in g.items():
             if not np.isfinite(x).all():
                 raise NonFiniteError(f"pseudo-gradient tensor {name!r} holds NaN or Inf")
         if self.momentum:
-            _check_same_layout(self.momentum, g, "pseudo-gradient (vs momentum)")
+            check_same_layout(self.momentum, g, "pseudo-gradient (vs momentum)")
         u = self._update(g)
         self.steps += 1
         return u
@@ -268,23 +255,3 @@ def make_outer_optimizer(name: str = DEFAULT_OUTER_OPTIMIZER, **hyperparams: Any
         raise ConfigError(
             f"outer optimizer {name!r}: bad hyperparameters {hyperparams}: {e}"
         ) from None
-
-
-def apply_update(
-    theta: dict[str, np.ndarray], u: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """``theta <- theta + u`` in place, in float32, tensor by tensor in sorted-name order.
-
-    The replica rule: the root and every island call this with the same decoded ``u_v`` on the
-    same ``theta_v`` and so hold the same bits for ``theta_{v+1}``. ``theta``'s arrays must be
-    writable float32; ``u`` must have exactly ``theta``'s names and shapes (a partial update
-    would silently split the replicas). Returns ``theta``.
-    """
-    _check_same_layout(theta, u, "update")
-    for name in sorted(theta):
-        p = theta[name]
-        if p.dtype != np.float32 or not p.flags.writeable:
-            raise ValueError(f"model tensor {name!r} must be a writable float32 array")
-    for name in sorted(theta):
-        np.add(theta[name], u[name], out=theta[name], dtype=np.float32)
-    return theta

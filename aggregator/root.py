@@ -97,10 +97,6 @@ class RootModel:
             int(partial.max_staleness),
         )
 
-    def snapshot_envelope(self) -> bytes:
-        """``theta_v`` exactly (codec none), for late joiners."""
-        return snapshot_envelope(self.model_id, self.theta, self.version, self.identity)
-
     # ---------------------------------------------------------------- persistence
 
     def state_arrays(self) -> dict[str, np.ndarray]:

@@ -58,6 +58,7 @@ from comms.errors import (
     RejectedError,
     ReplayError,
 )
+from comms.http import split_listen
 from comms.identity import Identity, ReplayGuard, Roster
 from comms.placement import Candidate, choose_closest, eligible
 from comms.transport import TransportClient, TransportServer
@@ -79,6 +80,7 @@ class ModelLine:
         self.theta: dict[str, np.ndarray] = {}  # replica of theta_v (the root's own at the root)
         self.version = 0
         self.root: RootModel | None = None
+        self.config: ModelConfig | None = None  # the root's [[models]] entry
         self.store: ModelStore | None = None  # root: versions and snapshots on disk
         self.cache: OrderedDict[int, bytes] = OrderedDict()  # recent u_v (the root's too)
         self.buffer = PartialAggregate()
@@ -190,20 +192,18 @@ class AggregatorService:
             line = ModelLine(model_id, WriteAheadLog(self.state_dir / "wal" / model_id))
             self.lines[model_id] = line
             if self.role == "root":
-                cfg = next(c for c in self.config.models if c.model_id == model_id)
-                await asyncio.to_thread(self._open_root_line, line, cfg)
+                line.config = next(c for c in self.config.models if c.model_id == model_id)
+                await asyncio.to_thread(self._open_root_line, line, line.config)
             else:
                 await self._open_replica(line)
             if self.config.merge.engine == "pool":
                 line.pool = self._make_pool(line)
             await self._replay(line)
-        host, _, port = self.config.listen.rpartition(":")
+        host, port = split_listen(self.config.listen)
         self.server = TransportServer(
-            self, host=host or "127.0.0.1", port=int(port or 0),
-            max_upload_bytes=self.config.max_update_bytes,
-        )  # fmt: skip
-        bound = await self.server.start()
-        self.address = f"{host or '127.0.0.1'}:{bound}"
+            self, host=host, port=port, max_upload_bytes=self.config.max_update_bytes
+        )
+        self.address = f"{host}:{await self.server.start()}"
         for line in self.lines.values():
             self._spawn(self._deadline_loop(line), f"deadline {line.model_id}")
             if self.role != "root":
@@ -520,7 +520,7 @@ class AggregatorService:
 
     async def _root_step(self, line: ModelLine, partial: PartialAggregate, index: int) -> None:
         t0 = time.perf_counter()
-        cfg = next(c for c in self.config.models if c.model_id == line.model_id)
+        cfg = line.config
         guard = self.guard.state()
 
         def step_and_persist():

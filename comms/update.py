@@ -145,6 +145,44 @@ def decode_update(env: Envelope, manifest: Manifest | None = None) -> dict[str, 
     return out
 
 
+def check_same_layout(want: Mapping[str, Any], got: Mapping[str, Any], what: str) -> None:
+    """Raise ShapeMismatchError unless ``got`` has exactly ``want``'s names and shapes."""
+    if want.keys() != got.keys():
+        missing = sorted(want.keys() - got.keys())
+        extra = sorted(got.keys() - want.keys())
+        raise ShapeMismatchError(
+            f"{what}: tensor names differ from the model's: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+    for name, value in got.items():
+        if tuple(value.shape) != tuple(want[name].shape):
+            raise ShapeMismatchError(
+                f"{what}: tensor {name!r} has shape {tuple(value.shape)}, "
+                f"the model has {tuple(want[name].shape)}"
+            )
+
+
+def apply_update(
+    theta: dict[str, np.ndarray], u: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``theta <- theta + u`` in place, in float32, tensor by tensor in sorted-name order.
+
+    The replica rule: the root, every aggregator's replica and every island's anchor apply the
+    same decoded ``u_v`` to the same ``theta_v`` with this one function and so hold the same
+    bits for ``theta_{v+1}``. ``theta``'s arrays must be writable float32 numpy arrays and
+    ``u`` must have exactly ``theta``'s names and shapes (a partial update would split the
+    replicas); nothing is written unless every check passes. Returns ``theta``.
+    """
+    check_same_layout(theta, u, "update")
+    for name in sorted(theta):
+        p = theta[name]
+        if not isinstance(p, np.ndarray) or p.dtype != np.float32 or not p.flags.writeable:
+            raise ValueError(f"model tensor {name!r} must be a writable float32 numpy array")
+    for name in sorted(theta):
+        np.add(theta[name], u[name], out=theta[name], dtype=np.float32)
+    return theta
+
+
 def to_numpy(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """float32 numpy copies of a dict of arrays or torch tensors."""
     return {n: np.array(as_float_array(v, "to_numpy"), dtype=np.float32) for n, v in params.items()}

@@ -9,9 +9,8 @@ every replica applies it as ``anchor_v = anchor_{v-1} + u_v`` (:func:`apply_vers
 
 Replicas are bit-identical only if every one of them adds the same ``u_v`` to the same bits
 in the same way: float32, elementwise, tensor by tensor in sorted-name order, which is the
-rule ``aggregator.outer.apply_update`` states for the root. ``island`` never imports
-``aggregator`` (see the design's dependency direction), so the rule is implemented here again;
-the tests check both give the same bits.
+rule ``comms.update.apply_update`` implements once for the root, the aggregators' replicas
+and the islands (``apply_version`` here is that function).
 
 No I/O, no threads, no state. ``pseudo_gradient`` and ``apply_version`` take numpy arrays (or
 torch tensors, for ``params``); the model helpers take an ``nn.Module``.
@@ -26,26 +25,12 @@ import numpy as np
 import torch
 
 from comms.codecs import as_float_array
-from comms.errors import ShapeMismatchError
+
+# The replica rule is one function for the root and every island (bit-identical anchors).
+from comms.update import apply_update as apply_version  # noqa: F401
+from comms.update import check_same_layout
 
 Arrays = dict[str, np.ndarray]
-
-
-def check_same_layout(want: Mapping[str, Any], got: Mapping[str, Any], what: str) -> None:
-    """Raise ShapeMismatchError unless ``got`` has exactly ``want``'s names and shapes."""
-    if want.keys() != got.keys():
-        missing = sorted(want.keys() - got.keys())
-        extra = sorted(got.keys() - want.keys())
-        raise ShapeMismatchError(
-            f"{what}: tensor names differ from the model's: missing {missing[:5]}, "
-            f"unexpected {extra[:5]}"
-        )
-    for name, value in got.items():
-        if tuple(value.shape) != tuple(want[name].shape):
-            raise ShapeMismatchError(
-                f"{what}: tensor {name!r} has shape {tuple(value.shape)}, "
-                f"the model has {tuple(want[name].shape)}"
-            )
 
 
 def pseudo_gradient(anchor: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> Arrays:
@@ -60,23 +45,6 @@ def pseudo_gradient(anchor: Mapping[str, np.ndarray], params: Mapping[str, Any])
         p = np.asarray(as_float_array(params[name], "pseudo_gradient"), dtype=np.float32)
         out[name] = np.subtract(a, p, dtype=np.float32)
     return out
-
-
-def apply_version(anchor: dict[str, np.ndarray], u: Mapping[str, np.ndarray]) -> Arrays:
-    """``anchor <- anchor + u`` in place, in float32, tensor by tensor in sorted-name order.
-
-    The replica rule (same as ``aggregator.outer.apply_update``): ``anchor``'s arrays must be
-    writable float32 and ``u`` must have exactly its names and shapes; nothing is written
-    unless every check passes. Returns ``anchor``.
-    """
-    check_same_layout(anchor, u, "global version update")
-    for name in sorted(anchor):
-        a = anchor[name]
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.writeable:
-            raise ValueError(f"anchor tensor {name!r} must be a writable float32 numpy array")
-    for name in sorted(anchor):
-        np.add(anchor[name], u[name], out=anchor[name], dtype=np.float32)
-    return anchor
 
 
 def copy_arrays(arrays: Mapping[str, Any]) -> Arrays:

@@ -6,9 +6,10 @@ loop and the sync engine keep, so a scrape never stalls training.
 
 from __future__ import annotations
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from comms.http import start_app, status_app
 
 _GAUGES = {
     "step": "Inner steps done",
@@ -45,29 +46,16 @@ async def start_status_server(island, listen: str) -> str:
     bound address."""
     registry = CollectorRegistry()
     registry.register(_IslandCollector(island))
-    app = web.Application()
 
-    async def healthz(_request):
-        return web.Response(text="ok\n" if island.ready.is_set() else "starting\n")
-
-    async def status(_request):
+    def status() -> dict:
         s = island.summary()
         s.pop("sync", None)
-        return web.json_response(s)
+        return s
 
-    async def metrics(_request):
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, _, port = listen.rpartition(":")
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port or 0))
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]
-    island._status_runner = runner
-    return f"{host or '127.0.0.1'}:{bound}"
+    app = status_app(
+        status,
+        lambda: generate_latest(registry),
+        lambda: "ok" if island.ready.is_set() else "starting",
+    )
+    island._status_runner, address = await start_app(app, listen)
+    return address

@@ -54,6 +54,7 @@ from prometheus_client import (
 )
 
 from comms.errors import ConfigError
+from comms.http import start_app
 
 if TYPE_CHECKING:
     from router.checkpoint import LoadedEnsemble
@@ -366,12 +367,7 @@ class RouterServer:
         return f"http://{self.address}"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = self._runner.addresses[0]
-        self.address = f"{host}:{bound[1]}"
+        self._runner, self.address = await start_app(self.app, f"{host}:{port}")
         return self.address
 
     async def stop(self) -> None:
