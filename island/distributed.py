@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 from typing import Any
@@ -175,6 +176,7 @@ class TorchRankGroup(RankGroup):
             # while another still talks to it aborts the process inside gloo
             with contextlib.suppress(RuntimeError):
                 self._dist.barrier()
+            gc.collect()  # a dropped DDP wrapper's reducer still references the group
             self._dist.destroy_process_group()
 
 
