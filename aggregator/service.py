@@ -104,6 +104,12 @@ class ModelLine:
         self.buffer, self.oldest_at = PartialAggregate(), None
         return partial, index
 
+    def recycle(self, partial: PartialAggregate) -> None:
+        """Hand a finished partial's buffers (nothing refers to them any more) to the next."""
+        if self.buffer.empty:
+            self.buffer.spare = partial.weighted_sum
+        partial.weighted_sum = {}
+
     async def collect_pool(self) -> None:
         """Move what the merge workers summed into the in-process buffer."""
         if self.pool is None or self.pooled == 0:
@@ -517,6 +523,7 @@ class AggregatorService:
         else:
             line.partial_seq += 1
             await self._queue_partial(line, partial, index, line.partial_seq)
+        line.recycle(partial)  # the step or the encoded partial holds no reference to it
 
     async def _root_step(self, line: ModelLine, partial: PartialAggregate, index: int) -> None:
         t0 = time.perf_counter()

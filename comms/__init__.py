@@ -9,4 +9,4 @@ Ed25519 identities, the roster and replay protection (``comms.identity``), TLS m
 and opaque bytes.
 """
 
-PROTOCOL_VERSION = 2  # 2: chunks carry a CRC-32 instead of a BLAKE2b digest
+PROTOCOL_VERSION = 3  # 2: chunks carry a CRC-32; 3: SHA-256 digests instead of BLAKE2b

@@ -2,7 +2,7 @@
 
 A blob (a serialized envelope, a snapshot, an encoded model update) is cut into chunks of at
 most ``chunk_size`` bytes. Each chunk carries its byte offset in the blob and a check of its
-bytes; the whole blob has a BLAKE2b-256 digest, declared up front and checked once every byte
+bytes; the whole blob has a SHA-256 digest, declared up front and checked once every byte
 has arrived, which protects the blob end to end. The receiver's ``ChunkAssembler`` accepts
 chunks strictly in order (each one at the current end of what it holds), so
 ``received_bytes`` is always a clean resume point: a sender that lost its connection asks how
@@ -12,9 +12,11 @@ The per-chunk check is a CRC-32 (zlib's): it exists to refuse a damaged or misla
 before it is appended, so a resumed upload never builds on bad bytes, and an accidental-error
 check does that; it adds nothing against tampering, which the whole-blob digest (and the
 envelope's signature inside) catch, whatever the chunk check. CRC-32 runs at about 4.2 GB/s
-against BLAKE2b's 0.93 here (hashlib SHA-256: 1.8), and the whole-blob digest alone already
-costs a pass. A chunk from an older sender carrying a BLAKE2b-256 ``chunk_digest`` instead is
-still accepted and checked.
+here, and the whole-blob digest alone already costs a pass. The digest is SHA-256 (protocol 3;
+BLAKE2b-256 before): hashlib's SHA-256 uses the SHA instructions of current x86 and ARMv8 CPUs
+and ran at 1.78 GB/s on this project's 2-core EPYC against BLAKE2b's 0.71, and every update
+is hashed at least twice per hop. A chunk carrying a SHA-256 ``chunk_digest`` instead of a
+CRC is still accepted and checked.
 
 ``UploadTable`` is a receiver's bookkeeping of uploads: partial ones (bounded in count and
 bytes, expiring when idle) and the outcomes of delivered ones, so a retried upload gets the
@@ -43,7 +45,7 @@ DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 message and for a dropped link to cost little."""
 
 DIGEST_SIZE = 32
-"""BLAKE2b digest length in bytes (256 bits)."""
+"""SHA-256 digest length in bytes (256 bits)."""
 
 DEFAULT_MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
 
@@ -69,8 +71,8 @@ class OffsetMismatchError(MalformedError):
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:
-    """BLAKE2b-256 of ``data``: the whole-blob digest (and older senders' chunk digest)."""
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    """SHA-256 of ``data``: the whole-blob digest (and the optional chunk digest)."""
+    return hashlib.sha256(data).digest()
 
 
 def chunk_crc32(data: bytes | bytearray | memoryview) -> int:
@@ -86,7 +88,7 @@ def verify_chunk(
     offset: int = 0,
     name: str = "blob",
 ) -> None:
-    """Check one chunk against the check it came with: ``crc32`` and/or a BLAKE2b
+    """Check one chunk against the check it came with: ``crc32`` and/or a SHA-256
     ``chunk_digest`` (whichever are given; at least one must be). Raises DigestMismatchError
     on a mismatch, MalformedError when the chunk carries no check."""
     if crc32 is None and not chunk_digest:
@@ -114,7 +116,7 @@ class Chunk:
 
     @property
     def digest(self) -> bytes:
-        """BLAKE2b-256 of the data (computed on demand), for receivers that want it."""
+        """SHA-256 of the data (computed on demand), for receivers that want it."""
         return digest(self.data)
 
 
@@ -202,7 +204,7 @@ class ChunkAssembler:
 
         Raises OffsetMismatchError if ``offset`` is not ``received_bytes``, OversizeError if
         the chunk runs past the declared total size, DigestMismatchError if its check
-        (``crc32`` or the BLAKE2b ``chunk_digest``) is wrong, MalformedError if it has none.
+        (``crc32`` or the SHA-256 ``chunk_digest``) is wrong, MalformedError if it has none.
         ``verified=True`` skips the check: the caller ran :func:`verify_chunk` on these bytes
         already (in a worker thread, say). A refused chunk leaves the assembler unchanged.
         """
@@ -217,14 +219,14 @@ class ChunkAssembler:
     def finish(self) -> bytes:
         """Return the whole blob once complete, after checking the whole-blob digest.
 
-        One BLAKE2b pass over the blob: a caller on an event loop runs this in a worker
+        One SHA-256 pass over the blob: a caller on an event loop runs this in a worker
         thread for a large blob."""
         if not self.complete:
             raise MalformedError(
                 f"{self.name}: incomplete, {self._received} of {self.total_size} bytes "
                 f"received; resume from offset {self._received}"
             )
-        hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        hasher = hashlib.sha256()
         for chunk in self._chunks:
             hasher.update(chunk)
         if hasher.digest() != self.blob_digest:

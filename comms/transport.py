@@ -19,7 +19,7 @@ back into typed errors (``RemoteRejected`` subclasses that are also the matching
 
 Concurrency: everything runs on one asyncio event loop (grpc.aio). Server state is touched
 only from that loop, so it takes no locks. Checking the bytes of a large chunk or blob (CRC-32,
-BLAKE2b; both release the GIL) runs in a worker thread (``asyncio.to_thread``) on pure inputs,
+SHA-256; both release the GIL) runs in a worker thread (``asyncio.to_thread``) on pure inputs,
 so one big hash does not stall every other stream; the results are applied back on the loop.
 The chunk messages of a blob that Subscribe or Fetch streams are built (split, checked,
 digested) once and shared by every stream sending the same bytes (``ChunkMessageCache``).
@@ -232,7 +232,7 @@ def build_chunk_messages(
     message_type, model_id: str, version: int, data: bytes, chunk_size: int
 ) -> list[tuple[Any, int]]:
     """``(message, data bytes)`` for each ``VersionMessage``/``FetchChunk`` that streams
-    ``data``: split, with each chunk's CRC-32 and the blob's BLAKE2b digest. The sizes ride
+    ``data``: split, with each chunk's CRC-32 and the blob's SHA-256 digest. The sizes ride
     along because reading a message's bytes field back copies it. Pure; runs in a worker
     thread."""
     blob_digest = digest(data)

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from island.lookahead import NesterovReplay
 from island.pseudo import (
     apply_version,
     check_same_layout,
@@ -117,7 +118,11 @@ class LocalUpdate:
         self._start: dict[str, np.ndarray] | None = None  # where the current round began
         self._in_flight: dict[int, dict[str, np.ndarray]] = {}  # own deltas no version holds
         self._in_flight_futures: dict[int, Any] = {}
-        self.eager = engine.config.rebase == "eager"
+        cfg = engine.config
+        self.eager = cfg.rebase in ("eager", "lookahead")  # own in-flight deltas are tracked
+        self.lookahead = (
+            NesterovReplay(cfg.outer_lr, cfg.outer_momentum) if cfg.rebase == "lookahead" else None
+        )
         self.start_serial = 0  # changes whenever the round's start point does
         self._version = -1
         self._resume = (anchor_version, anchor) if anchor is not None else None
@@ -228,10 +233,14 @@ class LocalUpdate:
                 self.engine.follow(self._version)
             self._in_flight.clear()  # which of ours the snapshot holds is unknown
             self._in_flight_futures.clear()
+            if self.lookahead is not None:
+                self.lookahead.reset()
         else:
             for version, u in versions:
                 apply_version(self._anchor, u)
                 self._version = version
+                if self.lookahead is not None:
+                    self.lookahead.observe(u)
         self._set_start()
 
     def _set_start(self) -> None:
@@ -242,10 +251,13 @@ class LocalUpdate:
             refused = future.done() and future.result().status not in ("accepted", "replayed")
             if merged is None or seq in merged or refused:  # in the global model, or never will be
                 del self._in_flight[seq], self._in_flight_futures[seq]
-        start = copy_arrays(self._anchor)
-        for delta in self._in_flight.values():
-            for name, d in delta.items():
-                np.subtract(start[name], d, out=start[name])
+        if self.lookahead is not None:
+            start = self.lookahead.predict(self._anchor, self._in_flight.values())
+        else:
+            start = copy_arrays(self._anchor)
+            for delta in self._in_flight.values():
+                for name, d in delta.items():
+                    np.subtract(start[name], d, out=start[name])
         self._start = start
         self.start_serial += 1
         load_numpy_into(self.model, start)

@@ -85,8 +85,13 @@ class SyncConfig:
     codec_params: dict[str, Any] = field(default_factory=dict)  # e.g. {block = 128}
     mode: Literal["overlapped", "sync"] = "overlapped"  # overlapped never waits at a boundary
     # where a round starts: "eager" = the newest global version plus this island's own deltas
-    # still in flight (applied locally until a version holds them); "reset" = the version alone
-    rebase: Literal["eager", "reset"] = "eager"
+    # still in flight (applied locally until a version holds them); "lookahead" = the newest
+    # version moved by the root's outer step with those deltas as its pseudo-gradient
+    # (island.lookahead; needs outer_lr/outer_momentum equal to the root's Nesterov step);
+    # "reset" = the version alone
+    rebase: Literal["eager", "lookahead", "reset"] = "eager"
+    outer_lr: float = 0.7  # lookahead: the root's outer Nesterov lr and momentum
+    outer_momentum: float = 0.9
     max_pending_pushes: int = 8  # pushes waiting for a link; on overflow the oldest is dropped
     sync_timeout_s: float = 600.0  # sync mode: longest wait for the next global version
     snapshot_timeout_s: float = 300.0  # longest wait for a snapshot download
@@ -102,6 +107,15 @@ class SyncConfig:
             raise ConfigError("model_id: set the id of the model this island trains")
         if self.mode not in ("overlapped", "sync"):
             raise ConfigError(f"mode: must be 'overlapped' or 'sync', got {self.mode!r}")
+        if self.rebase not in ("eager", "lookahead", "reset"):
+            raise ConfigError(
+                f"rebase: must be 'eager', 'lookahead' or 'reset', got {self.rebase!r}"
+            )
+        if not (self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
+            raise ConfigError(
+                f"outer_lr/outer_momentum: need lr > 0 and momentum in [0, 1), got "
+                f"{self.outer_lr!r}, {self.outer_momentum!r}"
+            )
         for key in ("every", "max_pending_pushes", "max_buffered_versions", "sync_timeout_s",
                     "snapshot_timeout_s", "retry_interval_s"):  # fmt: skip
             if not getattr(self, key) > 0:

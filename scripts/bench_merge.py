@@ -4,7 +4,9 @@ Every row merges the same float32 deltas (``--mib`` MiB each, ``--events`` of th
 reports GB/s of float32 delta merged (``events * model bytes / seconds``):
 
 - ``numpy a += b``: the memory-bandwidth ceiling of one add over the same bytes.
-- ``accumulate (decoded)``: :func:`aggregator.merge.accumulate` of already decoded arrays.
+- ``accumulate (decoded)``: :func:`aggregator.merge.accumulate` of already decoded arrays
+  into a partial that reuses the previous flush's buffers (the service's steady state);
+  ``accumulate, fresh buffers``: the same into newly allocated ones (a first flush).
 - ``decode+accumulate <codec>``: in process, from envelope bytes (what one worker does).
 - ``pool <codec>, worker busy``: one pool worker, its own merge time (attach the shared
   blob, parse the header, decode, add into its shared buffer).
@@ -99,14 +101,20 @@ def bench_numpy(shapes, events: int, repeats: int) -> float:
     return best_of(run, repeats)
 
 
-def bench_accumulate(shapes, events: int, repeats: int) -> float:
+def bench_accumulate(shapes, events: int, repeats: int, recycle: bool = True) -> float:
+    """Best seconds to merge ``events`` deltas into a new partial. ``recycle``: the partial
+    reuses the previous run's buffers, as the service hands a flushed partial's buffers to the
+    next one (every flush after the first); else it faults in fresh pages (the first flush)."""
     rng = np.random.default_rng(1)
     deltas = {n: rng.standard_normal(s, np.float32) for n, s in shapes.items()}
+    last = PartialAggregate()
 
     def run():
-        partial = PartialAggregate()
+        nonlocal last
+        partial = PartialAggregate(spare=last.weighted_sum if recycle else {})
         for _ in range(events):
             accumulate(partial, deltas, 0.7)
+        last = partial
 
     return best_of(run, repeats)
 
@@ -184,6 +192,10 @@ def main() -> None:
 
     record("numpy a += b", bench_numpy(shapes, args.events, args.repeats))
     record("accumulate (decoded)", bench_accumulate(shapes, args.events, args.repeats))
+    record(
+        "accumulate, fresh buffers",
+        bench_accumulate(shapes, args.events, args.repeats, recycle=False),
+    )
     for codec in ("none", "int8"):
         envelopes = make_envelopes(shapes, args.events, codec)
         record(f"decode+accumulate {codec}", bench_decode_accumulate(envelopes, args.repeats))

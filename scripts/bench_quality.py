@@ -491,6 +491,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Archipelago's outer step at the root, NAME:k=v,... "
         "(default nesterov:lr=0.7,momentum=0.9; e.g. co2:lr=0.7,momentum=0.5)",
     )
+    p.add_argument(
+        "--rebase", nargs="+", default=["eager"], choices=["eager", "lookahead", "reset"],
+        help="Archipelago's round start (island.sync.SyncConfig.rebase); more than one runs "
+        "each (slot names get a suffix)",
+    )
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
@@ -559,16 +564,18 @@ def main(argv: list[str] | None = None) -> int:
                     H=h, **hivemind_settings)  # fmt: skip
         for codec in args.codecs:
             for every in args.H:
-                measure(args, tmp, doc, f"{codec}_H{every}", "overlapped", "diloco", cal,
-                        target=target, H=every, codec=codec, publish_codec=codec,
-                        mode="overlapped", outer=args.arch_outer)  # fmt: skip
+                for rebase in args.rebase:
+                    slot = f"{codec}_H{every}" + (f"_{rebase}" if len(args.rebase) > 1 else "")
+                    measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
+                            H=every, codec=codec, publish_codec=codec, mode="overlapped",
+                            outer=args.arch_outer, rebase=rebase)  # fmt: skip
     ratios(doc)
     doc["config"] = {
         "S": args.steps, "max_steps": int(args.max_factor * args.steps), "world": args.world,
         "workload": args.workload, "params": param_bytes // 4, "inner_optim": OPTIM,
         "warmup_steps": args.warmup, "outer": {"sync_diloco": ["nesterov", OUTER],
                                                "archipelago": list(args.arch_outer)},
-        "baseline_H": h, "H": args.H,
+        "baseline_H": h, "H": args.H, "rebase": args.rebase,
         "codecs": args.codecs, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
         "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}
                                                    for k, (r, d) in LINKS.items()},

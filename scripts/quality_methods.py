@@ -88,9 +88,11 @@ class Recorder:
             time.sleep(0.02)
         self.started = time.perf_counter()
 
-    def evaluate(self, step: int, **extra: Any) -> float:
+    def evaluate(self, step: int, model: torch.nn.Module | None = None, **extra: Any) -> float:
+        """Held-out loss of ``model`` (default: the worker's own)."""
         t0 = time.perf_counter()
-        loss = float(self.workload.validation_loss(self.model, self.spec["eval_batches"]))
+        model = self.model if model is None else model
+        loss = float(self.workload.validation_loss(model, self.spec["eval_batches"]))
         self.eval_s += time.perf_counter() - t0
         record = {"step": step, "loss": loss, "t": time.perf_counter() - self.started, **extra}
         self.evals.append(record)
@@ -172,6 +174,7 @@ def ddp_worker(spec: dict[str, Any]) -> None:
 def diloco_worker(spec: dict[str, Any]) -> None:
     from comms.identity import Identity, Roster
     from island.local_update import LocalUpdate
+    from island.pseudo import load_numpy_into, params_to_numpy
     from island.sync import SyncConfig, SyncEngine
 
     rank = spec["rank"]
@@ -179,14 +182,22 @@ def diloco_worker(spec: dict[str, Any]) -> None:
     model = workload.build_model(spec["seed"])
     optimizer = make_adamw(model.parameters(), spec)
     batches = workload.train_batches(spec["data_seed"], shard=rank, num_shards=spec["world"])
+    outer_name, outer = spec["outer"]
+    lookahead = {"outer_lr": outer["lr"], "outer_momentum": outer["momentum"]} if (
+        outer_name == "nesterov") else {}  # fmt: skip
     config = SyncConfig(
         model_id=spec["model_id"], every=spec["H"], codec=spec["codec"], mode=spec["mode"],
         sync_timeout_s=spec["timeout_s"], retry_interval_s=0.2, max_retry_interval_s=2.0,
+        rebase=spec.get("rebase", "eager"), **lookahead,
     )  # fmt: skip
     identity = Identity.load(spec["key"])
     engine = SyncEngine(config, identity, spec["address"], roster=Roster.load(spec["roster"]))
     rec = Recorder(spec, workload, model)
-    lu = LocalUpdate(model, optimizer, engine=engine, flush_on_exit=False)
+    # Every worker builds theta_0 from the shared seed (the root's init file holds the same
+    # bits), as DDP's workers do: version 0 is known without a download.
+    lu = LocalUpdate(model, optimizer, engine=engine, flush_on_exit=False,
+                     anchor=params_to_numpy(model), anchor_version=0)  # fmt: skip
+    global_model = workload.build_model(spec["seed"])  # rank 0 evaluates the global version
     step = 0
     try:
         lu.start()
@@ -197,9 +208,11 @@ def diloco_worker(spec: dict[str, Any]) -> None:
             step += 1
             if lu.step(tokens=tokens) and rank == 0:
                 sync = engine.stats
-                # params == the anchor after a boundary: this is global version lu.version
+                # the anchor is global version lu.version (the root's theta, bit for bit);
+                # the worker's own params start the next round from it plus its in-flight delta
+                load_numpy_into(global_model, lu.anchor)
                 rec.evaluate(
-                    step, version=lu.version, bytes_sent=sync["bytes_sent"],
+                    step, global_model, version=lu.version, bytes_sent=sync["bytes_sent"],
                     bytes_received=sync["bytes_received"], staleness=sync["last_staleness"],
                 )  # fmt: skip
         stats = lu.stats

@@ -344,7 +344,7 @@ def _tensor(wire: dict, i: int, **changes) -> dict:
         (lambda w: w.update(meta=[1, 2]), "meta must be a map"),
         (lambda w: w.update(meta={"x": math.inf}), r"meta\['x'\] must be a finite float"),
         (lambda w: w.update(payload_digest=b"\x00" * 8), "payload_digest must be 32 bytes"),
-        (lambda w: w.update(digest="sha256"), "digest must be"),
+        (lambda w: w.update(digest="blake2b-256"), "digest must be"),
         (lambda w: w.update(protocol=PROTOCOL_VERSION + 1), "disagrees with the preamble"),
         (lambda w: w.update(tensors={}), "tensors must be a list"),
         (lambda w: w.pop("meta"), r"lacks field\(s\) \['meta'\]"),

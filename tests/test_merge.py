@@ -14,6 +14,7 @@ from aggregator.merge import (
     combine,
     combine_all,
     finalize,
+    merge_into,
     update_weight,
 )
 from aggregator.robust import (
@@ -150,8 +151,31 @@ def test_accumulate_allocates_no_model_sized_temporary():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 1 << 20, f"peak allocation {peak} bytes during an in-place accumulate"
+    # one block of scratch (1 MiB), far below the 16 MiB a full-size temporary would take
+    assert peak < 2 << 20, f"peak allocation {peak} bytes during an in-place accumulate"
     assert p.weighted_sum["big"][0] == 1.5 and p.weighted_sum["big"][-1] == 1.5
+
+
+def test_spare_buffers_are_reused_and_give_the_same_bits():
+    rng = np.random.default_rng(3)
+    deltas = [{"w": rng.standard_normal((64, 32), np.float32)} for _ in range(3)]
+    fresh = PartialAggregate()
+    for i, d in enumerate(deltas):
+        accumulate(fresh, d, 0.3 + i)
+    spare = np.full((64, 32), np.nan, np.float32)  # stale contents must not leak in
+    recycled = PartialAggregate(spare={"w": spare})
+    for i, d in enumerate(deltas):
+        accumulate(recycled, d, 0.3 + i)
+    assert recycled.weighted_sum["w"] is spare and not recycled.spare
+    np.testing.assert_array_equal(recycled.weighted_sum["w"], fresh.weighted_sum["w"])
+    # a spare of the wrong shape is not used
+    odd = PartialAggregate(spare={"w": np.zeros((3,), np.float32)})
+    accumulate(odd, deltas[0], 1.0)
+    assert odd.weighted_sum["w"].shape == (64, 32)
+    # a partial merged into an empty one with spares lands in the spare buffer
+    target = PartialAggregate(spare={"w": np.full((64, 32), 7.0, np.float32)})
+    merge_into(target, fresh)
+    np.testing.assert_array_equal(target.weighted_sum["w"], fresh.weighted_sum["w"])
 
 
 def upd(sender, seq, base, value, samples=None):
