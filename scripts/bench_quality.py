@@ -492,7 +492,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default nesterov:lr=0.7,momentum=0.9; e.g. co2:lr=0.7,momentum=0.5)",
     )
     p.add_argument(
-        "--rebase", nargs="+", default=["eager"], choices=["eager", "lookahead", "reset"],
+        "--rebase",
+        nargs="+",
+        default=["eager"],
+        choices=["eager", "lookahead", "reset"],
         help="Archipelago's round start (island.sync.SyncConfig.rebase); more than one runs "
         "each (slot names get a suffix)",
     )

@@ -1,5 +1,7 @@
 """The island's replay of the root's Nesterov step (rebase = "lookahead")."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -62,7 +64,7 @@ def test_an_unknown_momentum_is_forgotten_within_a_few_versions():
     assert errors[0] > 0.1  # the first guess is really off
     # the error shrinks by mu / (1 + mu) = 0.47 per version, down to float32 rounding
     assert errors[-1] < 1e-2 * errors[0]
-    assert all(b <= a * 0.5 + 1e-3 for a, b in zip(errors, errors[1:], strict=False))
+    assert all(b <= a * 0.5 + 1e-3 for a, b in itertools.pairwise(errors))
 
 
 def test_plain_sgd_needs_no_state_and_bad_settings_are_refused():
