@@ -677,13 +677,47 @@ def build_parser() -> argparse.ArgumentParser:
         default="proportional",
         help="how the monolith's batch is split across the experts (by cluster share, or B/K)",
     )
+    p.add_argument(
+        "--plan",
+        action="append",
+        default=[],
+        metavar="WORKLOAD.KEY=VALUE",
+        help="override one plan entry, e.g. bytelm.steps=3000 or bytelm.model.d_model=64 "
+        "(repeatable; the JSON records the plan used)",
+    )
     return p
+
+
+def override_plans(plans: dict[str, Plan], items: Sequence[str]) -> dict[str, Plan]:
+    """Apply ``--plan WORKLOAD.KEY[.SUBKEY]=VALUE`` overrides (numbers parsed as such)."""
+    plans = dict(plans)
+    for item in items:
+        path, sep, text = item.partition("=")
+        keys = path.split(".")
+        if not sep or len(keys) not in (2, 3) or keys[0] not in plans:
+            raise SystemExit(f"--plan {item!r}: use WORKLOAD.KEY=VALUE, WORKLOAD in {list(plans)}")
+        try:
+            value: Any = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                value = text
+        plan = plans[keys[0]]
+        if not hasattr(plan, keys[1]):
+            raise SystemExit(f"--plan {item!r}: a plan has no entry {keys[1]!r}")
+        if len(keys) == 3:
+            inner = dict(getattr(plan, keys[1]))
+            inner[keys[2]] = value
+            value = inner
+        plans[keys[0]] = dataclasses.replace(plan, **{keys[1]: value})
+    return plans
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    plans = QUICK_PLANS if args.quick else FULL_PLANS
+    plans = override_plans(QUICK_PLANS if args.quick else FULL_PLANS, args.plan)
     runners = {"bytelm": bytelm_benchmark, "flow": flow_benchmark}
     results = {}
     started = time.perf_counter()

@@ -122,6 +122,47 @@ def loss_at(curve: list[dict[str, Any]], step: int) -> float | None:
 # ============================================================================ processes
 
 
+class ShapedNet:
+    """Real shaped links for timed runs: ``comms.netns`` namespaces, one per worker, each
+    joined to a hub namespace (where the root aggregator runs) by a link shaped to ``LINKS[name]``
+    in both directions (tbf for the rate; the delay by netem, or by the TUN forwarder on kernels
+    without netem). Worker-to-worker traffic (DDP's ring, hivemind's all-reduce) crosses two
+    links, through the hub."""
+
+    PREFIX = "qbench"
+
+    def __init__(self, world: int, name: str):
+        from comms import netns
+
+        self.netns, self.name = netns, name
+        rate, delay = LINKS[name]
+        self.config = netns.up(world, rate, delay, prefix=self.PREFIX)
+        self.island_iface = netns.ISLAND_IFACE
+        self.hub_address, self.island_address = netns.hub_address, netns.island_address
+
+    def island_argv(self, rank: int, argv: list[str]) -> list[str]:
+        return self.netns.exec_argv(f"isl{rank}", argv, prefix=self.PREFIX)
+
+    def hub_argv(self, argv: list[str]) -> list[str]:
+        return self.netns.exec_argv("hub", argv, prefix=self.PREFIX)
+
+    def close(self) -> None:
+        self.netns.down(self.PREFIX)
+
+    @staticmethod
+    def available() -> str | None:
+        """None when shaped links can be made here, else why not."""
+        from comms import netns
+
+        if os.geteuid() != 0:
+            return "not root: network namespaces need root"
+        try:
+            netns.require_tools()
+        except Exception as err:  # missing ip/tc
+            return str(err)
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -141,7 +182,9 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
             return
 
 
-def run_workers(specs: list[dict[str, Any]], run_dir: Path, timeout_s: float) -> list[dict]:
+def run_workers(
+    specs: list[dict[str, Any]], run_dir: Path, timeout_s: float, net: ShapedNet | None = None
+) -> list[dict]:
     """Start one worker process per spec, wait for every ``result-RANK.json``, then stop
     them all (hivemind workers linger in shutdown). Raises RuntimeError with a log tail."""
     procs = []
@@ -150,9 +193,14 @@ def run_workers(specs: list[dict[str, Any]], run_dir: Path, timeout_s: float) ->
             path = run_dir / f"spec-{spec['rank']}.json"
             path.write_text(json.dumps(spec))
             log = open(run_dir / f"worker-{spec['rank']}.log", "wb")
+            argv = [sys.executable, str(WORKER), str(path)]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if net is not None:  # each worker behind its own shaped link
+                argv = net.island_argv(spec["rank"], argv)
+                env["GLOO_SOCKET_IFNAME"] = net.island_iface
             procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), str(path)], stdout=log, stderr=subprocess.STDOUT,
-                cwd=REPO, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                env=env,
             ))  # fmt: skip
             log.close()
         deadline = time.monotonic() + timeout_s
@@ -178,7 +226,8 @@ class Federation:
     """Keys, a roster, theta_0 and a real ``aggregator serve`` root, in ``run_dir``."""
 
     def __init__(self, run_dir: Path, workload_cfg: dict, seed: int, world: int,
-                 publish_codec: str, deadline_s: float, outer: tuple[str, dict]):  # fmt: skip
+                 publish_codec: str, deadline_s: float, outer: tuple[str, dict],
+                 net: ShapedNet | None = None):  # fmt: skip
         from safetensors.numpy import save_file
 
         from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
@@ -204,15 +253,17 @@ class Federation:
         config = AggregatorConfig(
             name="root", role="root", key=str(run_dir / "root.pem"), roster=self.roster,
             state_dir=str(run_dir / "root-state"), http="",
+            listen="0.0.0.0:0" if net else "127.0.0.1:0",
             merge=MergeConfig(buffer_k=world, deadline_s=deadline_s),
             models=[ModelConfig(MODEL_ID, init=str(run_dir / "init.safetensors"),
                                 outer=outer[0], outer_params=dict(outer[1]), codec=publish_codec)],
         )  # fmt: skip
         save_config(config, run_dir / "root.toml")
         log = open(run_dir / "root.log", "wb")
+        argv = [sys.executable, "-m", "aggregator", "serve", str(run_dir / "root.toml"),
+                "--log-level", "warning"]  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "serve", str(run_dir / "root.toml"),
-             "--log-level", "warning"],
+            net.hub_argv(argv) if net else argv,
             stdout=subprocess.PIPE, stderr=log, cwd=REPO, start_new_session=True,
         )  # fmt: skip
         log.close()
@@ -222,6 +273,10 @@ class Federation:
             tail = (run_dir / "root.log").read_text()[-1500:]
             raise RuntimeError(f"aggregator did not start: {line!r}\n{tail}")
         self.address = line.split("serving on ")[1].split()[0]
+        port = self.address.rsplit(":", 1)[1]
+        # the address each island dials: the hub's end of its own link, or loopback
+        self.addresses = [net.hub_address(r) + f":{port}" if net else self.address
+                          for r in range(world)]  # fmt: skip
 
     def close(self) -> None:
         stop_process(self.proc)
@@ -265,30 +320,41 @@ def base_spec(args, method: str, run_dir: Path, steps: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_method(args, tmp: Path, name: str, method: str, **extra: Any) -> dict[str, Any]:
-    """One method's workers (and, for DiLoCo, its root aggregator); their results."""
+def run_method(
+    args, tmp: Path, name: str, method: str, net: ShapedNet | None = None, **extra: Any
+) -> dict[str, Any]:
+    """One method's workers (and, for DiLoCo, its root aggregator); their results. With
+    ``net`` every worker runs in its island namespace behind its shaped link and the root in
+    the hub namespace."""
     run_dir = tmp / name
     run_dir.mkdir()
-    steps = args.steps if method == "ddp" else int(args.max_factor * args.steps)
+    default_steps = args.steps if method == "ddp" else int(args.max_factor * args.steps)
+    steps = extra.pop("steps", default_steps)
     spec = {**base_spec(args, method, run_dir, steps), "target": extra.pop("target", None)}
     spec.update(extra)
     federation = None
     t0 = time.perf_counter()
     print(f"--- {name}: up to {steps} steps", flush=True)
     try:
+        per_rank: list[dict[str, Any]] = [{} for _ in range(args.world)]
         if method == "ddp":
             spec["port"] = free_port()
+            if net is not None:
+                spec["master_addr"] = net.island_address(0)
         elif method == "diloco":
             federation = Federation(run_dir, args.workload, args.seed, args.world,
-                                    spec["publish_codec"], args.deadline, spec["outer"])  # fmt: skip
-            spec.update(address=federation.address, roster=federation.roster, model_id=MODEL_ID)
+                                    spec["publish_codec"], args.deadline, spec["outer"],
+                                    net)  # fmt: skip
+            spec.update(roster=federation.roster, model_id=MODEL_ID)
+            for r, extra_r in enumerate(per_rank):
+                extra_r.update(address=federation.addresses[r], key=federation.keys[r])
         elif method == "hivemind":
             spec["run_id"] = f"bench_quality_{os.getpid()}_{name}"
-        specs = [
-            {**spec, "rank": r, "key": federation.keys[r] if federation else ""}
-            for r in range(args.world)
-        ]
-        results = run_workers(specs, run_dir, args.timeout)
+            if net is not None:
+                for r, extra_r in enumerate(per_rank):
+                    extra_r["listen_host"] = net.island_address(r)
+        specs = [{**spec, "rank": r, "key": "", **per_rank[r]} for r in range(args.world)]
+        results = run_workers(specs, run_dir, args.timeout, net)
     finally:
         if federation is not None:
             federation.close()
@@ -441,6 +507,15 @@ def print_table(doc: dict[str, Any]) -> None:
     print(f"\ntarget loss (DDP after {doc['config']['S']} steps): {doc['target_loss']:.4f}")
     print(format_table(headers, rows))
     print("* modelled: measured compute per step + link model (see notes)")
+    for link, entries in doc.get("shaped", {}).items():
+        if link == "error":
+            print(f"shaped links: not run ({entries})")
+            continue
+        rows = [[name, e.get("seconds_to_target"), e.get("steps_to_target"), e.get("steps"),
+                 e.get("error", e.get("how", ""))[:60]]
+                for name, e in entries.items() if isinstance(e, dict)]  # fmt: skip
+        print(f"\nMEASURED over real shaped links, {link} Mbit/s ({entries.get('backend')}):")
+        print(format_table(["method", "s->tgt", "steps->tgt", "steps", "note"], rows))
 
 
 def empty_entry(error: str) -> dict[str, Any]:
@@ -456,11 +531,76 @@ def measure(args, tmp: Path, doc: dict, slot: str, kind: str, method: str, cal, 
     holder, key = (doc["archipelago"], slot) if kind == "overlapped" else (doc, slot)
     name = f"archipelago_{slot}" if kind == "overlapped" else slot
     try:
-        run = run_method(args, tmp, name, method, **extra)
+        run = run_method(args, tmp, name, method, **dict(extra))
         holder[key] = summarize(kind, run, doc["target_loss"], args, cal)
+        holder[key]["settings"] = {k: v for k, v in extra.items() if k != "target"}
     except Exception as err:  # one broken method must not hide the others' figures
         print(f"    {name}: FAILED: {err}", flush=True)
         holder[key] = empty_entry(f"{type(err).__name__}: {err}")
+
+
+def shaped_entry(run: dict[str, Any], target: float) -> dict[str, Any]:
+    """Measured figures of one run over shaped links: seconds from the start barrier to rank
+    0's first evaluation at or below ``target``, less rank 0's own evaluation time."""
+    rank0 = run["results"][0]
+    hit = first_crossing(rank0["evals"], target)
+    last = rank0["evals"][-1] if rank0["evals"] else None
+    return {
+        "seconds_to_target": hit["t"] - hit["eval_s"] if hit else None,
+        "steps_to_target": hit["step"] if hit else None,
+        "steps": rank0["steps"],
+        "final_loss": last["loss"] if last else None,
+        "run_s": run["run_s"],
+    }
+
+
+def measure_shaped(args, tmp: Path, doc: dict, link: str, hivemind: dict) -> dict[str, Any]:
+    """Time to the target over real shaped links (:class:`ShapedNet`): DDP for
+    ``--shaped-ddp-steps`` steps (its measured seconds per step times its steps to the target),
+    then sync DiLoCo, hivemind and the Archipelago setting with the shortest modelled time at
+    this link, each until it reaches the target (or its step limit)."""
+    target = doc["target_loss"]
+    out: dict[str, Any] = {}
+    net = ShapedNet(args.world, link)
+    try:
+        out["backend"] = net.config.backend
+        try:
+            run = run_method(args, tmp, f"shaped{link}_ddp", "ddp", net=net,
+                             steps=args.shaped_ddp_steps)  # fmt: skip
+            rank0 = run["results"][0]
+            per_step = (rank0["wall_s"] - rank0["eval_s"]) / max(1, rank0["steps"])
+            steps = doc["ddp"]["steps_to_target"]
+            out["ddp"] = {"seconds_per_step": per_step, "steps": rank0["steps"],
+                          "seconds_to_target": per_step * steps if steps else None,
+                          "how": f"measured seconds per step over {rank0['steps']} steps, "
+                                 f"times its {steps} steps to the target"}  # fmt: skip
+        except Exception as err:
+            out["ddp"] = {"error": f"{type(err).__name__}: {err}"}
+        runs = []
+        if "sync_diloco" not in args.skip:
+            runs.append(("sync_diloco", "diloco", {"H": args.baseline_H, "codec": "none",
+                         "publish_codec": "none", "mode": "sync", "outer": ("nesterov", OUTER)}))  # fmt: skip
+        if "hivemind" not in args.skip:
+            runs.append(("hivemind", "hivemind", {"H": args.baseline_H, **hivemind}))
+        reached = [(e["seconds_to_target"][link], slot)
+                   for slot, e in doc["archipelago"].items()
+                   if e.get("seconds_to_target", {}).get(link) is not None]  # fmt: skip
+        if reached:
+            slot = min(reached)[1]
+            runs.append(
+                (f"archipelago {slot}", "diloco", dict(doc["archipelago"][slot]["settings"]))
+            )
+        for name, method, extra in runs:
+            try:
+                run = run_method(args, tmp, f"shaped{link}_{name.replace(' ', '_')}", method,
+                                 net=net, target=target, min_steps=0, **extra)  # fmt: skip
+                out[name] = shaped_entry(run, target)
+            except Exception as err:
+                print(f"    shaped {name}: FAILED: {err}", flush=True)
+                out[name] = {"error": f"{type(err).__name__}: {err}"}
+    finally:
+        net.close()
+    return out
 
 
 def parse_outer(text: str) -> tuple[str, dict[str, float]]:
@@ -513,6 +653,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600.0, help="longest run of one method, s")
     p.add_argument("--workdir", help="a new folder for run files, kept (default: a temp dir)")
     p.add_argument("--skip", nargs="*", default=[], choices=["sync_diloco", "hivemind"])
+    p.add_argument(
+        "--shaped", nargs="*", choices=list(LINKS),
+        help="links to also time for real in network namespaces (default: 10 100; quick or "
+        "--no-netns: none)",
+    )  # fmt: skip
+    p.add_argument("--shaped-ddp-steps", type=int, default=20, help="DDP steps timed per link")
     args = p.parse_args(argv)
     quick = args.quick
     model = dict(QUICK_MODEL if quick else FULL_MODEL)
@@ -527,6 +673,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, q if quick else full)
     if args.eval_every is None:
         args.eval_every = min([*args.H, args.baseline_H])
+    if args.shaped is None:
+        args.shaped = [] if (quick or args.no_netns) else ["10", "100"]
     if quick:
         args.timeout = min(args.timeout, 120.0)
     return args
@@ -572,7 +720,14 @@ def main(argv: list[str] | None = None) -> int:
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
                             H=every, codec=codec, publish_codec=codec, mode="overlapped",
                             outer=args.arch_outer, rebase=rebase)  # fmt: skip
-    ratios(doc)
+        ratios(doc)
+        doc["shaped"] = {}
+        why_not = ShapedNet.available() if args.shaped else None
+        for link in args.shaped if why_not is None else []:
+            print(f"=== shaped links: {link} Mbit/s, real namespaces", flush=True)
+            doc["shaped"][link] = measure_shaped(args, tmp, doc, link, hivemind_settings)
+        if why_not:
+            doc["shaped"]["error"] = why_not
     doc["config"] = {
         "S": args.steps, "max_steps": int(args.max_factor * args.steps), "world": args.world,
         "workload": args.workload, "params": param_bytes // 4, "inner_optim": OPTIM,
@@ -596,12 +751,18 @@ def main(argv: list[str] | None = None) -> int:
 def notes(args, hivemind_settings: dict) -> list[str]:
     return [
         "seconds_to_target and utilization are MODELLED: one worker's compute per step measured "
-        "alone before the runs, plus the link model in scripts/bench_quality.py's docstring; no "
-        "run used shaped links or network namespaces"
-        + (" (--no-netns given)" if args.no_netns else ""),
+        "alone before the runs, plus the link model in scripts/bench_quality.py's docstring"
+        + (
+            f"; 'shaped' holds MEASURED times over real shaped links ({', '.join(args.shaped)} "
+            "Mbit/s) in network namespaces, where the 4 workers share this machine's cores "
+            "(compute per step slower than alone) and rank 0's evaluation time is excluded"
+            if args.shaped
+            else "; no run used shaped links" + (" (--no-netns given)" if args.no_netns else "")
+        ),
         "bytes: DDP counted as a ring all-reduce (2(N-1)/N*P sent + as many received per step); "
-        "DiLoCo/Archipelago measured on the wire by the sync engine (includes the initial "
-        "snapshot download and envelope overhead); hivemind: 4x the serialized reduce-scatter "
+        "DiLoCo/Archipelago measured on the wire by the sync engine (envelopes and gRPC "
+        "framing; every worker builds theta_0 from the shared seed, as DDP's do, so no initial "
+        "download); hivemind: 4x the serialized reduce-scatter "
         "parts each peer sent, plus state it served (DHT and libp2p framing not counted)",
         "evaluation: rank 0's model every round (DiLoCo: the global anchor just adopted; "
         "hivemind: its local parameters after background averaging) on fixed held-out windows",

@@ -94,7 +94,9 @@ class Recorder:
         model = self.model if model is None else model
         loss = float(self.workload.validation_loss(model, self.spec["eval_batches"]))
         self.eval_s += time.perf_counter() - t0
-        record = {"step": step, "loss": loss, "t": time.perf_counter() - self.started, **extra}
+        # t: seconds since the barrier; eval_s: rank 0's own evaluation time within them
+        record = {"step": step, "loss": loss, "t": time.perf_counter() - self.started,
+                  "eval_s": self.eval_s, **extra}  # fmt: skip
         self.evals.append(record)
         target = self.spec.get("target")
         if target is not None and step >= self.spec["min_steps"] and loss <= target:
@@ -147,8 +149,9 @@ def ddp_worker(spec: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     rank, world = spec["rank"], spec["world"]
+    master = spec.get("master_addr", "127.0.0.1")  # rank 0's address (its namespace's, if any)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank, world_size=world,
+        "gloo", init_method=f"tcp://{master}:{spec['port']}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=spec["timeout_s"]),
     )  # fmt: skip
     try:
@@ -261,7 +264,7 @@ def hivemind_worker(spec: dict[str, Any]) -> None:
     import hivemind
 
     rank, world, h = spec["rank"], spec["world"], spec["H"]
-    listen = ["/ip4/127.0.0.1/tcp/0"]
+    listen = [f"/ip4/{spec.get('listen_host', '127.0.0.1')}/tcp/0"]
     if rank == 0:
         dht = hivemind.DHT(start=True, host_maddrs=listen)
         _dht_peers(spec, dht)

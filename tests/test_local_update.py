@@ -7,6 +7,7 @@ trains two islands against the real root aggregator service.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -16,7 +17,7 @@ import torch
 from aggtools import make_federation
 from test_sync import ProtocolHarness, wait_until
 
-from aggregator.outer import apply_update
+from aggregator.outer import NesterovSGD, apply_update
 from aggregator.service import AggregatorService
 from comms.aio import LoopThread
 from comms.update import decode_update
@@ -149,6 +150,47 @@ def test_eager_rebase_starts_from_the_anchor_minus_own_deltas_in_flight(harness)
         assert_model_holds(model, want)
         assert sorted(lu.state_dict()["in_flight"]) == ["2", "3"]
         assert all(lu.anchor[k].tobytes() == anchor2[k].tobytes() for k in theta0)
+
+
+def test_lookahead_rebase_starts_where_the_roots_nesterov_step_will_go(harness):
+    """rebase = "lookahead": the island rebuilds the root's momentum from the versions it
+    adopts and starts the next round one outer step ahead, its in-flight delta as proxy."""
+    rng = np.random.default_rng(11)
+    theta0 = random_params(rng)
+    harness.set_snapshot(0, theta0)
+    engine = harness.engine(codec="none", rebase="lookahead", outer_lr=0.7, outer_momentum=0.9)
+    model, optimizer = tiny_model(11)
+    me = harness.island.peer_id
+    root = NesterovSGD(lr=0.7, momentum=0.9)  # what the root would run
+    with LocalUpdate(model, optimizer, every=2, engine=engine, flush_on_exit=False) as lu:
+        for i in range(2):
+            inner_step(model, optimizer, i)
+            lu.step()
+        assert lu.last_outcome(timeout=10).status == "accepted"
+        d1 = decode_update(harness.handler.pushes[0])
+        # no version yet, zero momentum: start = theta0 - lr * (1 + mu) * d1
+        want = NesterovSGD(lr=0.7, momentum=0.9).step(theta0, d1)
+        for k in theta0:
+            np.testing.assert_allclose(lu.start_point[k], theta0[k] + want[k], rtol=1e-6, atol=1e-7)
+        # the root merges d1 (and another island's delta) into version 1
+        other = random_params(rng, scale=1e-2)
+        g1 = {k: (d1[k] + other[k]) / 2 for k in theta0}
+        u1 = root.step(theta0, g1)
+        harness.publish(1, u1, contributors=[[me, 1], ["someone-else", 1]])
+        engine.wait_for_version(0, timeout=5)
+        for i in range(2):
+            inner_step(model, optimizer, 10 + i)
+            lu.step()
+        assert lu.last_outcome(timeout=10).status == "accepted"
+        d2 = decode_update(harness.handler.pushes[1])
+        theta1 = apply_update(copy_arrays(theta0), u1)
+        ahead = copy.deepcopy(root).step(theta1, d2)  # the root's next step if g2 were d2
+        for k in theta0:
+            assert lu.anchor[k].tobytes() == theta1[k].tobytes()
+            np.testing.assert_allclose(
+                lu.start_point[k], theta1[k] + ahead[k], rtol=1e-5, atol=1e-6
+            )
+        assert_model_holds(model, lu.start_point)
 
 
 def test_every_inner_step_reaches_the_pushes_exactly_once_up_to_the_residual(harness):
