@@ -135,6 +135,26 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process ``pid`` and every live descendant (hivemind's averagers and
+    p2pd daemons are children of the process that made them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited meanwhile
+            continue
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError):
+            total += cpu_seconds(p)
+        todo.extend(children.get(p, []))
+    return total
+
+
 def idle_cpu_percent(pid: int, seconds: float) -> float:
     """CPU use of process ``pid`` over ``seconds`` of wall time, in percent of one core."""
     c0, t0 = cpu_seconds(pid), time.perf_counter()
@@ -412,7 +432,7 @@ def hivemind_worker(n: int, numel: int, repeats: int, timeout: float) -> dict:
                 )
             )
         setup_s = time.perf_counter() - setup
-        seconds, failures = [], 0
+        seconds, cpu, failures = [], [], 0
         for _ in range(repeats):
             results: list = [None] * n
 
@@ -420,6 +440,7 @@ def hivemind_worker(n: int, numel: int, repeats: int, timeout: float) -> dict:
                 results[i] = averagers[i].step(timeout=timeout)
 
             threads = [threading.Thread(target=step, args=(i,)) for i in range(n)]
+            cpu0 = tree_cpu_seconds(os.getpid())
             start = time.perf_counter()
             for t in threads:
                 t.start()
@@ -428,9 +449,10 @@ def hivemind_worker(n: int, numel: int, repeats: int, timeout: float) -> dict:
             elapsed = time.perf_counter() - start
             if all(r is not None and len(r) == n for r in results):
                 seconds.append(elapsed)
+                cpu.append(tree_cpu_seconds(os.getpid()) - cpu0)
             else:
                 failures += 1
-        return {"seconds": seconds, "failures": failures, "setup_s": setup_s}
+        return {"seconds": seconds, "cpu_seconds": cpu, "failures": failures, "setup_s": setup_s}
     finally:
         for averager in averagers:
             with contextlib.suppress(Exception):
@@ -489,6 +511,7 @@ def run(args: argparse.Namespace) -> dict:
     rounds: dict[str, dict[str, float | None]] = {
         t: {str(n): None for n in all_sizes} for t in ("flat", "tree", "hivemind")
     }
+    round_cpu = {t: {str(n): None for n in all_sizes} for t in ("flat", "tree", "hivemind")}
     idle, shares = None, []
     skipped = [n for n in all_sizes if n not in sizes]
     if skipped:
@@ -515,6 +538,7 @@ def run(args: argparse.Namespace) -> dict:
                 "all_processes_cores": sum(cpu.values()) / wall,  # of the machine's cores
             }
             shares.append((cpu["bench"] / wall, f"{topology} N={n}"))
+            round_cpu[topology][str(n)] = min(sum(c.values()) for c in got["cpu_seconds"])
     if shares:
         share, where = max(shares)
         notes.append(
@@ -530,6 +554,7 @@ def run(args: argparse.Namespace) -> dict:
                 notes.append(f"hivemind N={n}: {got['failures']} of {repeats} rounds failed")
             if got.get("seconds"):
                 rounds["hivemind"][str(n)] = best(got["seconds"])
+                round_cpu["hivemind"][str(n)] = best(got.get("cpu_seconds"))
                 print(f"hivemind N={n}: rounds {[round(s, 3) for s in got['seconds']]}", flush=True)
             else:
                 reason = got.get("error") or f"all {got.get('failures')} rounds failed"
@@ -544,10 +569,17 @@ def run(args: argparse.Namespace) -> dict:
         "round = islands encode+sign (fp16) and push, aggregators verify, WAL-fsync, merge, "
         "outer step, publish fp16 u_v; ends when every island decoded it"
     )
+    notes.append(
+        "round_cpu_seconds: CPU seconds one round cost all processes together, least of the "
+        "rounds (ours: the islands' process and every aggregator; hivemind: its peers' process "
+        "and all its descendants, averagers and p2pd daemons); on one machine with 2 cores a "
+        "round cannot be shorter than half of it"
+    )
     return {
         "merge_gbps": merge_gbps,
         "numpy_add_gbps": numpy_gbps,
         "round_seconds": rounds,
+        "round_cpu_seconds": round_cpu,
         "idle_cpu_percent": idle,
         "notes": notes,
         "detail": detail,
@@ -572,6 +604,10 @@ def print_table(result: dict) -> None:
         ratio = hm / tree if hm and tree else None
         rows.append([n, flat, tree, hm, ratio])
     print(format_table(["N", "flat s", "tree s", "hivemind s", "hivemind/tree"], rows))
+    rc = result.get("round_cpu_seconds") or {}
+    if rc:
+        rows = [[n, rc["flat"][n], rc["tree"][n], rc["hivemind"][n]] for n in rc["flat"]]
+        print(format_table(["N", "flat CPU s", "tree CPU s", "hivemind CPU s"], rows))
     for note in result["notes"]:
         print(f"note: {note}")
 

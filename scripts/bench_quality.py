@@ -16,9 +16,9 @@ Every method but DDP runs until it has done ``S`` steps *and* reached the target
 method: the loss at step ``S`` (the honest gap at equal steps), bytes sent + received per
 worker until the target is first reached, steps to it, DDP's bytes over the method's.
 
-**Time to target is modelled, not measured on shaped links**: all methods run on loopback
-on one (shared) machine, where wall-clock time says little about a slow link. The model:
-one worker's compute per inner step ``c`` is measured once, alone, before the runs; per link
+**Time to target, modelled**: the loss curves above come from runs on loopback on one
+(shared) machine, where wall-clock time says little about a slow link. The model: one
+worker's compute per inner step ``c`` is measured once, alone, before the runs; per link
 (rate ``r``, one-way delay ``d``; ``100`` = 100 Mbit/s no delay, ``10`` = 10 Mbit/s + 50 ms)
 
 - DDP:   per step ``max(c, 2 (N-1) (P / N / r + d))`` (all-reduce fully overlapped with
@@ -30,8 +30,15 @@ one worker's compute per inner step ``c`` is measured once, alone, before the ru
 - hivemind, k epochs: ``max(k H c, (B / 2) / r + 4 k d)`` (background averaging overlaps the
   compute; matchmaking waits are not charged: generous to hivemind).
 
-``--no-netns`` is accepted for the common benchmark interface; no run here uses network
-namespaces (the model above stands in for shaped links), and the JSON says so in its notes.
+**Time to target, measured** (``--shaped 10 100``, the default unless ``--quick`` or
+``--no-netns``; needs root): the methods run again with every worker in its own network
+namespace behind a real shaped link (``comms.netns``: tbf for the rate, netem or the TUN
+forwarder for the delay) and the root aggregator in the hub namespace. DDP runs
+``--shaped-ddp-steps`` steps and its measured seconds per step are multiplied by its steps to
+the target; sync DiLoCo, hivemind and the Archipelago setting with the shortest modelled time
+run until they reach the target. Times are from the start barrier to rank 0's first
+evaluation at or below the target, less rank 0's evaluation time. All workers share this
+machine's cores, so compute is slower than ``c`` for every method alike.
 
     python scripts/bench_quality.py [--quick] [--no-netns] --json PATH [--plots DIR]
 
@@ -39,7 +46,9 @@ Writes ``{"target_loss", "ddp": {...}, "sync_diloco": {...}, "hivemind": {...},
 "archipelago": {"int8_H100": {...}, ...}, "config", "notes", "plots", "meta"}``; each method
 holds ``final_loss, steps, bytes_per_island, bytes_to_target, seconds_to_target{"100","10"}``
 (null where the target was never reached) plus ``loss_at_S``, ``steps_to_target``,
-``ddp_bytes_ratio``, ``utilization``, ``curve`` and the run's diagnostics.
+``ddp_bytes_ratio``, ``utilization``, ``curve`` and the run's diagnostics; ``"shaped":
+{LINK: {"backend", "ddp": {"seconds_per_step", "seconds_to_target", ...}, "sync_diloco":
+{"seconds_to_target", "steps_to_target", ...}, ...}}`` holds the measured times.
 """
 
 from __future__ import annotations

@@ -95,6 +95,15 @@ def aggregator(doc: dict) -> str:
         ],
     )  # fmt: skip
     notes = "\n".join(f"- {n}" for n in doc.get("notes", []))
+    rc = doc.get("round_cpu_seconds") or {}
+    cpu_table = ""
+    if rc:
+        cpu_rows = [[t, *[rc.get(t, {}).get(n) for n in ns]] for t in ("flat", "tree", "hivemind")]
+        cpu_table = (
+            "CPU seconds one round costs all processes together (the work a deployment with a "
+            "core per participant would spread out):\n\n"
+            + _table(["topology", *[f"N={n}" for n in ns]], cpu_rows)
+        )
     return "\n\n".join(
         x
         for x in [
@@ -103,6 +112,7 @@ def aggregator(doc: dict) -> str:
             "Seconds for one round (N islands push a 16 MiB update, fp16 on the wire; the round "
             "ends when the new version has reached all N):",
             _table(["topology", *[f"N={n}" for n in ns]], rows),
+            cpu_table,
             targets,
             notes,
         ]

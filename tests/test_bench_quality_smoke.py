@@ -4,6 +4,7 @@ figure of the JSON and both plots are produced."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,42 @@ def _processes_mentioning(text: str) -> list[int]:
         except OSError:  # the process ended meanwhile
             continue
     return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+def test_quick_benchmark_times_methods_over_real_shaped_links(tmp_path):
+    """--shaped 100: DDP, sync DiLoCo and an Archipelago setting run again with every worker
+    in its own network namespace behind a 100 Mbit/s tbf-shaped link, the root in the hub."""
+    out = tmp_path / "quality.json"
+    args = ["--quick", "--shaped", "100", "--skip", "hivemind", "--json", str(out)]
+    args += ["--workdir", str(tmp_path / "work"), "--plots", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=230
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    shaped = doc["shaped"]["100"]
+    assert shaped["backend"] == "veth"  # no delay on this link: tbf on veth pairs
+    ddp = shaped["ddp"]
+    assert "error" not in ddp, ddp
+    assert ddp["steps"] == 20 and _positive(ddp["seconds_per_step"])
+    assert ddp["seconds_to_target"] == pytest.approx(
+        ddp["seconds_per_step"] * doc["ddp"]["steps_to_target"]
+    )
+    assert "error" not in shaped["sync_diloco"], shaped["sync_diloco"]
+    assert shaped["sync_diloco"]["steps"] >= 10
+    ours = [k for k in shaped if k.startswith("archipelago ")]
+    reached = [k for k, e in doc["archipelago"].items() if e["seconds_to_target"]["100"]]
+    assert len(ours) == (1 if reached else 0)
+    for key in ours:
+        assert "error" not in shaped[key] and shaped[key]["steps"] >= 10, shaped[key]
+    for entry in shaped.values():  # a time is given exactly when the target was reached
+        if isinstance(entry, dict) and "steps_to_target" in entry:
+            reached_here = entry["steps_to_target"] is not None
+            assert (entry["seconds_to_target"] is not None) == reached_here
+            assert entry["seconds_to_target"] is None or _positive(entry["seconds_to_target"])
+    assert any("MEASURED" in note for note in doc["notes"])
+    assert "MEASURED over real shaped links, 100 Mbit/s" in run.stdout
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "qbench-" not in names  # the namespaces are gone
+    assert not _processes_mentioning(str(tmp_path))
