@@ -36,7 +36,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from comms.config import config_from_dict, load_config
 from comms.errors import CommsError, ConfigError
@@ -56,6 +56,7 @@ class PartitionSection:
     k: int = 4  # number of clusters = experts
     balanced: bool = True  # c-BTM balanced k-means
     balance_slack: float = 0.1  # clusters hold at most ceil(n / k * (1 + slack)) items
+    balance_by: Literal["documents", "bytes"] = "documents"  # text: what a balanced cap counts
     seed: int = 0
     n_init: int = 10  # k-means restarts
     svd_dims: int = 100  # text: TF-IDF -> SVD dimensions
@@ -167,7 +168,7 @@ def run_partition(config: RouterConfig, source: str) -> int:
         if workload.name == "bytelm":
             partitioner = TextPartitioner(
                 p.k, p.svd_dims, p.max_features, p.balanced, p.seed,
-                balance_slack=p.balance_slack, n_init=p.n_init,
+                balance_slack=p.balance_slack, n_init=p.n_init, balance_by=p.balance_by,
             )  # fmt: skip
             partition = partitioner.fit([d.content for d in documents])
         else:

@@ -76,27 +76,40 @@ def balanced_cap(n: int, k: int, slack: float) -> int:
     return math.ceil(n / k * (1.0 + slack) - 1e-9)
 
 
-def greedy_capped_assignment(distances: np.ndarray, cap: int) -> np.ndarray:
+def greedy_capped_assignment(
+    distances: np.ndarray, cap: float, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Assign each row to a column, nearest pairs first, no column above ``cap`` rows.
 
     ``distances`` is (n, k); needs ``cap * k >= n``. Cost O(n k log(n k)). Deterministic: pairs
     are visited in a stable sort order, ties going to the lower document, then cluster, index.
+
+    With ``weights`` (n,), positive: a column's load is the sum of its rows' weights and
+    ``cap`` is in weight units (e.g. bytes); a row that fits in no column (one heavier than
+    any room left) goes, after the walk, to the column with the least load, heaviest first.
     """
     n, k = distances.shape
-    if cap * k < n:
-        raise ValueError(f"cap {cap} x {k} clusters cannot hold {n} documents")
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not (w > 0).all():
+        raise ValueError("weights must be one positive number per row")
+    if cap * k < w.sum() - 1e-9 * w.sum():
+        raise ValueError(f"cap {cap} x {k} clusters cannot hold {w.sum():g} (documents or bytes)")
     labels = np.full(n, -1, dtype=np.int64)
-    counts = np.zeros(k, dtype=np.int64)
+    load = np.zeros(k, dtype=np.float64)
     assigned = 0
     for flat in np.argsort(distances, axis=None, kind="stable"):
         row, col = divmod(int(flat), k)
-        if labels[row] >= 0 or counts[col] >= cap:
+        if labels[row] >= 0 or load[col] + w[row] > cap + 1e-9:
             continue
         labels[row] = col
-        counts[col] += 1
+        load[col] += w[row]
         assigned += 1
         if assigned == n:
             break
+    for row in sorted(np.flatnonzero(labels < 0), key=lambda r: (-w[r], r)):
+        col = int(np.argmin(load))
+        labels[row] = col
+        load[col] += w[row]
     return labels
 
 
@@ -134,16 +147,23 @@ def kmeans_partition(
     seed: int,
     n_init: int,
     max_iter: int = 50,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster the rows of ``x`` (n, D) -> (labels (n,), centroids (k, D)), no cluster empty."""
+    """Cluster the rows of ``x`` (n, D) -> (labels (n,), centroids (k, D)), no cluster empty.
+
+    ``weights`` (balanced only): balance the clusters' summed weights (e.g. bytes per
+    document) instead of their member counts."""
     kmeans = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
     centroids = kmeans.cluster_centers_.astype(np.float64)
     labels = kmeans.labels_.astype(np.int64)
     if balanced:
-        cap = balanced_cap(len(x), k, slack)
+        if weights is None:
+            cap: float = balanced_cap(len(x), k, slack)
+        else:
+            cap = float(np.sum(weights)) / k * (1.0 + slack)
         labels = np.full(len(x), -1, dtype=np.int64)
         for _ in range(max_iter):
-            new_labels = greedy_capped_assignment(squared_distances(x, centroids), cap)
+            new_labels = greedy_capped_assignment(squared_distances(x, centroids), cap, weights)
             if np.array_equal(new_labels, labels):
                 break
             labels = new_labels
@@ -388,7 +408,9 @@ class Partition:
         )
 
 
-def _fitted_partition(x: np.ndarray, embedder, settings: _Partitioner) -> Partition:
+def _fitted_partition(
+    x: np.ndarray, embedder, settings: _Partitioner, weights: np.ndarray | None = None
+) -> Partition:
     """Cluster the embedded training items ``x`` (n, D) with a partitioner's settings."""
     labels, centroids = kmeans_partition(
         x,
@@ -397,6 +419,7 @@ def _fitted_partition(x: np.ndarray, embedder, settings: _Partitioner) -> Partit
         slack=settings.balance_slack,
         seed=settings.seed,
         n_init=settings.n_init,
+        weights=weights,
     )
     member_distances = ((x - centroids[labels]) ** 2).sum(axis=1)
     return Partition(labels, centroids, member_distances, embedder)
@@ -449,7 +472,11 @@ class TextPartitioner(_Partitioner):
         sublinear_tf: bool = True,
         min_df: int | float = 1,
         max_df: int | float = 1.0,
+        balance_by: str = "documents",
     ):
+        if balance_by not in ("documents", "bytes"):
+            raise ValueError(f"balance_by must be 'documents' or 'bytes', got {balance_by!r}")
+        self.balance_by = balance_by
         if svd_dims < 1:
             raise ValueError(f"svd_dims must be >= 1, got {svd_dims}")
         if balance_slack < 0:
@@ -505,7 +532,10 @@ class TextPartitioner(_Partitioner):
         svd = TruncatedSVD(n_components=dims, algorithm="randomized", random_state=self.seed)
         embedder.components = svd.fit(tfidf).components_.astype(np.float64)
         x = embedder.embed(docs)
-        self.partition = _fitted_partition(x, embedder, self)
+        weights = None
+        if self.balance_by == "bytes":  # each cluster about 1/k of the bytes, not of the files
+            weights = np.array([max(1, len(d.encode("utf-8"))) for d in docs], dtype=np.float64)
+        self.partition = _fitted_partition(x, embedder, self, weights)
         return self.partition
 
 

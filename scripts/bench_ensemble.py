@@ -103,6 +103,7 @@ class Plan:
     samples: int = 0  # flow: images generated per method (0: as many as training images)
     sample_steps: int = 0  # flow: Euler steps per sample
     classifier_steps: int = 0  # flow: steps of the digit classifier for the Frechet features
+    balance_by: str = "documents"  # bytelm: balanced k-means caps files, or bytes, per cluster
 
 
 # fmt: off
@@ -372,7 +373,9 @@ def bytelm_benchmark(plan: Plan, k: int, split: str, seed: int) -> dict[str, Any
     clock = time.perf_counter()
     eval_wl = get_workload("bytelm", batch_size=plan.eval_batch, **plan.model)
     train_docs, val_docs = eval_wl.documents(), eval_wl.validation_documents()
-    partition = TextPartitioner(k, balanced=True, seed=seed).fit([d.content for d in train_docs])
+    partition = TextPartitioner(k, balanced=True, seed=seed, balance_by=plan.balance_by).fit(
+        [d.content for d in train_docs]
+    )
     val_labels = held_out_labels(partition, val_docs)
     print(partition.report([d.id for d in train_docs], examples=2), flush=True)
     # the monolith draws windows uniformly over bytes, so a cluster's share is its bytes

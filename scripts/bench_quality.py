@@ -777,8 +777,8 @@ def notes(args, hivemind_settings: dict) -> list[str]:
         "hivemind: its local parameters after background averaging) on fixed held-out windows",
         f"hivemind: use_local_updates=True, target_batch_size = world*batch*H, "
         f"{hivemind_settings}; default delay_state_averaging (background averaging)",
-        "all workers of a method share one machine's cores; real wall times are in "
-        "measured.run_s and are not comparable to a slow link",
+        "all workers of a method share one machine's cores; the loopback runs' wall times "
+        "are in measured.run_s (no link at all, so not a measure of time on a slow link)",
     ]
 
 

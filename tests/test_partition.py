@@ -127,6 +127,38 @@ def test_greedy_capped_assignment_by_hand() -> None:
         greedy_capped_assignment(d, cap=1)
 
 
+def test_weighted_capped_assignment_by_hand() -> None:
+    # Weights 3, 1, 1 all nearest cluster 0, cap 3 units: the heavy row nearest takes it whole.
+    d = np.array([[0.1, 5.0], [0.2, 0.3], [0.05, 4.0]])
+    assert greedy_capped_assignment(d, cap=3, weights=np.array([1.0, 1.0, 3.0])).tolist() == [
+        1,
+        1,
+        0,
+    ]
+    # A row heavier than any room left goes to the least-loaded cluster after the walk.
+    got = greedy_capped_assignment(d, cap=2.5, weights=np.array([1.0, 1.0, 3.0]))
+    assert got.tolist() == [0, 1, 1] or got.tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="positive"):
+        greedy_capped_assignment(d, cap=3, weights=np.array([1.0, 0.0, 1.0]))
+
+
+def test_balance_by_bytes_evens_out_the_bytes_not_the_files() -> None:
+    docs, _ = synthetic_corpus((10, 10, 10, 10), seed=2)
+    # topic 0's documents made ten times longer: one cluster would hold most of the bytes
+    docs = [d * 10 if i < 10 else d for i, d in enumerate(docs)]
+    sizes = np.array([len(d.encode()) if isinstance(d, str) else len(d) for d in docs])
+    by_docs = TextPartitioner(k=4, svd_dims=20, balanced=True).fit(docs)
+    by_bytes = TextPartitioner(k=4, svd_dims=20, balanced=True, balance_by="bytes").fit(docs)
+
+    def byte_shares(part):
+        return np.bincount(part.labels, weights=sizes, minlength=4) / sizes.sum()
+
+    assert byte_shares(by_docs).max() > 0.5
+    assert byte_shares(by_bytes).max() <= 0.25 * 1.1 + max(sizes) / sizes.sum()
+    with pytest.raises(ValueError, match="balance_by"):
+        TextPartitioner(k=4, balance_by="tokens")
+
+
 def test_fill_empty_clusters_takes_nearest_member_of_largest() -> None:
     labels = np.array([0, 0, 0, 1])
     d = np.array([[0.0, 1.0, 9.0], [0.1, 1.0, 2.0], [0.2, 1.0, 3.0], [1.0, 0.0, 0.5]])
