@@ -1,0 +1,109 @@
+"""Output of ``scripts/bench_quality.py``: the plots, the printed tables and the notes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchlib import format_table
+
+
+def named_entries(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    named = [(k, doc[k]) for k in ("ddp", "sync_diloco", "hivemind")]
+    return named + [(f"archipelago {k}", v) for k, v in doc["archipelago"].items()]
+
+
+def plot(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
+    """Loss vs bytes and loss vs modelled wall-clock (both links) as PNGs; their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = doc["target_loss"]
+    curves = [(n, e["curve"]) for n, e in named_entries(doc) if e.get("curve")]
+    paths = {}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves:
+        pts = [(p["bytes"], p["loss"]) for p in curve if p["bytes"] > 0]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".", label=name)
+    ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    ax.set(xscale="log", xlabel="bytes sent + received per worker", ylabel="held-out loss",
+           title="loss vs bytes (bytelm)")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["loss_vs_bytes"] = str(out_dir / f"{stem}_loss_vs_bytes.png")
+    fig.savefig(paths["loss_vs_bytes"], dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(doc["config"]["links"]), figsize=(12, 4.5), sharey=True)
+    for ax, (link, label) in zip(axes, (("100", "100 Mbit/s"), ("10", "10 Mbit/s + 50 ms")),
+                                 strict=True):  # fmt: skip
+        for name, curve in curves:
+            ax.plot([p["seconds"][link] for p in curve], [p["loss"] for p in curve],
+                    marker=".", label=name)  # fmt: skip
+        ax.axhline(target, color="k", linestyle="--", linewidth=1)
+        ax.set(xscale="log", xlabel="modelled wall-clock seconds", title=label)
+    axes[0].set_ylabel("held-out loss")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("loss vs modelled wall-clock (compute measured, links modelled)")
+    fig.tight_layout()
+    paths["loss_vs_wallclock"] = str(out_dir / f"{stem}_loss_vs_wallclock.png")
+    fig.savefig(paths["loss_vs_wallclock"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    rows = []
+    for name, e in named_entries(doc):
+        if "error" in e:
+            status = "skipped" if e["error"].startswith("skipped") else "FAILED"
+            rows.append([name, status, *[None] * 9])
+            continue
+        secs = e["seconds_to_target"]
+        rows.append([
+            name, e["loss_at_S"], e["final_loss"], e["steps"], e["steps_to_target"],
+            e["bytes_to_target"], e["ddp_bytes_ratio"], secs["100"], secs["10"],
+            e["utilization"]["10"], e["bytes_per_island"],
+        ])  # fmt: skip
+    headers = ["method", "loss@S", "final", "steps", "steps->tgt", "bytes->tgt", "DDP/x bytes",
+               "s->tgt 100M*", "s->tgt 10M*", "util 10M*", "bytes total"]  # fmt: skip
+    print(f"\ntarget loss (DDP after {doc['config']['S']} steps): {doc['target_loss']:.4f}")
+    print(format_table(headers, rows))
+    print("* modelled: measured compute per step + link model (see notes)")
+    for link, entries in doc.get("shaped", {}).items():
+        if link == "error":
+            print(f"shaped links: not run ({entries})")
+            continue
+        rows = [[name, e.get("seconds_to_target"), e.get("steps_to_target"), e.get("steps"),
+                 e.get("error", e.get("how", ""))[:60]]
+                for name, e in entries.items() if isinstance(e, dict)]  # fmt: skip
+        print(f"\nMEASURED over real shaped links, {link} Mbit/s ({entries.get('backend')}):")
+        print(format_table(["method", "s->tgt", "steps->tgt", "steps", "note"], rows))
+
+
+def notes(args, hivemind_settings: dict) -> list[str]:
+    return [
+        "seconds_to_target and utilization are MODELLED: one worker's compute per step measured "
+        "alone before the runs, plus the link model in scripts/bench_quality.py's docstring"
+        + (
+            f"; 'shaped' holds MEASURED times over real shaped links ({', '.join(args.shaped)} "
+            "Mbit/s) in network namespaces, where the 4 workers share this machine's cores "
+            "(compute per step slower than alone) and rank 0's evaluation time is excluded"
+            if args.shaped
+            else "; no run used shaped links" + (" (--no-netns given)" if args.no_netns else "")
+        ),
+        "bytes: DDP counted as a ring all-reduce (2(N-1)/N*P sent + as many received per step); "
+        "DiLoCo/Archipelago measured on the wire by the sync engine (envelopes and gRPC "
+        "framing; every worker builds theta_0 from the shared seed, as DDP's do, so no initial "
+        "download); hivemind: 4x the serialized reduce-scatter "
+        "parts each peer sent, plus state it served (DHT and libp2p framing not counted)",
+        "evaluation: rank 0's model every round (DiLoCo: the global anchor just adopted; "
+        "hivemind: its local parameters after background averaging) on fixed held-out windows",
+        f"hivemind: use_local_updates=True, target_batch_size = world*batch*H, "
+        f"{hivemind_settings}; default delay_state_averaging (background averaging)",
+        "all workers of a method share one machine's cores; the loopback runs' wall times "
+        "are in measured.run_s (no link at all, so not a measure of time on a slow link)",
+    ]
