@@ -24,6 +24,7 @@ def plot(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
     target = doc["target_loss"]
     curves = [(n, e["curve"]) for n, e in named_entries(doc) if e.get("curve")]
     paths = {}
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.cm.tab20.colors)  # > 10 methods
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, curve in curves:
         pts = [(p["bytes"], p["loss"]) for p in curve if p["bytes"] > 0]
@@ -44,10 +45,19 @@ def plot(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
             ax.plot([p["seconds"][link] for p in curve], [p["loss"] for p in curve],
                     marker=".", label=name)  # fmt: skip
         ax.axhline(target, color="k", linestyle="--", linewidth=1)
-        ax.set(xscale="log", xlabel="modelled wall-clock seconds", title=label)
+        measured = (doc.get("shaped") or {}).get(link) or {}
+        for i, (name, e) in enumerate(
+            (n, e)
+            for n, e in measured.items()
+            if isinstance(e, dict) and e.get("seconds_to_target")
+        ):
+            ax.plot([e["seconds_to_target"]], [target], marker="xv^<>s*"[i % 7], color="k",
+                    linestyle="none", label=f"{name}: measured, shaped link")  # fmt: skip
+        ax.legend(fontsize=6)
+        ax.set(xscale="log", xlabel="wall-clock seconds", title=label)
     axes[0].set_ylabel("held-out loss")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("loss vs modelled wall-clock (compute measured, links modelled)")
+    fig.suptitle("loss vs modelled wall-clock (compute measured, links modelled); black markers: "
+                 "time to the target measured over real shaped links")  # fmt: skip
     fig.tight_layout()
     paths["loss_vs_wallclock"] = str(out_dir / f"{stem}_loss_vs_wallclock.png")
     fig.savefig(paths["loss_vs_wallclock"], dpi=110)
