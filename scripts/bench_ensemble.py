@@ -110,7 +110,7 @@ class Plan:
 FULL_PLANS = {
     "bytelm": Plan(
         model={"d_model": 128, "n_layer": 2, "n_head": 4, "context": 64}, batch=32, steps=600,
-        lr=2e-3, router={"d_model": 32, "n_layers": 2, "kernel_size": 4, "context": 64},
+        lr=2e-3, router={"d_model": 32, "n_layers": 1, "kernel_size": 4, "context": 64},
         router_steps=1500, router_batch=64, router_lr=3e-3, eval_batch=32, eval_batches=8,
         overhead_batch=32,
     ),
