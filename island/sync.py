@@ -244,6 +244,7 @@ class SyncEngine:
         self._next_sequence = 1
         self._versions: collections.OrderedDict[int, Envelope] = collections.OrderedDict()
         self._merged_own: set[int] | None = set()
+        self._arrivals: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._received: int | None = None  # newest version received in order; None: not following
         self._first_available: int = 0  # versions below this one are gone from the buffer
         self._lost_after: int | None = None  # the aggregator no longer holds versions after this
@@ -504,6 +505,9 @@ class SyncEngine:
     def _store_version(self, version: int, env: Envelope) -> None:
         with self._lock:
             self._versions[version] = env
+            self._arrivals[version] = time.perf_counter()
+            while len(self._arrivals) > 64:
+                self._arrivals.popitem(last=False)
             self._received = version
             self._stats.versions_received += 1
             self._stats.newest_version = version
@@ -512,6 +516,12 @@ class SyncEngine:
                 self._first_available = evicted + 1
                 self._stats.version_gaps += 1
             self._changed.notify_all()
+
+    def arrival_time(self, version: int) -> float | None:
+        """``time.perf_counter()`` when ``version`` was received (one of the newest 64), or
+        None (not received through the stream, e.g. from a snapshot)."""
+        with self._lock:
+            return self._arrivals.get(version)
 
     def newest_version(self) -> int | None:
         """The newest version received in order (None before ``follow``/``fetch_snapshot``)."""

@@ -380,7 +380,9 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
     h = spec.get("H", 1)
     curve = []
     for e in rank0["evals"]:
-        point = {"step": e["step"], "loss": e["loss"]}
+        # DiLoCo/Archipelago: the steps the evaluated global version holds (overlapped: the
+        # round just pushed is not in it yet)
+        point = {"step": e.get("holds_steps", e["step"]), "loss": e["loss"]}
         if kind == "ddp":
             point["bytes"] = e["step"] * ddp_bytes_per_step(pbytes, world)
             point["seconds"] = {n: ddp_seconds(e["step"], c, pbytes, world, link)
@@ -475,13 +477,20 @@ def measure(args, tmp: Path, doc: dict, slot: str, kind: str, method: str, cal, 
 
 def shaped_entry(run: dict[str, Any], target: float) -> dict[str, Any]:
     """Measured figures of one run over shaped links: seconds from the start barrier to rank
-    0's first evaluation at or below ``target``, less rank 0's own evaluation time."""
+    0's first evaluation at or below ``target``, less rank 0's own evaluation time; for
+    DiLoCo/Archipelago, to the arrival of the global version that evaluation found at or below
+    it (and the steps that version holds)."""
     rank0 = run["results"][0]
     hit = first_crossing(rank0["evals"], target)
     last = rank0["evals"][-1] if rank0["evals"] else None
+    seconds = steps = None
+    if hit and hit.get("version_t") is not None:  # since the evaluated version arrived
+        seconds, steps = hit["version_t"] - hit["eval_s_before"], hit["holds_steps"]
+    elif hit:
+        seconds, steps = hit["t"] - hit["eval_s"], hit["step"]
     return {
-        "seconds_to_target": hit["t"] - hit["eval_s"] if hit else None,
-        "steps_to_target": hit["step"] if hit else None,
+        "seconds_to_target": seconds,
+        "steps_to_target": steps,
         "steps": rank0["steps"],
         "final_loss": last["loss"] if last else None,
         "run_s": run["run_s"],

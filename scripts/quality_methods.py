@@ -91,12 +91,13 @@ class Recorder:
     def evaluate(self, step: int, model: torch.nn.Module | None = None, **extra: Any) -> float:
         """Held-out loss of ``model`` (default: the worker's own)."""
         t0 = time.perf_counter()
+        eval_s_before = self.eval_s
         model = self.model if model is None else model
         loss = float(self.workload.validation_loss(model, self.spec["eval_batches"]))
         self.eval_s += time.perf_counter() - t0
         # t: seconds since the barrier; eval_s: rank 0's own evaluation time within them
         record = {"step": step, "loss": loss, "t": time.perf_counter() - self.started,
-                  "eval_s": self.eval_s, **extra}  # fmt: skip
+                  "eval_s": self.eval_s, "eval_s_before": eval_s_before, **extra}  # fmt: skip
         self.evals.append(record)
         target = self.spec.get("target")
         if target is not None and step >= self.spec["min_steps"] and loss <= target:
@@ -212,11 +213,17 @@ def diloco_worker(spec: dict[str, Any]) -> None:
             if lu.step(tokens=tokens) and rank == 0:
                 sync = engine.stats
                 # the anchor is global version lu.version (the root's theta, bit for bit);
-                # the worker's own params start the next round from it plus its in-flight delta
+                # the worker's own params start the next round from it plus its in-flight delta.
+                # It holds every step but the rounds still in flight (overlapped: at least the
+                # one just pushed), and it existed here since its arrival.
                 load_numpy_into(global_model, lu.anchor)
+                arrived = engine.arrival_time(lu.version)
+                holds = step - spec["H"] * len(lu.state_dict()["in_flight"])
                 rec.evaluate(
-                    step, global_model, version=lu.version, bytes_sent=sync["bytes_sent"],
-                    bytes_received=sync["bytes_received"], staleness=sync["last_staleness"],
+                    step, global_model, version=lu.version, holds_steps=holds,
+                    version_t=None if arrived is None else arrived - rec.started,
+                    bytes_sent=sync["bytes_sent"], bytes_received=sync["bytes_received"],
+                    staleness=sync["last_staleness"],
                 )  # fmt: skip
         stats = lu.stats
         rec.write(step, lu=stats, boundary_s=stats["boundary_s"], blocked_s=stats["blocked_s"],
