@@ -23,8 +23,9 @@ is passed in (``now``), there is no clock inside.
 Arithmetic is float32, in place; the weighted add runs block by block with one small scratch
 buffer, so merging a delta allocates no model-sized temporary. The first delta of a partial is
 scaled straight into its buffer (one pass; a flushed partial's buffers can be handed on as
-``spare`` so a service reuses them instead of faulting in fresh pages every flush), and a weight of exactly 1 (a fresh update under
-FedBuff's weights) is a plain add; both give the same bits as the general path. No I/O, no
+``spare``, so a service reuses them instead of faulting in fresh pages every flush), and a
+weight of exactly 1 (a fresh update under FedBuff's weights) is a plain add; both give the
+same bits as the general path. No I/O, no
 threads, no torch: a caller that shares a partial between threads holds its own lock.
 """
 

@@ -20,8 +20,10 @@ so from each published ``u_v`` and the previous momentum::
 
 An error in ``m`` (the codec's rounding of ``u_v``, or a momentum unknown after a snapshot
 download, taken as zero) shrinks by ``mu / (1 + mu)`` (0.47 at mu = 0.9) at every version, so
-the replica is exact up to codec noise a few versions after any join. Plain SGD (``mu = 0``)
-needs no state. Other outer optimizers have no replay here; the island falls back to eager.
+the replica is exact up to codec noise a few versions after any join (or a restart: the
+replica is not saved in snapshots, it is rebuilt). Plain SGD (``mu = 0``) needs no state. The
+island cannot see which outer step the root runs: lookahead assumes Nesterov with the
+configured ``outer_lr`` / ``outer_momentum``; with another outer optimizer (CO2) use eager.
 
 Pure numpy, no I/O.
 """
@@ -81,9 +83,3 @@ class NesterovReplay:
                 step = x + self.mu * m
                 out[name] -= self.lr * step
         return out
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: m.copy() for name, m in self.momentum.items()}
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        self.momentum = {name: np.asarray(m, dtype=np.float32).copy() for name, m in state.items()}

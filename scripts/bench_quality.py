@@ -163,12 +163,11 @@ class ShapedNet:
     def available() -> str | None:
         """None when shaped links can be made here, else why not."""
         from comms import netns
+        from comms.errors import ConfigError
 
-        if os.geteuid() != 0:
-            return "not root: network namespaces need root"
         try:
-            netns.require_tools()
-        except Exception as err:  # missing ip/tc
+            netns.require_tools()  # ip and tc installed, running as root
+        except ConfigError as err:
             return str(err)
         return None
 
@@ -467,7 +466,7 @@ def measure(args, tmp: Path, doc: dict, slot: str, kind: str, method: str, cal, 
     holder, key = (doc["archipelago"], slot) if kind == "overlapped" else (doc, slot)
     name = f"archipelago_{slot}" if kind == "overlapped" else slot
     try:
-        run = run_method(args, tmp, name, method, **dict(extra))
+        run = run_method(args, tmp, name, method, **extra)
         holder[key] = summarize(kind, run, doc["target_loss"], args, cal)
         holder[key]["settings"] = {k: v for k, v in extra.items() if k != "target"}
     except Exception as err:  # one broken method must not hide the others' figures

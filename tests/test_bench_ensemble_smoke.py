@@ -2,17 +2,13 @@
 (partition, compute-matched training, router, ensembles, samples) and writes every figure the
 issue names, all finite, with the experts' FLOPs equal to the monolith's."""
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from benchtools import run_bench
 
 pytestmark = pytest.mark.timeout(150)
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_ensemble.py"
 RULES = {"full", "top2", "top1"}
 K = 4
 
@@ -49,14 +45,7 @@ def _check_common(figures: dict) -> None:
 
 def test_quick_benchmark_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=140,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    doc, run = run_bench("bench_ensemble.py", out, "--quick", timeout=140)
     assert {"date", "machine", "command"} <= doc["meta"].keys()
     assert {"bytelm", "flow"} <= doc.keys()
     for workload in ("bytelm", "flow"):

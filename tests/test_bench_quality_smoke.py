@@ -2,36 +2,29 @@
 DiLoCo and Archipelago against a real aggregator process, hivemind peers) trains, and every
 figure of the JSON and both plots are produced."""
 
-import json
-import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from benchtools import positive, run_bench
 
 pytestmark = pytest.mark.timeout(240)
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_quality.py"
 KEYS = {"final_loss", "steps", "bytes_per_island", "bytes_to_target", "seconds_to_target"}
-
-
-def _positive(value) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
 def _check_method(name, entry, target):
     assert "error" not in entry, (name, entry.get("error"))
     assert entry.keys() >= KEYS, name
     assert set(entry["seconds_to_target"]) == {"100", "10"}, name
-    assert _positive(entry["final_loss"]) and entry["final_loss"] < 6.0, name  # below ln 256
-    assert _positive(entry["bytes_per_island"]), name  # every method communicated
+    assert positive(entry["final_loss"]) and entry["final_loss"] < 6.0, name  # below ln 256
+    assert positive(entry["bytes_per_island"]), name  # every method communicated
     assert entry["steps"] >= 10, name
     reached = entry["bytes_to_target"] is not None
     assert reached == (entry["steps_to_target"] is not None), name
     for seconds in entry["seconds_to_target"].values():  # null exactly when never reached
-        assert (seconds is not None) == reached and (seconds is None or _positive(seconds))
+        assert (seconds is not None) == reached and (seconds is None or positive(seconds))
     if reached:
         point = next(p for p in entry["curve"] if p["step"] == entry["steps_to_target"])
         assert point["loss"] <= target and point["bytes"] == entry["bytes_to_target"]
@@ -43,17 +36,10 @@ def _check_method(name, entry, target):
 
 def test_quick_benchmark_runs_every_method_and_writes_every_figure(tmp_path):
     out = tmp_path / "quality.json"
-    args = ["--quick", "--no-netns", "--json", str(out), "--workdir", str(tmp_path / "work")]
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=230,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    args = ["--quick", "--no-netns", "--workdir", str(tmp_path / "work")]
+    doc, run = run_bench("bench_quality.py", out, *args, timeout=230)
     target = doc["target_loss"]
-    assert _positive(target)
+    assert positive(target)
     ddp = doc["ddp"]
     assert ddp["final_loss"] == target and ddp["steps"] == doc["config"]["S"]
     assert ddp["bytes_to_target"] is not None and ddp["ddp_bytes_ratio"] == 1.0
@@ -89,18 +75,13 @@ def test_quick_benchmark_times_methods_over_real_shaped_links(tmp_path):
     """--shaped 100: DDP, sync DiLoCo and an Archipelago setting run again with every worker
     in its own network namespace behind a 100 Mbit/s tbf-shaped link, the root in the hub."""
     out = tmp_path / "quality.json"
-    args = ["--quick", "--shaped", "100", "--skip", "hivemind", "--json", str(out)]
-    args += ["--workdir", str(tmp_path / "work"), "--plots", str(tmp_path)]
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=230
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    args = ["--quick", "--shaped", "100", "--skip", "hivemind", "--workdir", str(tmp_path / "work")]
+    doc, run = run_bench("bench_quality.py", out, *args, "--plots", str(tmp_path), timeout=230)
     shaped = doc["shaped"]["100"]
     assert shaped["backend"] == "veth"  # no delay on this link: tbf on veth pairs
     ddp = shaped["ddp"]
     assert "error" not in ddp, ddp
-    assert ddp["steps"] == 20 and _positive(ddp["seconds_per_step"])
+    assert ddp["steps"] == 20 and positive(ddp["seconds_per_step"])
     assert ddp["seconds_to_target"] == pytest.approx(
         ddp["seconds_per_step"] * doc["ddp"]["steps_to_target"]
     )
@@ -115,7 +96,7 @@ def test_quick_benchmark_times_methods_over_real_shaped_links(tmp_path):
         if isinstance(entry, dict) and "steps_to_target" in entry:
             reached_here = entry["steps_to_target"] is not None
             assert (entry["seconds_to_target"] is not None) == reached_here
-            assert entry["seconds_to_target"] is None or _positive(entry["seconds_to_target"])
+            assert entry["seconds_to_target"] is None or positive(entry["seconds_to_target"])
     assert any("MEASURED" in note for note in doc["notes"])
     assert "MEASURED over real shaped links, 100 Mbit/s" in run.stdout
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -104,6 +104,15 @@ def test_a_late_joiner_starts_from_the_snapshot_and_each_boundary_pushes_then_ad
     assert lu.stats["rounds"] == 3 and lu.stats["steps"] == 7
 
 
+def push_round(lu, model, optimizer, harness, seed: int, steps: int = 2) -> dict:
+    """Train one round of ``steps`` inner steps; return the delta it pushed (accepted)."""
+    for i in range(steps):
+        inner_step(model, optimizer, seed + i)
+        lu.step()
+    assert lu.last_outcome(timeout=10).status == "accepted"
+    return decode_update(harness.handler.pushes[-1])
+
+
 def test_eager_rebase_starts_from_the_anchor_minus_own_deltas_in_flight(harness):
     """Overlapped: the version merging a round's delta arrives during the next round, so the
     next round starts from anchor - own in-flight delta, until a version lists it."""
@@ -115,11 +124,7 @@ def test_eager_rebase_starts_from_the_anchor_minus_own_deltas_in_flight(harness)
     model, optimizer = tiny_model(7)
     me = harness.island.peer_id
     with LocalUpdate(model, optimizer, every=2, engine=engine, flush_on_exit=False) as lu:
-        for i in range(2):
-            inner_step(model, optimizer, i)
-            lu.step()
-        assert lu.last_outcome(timeout=10).status == "accepted"
-        d1 = decode_update(harness.handler.pushes[0])
+        d1 = push_round(lu, model, optimizer, harness, 0)
         want = {k: theta0[k] - d1[k] for k in theta0}  # no version yet: own delta applied
         for k in want:
             assert lu.start_point[k].tobytes() == want[k].tobytes()
@@ -128,11 +133,7 @@ def test_eager_rebase_starts_from_the_anchor_minus_own_deltas_in_flight(harness)
         u1 = random_params(rng, scale=1e-3)
         harness.publish(1, u1, contributors=[["someone-else", 1]])
         engine.wait_for_version(0, timeout=5)
-        for i in range(2):
-            inner_step(model, optimizer, 10 + i)
-            lu.step()
-        assert lu.last_outcome(timeout=10).status == "accepted"
-        d2 = decode_update(harness.handler.pushes[1])
+        d2 = push_round(lu, model, optimizer, harness, 10)
         assert harness.handler.pushes[1].header.base_version == 0  # the round began at 0
         anchor1 = apply_update(copy_arrays(theta0), u1)
         assert_model_holds(model, {k: anchor1[k] - d1[k] - d2[k] for k in theta0})
@@ -140,11 +141,7 @@ def test_eager_rebase_starts_from_the_anchor_minus_own_deltas_in_flight(harness)
         u2 = random_params(rng, scale=1e-3)
         harness.publish(2, u2, contributors=[[me, 1], ["someone-else", 2]])
         engine.wait_for_version(1, timeout=5)
-        for i in range(2):
-            inner_step(model, optimizer, 20 + i)
-            lu.step()
-        assert lu.last_outcome(timeout=10).status == "accepted"
-        d3 = decode_update(harness.handler.pushes[2])
+        d3 = push_round(lu, model, optimizer, harness, 20)
         anchor2 = apply_update(anchor1, u2)
         want = {k: (anchor2[k] - d2[k]) - d3[k] for k in theta0}
         assert_model_holds(model, want)
@@ -163,11 +160,7 @@ def test_lookahead_rebase_starts_where_the_roots_nesterov_step_will_go(harness):
     me = harness.island.peer_id
     root = NesterovSGD(lr=0.7, momentum=0.9)  # what the root would run
     with LocalUpdate(model, optimizer, every=2, engine=engine, flush_on_exit=False) as lu:
-        for i in range(2):
-            inner_step(model, optimizer, i)
-            lu.step()
-        assert lu.last_outcome(timeout=10).status == "accepted"
-        d1 = decode_update(harness.handler.pushes[0])
+        d1 = push_round(lu, model, optimizer, harness, 0)
         # no version yet, zero momentum: start = theta0 - lr * (1 + mu) * d1
         want = NesterovSGD(lr=0.7, momentum=0.9).step(theta0, d1)
         for k in theta0:
@@ -178,11 +171,7 @@ def test_lookahead_rebase_starts_where_the_roots_nesterov_step_will_go(harness):
         u1 = root.step(theta0, g1)
         harness.publish(1, u1, contributors=[[me, 1], ["someone-else", 1]])
         engine.wait_for_version(0, timeout=5)
-        for i in range(2):
-            inner_step(model, optimizer, 10 + i)
-            lu.step()
-        assert lu.last_outcome(timeout=10).status == "accepted"
-        d2 = decode_update(harness.handler.pushes[1])
+        d2 = push_round(lu, model, optimizer, harness, 10)
         theta1 = apply_update(copy_arrays(theta0), u1)
         ahead = copy.deepcopy(root).step(theta1, d2)  # the root's next step if g2 were d2
         for k in theta0:
