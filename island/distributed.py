@@ -224,6 +224,9 @@ class LeaderLocalUpdate(LocalUpdate):
         super().__init__(*args, **kwargs)
         self.group = group
         self._shared_version: int | None = None
+        if self.adopt_on_arrival:  # the followers take a new start only at boundaries
+            log.warning("adopt = 'arrival' needs a single-rank island; adopting at boundaries")
+            self.adopt_on_arrival = False
 
     def start(self) -> LeaderLocalUpdate:
         """``LocalUpdate.start``, then the first share: the anchor in full, and whether the

@@ -18,7 +18,8 @@ ICLR 2024, for the overlap):
    engine, which compresses, signs and pushes it in the background, tagged with
    ``base_version = b``;
 2. *then* the anchor adopts every global version received so far, in order:
-   ``anchor_v = anchor_{v-1} + u_v`` (float32, sorted-name order: bit-identical with the root);
+   ``anchor_v = anchor_{v-1} + u_v`` (float32, sorted-name order: bit-identical with the root;
+   with ``adopt = "arrival"``, the default, versions are also adopted mid-round, below);
 3. the next round starts from ``start = anchor - sum(own deltas no version holds yet)``
    (``rebase = "eager"``, the default) or from ``anchor`` alone (``"reset"``). Either way the
    local parameters are overwritten: the pushed delta carries this round's progress, and
@@ -31,6 +32,14 @@ oscillate. Applying its own in-flight delta locally (undamped; the merged one re
 soon as a version lists it among its ``contributors``) starts each round where the global
 model is heading, in the spirit of CO2's overlap (Sun et al. 2024) and of eager updates for
 overlapped DiLoCo (Kale et al. 2025).
+
+With ``adopt = "arrival"`` (the default; overlapped mode) an island does not wait for the boundary to
+adopt a version: at the first ``step()`` after one arrives it moves the anchor and shifts the
+parameters by ``new start - old start``. The round's progress ``params - start``, the delta it
+will push, is unchanged; only its base moves to the newer version (whose number the push
+then carries as ``base_version``). A round thus runs on a stale start only for the few inner
+steps until the version merging the previous round arrives, as in Streaming DiLoCo's overlap
+of ``tau`` inner steps (Douillard et al. 2025), instead of for the whole round.
 
 So every inner step reaches the global model exactly once: through this round's delta, which
 the root merges into a later version that this island adopts at a later boundary. In
@@ -62,6 +71,7 @@ import torch
 
 from island.lookahead import NesterovReplay
 from island.pseudo import (
+    add_numpy_into,
     apply_version,
     check_same_layout,
     copy_arrays,
@@ -123,6 +133,8 @@ class LocalUpdate:
         self.lookahead = (
             NesterovReplay(cfg.outer_lr, cfg.outer_momentum) if cfg.rebase == "lookahead" else None
         )
+        # adopt versions mid-round (overlapped only; sync mode adopts at the boundary anyway)
+        self.adopt_on_arrival = cfg.adopt == "arrival" and not self.sync_mode
         self.start_serial = 0  # changes whenever the round's start point does
         self._version = -1
         self._resume = (anchor_version, anchor) if anchor is not None else None
@@ -179,6 +191,8 @@ class LocalUpdate:
         if self._steps_in_round >= self.every:
             self.end_round()
             return True
+        if self.adopt_on_arrival and (self.engine.newest_version() or -1) > self._version:
+            self._adopt_mid_round()
         return False
 
     def end_round(self) -> None:
@@ -220,8 +234,17 @@ class LocalUpdate:
         self._adopt()
         return self._version
 
-    def _adopt(self) -> None:
-        """Move the anchor to the newest version received; params <- the next round's start."""
+    def _adopt_mid_round(self) -> None:
+        """``adopt = "arrival"``: adopt the versions received so far and shift the params by
+        ``new start - old start``, so ``params - start`` (this round's progress, the delta it
+        will push) is unchanged while its base moves to the newer version."""
+        old = self._start
+        self._adopt(load=False)
+        add_numpy_into(self.model, {n: self._start[n] - old[n] for n in old})
+
+    def _adopt(self, load: bool = True) -> None:
+        """Move the anchor to the newest version received; the next round's start <- it
+        (loaded into the params unless ``load`` is False)."""
         try:
             versions = self.engine.take_versions(after=self._version)
         except VersionGapError as err:
@@ -241,10 +264,11 @@ class LocalUpdate:
                 self._version = version
                 if self.lookahead is not None:
                     self.lookahead.observe(u)
-        self._set_start()
+        self._set_start(load)
 
-    def _set_start(self) -> None:
-        """start = anchor - the own deltas no adopted version holds yet (eager), or anchor."""
+    def _set_start(self, load: bool = True) -> None:
+        """start = anchor - the own deltas no adopted version holds yet (eager), or anchor;
+        loaded into the params unless ``load`` is False."""
         merged = self.engine.merged_sequences() if self.eager else None
         for seq in list(self._in_flight):
             future = self._in_flight_futures[seq]
@@ -260,7 +284,8 @@ class LocalUpdate:
                     np.subtract(start[name], d, out=start[name])
         self._start = start
         self.start_serial += 1
-        load_numpy_into(self.model, start)
+        if load:
+            load_numpy_into(self.model, start)
 
     # ------------------------------------------------------------------ introspection
 

@@ -68,6 +68,17 @@ def params_to_numpy(model: torch.nn.Module) -> Arrays:
         }
 
 
+def add_numpy_into(model: torch.nn.Module, arrays: Mapping[str, Any]) -> None:
+    """Add ``arrays`` to the model's parameters in place (``Parameter.add_``), in each
+    parameter's dtype and device; same layout rule as :func:`load_numpy_into`."""
+    params = dict(model.named_parameters())
+    check_same_layout(params, arrays, "add into model")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = np.ascontiguousarray(as_float_array(arrays[name], "add_numpy_into"))
+            p.add_(torch.from_numpy(value).to(device=p.device, dtype=p.dtype))
+
+
 def load_numpy_into(model: torch.nn.Module, arrays: Mapping[str, Any]) -> None:
     """Copy ``arrays`` into the model's parameters in place (``Parameter.copy_``).
 

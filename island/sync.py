@@ -90,6 +90,11 @@ class SyncConfig:
     # (island.lookahead; needs outer_lr/outer_momentum equal to the root's Nesterov step);
     # "reset" = the version alone
     rebase: Literal["eager", "lookahead", "reset"] = "eager"
+    # when an overlapped island adopts a version: "boundary" = at the next round boundary;
+    # "arrival" = at the first inner step after it arrives, moving the round's progress onto
+    # it (the round's start shifts, its progress is kept), so a round runs on a stale start
+    # only until the version that merges the previous round arrives
+    adopt: Literal["boundary", "arrival"] = "arrival"
     outer_lr: float = 0.7  # lookahead: the root's outer Nesterov lr and momentum
     outer_momentum: float = 0.9
     max_pending_pushes: int = 8  # pushes waiting for a link; on overflow the oldest is dropped
@@ -111,6 +116,8 @@ class SyncConfig:
             raise ConfigError(
                 f"rebase: must be 'eager', 'lookahead' or 'reset', got {self.rebase!r}"
             )
+        if self.adopt not in ("boundary", "arrival"):
+            raise ConfigError(f"adopt: must be 'boundary' or 'arrival', got {self.adopt!r}")
         if not (self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
             raise ConfigError(
                 f"outer_lr/outer_momentum: need lr > 0 and momentum in [0, 1), got "

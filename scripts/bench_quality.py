@@ -9,7 +9,9 @@ inner optimizer; see ``scripts/quality_methods.py`` for the workers).
    serve`` root (``buffer_k = N``, Nesterov 0.7 / 0.9), fp32 pseudo-gradients (codec none).
 3. **hivemind**: ``hivemind.Optimizer(use_local_updates=True)`` at the same ``H``.
 4. **Archipelago**: overlapped, staleness-weighted sync, int8 and int4 deltas with error
-   feedback (published ``u_v`` in the same codec), ``H`` in ``--H``.
+   feedback (published ``u_v`` in the same codec), ``H`` in ``--H``; each island adopts a
+   version at the first inner step after it arrives (``--adopt arrival``, the default) or
+   at its next round boundary (``boundary``).
 
 Every method but DDP runs until it has done ``S`` steps *and* reached the target, or
 ``--max-factor * S`` steps. Rank 0 evaluates the held-out loss every round. Reported per
@@ -55,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -581,6 +584,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Archipelago's round start (island.sync.SyncConfig.rebase); more than one runs "
         "each (slot names get a suffix)",
     )
+    p.add_argument(
+        "--adopt",
+        nargs="+",
+        default=["arrival"],
+        choices=["arrival", "boundary"],
+        help="when Archipelago adopts a version (island.sync.SyncConfig.adopt); more than one "
+        "runs each",
+    )
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
@@ -657,11 +668,13 @@ def main(argv: list[str] | None = None) -> int:
                     H=h, **hivemind_settings)  # fmt: skip
         for codec in args.codecs:
             for every in args.H:
-                for rebase in args.rebase:
-                    slot = f"{codec}_H{every}" + (f"_{rebase}" if len(args.rebase) > 1 else "")
+                for rebase, adopt in itertools.product(args.rebase, args.adopt):
+                    slot = f"{codec}_H{every}" + "".join(
+                        f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt))
+                        if len(opts) > 1)  # fmt: skip
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
                             H=every, codec=codec, publish_codec=codec, mode="overlapped",
-                            outer=args.arch_outer, rebase=rebase)  # fmt: skip
+                            outer=args.arch_outer, rebase=rebase, adopt=adopt)  # fmt: skip
         ratios(doc)
         doc["shaped"] = {}
         why_not = ShapedNet.available() if args.shaped else None
@@ -675,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": args.workload, "params": param_bytes // 4, "inner_optim": OPTIM,
         "warmup_steps": args.warmup, "outer": {"sync_diloco": ["nesterov", OUTER],
                                                "archipelago": list(args.arch_outer)},
-        "baseline_H": h, "H": args.H, "rebase": args.rebase,
+        "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,
         "codecs": args.codecs, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
         "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}
                                                    for k, (r, d) in LINKS.items()},

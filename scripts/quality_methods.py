@@ -192,7 +192,7 @@ def diloco_worker(spec: dict[str, Any]) -> None:
     config = SyncConfig(
         model_id=spec["model_id"], every=spec["H"], codec=spec["codec"], mode=spec["mode"],
         sync_timeout_s=spec["timeout_s"], retry_interval_s=0.2, max_retry_interval_s=2.0,
-        rebase=spec.get("rebase", "eager"), **lookahead,
+        rebase=spec.get("rebase", "eager"), adopt=spec.get("adopt", "arrival"), **lookahead,
     )  # fmt: skip
     identity = Identity.load(spec["key"])
     engine = SyncEngine(config, identity, spec["address"], roster=Roster.load(spec["roster"]))

@@ -64,7 +64,7 @@ def test_a_late_joiner_starts_from_the_snapshot_and_each_boundary_pushes_then_ad
     rng = np.random.default_rng(0)
     theta0 = random_params(rng)
     harness.set_snapshot(5, theta0)
-    engine = harness.engine(codec="none", rebase="reset")
+    engine = harness.engine(codec="none", rebase="reset", adopt="boundary")
     model, optimizer = tiny_model()
     with LocalUpdate(model, optimizer, every=3, engine=engine) as lu:
         assert lu.version == 5
@@ -119,7 +119,7 @@ def test_eager_rebase_starts_from_the_anchor_minus_own_deltas_in_flight(harness)
     rng = np.random.default_rng(7)
     theta0 = random_params(rng)
     harness.set_snapshot(0, theta0)
-    engine = harness.engine(codec="none")
+    engine = harness.engine(codec="none", adopt="boundary")
     assert engine.config.rebase == "eager"
     model, optimizer = tiny_model(7)
     me = harness.island.peer_id
@@ -147,6 +147,53 @@ def test_eager_rebase_starts_from_the_anchor_minus_own_deltas_in_flight(harness)
         assert_model_holds(model, want)
         assert sorted(lu.state_dict()["in_flight"]) == ["2", "3"]
         assert all(lu.anchor[k].tobytes() == anchor2[k].tobytes() for k in theta0)
+
+
+def test_adopt_on_arrival_moves_the_rounds_progress_onto_a_version_mid_round(harness):
+    """adopt = "arrival": the first step after a version arrives shifts the params by
+    new start - old start; the round's progress (the delta it pushes) is kept."""
+    rng = np.random.default_rng(11)
+    theta0 = random_params(rng)
+    harness.set_snapshot(0, theta0)
+    engine = harness.engine(codec="none", adopt="arrival")
+    model, optimizer = tiny_model(11)
+    me = harness.island.peer_id
+    with LocalUpdate(model, optimizer, every=4, engine=engine, flush_on_exit=False) as lu:
+        d1 = push_round(lu, model, optimizer, harness, 0, steps=4)
+        old_start = {k: theta0[k] - d1[k] for k in theta0}
+        assert_model_holds(model, old_start)  # no version yet: eager start
+        moves = []
+
+        def tracked_step(seed: int) -> dict:
+            before = params_to_numpy(model)
+            inner_step(model, optimizer, seed)
+            after = params_to_numpy(model)
+            moves.append({k: after[k] - before[k] for k in after})
+            return after
+
+        tracked_step(10)
+        assert lu.step() is False and lu.version == 0  # nothing arrived: nothing moves
+        u1 = random_params(rng, scale=1e-3)
+        harness.publish(1, u1, contributors=[[me, 1], ["someone-else", 1]])
+        engine.wait_for_version(0, timeout=5)
+        trained = tracked_step(11)
+        assert lu.step() is False  # mid-round: the version is adopted now
+        anchor1 = apply_update(copy_arrays(theta0), u1)
+        assert lu.version == 1 and lu.round == 1
+        for k in theta0:  # the version holds our first push: the start is the anchor itself
+            assert lu.start_point[k].tobytes() == anchor1[k].tobytes()
+        assert_model_holds(model, {k: trained[k] + (anchor1[k] - old_start[k]) for k in theta0})
+        for seed in (12, 13):  # the round's last two steps
+            tracked_step(seed)
+            lu.step()
+        assert lu.last_outcome(timeout=10).status == "accepted"
+        push = harness.handler.pushes[-1]
+        assert push.header.base_version == 1  # the round's delta is based on the new version
+    d2 = decode_update(push)
+    for k in theta0:  # it holds the four inner steps' progress and nothing else
+        progress = -np.sum([m[k] for m in moves], axis=0)
+        assert np.abs(progress).max() > 1e-3
+        np.testing.assert_allclose(d2[k], progress, rtol=0, atol=1e-6)
 
 
 def test_lookahead_rebase_starts_where_the_roots_nesterov_step_will_go(harness):

@@ -405,6 +405,8 @@ def test_config_loads_from_a_table_and_names_bad_keys():
         config_from_dict(SyncConfig, {"model_id": "lm", "mode": "eager"})
     with pytest.raises(ConfigError, match="model_id: set the id"):
         config_from_dict(SyncConfig, {})
+    with pytest.raises(ConfigError, match="adopt: must be 'boundary' or 'arrival'"):
+        SyncConfig(model_id="lm", adopt="soon").validate()
     with pytest.raises(ConfigError, match="rebase: must be"):
         SyncConfig(model_id="lm", rebase="ahead").validate()
     with pytest.raises(ConfigError, match="outer_lr/outer_momentum"):
