@@ -23,7 +23,7 @@ def _f(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
         if v != v:
             return "nan"
-        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1e3 else f"{v:,.0f}"
     return str(v)
 
 
@@ -153,6 +153,17 @@ def ensemble(doc: dict) -> str:
         rows += [[f"expert {i}", x] for i, x in enumerate(d.get("expert_losses", []))]
         rows += [[f"ensemble {k}", v] for k, v in e.items()]
         parts += [f"### {wl}", _table(["model", "held-out loss"], rows)]
+        settings = d.get("settings", {})
+        how = (
+            f"Monolith batch {settings.get('batch')} for {settings.get('steps')} steps; experts "
+            f"at batches {d.get('expert_batches')} ({settings.get('split')} split) for as many"
+        )
+        if d.get("branch_step"):
+            how += (
+                f", branched (weights and AdamW state) from the monolith at step "
+                f"{d['branch_step']}, a shared seed phase as in Branch-Train-Merge"
+            )
+        parts.append(how + ": equal total training FLOPs.")
         if "frechet" in d:
             parts.append(_table(["samples", "Fréchet distance"], list(d["frechet"].items())))
         acc = d.get("router_accuracy")
@@ -257,8 +268,8 @@ def _shaped_tables(doc: dict) -> list[str]:
 
 def _quality_targets(doc: dict) -> str:
     arch = doc.get("archipelago", {})
-    ratios = [d.get("ddp_bytes_ratio") for d in arch.values() if d.get("ddp_bytes_ratio")]
-    best = max(ratios) if ratios else None
+    ratios = [(d["ddp_bytes_ratio"], n) for n, d in arch.items() if d.get("ddp_bytes_ratio")]
+    best, best_slot = max(ratios) if ratios else (None, None)
     shaped = (doc.get("shaped") or {}).get("10")
 
     def t10(d: dict) -> float | None:
@@ -283,7 +294,7 @@ def _quality_targets(doc: dict) -> str:
     return _table(
         ["target", "measured", "status"],
         [
-            ["bytes to DDP's loss: >= 300x fewer than DDP (goal 1000x)", f"{_f(best)}x",
+            ["bytes to DDP's loss: >= 300x fewer than DDP (goal 1000x)", f"{_f(best)}x" + (f" ({best_slot})" if best_slot else ""),
              _status(None if best is None else best >= 300)],
             [f"time to DDP's loss at 10 Mbit/s ({how}): >= 10x shorter than DDP's",
              f"{_f(ddp10 / fastest if fastest and ddp10 else None)}x",
