@@ -11,6 +11,10 @@ For each workload (``bytelm`` and ``flow``), at equal total training FLOPs:
    so the experts' FLOPs sum to the monolith's. By default (``--split proportional``) expert k
    gets the share of the batch that comes from cluster k in the monolith's draws (its share of
    the bytes for text, of the images for flow); ``--split equal`` gives each ``B / K``.
+   With a plan's ``branch_at = f > 0`` the experts branch (weights and AdamW state) from the
+   monolith at step ``f S``, a shared seed phase as in Branch-Train-Merge (Li et al. 2022),
+   and train the remaining steps on their clusters: still equal FLOPs
+   (``scripts/ensemble_training.py``).
 3. Train the router by cross-entropy against the cluster label (bytelm: ``PrefixRouter`` on
    the bytes so far, with c-BTM's non-parametric router as a baseline; flow: ``FlowRouter`` on
    ``(x_t, t)``), and measure its held-out accuracy (bytelm by position in the window; flow by
@@ -46,7 +50,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import itertools  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import timeit  # noqa: E402
@@ -55,15 +58,15 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import format_table, write_json  # noqa: E402
+from ensemble_training import Trained, train_compute_matched  # noqa: E402
+from frechet import frechet_distance, train_digit_classifier  # noqa: E402
 
 from island.workloads import Workload, get_workload  # noqa: E402
 from island.workloads.flow import model_velocity  # noqa: E402
@@ -104,6 +107,7 @@ class Plan:
     sample_steps: int = 0  # flow: Euler steps per sample
     classifier_steps: int = 0  # flow: steps of the digit classifier for the Frechet features
     balance_by: str = "documents"  # bytelm: balanced k-means caps files, or bytes, per cluster
+    branch_at: float = 0.0  # fraction of the steps trained as a shared seed (0: from scratch)
 
 
 # fmt: off
@@ -112,7 +116,7 @@ FULL_PLANS = {
         model={"d_model": 128, "n_layer": 2, "n_head": 4, "context": 64}, batch=32, steps=600,
         lr=2e-3, router={"d_model": 32, "n_layers": 1, "kernel_size": 4, "context": 64},
         router_steps=1500, router_batch=64, router_lr=3e-3, eval_batch=32, eval_batches=8,
-        overhead_batch=32,
+        overhead_batch=32, branch_at=0.75,
     ),
     "flow": Plan(
         model={"hidden": 512, "n_blocks": 3}, batch=256, steps=800, lr=1e-3,
@@ -126,7 +130,7 @@ QUICK_PLANS = {
         model={"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32}, batch=8, steps=15,
         lr=2e-3, router={"d_model": 16, "n_layers": 1, "kernel_size": 4, "context": 32},
         router_steps=15, router_batch=16, router_lr=3e-3, eval_batch=8, eval_batches=2,
-        overhead_batch=8,
+        overhead_batch=8, branch_at=0.75,
     ),
     "flow": Plan(
         model={"hidden": 32, "n_blocks": 1}, batch=32, steps=30, lr=1e-3,
@@ -136,93 +140,6 @@ QUICK_PLANS = {
     ),
 }
 # fmt: on
-
-
-# --- training ---------------------------------------------------------------------------------
-
-
-def learning_rate(step: int, steps: int, peak: float) -> float:
-    """Linear warmup over the first 5% of steps, then cosine decay to 10% of ``peak``."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
-
-
-def train_model(workload: Workload, model: nn.Module, batches, steps: int, lr: float) -> float:
-    """AdamW on ``workload.loss`` for ``steps`` batches; returns the mean loss of the last 10%."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    model.train()
-    losses = []
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr)
-        loss = workload.loss(model, next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return float(np.mean(losses[-max(1, steps // 10) :]))
-
-
-def split_batch(batch: int, shares: Sequence[float]) -> list[int]:
-    """Split ``batch`` rows in proportion to ``shares`` (largest remainder), at least one row
-    each, summing to ``batch``."""
-    shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
-    if batch < len(shares):
-        raise ValueError(f"a batch of {batch} cannot give each of {len(shares)} experts a row")
-    exact = 1 + shares * (batch - len(shares))
-    sizes = np.floor(exact).astype(int)
-    order = np.argsort(-(exact - sizes), kind="stable")
-    sizes[order[: batch - sizes.sum()]] += 1
-    return sizes.tolist()
-
-
-@dataclasses.dataclass
-class Trained:
-    monolith: nn.Module
-    experts: list[nn.Module]
-    expert_batches: list[int]
-    train_flops: dict[str, float]
-    final_train_loss: dict[str, Any]
-
-
-def train_compute_matched(
-    name: str, plan: Plan, labels: np.ndarray, shares: Sequence[float], split: str, seed: int
-) -> Trained:
-    """The monolith at batch B on all documents for S steps, and K experts on their clusters
-    for S steps at batches summing to B: equal total training FLOPs. ``split="proportional"``
-    gives expert k the rows of the monolith's batch that come from cluster k on average
-    (``B * shares[k]``); ``split="equal"`` gives every expert ``B / K``."""
-    k = len(shares)
-    batches = split_batch(plan.batch, shares if split == "proportional" else np.ones(k))
-    monolith_wl = get_workload(name, batch_size=plan.batch, **plan.model)
-    started = time.perf_counter()
-    monolith = monolith_wl.build_model(seed)
-    mono_loss = train_model(
-        monolith_wl, monolith, monolith_wl.train_batches(seed), plan.steps, plan.lr
-    )
-    print(f"  monolith trained in {time.perf_counter() - started:.0f} s", flush=True)
-    experts, expert_loss, expert_flops = [], [], 0.0
-    for cluster, batch in enumerate(batches):
-        started = time.perf_counter()
-        expert_wl = get_workload(name, batch_size=batch, **plan.model)
-        members = np.flatnonzero(labels == cluster).tolist()
-        expert = expert_wl.build_model(seed)
-        data = expert_wl.train_batches(seed + 1 + cluster, doc_indices=members)
-        expert_loss.append(train_model(expert_wl, expert, data, plan.steps, plan.lr))
-        experts.append(expert)
-        expert_flops += expert_wl.flops_per_step() * plan.steps
-        print(
-            f"  expert {cluster} (batch {batch}) trained in {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
-    flops = {"monolith": monolith_wl.flops_per_step() * plan.steps, "experts": expert_flops}
-    losses = {"monolith": mono_loss, "experts": expert_loss}
-    return Trained(monolith, experts, batches, flops, losses)
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -288,57 +205,6 @@ def prefix_accuracy(router: nn.Module, documents, labels, length: int, samples: 
             }
         )
     return {"overall": float(hits.sum() / mask.sum()), "by_position": bands}
-
-
-# --- Frechet distance in a digit classifier's feature space -----------------------------------
-
-
-class DigitClassifier(nn.Module):
-    """MLP on 8x8 digits, (B, 64) -> (B, 10); ``features`` is its penultimate layer."""
-
-    def __init__(self, hidden: int = 128, features: int = 32):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, features), nn.SiLU()
-        )
-        self.head = nn.Linear(features, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-    @torch.no_grad()
-    def features(self, images: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(images, dtype=np.float32).reshape(len(images), 64))
-        return self.body(x).double().numpy()
-
-
-def train_digit_classifier(images: np.ndarray, labels: np.ndarray, steps: int, seed: int):
-    """AdamW, batch 128, light Gaussian input noise so features stay sane on imperfect samples."""
-    torch.manual_seed(seed)
-    model = DigitClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-3)
-    rng = np.random.default_rng([seed, 17])
-    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
-    for _ in range(steps):
-        rows = torch.from_numpy(rng.integers(0, len(images), size=128))
-        x = x_all[rows] + 0.1 * torch.randn(len(rows), 64)
-        loss = F.cross_entropy(model(x), y_all[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))`` of two feature sets (n, D)."""
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(root).all():  # near-singular product: regularise both sides
-        eps = 1e-6 * np.eye(len(cov_a))
-        root = scipy.linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    root = np.real(root)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * root))
 
 
 # --- the two workloads ------------------------------------------------------------------------
@@ -550,6 +416,7 @@ def finish(
         router_accuracy=accuracy,
         final_train_loss=trained.final_train_loss,
         expert_batches=trained.expert_batches,
+        branch_step=trained.branch_step,
         partition={
             "sizes": partition.sizes.tolist(),
             "held_out_sizes": np.bincount(val_labels, minlength=partition.k).tolist(),
@@ -577,6 +444,11 @@ def finish(
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
+
+
+def branched(r: dict) -> str:
+    step = r.get("branch_step", 0)
+    return f" (experts branched from the monolith at step {step})" if step else ""
 
 
 def print_tables(results: dict[str, dict], k: int, threads: int) -> None:
@@ -658,7 +530,8 @@ def print_tables(results: dict[str, dict], k: int, threads: int) -> None:
         )
         print(
             f"settings: model {plan['model']}; monolith batch {plan['batch']}, expert batches "
-            f"{r['expert_batches']} ({plan['split']} split), {plan['steps']} steps each, AdamW "
+            f"{r['expert_batches']} ({plan['split']} split), {plan['steps']} steps each"
+            f"{branched(r)}, AdamW "
             f"lr {plan['lr']}; router {plan['router']}, {plan['router_steps']} steps x "
             f"{plan['router_batch']}; eval {plan['eval_batches']} x {plan['eval_batch']}"
             f"{sampling}; {threads} torch thread(s); seconds: "

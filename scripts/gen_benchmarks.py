@@ -149,9 +149,9 @@ def ensemble(doc: dict) -> str:
         if not d:
             continue
         e = d.get("ensemble", {})
-        rows = [["monolith", d.get("monolith_loss")]]
-        rows += [[f"expert {i}", x] for i, x in enumerate(d.get("expert_losses", []))]
-        rows += [[f"ensemble {k}", v] for k, v in e.items()]
+        rows = [["monolith", _f(d.get("monolith_loss"), 4)]]
+        rows += [[f"expert {i}", _f(x, 4)] for i, x in enumerate(d.get("expert_losses", []))]
+        rows += [[f"ensemble {k}", _f(v, 4)] for k, v in e.items()]
         parts += [f"### {wl}", _table(["model", "held-out loss"], rows)]
         settings = d.get("settings", {})
         how = (

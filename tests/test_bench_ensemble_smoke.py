@@ -1,6 +1,7 @@
 """Smoke test of ``scripts/bench_ensemble.py --quick``: it runs end to end for bytelm and flow
 (partition, compute-matched training, router, ensembles, samples) and writes every figure the
-issue names, all finite, with the experts' FLOPs equal to the monolith's."""
+issue names, all finite, with the experts' FLOPs (their shared seed phase included) equal to
+the monolith's."""
 
 import math
 
@@ -35,9 +36,12 @@ def _check_common(figures: dict) -> None:
     assert all(_finite(v) and v > 0 for v in figures["ensemble"].values())
     assert _finite(figures["router_overhead"]) and figures["router_overhead"] > 0
     flops = figures["train_flops"]
-    assert set(flops) == {"monolith", "experts", "router"}
-    assert all(_finite(v) and v > 0 for v in flops.values())
-    assert flops["experts"] == pytest.approx(flops["monolith"])  # compute-matched
+    assert set(flops) == {"monolith", "experts", "seed", "router"}
+    assert all(_finite(v) and v >= 0 for v in flops.values())
+    assert flops["monolith"] > 0 and flops["router"] > 0
+    # compute-matched: the shared seed phase (if any) is counted with the experts
+    assert flops["experts"] == pytest.approx(flops["monolith"])
+    assert flops["seed"] < flops["experts"]
     accuracy = figures["router_accuracy"]["overall"]
     assert _finite(accuracy) and 0.0 <= accuracy <= 1.0
     assert isinstance(figures["targets"]["sparse_ensemble_beats_monolith"], bool)
@@ -52,6 +56,13 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
         _check_common(doc[workload])
 
     lm = doc["bytelm"]
+    # bytelm's experts branch from the monolith at 3/4 of the steps (a shared seed phase)
+    steps = lm["settings"]["steps"]
+    assert lm["branch_step"] == round(0.75 * steps) and 0 < lm["branch_step"] < steps
+    assert lm["train_flops"]["seed"] == pytest.approx(
+        lm["train_flops"]["monolith"] * lm["branch_step"] / steps
+    )
+    assert doc["flow"]["branch_step"] == 0 and doc["flow"]["train_flops"]["seed"] == 0
     assert all(_finite(b["accuracy"]) for b in lm["router_accuracy"]["by_position"])
     assert set(lm["cbtm"]["ensemble"]) == RULES
     assert all(_finite(v) for v in lm["cbtm"]["ensemble"].values())
