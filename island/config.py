@@ -34,6 +34,7 @@ Example (one island of a local-update run)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from comms.errors import ConfigError
@@ -90,6 +91,9 @@ class ExpertConfig:
     cluster: int = -1  # which cluster this island trains
     output: str = ""  # where the signed expert checkpoint goes at the end
     expert_id: str = ""  # defaults to the island's name
+    # safetensors of the model's parameters to branch from (Branch-Train-Merge's seed: e.g. a
+    # model trained on all the data for part of the budget); empty: the seed initialisation
+    init: str = ""
 
 
 @dataclass
@@ -132,5 +136,10 @@ class IslandConfig:
             raise ConfigError("sync.model_id: required in local_update mode")
         if self.mode == "expert" and (not self.expert.partition or self.expert.cluster < 0):
             raise ConfigError("expert.partition and expert.cluster: required in expert mode")
+        if self.expert.init and self.mode != "expert":
+            raise ConfigError("expert.init: only in expert mode (local-update islands start "
+                              "from the aggregator's version)")  # fmt: skip
+        if self.expert.init and not Path(self.expert.init).is_file():
+            raise ConfigError(f"expert.init: no such file {self.expert.init!r}")
         if self.mode == "local_update" and not (self.aggregator or self.dht_peers):
             raise ConfigError("aggregator: give a leaf's host:port, or dht_peers to find one")

@@ -119,6 +119,23 @@ class Island:
 
     # ------------------------------------------------------------------ building blocks
 
+    def _branch_from_seed(self, model: torch.nn.Module) -> None:
+        """Expert mode with ``expert.init``: start from those parameters (a shared seed)."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        from comms.errors import ConfigError, ShapeMismatchError
+        from island.pseudo import load_numpy_into
+
+        path = self.config.expert.init
+        try:
+            load_numpy_into(model, load_file(path))
+        except (OSError, SafetensorError) as err:
+            raise ConfigError(f"expert.init: cannot read {path}: {err}") from err
+        except (ShapeMismatchError, ValueError) as err:  # names or shapes differ from the model
+            raise ConfigError(f"expert.init: {path} does not fit the model: {err}") from err
+        log.info("expert %s: branched from %s", self.config.name, path)
+
     def _doc_indices(self) -> list[int] | None:
         if self.config.mode != "expert":
             return None
@@ -192,6 +209,8 @@ class Island:
     def _train(self) -> dict[str, Any]:
         cfg = self.config
         model = self.workload.build_model(cfg.seed)
+        if cfg.mode == "expert" and cfg.expert.init:
+            self._branch_from_seed(model)  # a resumed snapshot still overrides it below
         optimizer = self._optimizer(model)
         train_model = self.group.wrap_model(model)  # DDP across ranks; `model` to read and eval
         data_seed = cfg.data_seed if cfg.data_seed >= 0 else cfg.seed + cfg.shard

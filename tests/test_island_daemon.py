@@ -215,3 +215,68 @@ def test_status_endpoint_reports_progress_while_training(tmp_path):
         thread.join(60)
         _stop(root)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def two_clusters(tmp_path_factory):
+    from island.workloads import get_workload
+    from router.partition import TextPartitioner
+
+    directory = tmp_path_factory.mktemp("partition")
+    docs = get_workload("bytelm", **TINY).documents()
+    TextPartitioner(2, seed=0).fit([d.content for d in docs]).save(directory)
+    return str(directory)
+
+
+def _expert(tmp_path, partition: str, **expert) -> IslandConfig:
+    from island.config import ExpertConfig
+
+    return IslandConfig(
+        name="expert0", mode="expert", workload="bytelm", workload_config=TINY, steps=3,
+        threads=1, eval_batches=1, http="",
+        expert=ExpertConfig(partition=partition, cluster=0, output=str(tmp_path / "out"), **expert),
+    )  # fmt: skip
+
+
+def test_an_expert_branches_from_the_seed_parameters_given_as_init(tmp_path, two_clusters):
+    """expert.init: the expert starts from those parameters (Branch-Train-Merge's seed), not
+    from the seed initialisation, and trains its cluster from there."""
+    from safetensors.numpy import save_file
+
+    from island.checkpoint import load_expert
+    from island.daemon import Island
+    from island.pseudo import params_to_numpy
+    from island.workloads import get_workload
+
+    seed_model = get_workload("bytelm", **TINY).build_model(seed=123)  # stands in for a seed
+    seed = params_to_numpy(seed_model)
+    save_file(seed, str(tmp_path / "seed.safetensors"))
+    fresh = params_to_numpy(get_workload("bytelm", **TINY).build_model(seed=0))
+
+    config = _expert(tmp_path, two_clusters, init=str(tmp_path / "seed.safetensors"))
+    config.validate()
+    Island(config).run()
+    model, manifest = load_expert(tmp_path / "out")
+    out = params_to_numpy(model)
+    assert manifest["train_steps"] == 3
+    # three small AdamW steps from the seed: close to it, far from the default initialisation
+    moved = max(float(np.abs(out[k] - seed[k]).max()) for k in seed)
+    assert 0 < moved < 0.05
+    assert max(float(np.abs(out[k] - fresh[k]).max()) for k in seed) > 10 * moved
+
+
+def test_a_bad_expert_init_is_a_clear_config_error(tmp_path, two_clusters):
+    from comms.errors import ConfigError
+    from island.daemon import Island
+
+    with pytest.raises(ConfigError, match=r"expert\.init: no such file"):
+        _expert(tmp_path, two_clusters, init=str(tmp_path / "missing.safetensors")).validate()
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros((2, 2), np.float32)}, str(wrong))
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        Island(_expert(tmp_path, two_clusters, init=str(wrong))).run()
+    with pytest.raises(ConfigError, match="only in expert mode"):
+        IslandConfig(name="i", aggregator="x:1", sync=SyncConfig(model_id="m"),
+                     expert=_expert(tmp_path, two_clusters, init=str(wrong)).expert).validate()  # fmt: skip
