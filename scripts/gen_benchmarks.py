@@ -204,7 +204,7 @@ def ensemble(doc: dict) -> str:
     return "\n\n".join(parts)
 
 
-def quality(doc: dict) -> str:
+def quality(doc: dict, title: str = "Quality per byte and time to target (headline)") -> str:
     rows = []
     for name in ("ddp", "sync_diloco", "hivemind"):
         if name in doc:
@@ -213,7 +213,7 @@ def quality(doc: dict) -> str:
         rows.append([f"archipelago {name}", *_quality_row(d, doc)])
     return "\n\n".join(
         [
-            "## Quality per byte and time to target (headline)",
+            f"## {title}",
             _meta(doc),
             f"Target loss (DDP's final held-out loss): {_f(doc.get('target_loss'))}. Settings: "
             f"`{json.dumps(doc.get('config', {}))}`.",
@@ -232,10 +232,16 @@ def quality(doc: dict) -> str:
             _quality_targets(doc),
             *_shaped_tables(doc),
             "\n".join(f"- {n}" for n in doc.get("notes", [])),
-            "![loss vs bytes](docs/benchmarks/quality/bench_quality_loss_vs_bytes.png)\n"
-            "![loss vs wall clock](docs/benchmarks/quality/bench_quality_loss_vs_wallclock.png)",
+            "\n".join(
+                f"![{key.replace('_', ' ')}]({path})" for key, path in doc.get("plots", {}).items()
+            ),
         ]
     )
+
+
+def quality_longer(doc: dict) -> str:
+    s = (doc.get("config") or {}).get("S")
+    return quality(doc, f"Quality per byte at a longer budget (S = {s}, fewer settings)")
 
 
 def _shaped_tables(doc: dict) -> list[str]:
@@ -299,8 +305,10 @@ def _quality_targets(doc: dict) -> str:
             [f"time to DDP's loss at 10 Mbit/s ({how}): >= 10x shorter than DDP's",
              f"{_f(ddp10 / fastest if fastest and ddp10 else None)}x",
              _status(None if fastest is None or ddp10 is None else ddp10 / fastest >= 10)],
-            ["... and shorter than sync DiLoCo and hivemind", f"{_f(fastest)} s vs "
-             f"{', '.join(_f(o) for o in others)} s", _status(beats_others)],
+            ["... and shorter than sync DiLoCo and hivemind", f"{_f(fastest)} s vs " + ", ".join(
+                f"{n} {_f(o)} s" if o is not None else f"{n} not run or not reached"
+                for n, o in zip(("sync DiLoCo", "hivemind"), others, strict=True)),
+             _status(beats_others)],
         ],
     )  # fmt: skip
 
@@ -319,6 +327,7 @@ SECTIONS = {
     "bench_aggregator.json": aggregator,
     "bench_island.json": island,
     "bench_ensemble.json": ensemble,
+    "bench_quality_s1500.json": quality_longer,
 }
 
 ANCHORS = """## What the projects we compare with report
