@@ -18,7 +18,9 @@ Phases: (1) local-update: N islands train one model with overlapped, staleness-a
 staleness is real; (2) experts: the corpus is clustered into N partitions (c-BTM, Gururangan et
 al. 2023), N islands each train an expert alone (Decentralized Diffusion Models, McAllister et
 al. 2025), the router is trained, and a monolith is trained on all data with the same total
-FLOPs (one more expert-mode island on a one-cluster partition); (3) ensemble: the ensemble is
+FLOPs (one more expert-mode island on a one-cluster partition); the experts and the monolith
+all branch from phase 1's global model (``expert.init``; Branch-Train-Merge's seed phase);
+(3) ensemble: the ensemble is
 served and queried through ``router.Client`` and evaluated against the monolith. The report
 (``federation_report``) is written to OUT/report.{md,html,json}.
 
@@ -363,6 +365,9 @@ class Federation:
         partitions, runs = self.partitions
         for child in runs:
             child.finish(600)
+        router = self.sup.start("router-train", "router", "train", partitions[0])
+        self.finish_local_update()  # writes the global model, which the experts branch from
+        seed = self.path("global.safetensors")
         configs = []
         for i in range(self.n + 1):
             mono = i == self.n
@@ -372,7 +377,8 @@ class Federation:
                 steps=p.expert_steps * (self.n if mono else 1), slowdown=1.0, shard=0, num_shards=1,
                 metrics_file=self.path("metrics", f"{name}.jsonl"), snapshot=SnapshotConfig(),
                 expert=ExpertConfig(partition=self.path("partition_all" if mono else "partition"),
-                                    cluster=0 if mono else i, output=self.path("experts", name), expert_id=name),
+                                    cluster=0 if mono else i, output=self.path("experts", name), expert_id=name,
+                                    init=seed),
             )  # fmt: skip
             cfg.snapshot.every_steps = max(10, cfg.steps // 8)
             save_config(cfg, self.path("configs", f"{name}.toml"))
@@ -387,11 +393,9 @@ class Federation:
             )
             for c in configs
         ]
-        router = self.sup.start("router-train", "router", "train", partitions[0])
-        self.finish_local_update()  # while the expert islands start
         print(f"\n[2/3] experts: {self.n} clusters, {self.n} experts of {p.expert_steps} steps in "
-              f"isolation, a router, and a monolith of {self.n * p.expert_steps} steps on all data",
-              flush=True)  # fmt: skip
+              f"isolation, a router, and a monolith of {self.n * p.expert_steps} steps on all data, "
+              "all branched from the global model", flush=True)  # fmt: skip
         for line in runs[0].stdout:
             if line.startswith("cluster "):
                 print(f"  {line}", flush=True)
@@ -585,6 +589,10 @@ def eval_global(agg_http: str, root: str, island_config: str, init: str, out: st
         load_numpy_into(model, thetas[v])
         curve.append([v, workload.validation_loss(model, max_batches=cfg.eval_batches)])
     params = sum(x.size for x in theta.values())
+    from safetensors.numpy import save_file
+
+    final = str(Path(out).with_suffix(".safetensors"))  # the seed the experts branch from
+    save_file({k: np.ascontiguousarray(x) for k, x in thetas[max(thetas)].items()}, final)
     Path(out).write_text(json.dumps({"version": curve[-1][0], "val_loss_start": curve[0][1],
                                      "val_loss_end": curve[-1][1], "curve": curve,
                                      "params": int(params)}))  # fmt: skip

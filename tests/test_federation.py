@@ -51,6 +51,19 @@ def test_quick_federation_writes_a_sane_report(tmp_path):
 
     ex = report["experts"]
     assert len(ex["cluster_sizes"]) == 4 and all(s > 0 for s in ex["cluster_sizes"])
+    # the experts and the monolith branch from phase 1's global model (expert.init)
+    from safetensors.numpy import load_file
+
+    from comms.config import load_config
+    from island.config import IslandConfig
+
+    run = out / "run"
+    seed = load_file(str(run / "global.safetensors"))
+    params = json.loads((run / "global.json").read_text())["params"]
+    assert sum(v.size for v in seed.values()) == params
+    for name in ("expert0", "monolith"):
+        cfg = load_config(IslandConfig, run / "configs" / f"{name}.toml")
+        assert Path(cfg.expert.init) == run / "global.safetensors"
     assert 0.25 < ex["router_accuracy"] <= 1  # better than chance over 4 clusters
 
     en = report["ensemble"]
