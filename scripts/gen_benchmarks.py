@@ -240,8 +240,12 @@ def quality(doc: dict, title: str = "Quality per byte and time to target (headli
 
 
 def quality_longer(doc: dict) -> str:
-    s = (doc.get("config") or {}).get("S")
-    return quality(doc, f"Quality per byte at a longer budget (S = {s}, fewer settings)")
+    config = doc.get("config") or {}
+    return quality(
+        doc,
+        f"Quality per byte at a longer budget (S = {config.get('S')}, H = "
+        f"{', '.join(map(str, config.get('H', [])))}, codecs {', '.join(config.get('codecs', []))})",
+    )
 
 
 def _shaped_tables(doc: dict) -> list[str]:
@@ -328,6 +332,7 @@ SECTIONS = {
     "bench_island.json": island,
     "bench_ensemble.json": ensemble,
     "bench_quality_s1500.json": quality_longer,
+    "bench_quality_s1500_h250.json": quality_longer,
 }
 
 ANCHORS = """## What the projects we compare with report
