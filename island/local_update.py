@@ -191,8 +191,10 @@ class LocalUpdate:
         if self._steps_in_round >= self.every:
             self.end_round()
             return True
-        if self.adopt_on_arrival and (self.engine.newest_version() or -1) > self._version:
-            self._adopt_mid_round()
+        if self.adopt_on_arrival:
+            newest = self.engine.newest_version()
+            if newest is not None and newest > self._version:
+                self._adopt_mid_round()
         return False
 
     def end_round(self) -> None:
@@ -216,6 +218,7 @@ class LocalUpdate:
         if self.sync_mode:
             self.engine.wait_for_version(self._version, self.engine.config.sync_timeout_s)
         self._adopt()
+        load_numpy_into(self.model, self._start)
         self._round += 1
         self._steps_in_round = self._tokens_in_round = 0
         self._boundary_s += time.perf_counter() - start
@@ -232,6 +235,7 @@ class LocalUpdate:
                 f"catch_up() with {self._steps_in_round} steps not pushed; call end_round() first"
             )
         self._adopt()
+        load_numpy_into(self.model, self._start)
         return self._version
 
     def _adopt_mid_round(self) -> None:
@@ -239,12 +243,12 @@ class LocalUpdate:
         ``new start - old start``, so ``params - start`` (this round's progress, the delta it
         will push) is unchanged while its base moves to the newer version."""
         old = self._start
-        self._adopt(load=False)
+        self._adopt()
         add_numpy_into(self.model, {n: self._start[n] - old[n] for n in old})
 
-    def _adopt(self, load: bool = True) -> None:
-        """Move the anchor to the newest version received; the next round's start <- it
-        (loaded into the params unless ``load`` is False)."""
+    def _adopt(self) -> None:
+        """Move the anchor to the newest version received and the round's start with it (the
+        caller moves the params: load the start, or shift them by the start's change)."""
         try:
             versions = self.engine.take_versions(after=self._version)
         except VersionGapError as err:
@@ -264,11 +268,10 @@ class LocalUpdate:
                 self._version = version
                 if self.lookahead is not None:
                     self.lookahead.observe(u)
-        self._set_start(load)
+        self._set_start()
 
-    def _set_start(self, load: bool = True) -> None:
-        """start = anchor - the own deltas no adopted version holds yet (eager), or anchor;
-        loaded into the params unless ``load`` is False."""
+    def _set_start(self) -> None:
+        """start = anchor - the own deltas no adopted version holds yet (eager), or anchor."""
         merged = self.engine.merged_sequences() if self.eager else None
         for seq in list(self._in_flight):
             future = self._in_flight_futures[seq]
@@ -284,8 +287,6 @@ class LocalUpdate:
                     np.subtract(start[name], d, out=start[name])
         self._start = start
         self.start_serial += 1
-        if load:
-            load_numpy_into(self.model, start)
 
     # ------------------------------------------------------------------ introspection
 

@@ -68,17 +68,6 @@ def params_to_numpy(model: torch.nn.Module) -> Arrays:
         }
 
 
-def add_numpy_into(model: torch.nn.Module, arrays: Mapping[str, Any]) -> None:
-    """Add ``arrays`` to the model's parameters in place (``Parameter.add_``), in each
-    parameter's dtype and device; same layout rule as :func:`load_numpy_into`."""
-    params = dict(model.named_parameters())
-    check_same_layout(params, arrays, "add into model")
-    with torch.no_grad():
-        for name, p in params.items():
-            value = np.ascontiguousarray(as_float_array(arrays[name], "add_numpy_into"))
-            p.add_(torch.from_numpy(value).to(device=p.device, dtype=p.dtype))
-
-
 def load_numpy_into(model: torch.nn.Module, arrays: Mapping[str, Any]) -> None:
     """Copy ``arrays`` into the model's parameters in place (``Parameter.copy_``).
 
@@ -86,11 +75,22 @@ def load_numpy_into(model: torch.nn.Module, arrays: Mapping[str, Any]) -> None:
     keeps its state). ``arrays`` must name exactly the model's parameters with their shapes;
     values are cast to each parameter's dtype and device.
     """
+    _into(model, arrays, torch.Tensor.copy_, "load into model")
+
+
+def add_numpy_into(model: torch.nn.Module, arrays: Mapping[str, Any]) -> None:
+    """Add ``arrays`` to the model's parameters in place (``Parameter.add_``); same rules as
+    :func:`load_numpy_into`."""
+    _into(model, arrays, torch.Tensor.add_, "add into model")
+
+
+def _into(model: torch.nn.Module, arrays: Mapping[str, Any], op, what: str) -> None:
+    """``op(parameter, array)`` for every parameter, in its dtype and on its device."""
     params = dict(model.named_parameters())
-    check_same_layout(params, arrays, "load into model")
+    check_same_layout(params, arrays, what)
     with torch.no_grad():
         for name, p in params.items():
-            value = as_float_array(arrays[name], "load_numpy_into")
+            value = as_float_array(arrays[name], what)
             if not (value.flags.c_contiguous and value.flags.writeable):
                 value = np.array(value, order="C")  # torch.from_numpy wants writable memory
-            p.copy_(torch.from_numpy(value).to(device=p.device, dtype=p.dtype))
+            op(p, torch.from_numpy(value).to(device=p.device, dtype=p.dtype))

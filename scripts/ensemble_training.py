@@ -120,13 +120,15 @@ def train_compute_matched(
     k = len(shares)
     batches = split_batch(plan.batch, shares if split == "proportional" else np.ones(k))
     monolith_wl = get_workload(name, batch_size=plan.batch, **plan.model)
-    branch = branch_step(plan.steps, getattr(plan, "branch_at", 0.0))
+    branch = branch_step(plan.steps, plan.branch_at)
     started = time.perf_counter()
     monolith = monolith_wl.build_model(seed)
     optimizer = make_optimizer(monolith, plan.lr)
     data = monolith_wl.train_batches(seed)
     losses = train_steps(monolith_wl, monolith, optimizer, data, range(branch), plan.steps, plan.lr)
-    seed_state = (copy.deepcopy(monolith.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    seed_state = None  # the experts' shared start: weights and AdamW state at the branch step
+    if branch:
+        seed_state = (copy.deepcopy(monolith.state_dict()), copy.deepcopy(optimizer.state_dict()))
     losses += train_steps(
         monolith_wl, monolith, optimizer, data, range(branch, plan.steps), plan.steps, plan.lr
     )
@@ -141,7 +143,7 @@ def train_compute_matched(
         members = np.flatnonzero(labels == cluster).tolist()
         expert = expert_wl.build_model(seed)
         expert_opt = make_optimizer(expert, plan.lr)
-        if branch:
+        if seed_state is not None:
             expert.load_state_dict(seed_state[0])
             expert_opt.load_state_dict(seed_state[1])
         data = expert_wl.train_batches(seed + 1 + cluster, doc_indices=members)

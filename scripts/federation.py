@@ -538,7 +538,7 @@ def eval_global(agg_http: str, root: str, island_config: str, init: str, out: st
     import asyncio
     import urllib.request
 
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file, save_file
 
     from aggregator.outer import apply_update
     from comms.config import load_config
@@ -589,8 +589,6 @@ def eval_global(agg_http: str, root: str, island_config: str, init: str, out: st
         load_numpy_into(model, thetas[v])
         curve.append([v, workload.validation_loss(model, max_batches=cfg.eval_batches)])
     params = sum(x.size for x in theta.values())
-    from safetensors.numpy import save_file
-
     final = str(Path(out).with_suffix(".safetensors"))  # the seed the experts branch from
     save_file({k: np.ascontiguousarray(x) for k, x in thetas[max(thetas)].items()}, final)
     Path(out).write_text(json.dumps({"version": curve[-1][0], "val_loss_start": curve[0][1],
