@@ -132,24 +132,6 @@ def test_load_state_dict_refuses_foreign_state():
         NesterovSGD().load_state_dict({"step": np.array(1), "velocity/p": f32([1.0])})
 
 
-def test_replicas_applying_the_same_decoded_updates_are_bit_identical():
-    rng = np.random.default_rng(3)
-    theta0 = {"w": f32(rng.standard_normal((64, 8))), "b": f32(rng.standard_normal(8))}
-    root = {k: v.copy() for k, v in theta0.items()}
-    island = {k: v.copy() for k, v in theta0.items()}
-    opt = NesterovSGD()
-    for _ in range(5):
-        g = {k: f32(rng.standard_normal(v.shape) * 1e-2) for k, v in root.items()}
-        u = opt.step(root, g)
-        # A lossy codec round trip (fp16): both sides apply the decoded u, not the exact one.
-        decoded = {k: v.astype(np.float16).astype(np.float32) for k, v in u.items()}
-        apply_update(root, decoded)
-        apply_update(island, {k: v.copy() for k, v in reversed(decoded.items())})
-    for k in theta0:
-        assert root[k].tobytes() == island[k].tobytes()
-        assert not np.array_equal(root[k], theta0[k])
-
-
 def test_step_and_apply_refuse_bad_input_without_changing_state():
     opt = NesterovSGD()
     theta = {"p": f32([1.0, 2.0])}

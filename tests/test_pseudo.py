@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.outer import apply_update
+from aggregator.merge import PartialAggregate, accumulate
+from aggregator.outer import NesterovSGD
+from aggregator.root import RootModel
+from comms.codecs import get_codec
+from comms.envelope import Envelope
 from comms.errors import ShapeMismatchError
+from comms.identity import Identity
+from comms.update import decode_update
 from island.pseudo import (
     apply_version,
     copy_arrays,
@@ -60,21 +66,26 @@ def test_apply_version_checks_everything_before_writing():
         apply_version({"a": np.ones(2, np.float32)}, {"a": np.ones(2), "extra": np.ones(1)})
 
 
-def test_apply_version_is_bitwise_equal_to_the_roots_apply_update():
+def test_an_anchor_following_the_published_versions_holds_the_roots_theta_bit_for_bit():
+    """The real path on both sides: the root's outer step publishes int8 ``u_v`` envelopes;
+    the island decodes each published envelope and adopts it with ``apply_version``."""
     rng = np.random.default_rng(7)
     names = ["z.weight", "a.bias", "m.weight"]
-    start = {
-        n: (rng.standard_normal(257) * 10.0 ** rng.integers(-6, 6)).astype(np.float32)
+    theta0 = {
+        n: (rng.standard_normal(257) * 10.0 ** rng.integers(-3, 3)).astype(np.float32)
         for n in names
     }
-    ours, roots = copy_arrays(start), copy_arrays(start)
-    for _ in range(20):  # a chain of versions, as a replica sees them
-        u = {n: (rng.standard_normal(257) * 1e-3).astype(np.float32) for n in names}
-        apply_version(ours, u)
-        apply_update(roots, u)
+    identity = Identity.generate()
+    root = RootModel("m", theta0, NesterovSGD(), get_codec("int8"), identity)
+    anchor = copy_arrays(theta0)
+    for _ in range(8):  # a chain of versions, as a replica sees them
+        g = {n: (rng.standard_normal(257) * 1e-2).astype(np.float32) for n in names}
+        published = root.step(accumulate(PartialAggregate(), g, 1.0)).envelope
+        apply_version(anchor, decode_update(Envelope.from_bytes(published, max_bytes=1 << 20)))
+    assert root.version == 8
     for n in names:
-        assert ours[n].tobytes() == roots[n].tobytes()
-        assert not np.array_equal(ours[n], start[n])
+        assert anchor[n].tobytes() == root.theta[n].tobytes(), n
+        assert not np.array_equal(anchor[n], theta0[n])
 
 
 def test_params_to_numpy_and_back_keep_the_parameter_objects_and_the_optimizer():
