@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from comms.codecs import ErrorFeedback
+from comms.codecs import ErrorFeedback, codec_from_spec
 from comms.envelope import Envelope
 from comms.errors import MalformedError, ShapeMismatchError, SignatureError
 from comms.identity import Identity, Roster
@@ -35,8 +35,14 @@ def test_round_trip_signed(params, codec):
     out = decode_update(got, Manifest.from_arrays(params))
     assert set(out) == set(params)
     assert got.header.base_version == 2 and got.header.meta == {"steps": 10}
+    specs = {s.name: s for s in got.header.tensors}
     for name, value in params.items():
         assert out[name].shape == value.shape and out[name].dtype == np.float32
+        assert specs[name].codec["name"] == codec
+        # each value within its codec's documented error bound (exact for "none")
+        bound = codec_from_spec(specs[name].codec).error_bound(value)
+        err = np.abs(out[name].astype(np.float64) - value.astype(np.float64))
+        assert np.all(err <= bound), (name, float(np.max(err - bound)))
     if codec == "none":
         for name, value in params.items():
             np.testing.assert_array_equal(out[name], value)
