@@ -1,0 +1,94 @@
+"""What configures an island's sync with its aggregator (``SyncConfig``, the ``[sync]`` table,
+validated at load) and the counters the engine keeps (``SyncStats``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from comms.codecs import get_codec
+from comms.errors import ConfigError
+
+
+@dataclass
+class SyncConfig:
+    """How an island syncs one model with its aggregator (the ``[sync]`` table)."""
+
+    model_id: str = ""  # the model this island trains (an aggregator serves many); required
+    every: int = 100  # H: inner steps per round (DiLoCo uses 500; smaller syncs more often)
+    codec: str = "int8"  # codec of pushed deltas: none, fp16, bf16, int8, int4, topk
+    codec_params: dict[str, Any] = field(default_factory=dict)  # e.g. {block = 128}
+    mode: Literal["overlapped", "sync"] = "overlapped"  # overlapped never waits at a boundary
+    # where a round starts: "eager" = the newest global version plus this island's own deltas
+    # still in flight (applied locally until a version holds them); "lookahead" = the newest
+    # version moved by the root's outer step with those deltas as its pseudo-gradient
+    # (island.lookahead; needs outer_lr/outer_momentum equal to the root's Nesterov step);
+    # "reset" = the version alone
+    rebase: Literal["eager", "lookahead", "reset"] = "eager"
+    # when an overlapped island adopts a version: "boundary" = at the next round boundary;
+    # "arrival" = at the first inner step after it arrives, moving the round's progress onto
+    # it (the round's start shifts, its progress is kept), so a round runs on a stale start
+    # only until the version that merges the previous round arrives
+    adopt: Literal["boundary", "arrival"] = "arrival"
+    outer_lr: float = 0.7  # lookahead: the root's outer Nesterov lr and momentum
+    outer_momentum: float = 0.9
+    max_pending_pushes: int = 8  # pushes waiting for a link; on overflow the oldest is dropped
+    sync_timeout_s: float = 600.0  # sync mode: longest wait for the next global version
+    snapshot_timeout_s: float = 300.0  # longest wait for a snapshot download
+    verify_versions: bool = True  # check version signatures (when a roster is configured)
+    max_buffered_versions: int = 256  # versions held for the next boundary; beyond: snapshot
+    close_timeout_s: float = 30.0  # at shutdown, longest wait for pushes still in flight
+    retry_interval_s: float = 1.0  # first wait before retrying a failed link (then doubles)
+    max_retry_interval_s: float = 30.0  # cap of that backoff
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key."""
+        if not self.model_id:
+            raise ConfigError("model_id: set the id of the model this island trains")
+        if self.mode not in ("overlapped", "sync"):
+            raise ConfigError(f"mode: must be 'overlapped' or 'sync', got {self.mode!r}")
+        if self.rebase not in ("eager", "lookahead", "reset"):
+            raise ConfigError(
+                f"rebase: must be 'eager', 'lookahead' or 'reset', got {self.rebase!r}"
+            )
+        if self.adopt not in ("boundary", "arrival"):
+            raise ConfigError(f"adopt: must be 'boundary' or 'arrival', got {self.adopt!r}")
+        if not (self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
+            raise ConfigError(
+                f"outer_lr/outer_momentum: need lr > 0 and momentum in [0, 1), got "
+                f"{self.outer_lr!r}, {self.outer_momentum!r}"
+            )
+        for key in ("every", "max_pending_pushes", "max_buffered_versions", "sync_timeout_s",
+                    "snapshot_timeout_s", "retry_interval_s"):  # fmt: skip
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)!r}")
+        if self.max_retry_interval_s < self.retry_interval_s:
+            raise ConfigError("max_retry_interval_s: must be >= retry_interval_s")
+        get_codec(self.codec, **self.codec_params)  # ConfigError for a bad codec
+
+
+@dataclass
+class SyncStats:
+    """Counters for the status page and metrics."""
+
+    pushes_submitted: int = 0
+    pushes_accepted: int = 0
+    pushes_replayed: int = 0
+    pushes_stale: int = 0
+    pushes_rejected: int = 0
+    pushes_dropped: int = 0
+    pushes_pending: int = 0  # gauge: queued now, waiting or in flight
+    push_link_failures: int = 0  # push attempts that failed for a link reason (then retried)
+    steps_lost: int = 0  # inner steps of stale, rejected or dropped deltas
+    versions_received: int = 0
+    versions_refused: int = 0  # bad signature, malformed, wrong model
+    version_gaps: int = 0  # skipped versions seen on the stream, or evicted from the buffer
+    subscription_restarts: int = 0
+    snapshots_fetched: int = 0
+    newest_version: int = -1
+    last_staleness: int = -1  # of the last accepted push
+    last_weight: float = 0.0
+    last_v_now: int = -1
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    blocked_s: float = 0.0  # training-thread time spent waiting on the network
