@@ -180,11 +180,13 @@ def save_expert(
         "train_flops": float(train_flops),
         "extra": dict(extra or {}),
     }
-    _check_json(fields)
+    check_json_fields(fields)
     return write_checkpoint(directory, model, fields, identity)
 
 
-def _check_json(fields: Mapping[str, Any]) -> None:
+def check_json_fields(fields: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``fields`` is plain JSON data that can be signed (what
+    ``canonical_json`` accepts); call before writing anything, so a bad field fails early."""
     try:
         canonical_json(fields)
     except (TypeError, ValueError) as e:
@@ -259,7 +261,10 @@ def build_workload_model(
         return get_workload(name, **settings).build_model(seed)
 
 
-def _load_weights(module: nn.Module, directory: Path, device: str) -> None:
+def load_weights(module: nn.Module, directory: Path, device: str) -> None:
+    """Load ``directory``'s verified weights into ``module`` on ``device``, strictly (every
+    tensor named, no extra one); ``ConfigError`` when they do not fit it. Call after
+    ``read_manifest`` has checked the file's digest."""
     try:
         load_model(module, directory / WEIGHTS_FILE, strict=True, device=device)
     except RuntimeError as e:
@@ -284,5 +289,5 @@ def load_expert(
         model = build_workload_model(str(manifest.get("workload")), config, device)
     except ConfigError as e:
         raise ConfigError(f"{directory}/{MANIFEST_FILE}: {e}") from e
-    _load_weights(model, directory, device)
+    load_weights(model, directory, device)
     return model.eval(), manifest

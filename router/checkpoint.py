@@ -27,12 +27,12 @@ from island.checkpoint import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     WEIGHTS_FILE,
-    _check_json,
-    _load_weights,
     build_workload_model,
     canonical_json,
+    check_json_fields,
     file_digest,
     load_expert,
+    load_weights,
     partition_id,
     read_manifest,
     save_expert,
@@ -108,7 +108,7 @@ def save_router(
         "version": int(version),
         "extra": dict(extra or {}),
     }
-    _check_json(fields)
+    check_json_fields(fields)
     return write_checkpoint(directory, router, fields, identity, extra_files)
 
 
@@ -151,7 +151,7 @@ def load_router(
         raise ConfigError(f"{directory}/{MANIFEST_FILE}: {e}") from e
     if kind == "cbtm":
         router = router.to(torch.device(device))
-    _load_weights(router, directory, device)
+    load_weights(router, directory, device)
     if router.num_experts != num_experts:
         raise ConfigError(
             f"{directory}: router has {router.num_experts} outputs, not {num_experts}"

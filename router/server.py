@@ -19,6 +19,10 @@ Every bad request (wrong type, missing or unknown field, out-of-range value, unk
 malformed JSON, oversized body, the other workload's endpoint) gets a 4xx answer
 ``{"error": {"type", "message", "field"}}``; the server keeps serving.
 
+This module owns the aiohttp app, its handlers and its Prometheus metrics; requests are parsed
+and validated in ``router.requests``, sample grids drawn and encoded in ``router.images``, and
+the config is read in ``router.serve_config``.
+
 Concurrency: one asyncio loop handles HTTP. Model forward passes run in worker threads
 (``asyncio.to_thread``) under one lock, so the loop never blocks; a generation takes the lock
 once per byte, so concurrent generations interleave. A request that runs past
@@ -34,12 +38,8 @@ import codecs
 import dataclasses
 import json
 import logging
-import math
-import secrets
-import struct
 import threading
 import time
-import zlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +53,20 @@ from prometheus_client import (
     generate_latest,
 )
 
-from comms.errors import ConfigError
 from comms.http import start_app
+from router.images import encode_png_gray, image_grid
+from router.requests import (
+    SAMPLE_FIELDS,
+    GenerateParams,
+    RequestError,
+    check_fields,
+    invalid,
+    parse_generate,
+    take,
+    take_rule,
+    take_seed,
+)
+from router.serve_config import LimitsConfig, ServeConfig, load_served_ensemble
 
 if TYPE_CHECKING:
     from router.checkpoint import LoadedEnsemble
@@ -62,250 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
-
-
-# --- config ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class LimitsConfig:
-    max_new_bytes: int = 1024  # largest max_bytes a generation may ask for
-    max_prompt_bytes: int = 4096  # longest prompt (UTF-8 bytes)
-    max_samples: int = 64  # largest n of a sampling request
-    max_steps: int = 200  # most Euler steps of a sampling request
-    request_timeout: float = 120.0  # seconds before a request is answered 504
-    max_body_bytes: int = 65536  # larger request bodies get 413
-
-    def validate(self) -> None:
-        for key in ("max_new_bytes", "max_prompt_bytes", "max_samples", "max_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
-        if not self.request_timeout > 0:
-            raise ConfigError(f"request_timeout: must be > 0, got {self.request_timeout}")
-        if self.max_body_bytes < 1024:
-            raise ConfigError(f"max_body_bytes: must be at least 1024, got {self.max_body_bytes}")
-
-
-@dataclasses.dataclass
-class ServeConfig:
-    listen: str = "127.0.0.1:8480"  # host:port; port 0 picks a free one
-    experts: list[str] = dataclasses.field(default_factory=list)  # expert checkpoint dirs
-    router: str = ""  # router checkpoint dir (from `router train`)
-    partition: str = ""  # or: a saved text partition, served with the c-BTM router
-    cbtm_temperature: float = 0.1  # T of the c-BTM router weights softmax(-d^2 / T)
-    rule: str = "top1"  # default rule: full, top1, top_k:K, threshold:TAU
-    device: str = "cpu"  # where the experts and router run
-    roster: str = ""  # optional roster JSON: checkpoint signers must be listed in it
-    trusted_keys: list[str] = dataclasses.field(default_factory=list)  # or hex public keys
-    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
-
-    def validate(self) -> None:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
-        if not self.experts:
-            raise ConfigError("experts: list at least one expert checkpoint directory")
-        if bool(self.router) == bool(self.partition):
-            raise ConfigError(
-                "router: give exactly one of 'router' (a router checkpoint) or 'partition' "
-                "(a saved text partition for the c-BTM router)"
-            )
-        from router.rules import parse_rule
-
-        try:
-            parse_rule(self.rule)
-        except ValueError as e:
-            raise ConfigError(f"rule: {e}") from e
-        if not self.cbtm_temperature > 0:
-            raise ConfigError(f"cbtm_temperature: must be > 0, got {self.cbtm_temperature}")
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host, int(port)
-
-
-# --- loading the ensemble -------------------------------------------------------------------
-
-
-def load_served_ensemble(config: ServeConfig) -> LoadedEnsemble:
-    """Verify and load every checkpoint ``config`` names (``router.checkpoint.load_ensemble``)."""
-    from comms.identity import Roster
-    from router.checkpoint import load_ensemble
-
-    return load_ensemble(
-        config.experts,
-        router=config.router,
-        partition=config.partition,
-        rule=config.rule,
-        device=config.device,
-        roster=Roster.load(config.roster) if config.roster else None,
-        trusted_keys=list(config.trusted_keys) or None,
-        cbtm_temperature=config.cbtm_temperature,
-    )
-
-
-# --- request parsing ------------------------------------------------------------------------
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP ``status``, a short ``type``, the offending field."""
-
-    def __init__(self, status: int, kind: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.field = status, kind, message, field
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"type": self.kind, "message": self.message, "field": self.field}}
-
-
-def invalid(field: str | None, message: str) -> RequestError:
-    """A 400 for a bad request field (``field`` None: the body as a whole)."""
-    return RequestError(400, "invalid_request", message, field)
-
-
-_MISSING = object()
-_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,)}
-
-
-def take(
-    body: dict[str, Any],
-    name: str,
-    kind: str,
-    default: Any = _MISSING,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-) -> Any:
-    """``body[name]`` checked to be a ``kind`` in [lo, hi] (``(lo, hi]`` with ``lo_open``);
-    ``default`` when absent or null (required when no default)."""
-    value = body.get(name)
-    if value is None:
-        if default is _MISSING:
-            raise invalid(name, f"'{name}' is required")
-        return default
-    if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, _TYPES[kind]):
-        raise invalid(name, f"'{name}' must be a {kind}, got {json.dumps(value)}")
-    if kind == "number" and not math.isfinite(value):
-        raise invalid(name, f"'{name}' must be finite, got {value}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        bound = f"> {lo}" if lo_open else f">= {lo}"
-        raise invalid(name, f"'{name}' must be {bound}, got {value}")
-    if hi is not None and value > hi:
-        raise invalid(name, f"'{name}' must be <= {hi}, got {value}")
-    return float(value) if kind == "number" else value
-
-
-def check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise invalid(None, "the request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        known = ", ".join(sorted(allowed))
-        raise invalid(unknown[0], f"unknown field '{unknown[0]}' (known: {known})")
-    return body
-
-
-def take_rule(body: dict[str, Any], default: str):
-    from router.rules import parse_rule
-
-    spec = take(body, "rule", "string", default)
-    try:
-        return spec, parse_rule(spec)
-    except ValueError as e:
-        raise invalid("rule", f"'rule': {e}") from e
-
-
-def take_seed(body: dict[str, Any]) -> int:
-    seed = take(body, "seed", "integer", None, lo=0, hi=2**63 - 1)
-    return secrets.randbelow(2**31) if seed is None else seed
-
-
-@dataclasses.dataclass
-class GenerateParams:
-    prompt: bytes
-    max_bytes: int
-    temperature: float
-    top_p: float
-    seed: int
-    rule_spec: str
-    rule: Any
-    stream: bool
-    raw: bool
-
-
-MIN_TEMPERATURE = 1e-3
-GENERATE_FIELDS = {"prompt", "max_bytes", "temperature", "top_p", "seed", "rule", "stream", "raw"}
-SAMPLE_FIELDS = {"n", "steps", "seed", "rule", "format"}
-
-
-def parse_generate(body: Any, limits: LimitsConfig, default_rule: str) -> GenerateParams:
-    body = check_fields(body, GENERATE_FIELDS)
-    prompt = take(body, "prompt", "string").encode("utf-8", errors="surrogatepass")
-    if len(prompt) > limits.max_prompt_bytes:
-        limit = limits.max_prompt_bytes
-        raise invalid("prompt", f"'prompt' is {len(prompt)} bytes; the limit is {limit}")
-    spec, rule = take_rule(body, default_rule)
-    temperature = take(body, "temperature", "number", 1.0, lo=0.0, hi=100.0)
-    if 0 < temperature < MIN_TEMPERATURE:  # logits / T would overflow to inf
-        least = f"0 (greedy) or at least {MIN_TEMPERATURE}"
-        raise invalid("temperature", f"'temperature' must be {least}, got {temperature}")
-    return GenerateParams(
-        prompt=prompt,
-        max_bytes=take(
-            body,
-            "max_bytes",
-            "integer",
-            min(64, limits.max_new_bytes),
-            lo=1,
-            hi=limits.max_new_bytes,
-        ),
-        temperature=temperature,
-        top_p=take(body, "top_p", "number", 1.0, lo=0.0, hi=1.0, lo_open=True),
-        seed=take_seed(body),
-        rule_spec=spec,
-        rule=rule,
-        stream=take(body, "stream", "boolean", False),
-        raw=take(body, "raw", "boolean", False),
-    )
-
-
-# --- PNG ------------------------------------------------------------------------------------
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def encode_png_gray(pixels: np.ndarray) -> bytes:
-    """A grayscale 8-bit PNG of a (H, W) uint8 array (filter 0 on every row)."""
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    height, width = pixels.shape
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), pixels], axis=1)
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def image_grid(images: np.ndarray, scale: int = 4, pad: int = 1) -> np.ndarray:
-    """(n, h, w) images in [-1, 1] -> one (H, W) uint8 grid, ceil(sqrt(n)) columns."""
-    n, h, w = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    grid = np.zeros((rows * cell_h + pad, cols * cell_w + pad), np.uint8)
-    scaled = np.clip((np.nan_to_num(images) + 1.0) * 127.5, 0, 255).astype(np.uint8)
-    for i, image in enumerate(scaled):
-        r, c = divmod(i, cols)
-        big = np.kron(image, np.ones((scale, scale), np.uint8))
-        grid[pad + r * cell_h : pad + r * cell_h + h * scale, pad + c * cell_w :][
-            :, : w * scale
-        ] = big
-    return grid
 
 
 # --- metrics --------------------------------------------------------------------------------
