@@ -9,6 +9,7 @@ from aggtools import delta_bytes, make_federation, random_delta
 from aggregator.outer import NesterovSGD, apply_update
 from aggregator.service import AggregatorService
 from comms import PROTOCOL_VERSION
+from comms.codecs import get_codec
 from comms.envelope import Envelope
 from comms.errors import (
     DigestMismatchError,
@@ -26,14 +27,26 @@ from comms.transport import TransportClient
 from comms.update import decode_update, encode_update
 
 
-def expected_theta1(theta0, deltas, weights=None):
+def expected_update(theta0, deltas, weights=None):
+    """The first outer step (Nesterov, lr 0.7, momentum 0.9) on the weighted mean of deltas."""
     weights = weights or [1.0] * len(deltas)
     g = {k: sum(np.float32(w) * d[k] for w, d in zip(weights, deltas, strict=True)) / np.float32(sum(weights))
          for k in theta0}  # fmt: skip
+    return NesterovSGD(lr=0.7, momentum=0.9).step({k: v.copy() for k, v in theta0.items()}, g)
+
+
+def expected_theta1(theta0, deltas, weights=None):
     theta = {k: v.copy() for k, v in theta0.items()}
-    u = NesterovSGD(lr=0.7, momentum=0.9).step(theta, g)
-    apply_update(theta, u)
+    apply_update(theta, expected_update(theta0, deltas, weights))
     return theta
+
+
+def assert_same_bits(got, want, what=""):
+    """Every tensor of either side present in both, with the same shape, dtype and bytes."""
+    for k in sorted(got.keys() | want.keys()):
+        assert k in got and k in want, f"{what}: tensor {k!r} missing on one side"
+        assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, (what, k)
+        assert got[k].tobytes() == want[k].tobytes(), f"{what}: tensor {k!r} differs"
 
 
 async def start_tree(fed, leaf_k=4, root_k=8, **merge):
@@ -57,40 +70,47 @@ async def wait_for(pred, timeout=20.0):
         await asyncio.sleep(0.02)
 
 
-async def test_tree_of_eight_islands_equals_direct_merge(tmp_path):
+async def test_tree_replicas_hold_the_roots_bits_under_an_int8_codec(tmp_path):
+    """Eight islands, two leaves, one root publishing int8 versions: ``decode(encode(u))`` is
+    not ``u``, so leaves, a late subscriber and a fetched snapshot hold the root's bits only
+    if the root applies exactly the bytes it publishes."""
     fed = make_federation(tmp_path, 8)
-    root, leaves = await start_tree(fed)
+    root, leaves = await start_tree(fed, codec="int8")
     try:
-        deltas = [random_delta(fed.theta0, i) for i in range(8)]
         clients = [TransportClient(leaf.address) for leaf in leaves]
-        acks = await asyncio.gather(*(
-            clients[i % 2].push(delta_bytes(fed.islands[i], deltas[i], sequence=1))
-            for i in range(8)
-        ))  # fmt: skip
-        assert all(a["status"] == "accepted" and a["staleness"] == "0" for a in acks)
-        await wait_for(lambda: all(x.lines["global"].version == 1 for x in (root, *leaves)))
-        want = expected_theta1(fed.theta0, deltas)
-        for agg in (root, *leaves):
-            for k in want:
-                np.testing.assert_allclose(
-                    agg.lines["global"].theta[k], want[k], rtol=1e-5, atol=1e-6
-                )
-        # replicas are bit-identical to the root
-        for leaf in leaves:
-            for k in want:
-                assert np.array_equal(leaf.lines["global"].theta[k], root.lines["global"].theta[k])
+        for rnd in (1, 2):  # round 2: momentum and the root's int8 residual are non-zero
+            deltas = [random_delta(fed.theta0, 8 * rnd + i) for i in range(8)]
+            acks = await asyncio.gather(*(
+                clients[i % 2].push(delta_bytes(fed.islands[i], deltas[i], sequence=rnd,
+                                                base_version=rnd - 1))
+                for i in range(8)
+            ))  # fmt: skip
+            assert all(a["status"] == "accepted" and a["staleness"] == "0" for a in acks)
+            await wait_for(
+                lambda r=rnd: all(x.lines["global"].version == r for x in (root, *leaves))
+            )
+            theta_root = root.lines["global"].theta
+            if rnd == 1:  # the tree's merge is the flat weighted mean, up to int8's error on u
+                u = expected_update(fed.theta0, deltas)
+                int8 = get_codec("int8")
+                for k in fed.theta0:
+                    err = np.abs(theta_root[k].astype(np.float64) - (fed.theta0[k] + u[k]))
+                    assert np.all(err <= int8.error_bound(u[k]) + 1e-6), k
+                    assert not np.array_equal(theta_root[k], fed.theta0[k] + u[k])  # lossy
+            for leaf in leaves:  # replicas are bit-identical to the root
+                assert_same_bits(leaf.lines["global"].theta, theta_root, leaf.config.name)
         # a late subscriber catches up from version 0 and holds the same bits
         theta = {k: v.copy() for k, v in fed.theta0.items()}
         async for v, data in clients[0].subscribe("global", 1):
-            apply_update(theta, decode_update(Envelope.from_bytes(data, max_bytes=1 << 30)))
-            if v == 1:
+            env = Envelope.from_bytes(data, max_bytes=1 << 30)
+            assert {s.codec["name"] for s in env.header.tensors} == {"int8"}
+            apply_update(theta, decode_update(env))
+            if v == 2:
                 break
-        for k in theta:
-            assert np.array_equal(theta[k], root.lines["global"].theta[k])
+        assert_same_bits(theta, theta_root, "late subscriber")
         snap = Envelope.from_bytes(await clients[1].fetch("global", -1), max_bytes=1 << 30)
-        assert snap.header.base_version == 1
-        for k, v in decode_update(snap).items():
-            assert np.array_equal(v, root.lines["global"].theta[k])
+        assert snap.header.base_version == 2
+        assert_same_bits(decode_update(snap), theta_root, "snapshot")
         for c in clients:
             await c.close()
     finally:
@@ -113,6 +133,111 @@ async def test_staleness_weights_and_bound(tmp_path):
             with pytest.raises(StaleError, match="bound is 1"):
                 await c.push(delta_bytes(fed.islands[0], d[0], 2, base_version=0))
     finally:
+        await root.stop()
+
+
+def hand_versions(theta0, rounds, lr=0.7, momentum=0.9):
+    """theta_v after each round, in float64 by hand: ``rounds`` lists (delta, staleness) pairs;
+    g = sum w d / sum w with FedBuff's w = 1/sqrt(1+s), then Nesterov: m = mu m + g,
+    u = -lr (g + mu m), theta += u."""
+    theta = {k: v.astype(np.float64) for k, v in theta0.items()}
+    m = {k: np.zeros_like(v) for k, v in theta.items()}
+    out = []
+    for updates in rounds:
+        w = [1.0 / np.sqrt(1.0 + s) for _, s in updates]
+        for k in theta:
+            g = sum(wi * d[k].astype(np.float64) for wi, (d, _) in zip(w, updates, strict=True))
+            g /= sum(w)
+            m[k] = momentum * m[k] + g
+            theta[k] = theta[k] - lr * (g + momentum * m[k])
+        out.append({k: v.copy() for k, v in theta.items()})
+    return out
+
+
+def assert_theta_close(got, want, what=""):
+    for k in sorted(got.keys() | want.keys()):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"{what} {k}")
+
+
+@pytest.mark.parametrize("engine", ["inline", "pool"])
+async def test_mixed_staleness_is_weighted_in_the_merge_and_the_outer_step(tmp_path, engine):
+    """K = 3 at the root; versions 2 and 3 each merge updates of staleness 0, 1 and 2, and
+    theta follows FedBuff's weighted mean and Nesterov's step computed by hand."""
+    fed = make_federation(tmp_path, 4, aggregators=("root",))
+    merge = {"engine": engine, "max_workers": 1, "warm_workers": 0} if engine == "pool" else {}
+    root = AggregatorService(fed.config("root", "root", buffer_k=3, **merge))
+    await root.start()
+    seqs = [0] * 4
+    rounds = [  # (island, base version) per push; staleness = version at the push - base
+        [(0, 0), (1, 0), (2, 0)],
+        [(0, 1), (1, 0), (3, 0)],
+        [(0, 2), (1, 1), (2, 0)],
+    ]
+    try:
+        async with TransportClient(root.address) as c:
+            done = []
+            for v_now, pushes in enumerate(rounds):
+                merged = []
+                for island, base in pushes:
+                    seqs[island] += 1
+                    d = random_delta(fed.theta0, 10 * seqs[island] + island)
+                    ack = await c.push(delta_bytes(fed.islands[island], d, seqs[island], base))
+                    s = v_now - base
+                    assert ack["staleness"] == str(s)
+                    assert float(ack["weight"]) == pytest.approx(1 / np.sqrt(1 + s), rel=1e-5)
+                    merged.append((d, s))
+                done.append(merged)
+                assert root.lines["global"].version == v_now + 1
+                want = hand_versions(fed.theta0, done)[-1]
+                assert_theta_close(root.lines["global"].theta, want, f"version {v_now + 1}")
+    finally:
+        await root.stop()
+
+
+async def test_a_restarted_leaf_replays_its_wal_with_the_weights_first_admitted(tmp_path):
+    """A leaf logs two updates (staleness 1 and 0 at their admission) and stops before its
+    flush; while it is down the root moves on a version, so on restart the same updates would
+    be staleness 2 and 1. The replayed partial must carry the logged weights."""
+    fed = make_federation(tmp_path, 5, aggregators=("root", "leaf0"))
+    root = AggregatorService(fed.config("root", "root", buffer_k=2))
+    root_addr = await root.start()
+    leaf_cfg = fed.config("leaf0", "leaf", parent=root_addr, buffer_k=3)
+    leaf = AggregatorService(leaf_cfg)
+    await leaf.start()
+    d = {name: random_delta(fed.theta0, i) for i, name in enumerate("ABCDEFG")}
+    A, B, C, D, E = fed.islands
+    try:
+        async with TransportClient(root_addr) as to_root:
+            for ident, delta in ((A, d["A"]), (B, d["B"])):  # v1 from direct pushes
+                await to_root.push(delta_bytes(ident, delta, 1, base_version=0))
+            await wait_for(lambda: leaf.lines["global"].version == 1)
+            async with TransportClient(leaf.address) as to_leaf:
+                ack = await to_leaf.push(delta_bytes(C, d["C"], 1, base_version=0))
+                assert ack["staleness"] == "1"
+                ack = await to_leaf.push(delta_bytes(D, d["D"], 1, base_version=1))
+                assert ack["staleness"] == "0"
+            await leaf.stop()  # logged and acknowledged, not flushed
+            leaf = None
+            for ident, delta in ((A, d["F"]), (B, d["G"])):  # v2 while the leaf is down
+                await to_root.push(delta_bytes(ident, delta, 2, base_version=1))
+            assert root.lines["global"].version == 2
+        leaf = AggregatorService(leaf_cfg)  # the same state dir: replays its WAL
+        await leaf.start()
+        assert leaf.lines["global"].version == 2 and leaf.lines["global"].buffered == 2
+        async with TransportClient(leaf.address) as to_leaf:
+            ack = await to_leaf.push(delta_bytes(E, d["E"], 1, base_version=2))  # the K-th
+            assert ack["staleness"] == "0"
+        await wait_for(lambda: root.lines["global"].version == 3)
+        want = hand_versions(fed.theta0, [
+            [(d["A"], 0), (d["B"], 0)],
+            [(d["F"], 0), (d["G"], 0)],
+            [(d["C"], 1), (d["D"], 0), (d["E"], 0)],  # the weights logged at admission
+        ])[-1]  # fmt: skip
+        assert_theta_close(root.lines["global"].theta, want, "version 3")
+        assert_same_bits(leaf.lines["global"].theta, root.lines["global"].theta, "leaf")
+    finally:
+        if leaf is not None:
+            await leaf.stop()
         await root.stop()
 
 
