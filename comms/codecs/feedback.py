@@ -1,0 +1,60 @@
+"""Error feedback: what a lossy codec dropped, carried into the next send.
+
+Seide et al., "1-bit SGD" (2014); Karimireddy et al., "Error Feedback Fixes SignSGD" (2019):
+``c_t = x_t + e_t``, ``send Q(c_t)``, ``e_{t+1} = c_t - Q(c_t)``. Summed over rounds, what was
+sent plus the final residual equals what was put in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from comms.codecs.base import Codec, _finite_abs_max, as_float_array
+
+
+class ErrorFeedback:
+    """Per-tensor residuals of a lossy codec, carried into the next round.
+
+    ``compress(name, x, codec)`` sends ``Q(x + e)`` and keeps ``e' = (x + e) - Q(x + e)``, so
+    over any number of rounds ``sum(decoded) + residual == sum(inputs)`` up to float32
+    rounding. If encoding raises (NaN input, say), the residual is left as it was.
+    Not thread-safe: one instance belongs to one sender.
+    """
+
+    def __init__(self) -> None:
+        self._residuals: dict[str, np.ndarray] = {}
+
+    def compress(self, name: str, x: Any, codec: Codec) -> bytes:
+        arr = as_float_array(x, codec.name)
+        corrected = np.array(arr, dtype=np.float32, order="C")  # always a fresh copy
+        residual = self._residuals.get(name)
+        if residual is not None:
+            if residual.shape != corrected.shape:
+                raise ValueError(
+                    f"error feedback: tensor {name!r} has shape {corrected.shape} but its "
+                    f"residual has shape {residual.shape}; call reset() when the model changes"
+                )
+            corrected += residual
+        payload = codec.encode(corrected)
+        decoded = codec.decode(payload, corrected.shape)
+        np.subtract(corrected, decoded, out=corrected)
+        self._residuals[name] = corrected
+        return payload
+
+    def residuals(self) -> dict[str, np.ndarray]:
+        """A copy of every residual, for snapshots."""
+        return {name: r.copy() for name, r in self._residuals.items()}
+
+    def load_residuals(self, residuals: dict[str, Any]) -> None:
+        """Replace the residuals with ``residuals`` (as saved by ``residuals()``)."""
+        loaded = {}
+        for name, value in residuals.items():
+            arr = np.array(as_float_array(value, "error feedback"), dtype=np.float32, order="C")
+            _finite_abs_max(arr, "error feedback", f"residual {name!r}")
+            loaded[name] = arr
+        self._residuals = loaded
+
+    def reset(self) -> None:
+        self._residuals.clear()
