@@ -1,0 +1,165 @@
+"""The link from a leaf or mid to its parent: connecting, the replica, partials up, versions down.
+
+The parent is the configured address or, without one, the closest eligible aggregator found
+through discovery. A line's replica starts from the parent's current snapshot. Partial
+aggregates go up in order through one outbox: a flush *intent* is logged before the partial is
+queued, and a *mark* once the parent acknowledged it (a parent that already holds it answers
+"replay", which counts as delivered). Versions come down through a subscription: each ``u_v``
+is verified, applied to the replica and re-published to this aggregator's own subscribers; a
+gap or a version the parent no longer has refetches the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgpack
+
+from aggregator.lines import ModelLine
+from aggregator.merge import PartialAggregate
+from aggregator.outer import apply_update
+from aggregator.wal import WriteAheadLog
+from comms.envelope import Envelope
+from comms.errors import (
+    CommsError,
+    ConfigError,
+    LinkError,
+    MalformedError,
+    NotFoundError,
+    RejectedError,
+    ReplayError,
+)
+from comms.placement import Candidate, choose_closest, eligible
+from comms.transport import TransportClient
+from comms.update import Manifest, decode_update, encode_update
+
+log = logging.getLogger("aggregator.service")  # one log for all the service's parts
+
+
+class ParentLink:
+    """The parent side of :class:`~aggregator.service.AggregatorService` (leaf and mid).
+
+    Uses the service's ``config``, ``role``, ``discovery``, ``identity``, ``roster``, ``guard``,
+    ``metrics``, ``parent_address``, ``_outbox`` and :meth:`_publish`
+    (:mod:`aggregator.publish`); sets ``parent`` (and ``parent_address`` when discovery finds
+    it).
+    """
+
+    async def _connect_parent(self) -> None:
+        if not self.parent_address:
+            if self.discovery is None:
+                raise ConfigError("parent: a leaf or mid needs a parent address or dht_peers")
+            roles = ("mid", "root") if self.role == "leaf" else ("root",)
+            records = await asyncio.to_thread(self.discovery.lookup, "aggregator")
+            candidates = eligible([Candidate.from_record(r) for r in records], roles)
+            self.parent_address = (await choose_closest(candidates)).address
+        self.parent = TransportClient(self.parent_address, deadline_s=self.config.push_deadline_s)
+
+    async def _open_replica(self, line: ModelLine) -> None:
+        data = await self.parent.fetch(line.model_id, -1)
+        env = await asyncio.to_thread(self._verified, data, "snapshot", line.model_id)
+        line.theta = decode_update(env)
+        line.manifest = Manifest.from_arrays(line.theta)
+        line.version = env.header.base_version
+        log.info("%s: replica of %s at version %d", self.config.name, line.model_id, line.version)
+
+    def _verified(self, data: bytes, kind: str, model_id: str) -> Envelope:
+        env = Envelope.from_bytes(data, max_bytes=1 << 40)
+        env.verify(self.roster, roles=("aggregator",))
+        if env.header.kind != kind or env.header.model_id != model_id:
+            raise MalformedError(
+                f"expected a {kind} of {model_id!r}, got a {env.header.kind} of "
+                f"{env.header.model_id!r}"
+            )
+        return env
+
+    async def _queue_partial(
+        self, line: ModelLine, partial: PartialAggregate, index: int, seq: int, resend=False
+    ) -> None:
+        note = msgpack.packb({"seq": seq, "guard": self.guard.state()})
+        if not resend:
+            await asyncio.to_thread(line.wal.intent, index, note)
+        contributors = sorted([s, q] for s, q in partial.contributors)
+        env = encode_update(
+            partial.weighted_sum,
+            codec="none",
+            model_id=line.model_id,
+            kind="partial",
+            sender=self.identity.peer_id,
+            sequence=seq,
+            base_version=line.version,
+            meta={
+                "weight_sum": float(partial.weight_sum),
+                "count": int(partial.count),
+                "max_staleness": int(partial.max_staleness),
+                "contributors": contributors,
+            },
+            identity=self.identity,
+        )
+        await self._outbox.put((line, index, seq, env.to_bytes(), note, partial.count))
+
+    async def _send_partials(self) -> None:
+        """Push queued partials to the parent in order, retrying until each is acknowledged."""
+        while True:
+            line, index, seq, data, note, count = await self._outbox.get()
+            attempt = 0
+            while True:
+                try:
+                    await self.parent.push(data, upload_id=f"{self.identity.peer_id}-{seq}")
+                    self.metrics.partials_sent.inc()
+                    self.metrics.bytes_out.inc(len(data))
+                    break
+                except ReplayError:
+                    log.info("%s: parent already holds partial %d", self.config.name, seq)
+                    break
+                except RejectedError as e:
+                    log.error(
+                        "%s: parent refused partial %d of %s (%d updates lost): %s",
+                        self.config.name, seq, line.model_id, count, e,
+                    )  # fmt: skip
+                    self.metrics.partials_dropped.labels(e.reason).inc()
+                    break
+                except (LinkError, CommsError, OSError) as e:
+                    attempt += 1
+                    delay = min(10.0, 0.2 * 2**attempt)
+                    log.warning(
+                        "%s: parent unreachable for partial %d (%s); retry in %.1fs",
+                        self.config.name, seq, e, delay,
+                    )  # fmt: skip
+                    await asyncio.sleep(delay)
+            await asyncio.to_thread(_mark, line.wal, index, note)
+
+    # ================================================================== following the parent
+
+    async def _follow_parent(self, line: ModelLine) -> None:
+        """Apply each u_v the parent publishes to the replica and re-serve it to children."""
+        while True:
+            try:
+                async for version, data in self.parent.subscribe(line.model_id, line.version + 1):
+                    env = await asyncio.to_thread(self._verified, data, "version", line.model_id)
+                    if version != line.version + 1 or env.header.base_version != line.version:
+                        raise MalformedError(
+                            f"version {version} does not follow {line.version}; refetching"
+                        )
+                    u = await asyncio.to_thread(decode_update, env, line.manifest)
+                    async with line.lock:
+                        await asyncio.to_thread(apply_update, line.theta, u)
+                        line.remember(version, data)
+                        await self._publish(line, version)
+                    self.metrics.version.labels(line.model_id).set(version)
+            except asyncio.CancelledError:
+                raise
+            except (CommsError, RejectedError) as e:
+                log.warning("%s: following %s: %s", self.config.name, line.model_id, e)
+                await asyncio.sleep(0.5)
+                if isinstance(e, MalformedError | NotFoundError):
+                    async with line.lock:
+                        await self._open_replica(line)
+                        line.cache.clear()
+
+
+def _mark(wal: WriteAheadLog, index: int, note: bytes) -> None:
+    if index > wal.mark:
+        wal.mark_done(index, note)
+        wal.compact()
