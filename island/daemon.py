@@ -208,16 +208,7 @@ class Island:
 
     def _train(self) -> dict[str, Any]:
         cfg = self.config
-        model = self.workload.build_model(cfg.seed)
-        if cfg.mode == "expert" and cfg.expert.init:
-            self._branch_from_seed(model)  # a resumed snapshot still overrides it below
-        optimizer = self._optimizer(model)
-        train_model = self.group.wrap_model(model)  # DDP across ranks; `model` to read and eval
-        data_seed = cfg.data_seed if cfg.data_seed >= 0 else cfg.seed + cfg.shard
-        shard, num_shards = self.group.data_shard(cfg.shard, cfg.num_shards)
-        batches = self.workload.train_batches(
-            data_seed, shard=shard, num_shards=num_shards, doc_indices=self._doc_indices()
-        )
+        model, optimizer, train_model, batches = self._build_training()
         snapshotter = (
             AsyncSnapshotter(cfg.snapshot.dir, keep=cfg.snapshot.keep)
             if cfg.snapshot.dir and self.group.is_leader
@@ -225,62 +216,13 @@ class Island:
         )
         resumed = self._resume(model, optimizer, batches)
         if cfg.mode == "local_update":
-            self.engine = self._make_engine() if self.group.is_leader else None
-            anchor = anchor_version = None
-            if resumed is not None:
-                self.engine.load_state_dict(resumed.data["engine"])
-                anchor = {k: np.asarray(v) for k, v in resumed.anchor.items()}
-                anchor_version = int(resumed.meta["base_version"])
-            self.lu = make_local_update(
-                self.group, model, optimizer, engine=self.engine, every=cfg.sync.every,
-                anchor=anchor, anchor_version=anchor_version,
-            )  # fmt: skip
-            self.lu.start()
-            if resumed is not None and self.group.is_leader:
-                self.lu.load_state_dict(resumed.data.get("local_update", {}))
+            self._start_local_update(model, optimizer, resumed)
         self.ready.set()
-        opt_cfg = cfg.optim
-        opt_cfg.total_steps = cfg.steps  # for the cosine schedule
-        losses: list[float] = []
+        cfg.optim.total_steps = cfg.steps  # for the cosine schedule
         self.started = time.perf_counter()
         progress = _progress(cfg, self.step)
         try:
-            # every rank stops after the same step (one all-reduce a step under torchrun)
-            while (cfg.steps == 0 or self.step < cfg.steps) and not self.group.any_rank(
-                self.stopping
-            ):
-                t0 = time.perf_counter()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(self.step, opt_cfg)
-                batch = next(batches)
-                with self._autocast():
-                    loss = self.workload.loss(train_model, batch)
-                loss.backward()
-                if opt_cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                spent = time.perf_counter() - t0
-                if cfg.slowdown > 1:
-                    time.sleep(spent * (cfg.slowdown - 1))
-                self.compute_s += time.perf_counter() - t0
-                self.step += 1
-                self.last_loss = loss.item()
-                losses.append(self.last_loss)
-                tokens = _batch_tokens(batch)
-                self.tokens += tokens
-                if progress is not None:
-                    progress.update(1)
-                if self.lu is not None:
-                    if self.lu.step(tokens=tokens):
-                        self._end_of_round(model, optimizer, batches, snapshotter, losses)
-                        losses = []
-                elif self.step % cfg.snapshot.every_steps == 0 or self.step == cfg.steps:
-                    self._expert_checkpoint(model, optimizer, batches, snapshotter, losses)
-                    losses = []
-            if self.lu is not None and self.lu._steps_in_round:
-                self.lu.end_round()  # push the partial round: its progress is not lost
-                self._end_of_round(model, optimizer, batches, snapshotter, losses, final=True)
+            self._train_steps(model, train_model, optimizer, batches, snapshotter, progress)
         finally:
             if progress is not None:
                 progress.close()
@@ -295,6 +237,87 @@ class Island:
         if cfg.mode == "expert" and cfg.expert.output and self.group.is_leader:
             self._save_expert(model)
         return self.summary()
+
+    def _build_training(self):
+        """The model (branched from ``expert.init`` if set), its optimizer, the model to train
+        (DDP across ranks; read and evaluate ``model``) and this rank's batch iterator."""
+        cfg = self.config
+        model = self.workload.build_model(cfg.seed)
+        if cfg.mode == "expert" and cfg.expert.init:
+            self._branch_from_seed(model)  # a resumed snapshot still overrides it
+        optimizer = self._optimizer(model)
+        train_model = self.group.wrap_model(model)  # DDP across ranks; `model` to read and eval
+        data_seed = cfg.data_seed if cfg.data_seed >= 0 else cfg.seed + cfg.shard
+        shard, num_shards = self.group.data_shard(cfg.shard, cfg.num_shards)
+        batches = self.workload.train_batches(
+            data_seed, shard=shard, num_shards=num_shards, doc_indices=self._doc_indices()
+        )
+        return model, optimizer, train_model, batches
+
+    def _start_local_update(self, model, optimizer, resumed: SnapshotState | None) -> None:
+        """Local-update mode: the sync engine (leader only) and the ``LocalUpdate`` around the
+        model, both restored from ``resumed`` when the run resumes from a snapshot."""
+        cfg = self.config
+        self.engine = self._make_engine() if self.group.is_leader else None
+        anchor = anchor_version = None
+        if resumed is not None:
+            self.engine.load_state_dict(resumed.data["engine"])
+            anchor = {k: np.asarray(v) for k, v in resumed.anchor.items()}
+            anchor_version = int(resumed.meta["base_version"])
+        self.lu = make_local_update(
+            self.group, model, optimizer, engine=self.engine, every=cfg.sync.every,
+            anchor=anchor, anchor_version=anchor_version,
+        )  # fmt: skip
+        self.lu.start()
+        if resumed is not None and self.group.is_leader:
+            self.lu.load_state_dict(resumed.data.get("local_update", {}))
+
+    def _train_steps(self, model, train_model, optimizer, batches, snapshotter, progress) -> None:
+        """Inner steps until ``steps`` or ``stop()``; round boundaries (local update) or
+        checkpoints (expert mode) as they fall due; then the partial last round is pushed."""
+        cfg = self.config
+        losses: list[float] = []
+        # every rank stops after the same step (one all-reduce a step under torchrun)
+        while (cfg.steps == 0 or self.step < cfg.steps) and not self.group.any_rank(self.stopping):
+            tokens = self._inner_step(model, train_model, optimizer, batches)
+            losses.append(self.last_loss)
+            if progress is not None:
+                progress.update(1)
+            if self.lu is not None:
+                if self.lu.step(tokens=tokens):
+                    self._end_of_round(model, optimizer, batches, snapshotter, losses)
+                    losses = []
+            elif self.step % cfg.snapshot.every_steps == 0 or self.step == cfg.steps:
+                self._expert_checkpoint(model, optimizer, batches, snapshotter, losses)
+                losses = []
+        if self.lu is not None and self.lu._steps_in_round:
+            self.lu.end_round()  # push the partial round: its progress is not lost
+            self._end_of_round(model, optimizer, batches, snapshotter, losses, final=True)
+
+    def _inner_step(self, model, train_model, optimizer, batches) -> int:
+        """One optimizer step on the next batch; counts time, loss and tokens; returns the
+        batch's tokens."""
+        cfg, opt_cfg = self.config, self.config.optim
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(self.step, opt_cfg)
+        batch = next(batches)
+        with self._autocast():
+            loss = self.workload.loss(train_model, batch)
+        loss.backward()
+        if opt_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        spent = time.perf_counter() - t0
+        if cfg.slowdown > 1:
+            time.sleep(spent * (cfg.slowdown - 1))
+        self.compute_s += time.perf_counter() - t0
+        self.step += 1
+        self.last_loss = loss.item()
+        tokens = _batch_tokens(batch)
+        self.tokens += tokens
+        return tokens
 
     def _autocast(self):
         """bf16 autocast on CUDA (weights, optimizer and pseudo-gradients stay fp32)."""
