@@ -2,10 +2,10 @@
 `torchrun --nproc-per-node 2 -m island run` against a real `aggregator serve` root."""
 
 import asyncio
+import datetime
 import json
 import os
 import signal
-import socket
 import time
 import urllib.request
 
@@ -63,14 +63,15 @@ def test_rank_group_from_env():
 # ---------------------------------------------------------------------- 2 gloo processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _collectives_worker(rank: int, out_dir: str) -> None:
+    # The ranks meet through a file store in the test's directory: no port to pick (a port
+    # found free and closed again may be taken by another process before rank 0 binds it).
+    # TorchRankGroup joins the group that is already initialised.
+    import torch.distributed as dist
 
-
-def _collectives_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    store = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
     group = TorchRankGroup(rank, 2, rank, timeout_s=60)
     leader = rank == 0
     results = {}
@@ -116,7 +117,7 @@ def _collectives_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_collectives_of_two_gloo_ranks(tmp_path):
-    mp.spawn(_collectives_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_collectives_worker, args=(str(tmp_path),), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r1["seen"] == [[3, 1.5, 1.5], [3, 1.5, 1.5], [5, -2.25, -2.25]]
     assert r0["stopped_after"] == r1["stopped_after"] == 3
