@@ -2,6 +2,7 @@
 DiLoCo and Archipelago against a real aggregator process, hivemind peers) trains, and every
 figure of the JSON and both plots are produced."""
 
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ from benchtools import positive, run_bench
 
 pytestmark = pytest.mark.timeout(240)
 
+UNTRAINED_LOSS = math.log(256)  # nats per byte of a model that has learnt nothing
 KEYS = {"final_loss", "steps", "bytes_per_island", "bytes_to_target", "seconds_to_target"}
 
 
@@ -18,7 +20,12 @@ def _check_method(name, entry, target):
     assert "error" not in entry, (name, entry.get("error"))
     assert entry.keys() >= KEYS, name
     assert set(entry["seconds_to_target"]) == {"100", "10"}, name
-    assert positive(entry["final_loss"]) and entry["final_loss"] < 6.0, name  # below ln 256
+    # an untrained byte model predicts uniformly: ln 256 (its version-0 points measure 5.51);
+    # the quick run ends near 3.2 for every method (0.58 of it); not training stays near 5.5
+    assert positive(entry["final_loss"]) and entry["final_loss"] < 0.75 * UNTRAINED_LOSS, name
+    for point in entry["curve"]:
+        if point["step"] == 0:  # the global model before any update: the untrained loss
+            assert point["loss"] == pytest.approx(UNTRAINED_LOSS, abs=0.2), name
     assert positive(entry["bytes_per_island"]), name  # every method communicated
     assert entry["steps"] >= 10, name
     reached = entry["bytes_to_target"] is not None
