@@ -14,6 +14,7 @@ import time
 
 import msgpack
 
+from aggregator.faults import fault_point
 from aggregator.lines import ModelLine
 from aggregator.merge import PartialAggregate
 
@@ -75,6 +76,7 @@ class Flushing:
                 {"version": nv.version, "wal_index": index, "guard": guard},
                 snapshot=line.root.theta if nv.version % cfg.snapshot_every == 0 else None,
             )
+            fault_point("root.before_mark")
             line.wal.mark_done(index, msgpack.packb({"version": nv.version}))
             line.wal.compact()
             line.store.prune()

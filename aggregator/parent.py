@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import msgpack
 
+from aggregator.faults import fault_point
 from aggregator.lines import ModelLine
 from aggregator.merge import PartialAggregate
 from aggregator.outer import apply_update
@@ -80,6 +82,7 @@ class ParentLink:
         note = msgpack.packb({"seq": seq, "guard": self.guard.state()})
         if not resend:
             await asyncio.to_thread(line.wal.intent, index, note)
+            fault_point("leaf.after_intent")
         contributors = sorted([s, q] for s, q in partial.contributors)
         env = encode_update(
             partial.weighted_sum,
@@ -104,9 +107,12 @@ class ParentLink:
         while True:
             line, index, seq, data, note, count = await self._outbox.get()
             attempt = 0
+            # one upload id per encoding: a partial re-sent after a restart is encoded anew (its
+            # header differs) and must not resume, or clash with, an upload of the old bytes
+            upload_id = f"{self.identity.peer_id}-{seq}-{uuid.uuid4().hex[:12]}"
             while True:
                 try:
-                    await self.parent.push(data, upload_id=f"{self.identity.peer_id}-{seq}")
+                    await self.parent.push(data, upload_id=upload_id)
                     self.metrics.partials_sent.inc()
                     self.metrics.bytes_out.inc(len(data))
                     break
@@ -128,6 +134,7 @@ class ParentLink:
                         self.config.name, seq, e, delay,
                     )  # fmt: skip
                     await asyncio.sleep(delay)
+            fault_point("leaf.before_mark")
             await asyncio.to_thread(_mark, line.wal, index, note)
 
     # ================================================================== following the parent

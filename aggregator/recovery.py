@@ -32,7 +32,9 @@ class WalRecovery:
     async def _replay(self, line: ModelLine) -> None:
         """Re-merge what the WAL holds above the mark; re-send flushes decided before a crash."""
         intents = line.wal.pending_intents()
-        notes = [msgpack.unpackb(line.wal.last_mark_note())] if line.wal.mark else []
+        # a root's mark may come from its saved state alone (it died before the WAL mark)
+        mark_note = line.wal.last_mark_note() if line.wal.mark else b""
+        notes = [msgpack.unpackb(mark_note)] if mark_note else []
         notes += [msgpack.unpackb(r.body) for r in intents]
         for note in notes:
             if isinstance(note, dict):
