@@ -1,4 +1,5 @@
-"""Helpers for aggregator tests: a federation's keys and roster, configs, synthetic deltas."""
+"""Helpers for aggregator tests: a federation's keys and roster, configs, synthetic deltas,
+versions computed by hand."""
 
 from __future__ import annotations
 
@@ -74,3 +75,21 @@ def delta_bytes(ident: Identity, delta, sequence: int, base_version: int = 0, co
     env = encode_update(delta, codec=codec, model_id=model_id, kind="delta", sender=ident.peer_id,
                         sequence=sequence, base_version=base_version, identity=ident)  # fmt: skip
     return env.to_bytes()
+
+
+def hand_versions(theta0, rounds, lr=0.7, momentum=0.9):
+    """theta_v after each round, in float64 by hand: ``rounds`` lists (delta, staleness) pairs;
+    g = sum w d / sum w with FedBuff's w = 1/sqrt(1+s), then Nesterov: m = mu m + g,
+    u = -lr (g + mu m), theta += u."""
+    theta = {k: v.astype(np.float64) for k, v in theta0.items()}
+    m = {k: np.zeros_like(v) for k, v in theta.items()}
+    out = []
+    for updates in rounds:
+        w = [1.0 / np.sqrt(1.0 + s) for _, s in updates]
+        for k in theta:
+            g = sum(wi * d[k].astype(np.float64) for wi, (d, _) in zip(w, updates, strict=True))
+            g /= sum(w)
+            m[k] = momentum * m[k] + g
+            theta[k] = theta[k] - lr * (g + momentum * m[k])
+        out.append({k: v.copy() for k, v in theta.items()})
+    return out

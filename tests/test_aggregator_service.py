@@ -4,7 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from aggtools import delta_bytes, make_federation, random_delta
+from aggtools import delta_bytes, hand_versions, make_federation, random_delta
 
 from aggregator.outer import NesterovSGD, apply_update
 from aggregator.service import AggregatorService
@@ -134,24 +134,6 @@ async def test_staleness_weights_and_bound(tmp_path):
                 await c.push(delta_bytes(fed.islands[0], d[0], 2, base_version=0))
     finally:
         await root.stop()
-
-
-def hand_versions(theta0, rounds, lr=0.7, momentum=0.9):
-    """theta_v after each round, in float64 by hand: ``rounds`` lists (delta, staleness) pairs;
-    g = sum w d / sum w with FedBuff's w = 1/sqrt(1+s), then Nesterov: m = mu m + g,
-    u = -lr (g + mu m), theta += u."""
-    theta = {k: v.astype(np.float64) for k, v in theta0.items()}
-    m = {k: np.zeros_like(v) for k, v in theta.items()}
-    out = []
-    for updates in rounds:
-        w = [1.0 / np.sqrt(1.0 + s) for _, s in updates]
-        for k in theta:
-            g = sum(wi * d[k].astype(np.float64) for wi, (d, _) in zip(w, updates, strict=True))
-            g /= sum(w)
-            m[k] = momentum * m[k] + g
-            theta[k] = theta[k] - lr * (g + momentum * m[k])
-        out.append({k: v.copy() for k, v in theta.items()})
-    return out
 
 
 def assert_theta_close(got, want, what=""):
