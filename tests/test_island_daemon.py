@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from comms.transport import TransportClient
 from comms.update import decode_update
 from island.config import IslandConfig, SnapshotConfig
 from island.daemon import export_initial_parameters, params_digest
+from island.snapshot import latest_complete, read_snapshot
 from island.sync import SyncConfig
 
 pytestmark = pytest.mark.timeout(240)
@@ -47,7 +49,7 @@ def _stop(p):
             p.kill()
 
 
-def _federation(tmp_path, n_islands, steps, every, codec="int8"):
+def _federation(tmp_path, n_islands, steps, every, codec="int8", root_http=False):
     idents = [Identity.generate() for _ in range(n_islands)]
     root_id = Identity.generate()
     roster = Roster()
@@ -80,7 +82,8 @@ def _federation(tmp_path, n_islands, steps, every, codec="int8"):
     export_initial_parameters(islands[0], str(tmp_path / "init.safetensors"))
     root = AggregatorConfig(
         name="root", role="root", key=str(tmp_path / "root.pem"),
-        roster=str(tmp_path / "roster.json"), state_dir=str(tmp_path / "root-state"), http="",
+        roster=str(tmp_path / "roster.json"), state_dir=str(tmp_path / "root-state"),
+        http="127.0.0.1:0" if root_http else "",
         merge=MergeConfig(buffer_k=n_islands, deadline_s=5.0),
         models=[ModelConfig("global", init=str(tmp_path / "init.safetensors"), codec="int8")],
     )  # fmt: skip
@@ -104,6 +107,17 @@ async def _theta_at(address, theta0, version):
             apply_update(theta, decode_update(Envelope.from_bytes(data, max_bytes=1 << 30)))
             if v == version:
                 return theta
+
+
+def _accepted_updates(http_address: str) -> float:
+    """The root's count of the island updates it accepted (its /metrics)."""
+    with urllib.request.urlopen(f"http://{http_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("archipelago_updates_accepted_total{")
+    )
 
 
 def test_two_islands_end_bit_identical_with_the_root(tmp_path):
@@ -149,10 +163,17 @@ def test_two_islands_end_bit_identical_with_the_root(tmp_path):
 
 
 def test_island_killed_with_sigkill_resumes_from_its_snapshot(tmp_path):
-    (cfg,) = _federation(tmp_path, 1, steps=400, every=5)
+    """kill -9 mid-run, then a restart: the island resumes from its newest complete snapshot,
+    whose anchor holds the root's bits at its version; the root accepts each round's push
+    exactly once (K = 1: one version per push), and the final anchor is the root's theta.
+    (A record's "round" counts the rounds of one run of the process; "step" goes on.)"""
+    every = 5
+    (cfg,) = _federation(tmp_path, 1, steps=400, every=every, root_http=True)
     root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
                         "serving on")  # fmt: skip
-    cfg.aggregator = line.split("serving on ")[1].split()[0]
+    address = line.split("serving on ")[1].split()[0]
+    root_http = line.split(" http ")[1].split()[0]
+    cfg.aggregator = address
     save_config(cfg, tmp_path / "island.toml")
     try:
         p, _ = _start(["island", "run", str(tmp_path / "island.toml")], tmp_path / "island.log",
@@ -165,8 +186,18 @@ def test_island_killed_with_sigkill_resumes_from_its_snapshot(tmp_path):
             time.sleep(0.1)
         p.send_signal(signal.SIGKILL)
         p.wait(10)
-        done_before = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+        before = [json.loads(x) for x in metrics.read_text().splitlines()]
+        done_before = [r["step"] for r in before]
         assert done_before and max(done_before) >= 10
+        snap = latest_complete(cfg.snapshot.dir)
+        assert snap is not None
+        state = read_snapshot(snap)
+        snap_step, snap_version = int(state.meta["step"]), int(state.meta["base_version"])
+        assert snap_step >= every and snap_step % every == 0
+        theta0 = load_file(str(tmp_path / "init.safetensors"))
+        at_snapshot = asyncio.run(_theta_at(address, theta0, snap_version))
+        assert params_digest(state.anchor) == params_digest(at_snapshot)  # the root's bits
+
         cfg.steps = max(done_before) + 10
         save_config(cfg, tmp_path / "island.toml")
         p, _ = _start(["island", "run", str(tmp_path / "island.toml")], tmp_path / "island.log",
@@ -174,11 +205,21 @@ def test_island_killed_with_sigkill_resumes_from_its_snapshot(tmp_path):
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0
         log = (tmp_path / "island.log").read_text()
-        assert "resumed from" in log
-        resumed_at = int(log.split("resumed from")[1].split("at step ")[1].split()[0])
-        assert resumed_at >= 5
+        assert f"resumed from {snap} at step {snap_step}" in log
+        after = [json.loads(x) for x in metrics.read_text().splitlines()][len(before) :]
+        assert after[0]["step"] == snap_step + every  # the first round after the snapshot's
         summary = json.loads(out.decode().strip().splitlines()[-1])
         assert summary["step"] == cfg.steps
+        # every round's push accepted once: a round pushed before the kill and trained again
+        # after it goes up under the same sequence, a replay, not a second update
+        rounds = cfg.steps // every
+        assert _accepted_updates(root_http) == rounds
+        version, theta = asyncio.run(_root_theta(address))
+        assert version == rounds
+        final = asyncio.run(_theta_at(address, theta0, summary["version"]))
+        assert params_digest(final) == summary["anchor_digest"]
+        if summary["version"] == version:
+            assert params_digest(theta) == summary["anchor_digest"]
     finally:
         _stop(root)
 

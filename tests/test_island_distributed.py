@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ from island.distributed import (
 )
 from island.sync import SyncConfig
 from island.workloads import select_documents
-from tests.test_island_daemon import _root_theta, _start, _stop, _theta_at
+from tests.test_island_daemon import _accepted_updates, _root_theta, _start, _stop, _theta_at
 
 pytestmark = pytest.mark.timeout(180)
 TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 4}
@@ -153,16 +152,6 @@ def _setup(tmp_path, steps, every):
     )  # fmt: skip
     save_config(root, tmp_path / "root.toml")
     return island
-
-
-def _accepted_updates(http_address: str) -> float:
-    with urllib.request.urlopen(f"http://{http_address}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("archipelago_updates_accepted_total{")
-    )
 
 
 def test_torchrun_island_pushes_once_per_round_and_matches_the_root(tmp_path):
