@@ -35,6 +35,7 @@ from typing import Any, Literal
 from comms.errors import ConfigError
 
 ROLES = ("leaf", "mid", "root")
+MAX_UPDATE_MB = 1 << 20  # 1 TiB: far above any update, and max_update_bytes stays an int
 
 
 @dataclass
@@ -120,8 +121,10 @@ class AggregatorConfig:
         ids = [m.model_id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"models: model_id repeated in {ids}")
-        if self.max_update_mb <= 0:
-            raise ConfigError(f"max_update_mb: must be positive, got {self.max_update_mb}")
+        if not 0 < self.max_update_mb <= MAX_UPDATE_MB:
+            raise ConfigError(
+                f"max_update_mb: must be in (0, {MAX_UPDATE_MB}], got {self.max_update_mb}"
+            )
 
     @property
     def max_update_bytes(self) -> int:

@@ -13,9 +13,9 @@ wrong. In order, cheapest first:
 6. staleness ``s = v_now - base_version`` within the bound (FedBuff, Nguyen et al. 2022);
 7. every decoded value finite; optional per-update L2 clipping.
 
-The weight is computed here (``staleness_fn(s)``, times the update's tokens when weighting
-by samples) and logged with the update in the WAL, so a replay after a crash rebuilds the very
-same weighted sum. Pure apart from CPU work; the service runs it in a worker thread.
+The weight is computed here (``staleness_fn(s)``, times the update's tokens, a number in
+[0, 2**53], when weighting by samples) and logged with the update in the WAL, so a replay
+after a crash rebuilds the very same weighted sum. Pure apart from CPU work; the service runs it in a worker thread.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from comms.identity import ReplayGuard, Roster
 from comms.update import Manifest, decode_update, expected_nbytes
 
 ROLES_FOR_KIND = {"delta": ("island", "admin"), "partial": ("aggregator",)}
+MAX_TOKENS = 2**53  # the largest integer a float holds exactly; weights stay finite float32
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -158,7 +160,7 @@ def admit(
             )
         weight = policy.staleness_fn(s)
         if policy.weight_by_samples:
-            weight *= max(1.0, float(h.meta.get("tokens", 1)))
+            weight *= max(1.0, _tokens(env))
     if policy.clip_norm is not None:
         arrays = clip_by_norm(arrays, policy.clip_norm)
     return Admitted(env, s, weight, delta=arrays)
@@ -181,7 +183,33 @@ def wal_record(admitted: Admitted, data: bytes | memoryview) -> bytes:
     return len(head).to_bytes(4, "big") + head + bytes(data)
 
 
-def parse_wal_record(body: bytes) -> tuple[tuple[int, float], memoryview]:
-    n = int.from_bytes(body[:4], "big")
-    head = msgpack.unpackb(body[4 : 4 + n])
-    return (int(head["s"]), float(head["w"])), memoryview(body)[4 + n :]
+def parse_wal_record(body: bytes | memoryview) -> tuple[tuple[int, float], memoryview]:
+    """``((staleness, weight), envelope bytes)`` of a WAL body written by ``wal_record``;
+    ``MalformedError`` naming what is wrong with a damaged one."""
+    view = memoryview(body).cast("B")
+    if len(view) < 4:
+        raise MalformedError(f"WAL record of {len(view)} bytes lacks its 4-byte head length")
+    n = int.from_bytes(view[:4], "big")
+    if 4 + n > len(view):
+        raise MalformedError(f"WAL record head declares {n} bytes; only {len(view) - 4} follow")
+    try:
+        head = msgpack.unpackb(view[4 : 4 + n])
+    except Exception as e:  # msgpack raises an open set of types on damaged input
+        raise MalformedError(f"WAL record head is not valid msgpack: {e}") from e
+    s, w = (head.get("s"), head.get("w")) if isinstance(head, dict) else (None, None)
+    if type(s) is not int or s < 0:
+        raise MalformedError(f"WAL record head: staleness must be an int >= 0, got {s!r}")
+    if type(w) not in (int, float) or not (0 < w <= _F32_MAX and np.float32(w) > 0):
+        raise MalformedError(f"WAL record head: weight must be a positive float32, got {w!r}")
+    return (s, float(w)), view[4 + n :]
+
+
+def _tokens(env: Envelope) -> float:
+    """The ``tokens`` an update's meta declares (1 when absent), for weighting by samples."""
+    tokens = env.header.meta.get("tokens", 1)
+    if type(tokens) not in (int, float) or not 0 <= tokens <= MAX_TOKENS:
+        raise MalformedError(
+            f"delta from {env.header.sender} (sequence {env.header.sequence}): meta 'tokens' "
+            f"must be a number in [0, 2**53], got {tokens!r}"
+        )
+    return float(tokens)

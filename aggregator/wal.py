@@ -11,7 +11,8 @@ that partial) and ``MARK`` (a checkpoint: every update with an index at or below
 has been merged and handed on durably, so replay skips it).
 ``append`` returns only after ``os.fsync`` of the segment, so an acknowledged update survives
 ``kill -9`` and power loss. On open the log is scanned; a torn tail (a partial or corrupt last
-record, which was never acknowledged since the ack follows the fsync) is cut off. Segments
+record, which was never acknowledged since the ack follows the fsync; or one whose index
+is beyond 2**63 - 1, which this log never writes) is cut off. Segments
 entirely below the newest mark are deleted by ``compact``.
 
 Concurrency: one writer (the gateway's event loop thread); ``append`` blocks for the fsync, so
@@ -33,6 +34,7 @@ _HEAD = struct.Struct("<4sBQI16s")
 UPDATE = 1
 MARK = 2
 INTENT = 3
+MAX_INDEX = 2**63 - 1  # a record beyond it is corrupt: the next index must fit the u64 field
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def _scan(path: Path) -> tuple[list[_Loc], int]:
     while pos + _HEAD.size <= len(data):
         magic, rtype, index, length, digest = _HEAD.unpack_from(data, pos)
         end = pos + _HEAD.size + length
-        if magic != MAGIC or end > len(data):
+        if magic != MAGIC or end > len(data) or index > MAX_INDEX:
             break
         body = data[pos + _HEAD.size : end]
         if _digest(rtype, index, body) != digest:

@@ -3,12 +3,14 @@
 Every daemon's config is a tree of ``@dataclass`` classes with defaults. ``load_config`` reads
 a TOML file and builds that tree, refusing unknown keys and wrong types with an error that
 names the file and the dotted key (``ConfigError: island.toml: sync.every: expected int, got
-str``), so a typo never silently falls back to a default.
+str``), so a typo never silently falls back to a default. TOML's ``nan`` and ``inf`` are
+refused everywhere; a file that is not UTF-8 TOML is a ``ConfigError`` too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -25,10 +27,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
 
+def _check_finite(value: Any, where: str) -> None:
+    """TOML reads ``nan`` and ``inf``; no setting takes them (NaN passes every ``<`` check)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]")
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        _check_finite(value, where)
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -64,7 +79,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        _check_finite(value, where)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {value} is too large for a float") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -119,13 +138,19 @@ def config_from_dict(cls: type[T], doc: dict, source: str = "<dict>") -> T:
 def load_config(cls: type[T], path: str | os.PathLike) -> T:
     """Read the TOML file at ``path`` into the dataclass ``cls``."""
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
     try:
-        doc = tomllib.loads(text)
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e}); a TOML file is UTF-8") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except ValueError as e:  # an integer literal past Python's digit limit
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deep") from e
     return config_from_dict(cls, doc, str(path))
 
 

@@ -194,6 +194,8 @@ def decode_record(
         raise SignatureError(f"{kind}/{name}: signature missing or not {SIGNATURE_BYTES} bytes")
     if not isinstance(expiration, float | int) or isinstance(expiration, bool):
         raise MalformedError(f"{kind}/{name}: expiration missing")
+    if not math.isfinite(expiration):  # NaN compares false with every time: it never expires
+        raise MalformedError(f"{kind}/{name}: expiration {expiration} is not a finite time")
     fields = check_fields(kind, value.get("fields"))
     verify_signature(public_key, sig, signed_payload(kind, name, fields, expiration))
     owner = peer_id_of(public_key)

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -88,8 +88,8 @@ class Identity:
             raise ConfigError(f"cannot read key file {path}: {e.strerror}") from e
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{path} is not an unencrypted PEM private key") from e
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            raise ConfigError(f"{path} is not an unencrypted PEM private key ({e})") from e
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
         return cls(key)
@@ -184,8 +184,10 @@ class Roster:
             doc = json.loads(Path(path).read_text())
         except OSError as e:
             raise ConfigError(f"cannot read roster {path}: {e.strerror}") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # bad JSON or UTF-8, or an integer past the digit limit
             raise ConfigError(f"roster {path} is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise ConfigError(f"roster {path} is not valid JSON: nested too deep") from e
         peers = doc.get("peers", []) if isinstance(doc, dict) else None
         if not isinstance(peers, list):
             raise ConfigError(f'roster {path}: expected {{"peers": [...]}} at the top level')

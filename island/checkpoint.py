@@ -14,9 +14,12 @@ BLAKE2b-256 digest of each file (``files``), the signer's peer id and public key
 
 Loading checks, in order: the signature (``SignatureError``), that the signer is known when a
 roster or a set of trusted keys is given (``UnknownPeerError``), each file's digest
-(``DigestMismatchError``), that the workload exists (``ConfigError``); only then are the
-weights read, strictly (every tensor named, no extra one). Without a roster or trusted keys
-the signature only proves the files were not changed since some key signed them.
+(``DigestMismatchError``), that the workload exists (``ConfigError``) and that the model its
+config describes fits its weights file (built first on the meta device, where nothing is
+allocated: a manifest cannot make a loader allocate more than about twice the weights;
+``ConfigError``); only then is the model built and the weights read, strictly (every tensor
+named, no extra one). Without a roster or trusted keys the signature only proves the files
+were not changed since some key signed them.
 
 Experts are rebuilt from their workload's config without reading the workload's data (the
 corpus may exist only on the machine that trained them): ``build_model`` of a workload uses
@@ -34,12 +37,15 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from comms.config import config_from_dict
 from comms.errors import ConfigError, DigestMismatchError, SignatureError, UnknownPeerError
@@ -109,7 +115,10 @@ def verify_manifest(
         raise SignatureError(f"manifest is unsigned or its signature fields are bad ({e})") from e
     if peer_id_of(public_key) != signer:
         raise SignatureError(f"manifest signer {signer} does not match its public key")
-    signed = canonical_json({k: v for k, v in doc.items() if k != "signature"})
+    try:
+        signed = canonical_json({k: v for k, v in doc.items() if k != "signature"})
+    except ValueError as e:  # a lone surrogate: text no signer could have encoded
+        raise SignatureError(f"manifest holds text that is not valid Unicode ({e})") from e
     if roster is not None:
         entry = roster.require(signer)
         if entry.public_key != public_key:
@@ -211,9 +220,13 @@ def read_manifest(
             f"{directory}: no {kind} checkpoint here (expected {MANIFEST_FILE} and {WEIGHTS_FILE})"
         )
     try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        doc = json.loads(path.read_bytes())
+    except ValueError as e:  # bad JSON or UTF-8, or an integer past the digit limit
         raise SignatureError(f"{path}: not valid JSON ({e}); the manifest is damaged") from e
+    except RecursionError as e:
+        raise SignatureError(
+            f"{path}: not valid JSON (nested too deep); the manifest is damaged"
+        ) from e
     if not isinstance(doc, dict):
         raise SignatureError(f"{path}: expected a JSON object")
     verify_manifest(doc, roster, trusted_keys)
@@ -261,6 +274,59 @@ def build_workload_model(
         return get_workload(name, **settings).build_model(seed)
 
 
+class _AllocationBudget(TorchDispatchMode):
+    """Counts the tensors ops create and their bytes (in place ops and views create none) and
+    raises ``ConfigError`` past ``max_tensors`` or ``max_bytes``: on the meta device a
+    model's size is known before anything of that size is allocated, and the count stops a
+    config of a billion tiny layers after a few."""
+
+    def __init__(self, max_tensors: int, max_bytes: int):
+        super().__init__()
+        self.max_tensors, self.max_bytes = max_tensors, max_bytes
+        self.tensors = self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.name.endswith("_") and not func.is_view:
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.tensors += 1
+                    self.bytes += t.numel() * t.element_size()
+        if self.tensors > self.max_tensors or self.bytes > self.max_bytes:
+            raise ConfigError(
+                f"the model the manifest describes holds more than {self.tensors} tensors "
+                f"and {self.bytes} bytes, more than its weights file could hold; refused "
+                "before building it"
+            )
+        return out
+
+
+def check_model_fits_weights(build: Callable[[], nn.Module], directory: Path) -> None:
+    """Refuse a manifest whose config describes a model larger than its weights file.
+
+    The config decides the model's size and a real build allocates all of it before a weight
+    is read, so ``build`` runs first on the meta device (no memory), counting the tensors it
+    creates and their bytes: at most twice the verified weights file's (a model may replace a
+    tensor while it is built, as a tied output layer does), plus 16 tensors and 64 KiB."""
+    path = directory / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = len(list(f.keys()))
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"{path} is not a safetensors file: {e}") from e
+    budget = _AllocationBudget(2 * stored + 16, 2 * path.stat().st_size + (64 << 10))
+    try:
+        with torch.device("meta"), budget:
+            build()
+    except ConfigError:
+        raise
+    except Exception as e:  # the config is file input: whatever it trips on means "bad config"
+        raise ConfigError(
+            f"the model the manifest describes cannot be built to check it against its "
+            f"weights: {type(e).__name__}: {e}"
+        ) from e
+
+
 def load_weights(module: nn.Module, directory: Path, device: str) -> None:
     """Load ``directory``'s verified weights into ``module`` on ``device``, strictly (every
     tensor named, no extra one); ``ConfigError`` when they do not fit it. Call after
@@ -285,8 +351,10 @@ def load_expert(
     config = manifest.get("workload_config")
     if not isinstance(config, dict):
         raise ConfigError(f"{directory}: workload_config must be a table, got {config!r}")
+    name = str(manifest.get("workload"))
     try:
-        model = build_workload_model(str(manifest.get("workload")), config, device)
+        check_model_fits_weights(lambda: build_workload_model(name, config, "meta"), directory)
+        model = build_workload_model(name, config, device)
     except ConfigError as e:
         raise ConfigError(f"{directory}/{MANIFEST_FILE}: {e}") from e
     load_weights(model, directory, device)

@@ -30,6 +30,7 @@ from island.checkpoint import (
     build_workload_model,
     canonical_json,
     check_json_fields,
+    check_model_fits_weights,
     file_digest,
     load_expert,
     load_weights,
@@ -142,10 +143,10 @@ def load_router(
         raise ConfigError(f"{directory}/{MANIFEST_FILE}: router_config or num_experts is bad")
     partition = None
     if kind == "cbtm":
-        from router.partition import Partition
-
-        partition = Partition.load(directory / PARTITION_DIR)
+        partition = load_partition(directory / PARTITION_DIR)
     try:
+        if kind != "cbtm":  # a c-BTM router's size is its (verified) partition's
+            check_model_fits_weights(lambda: build_router(kind, config, num_experts), directory)
         router = build_router(kind, config, num_experts, partition)
     except ConfigError as e:
         raise ConfigError(f"{directory}/{MANIFEST_FILE}: {e}") from e
@@ -206,13 +207,25 @@ def expert_order(
     return order
 
 
-def _cbtm_from_partition(directory: str | os.PathLike, temperature: float):
-    from router.models import CbtmRouter
+def load_partition(directory: str | os.PathLike):
+    """``Partition.load``, with whatever a missing or damaged partition raises (a missing file,
+    bad JSON, a missing array, a damaged safetensors file) as a ``ConfigError``."""
+    from safetensors import SafetensorError
+
     from router.partition import Partition
 
     try:
-        router = CbtmRouter(Partition.load(directory), temperature)
-    except (FileNotFoundError, ValueError) as e:
+        return Partition.load(directory)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as e:
+        raise ConfigError(f"partition {directory}: {e}") from e
+
+
+def _cbtm_from_partition(directory: str | os.PathLike, temperature: float):
+    from router.models import CbtmRouter
+
+    try:
+        router = CbtmRouter(load_partition(directory), temperature)
+    except ValueError as e:
         raise ConfigError(f"partition: {e}") from e
     part = partition_id(directory)
     info = {"router_kind": "cbtm", "num_experts": router.num_experts, "partition_id": part}

@@ -34,6 +34,18 @@ def invalid(field: str | None, message: str) -> RequestError:
     return RequestError(400, "invalid_request", message, field)
 
 
+def parse_json_body(raw: bytes) -> Any:
+    """The decoded JSON of a request body; a 400 ``invalid_json`` for anything JSON cannot
+    read: bad syntax or UTF-8, nesting past the recursion limit, or an integer past Python's
+    digit limit (``json.loads`` raises a plain ValueError for it)."""
+    try:
+        return json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        raise RequestError(400, "invalid_json", f"the body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise RequestError(400, "invalid_json", "the body's JSON is nested too deeply") from e
+
+
 _MISSING = object()
 _TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,)}
 

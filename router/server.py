@@ -62,6 +62,7 @@ from router.requests import (
     check_fields,
     invalid,
     parse_generate,
+    parse_json_body,
     take,
     take_rule,
     take_seed,
@@ -165,13 +166,7 @@ class RouterServer:
         return response
 
     async def _json_body(self, request: web.Request) -> Any:
-        raw = await request.read()  # raises 413 past client_max_size
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, "invalid_json", f"the body is not valid JSON: {e}") from e
-        except RecursionError as e:
-            raise RequestError(400, "invalid_json", "the body's JSON is nested too deeply") from e
+        return parse_json_body(await request.read())  # read() raises 413 past client_max_size
 
     def _require_workload(self, workload: str, endpoint: str, other: str) -> None:
         if self.served.workload != workload:

@@ -14,6 +14,7 @@ import numpy as np
 from comms.codecs.base import (
     _F32,
     Codec,
+    _check_shape,
     _f32_rounding_bound,
     _finite_abs_max,
     _flat_f32,
@@ -23,6 +24,7 @@ from comms.codecs.base import (
 from comms.errors import MalformedError
 
 _U32 = np.dtype("<u4")
+MAX_ELEMENTS = 1 << 32  # the indices are uint32: encode and decode refuse larger tensors
 
 
 def top_k_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
@@ -53,7 +55,10 @@ def top_k_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
 @register_codec
 class TopKCodec(Codec):
     """The ``k = max(1, round(fraction * n))`` largest-magnitude entries as sorted uint32
-    indices then float32 values: ``8 * k`` bytes; every other entry decodes to zero.
+    indices then float32 values: ``8 * k`` bytes; every other entry decodes to zero. Tensors
+    hold fewer than 2**32 elements. Decoding allocates the whole declared shape (about
+    ``1 / (2 * fraction)`` times the payload), so receivers check shapes against the model's
+    manifest first (``comms.update.decode_update``); ``validate`` allocates no dense array.
 
     Error bound per element: the k-th largest ``|x|`` (kept entries are exact, dropped ones
     are no larger than it), plus the float32 conversion of float64 input.
@@ -81,16 +86,26 @@ class TopKCodec(Codec):
 
     def encode(self, x: Any) -> bytes:
         flat = _flat_f32(as_float_array(x, self.name))
-        if flat.size >= 1 << 32:
+        if flat.size >= MAX_ELEMENTS:
             raise ValueError(f"topk: tensors of {flat.size} elements exceed uint32 indices")
         _finite_abs_max(flat, self.name)
         k = self.num_kept(flat.size)
         indices = top_k_indices(np.abs(flat), k)
         return indices.astype(_U32).tobytes() + flat[indices].astype(_F32).tobytes()
 
-    def decode(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
-        view, dims = self._payload_view(payload, shape)
+    def _payload_view(self, payload: bytes, shape: Any) -> tuple[memoryview, tuple[int, ...]]:
+        dims = _check_shape(shape, self.name)
         n = math.prod(dims)
+        if n >= MAX_ELEMENTS:  # refused before anything of that size is allocated
+            raise MalformedError(
+                f"topk: a tensor of shape {dims} has {n} elements; topk's uint32 indices "
+                f"address fewer than 2**32"
+            )
+        return super()._payload_view(payload, dims)
+
+    def _entries(self, view: memoryview, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The payload's (indices, values), checked: indices strictly increasing and below
+        ``n``, values finite."""
         k = self.num_kept(n)
         raw = np.frombuffer(view, dtype=np.uint8)
         indices = raw[: 4 * k].view(_U32).astype(np.int64)
@@ -98,9 +113,20 @@ class TopKCodec(Codec):
         if k and (indices[-1] >= n or np.any(indices[1:] <= indices[:-1])):
             raise MalformedError(f"topk: payload indices must be strictly increasing and below {n}")
         _finite_abs_max(values, self.name, "payload")
+        return indices, values
+
+    def decode(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+        view, dims = self._payload_view(payload, shape)
+        n = math.prod(dims)
+        indices, values = self._entries(view, n)
         out = np.zeros(n, dtype=np.float32)
         out[indices] = values
         return out.reshape(dims)
+
+    def validate(self, payload: bytes, shape: tuple[int, ...]) -> None:
+        # The same checks as decode, without the dense array.
+        view, dims = self._payload_view(payload, shape)
+        self._entries(view, math.prod(dims))
 
     def error_bound(self, x: Any) -> np.ndarray:
         arr = as_float_array(x, self.name)
