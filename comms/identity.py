@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -88,7 +88,8 @@ class Identity:
             raise ConfigError(f"cannot read key file {path}: {e.strerror}") from e
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:
+            # InternalError: OpenSSL refusing key bytes that do not fit the key's algorithm
             raise ConfigError(f"{path} is not an unencrypted PEM private key ({e})") from e
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")

@@ -67,15 +67,28 @@ def take(
             raise invalid(name, f"'{name}' is required")
         return default
     if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, _TYPES[kind]):
-        raise invalid(name, f"'{name}' must be a {kind}, got {json.dumps(value)}")
-    if kind == "number" and not math.isfinite(value):
-        raise invalid(name, f"'{name}' must be finite, got {value}")
+        raise invalid(name, f"'{name}' must be a {kind}, got {_shown(json.dumps(value))}")
+    if kind == "number" and not _finite(value):
+        raise invalid(name, f"'{name}' must be a finite number, got {_shown(value)}")
     if lo is not None and (value <= lo if lo_open else value < lo):
         bound = f"> {lo}" if lo_open else f">= {lo}"
-        raise invalid(name, f"'{name}' must be {bound}, got {value}")
+        raise invalid(name, f"'{name}' must be {bound}, got {_shown(value)}")
     if hi is not None and value > hi:
-        raise invalid(name, f"'{name}' must be <= {hi}, got {value}")
+        raise invalid(name, f"'{name}' must be <= {hi}, got {_shown(value)}")
     return float(value) if kind == "number" else value
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float range (JSON integers have no bound)
+        return False
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message, cut short (a JSON value may be 60 KiB long)."""
+    text = str(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:

@@ -244,15 +244,18 @@ def test_roster_that_json_cannot_read_is_a_config_error(tmp_path, text):
         Roster.load(path)
 
 
-def test_key_file_of_an_unknown_algorithm_is_a_config_error(tmp_path):
-    """A PKCS#8 key whose algorithm cryptography does not know raised UnsupportedAlgorithm."""
+@pytest.mark.parametrize("oid", ["2a0330", "2b656f"], ids=["unknown", "x448"])
+def test_key_file_of_another_algorithm_is_a_config_error(tmp_path, oid):
+    """An Ed25519 key relabelled with an algorithm cryptography does not know raised
+    UnsupportedAlgorithm; relabelled X448 (whose keys are 56 bytes, not 32), OpenSSL's
+    InternalError."""
     from comms.identity import Identity
 
     pem = tmp_path / "k.pem"
     ISLAND.save(pem)
     lines = pem.read_text().splitlines()
     der = base64.b64decode("".join(lines[1:-1]))
-    der = der.replace(bytes.fromhex("06032b6570"), bytes.fromhex("06032a0330"))  # OID 1.2.3.48
+    der = der.replace(bytes.fromhex("06032b6570"), bytes.fromhex("0603" + oid))
     body = base64.encodebytes(der).decode().strip()
     pem.write_text(f"{lines[0]}\n{body}\n{lines[-1]}\n")
     with pytest.raises(ConfigError, match=r"k\.pem"):
@@ -424,3 +427,16 @@ def test_router_body_with_a_5001_digit_integer_is_a_400():
     for name in ("router.generate", "router.sample"):
         result = classify(TARGETS[name], b'{"seed": ' + BIGINT_DIGITS.encode() + b"}")
         assert result.status == "rejected", result.trace
+
+
+def test_router_number_field_given_an_integer_beyond_float_range_is_a_400():
+    """``math.isfinite`` raised OverflowError for an integer of 400 digits given where a
+    number was expected (``top_p``): a 500."""
+    from router.requests import RequestError, take
+
+    with pytest.raises(RequestError) as info:
+        take({"top_p": 10**400}, "top_p", "number", 1.0, lo=0.0, hi=1.0)
+    assert info.value.status == 400 and "finite" in info.value.message
+    assert len(info.value.message) < 200
+    result = classify(TARGETS["router.generate"], b'{"top_p": 1' + b"0" * 400 + b"}")
+    assert result.status == "rejected", result.trace
