@@ -228,7 +228,18 @@ def _checkpoint() -> tuple[Path, bytes]:
     model = build_workload_model("flow", TINY_FLOW)
     save_expert(d, model, workload="flow", workload_config=TINY_FLOW, expert_id="e0",
                 cluster=0, identity=ISLAND, partition="p0", train_steps=1)  # fmt: skip
-    return d, (d / "manifest.json").read_bytes()
+    return d, _at_fixed_time(d / "manifest.json")
+
+
+def _at_fixed_time(path: Path) -> bytes:
+    """The signed manifest at ``path`` with a fixed ``created_at`` (re-signed, written back),
+    so that a run's inputs depend on its seed alone."""
+    from island.checkpoint import sign_manifest
+
+    doc = sign_manifest({**json.loads(path.read_bytes()), "created_at": "2030-01-01T00:00:00Z"},
+                        ISLAND)  # fmt: skip
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    return path.read_bytes()
 
 
 def checkpoint_dir() -> Path:
@@ -278,13 +289,17 @@ TINY_ROUTER = {"hidden": 8, "depth": 1, "time_dim": 4}
 
 @cache
 def _router_checkpoint() -> tuple[Path, bytes]:
+    import torch
+
     from router.checkpoint import build_router, save_router
 
     d = fresh_dir("router-checkpoint")
-    router = build_router("flow", TINY_ROUTER, 2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        router = build_router("flow", TINY_ROUTER, 2)
     save_router(d, router, "flow", TINY_ROUTER, 2, ["e0", "e1"], identity=ISLAND,
                 workload="flow")  # fmt: skip
-    return d, (d / "manifest.json").read_bytes()
+    return d, _at_fixed_time(d / "manifest.json")
 
 
 def mutate_router_manifest(rng: random.Random, data: bytes) -> bytes:

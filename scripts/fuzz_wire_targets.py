@@ -63,7 +63,22 @@ def envelope_seeds() -> list[bytes]:
                             meta=dict(PARTIAL_META), identity=AGGREGATOR)  # fmt: skip
     unsigned = encode_update(_delta(10), codec="int8", model_id="global", kind="delta",
                              sender=ISLAND.peer_id, sequence=9)  # fmt: skip
-    return [*out, partial.to_bytes(), unsigned.to_bytes()]
+    return [_at_fixed_time(e) for e in (*out, partial.to_bytes())] + [
+        _at_fixed_time(unsigned.to_bytes(), sign=False)
+    ]
+
+
+SEED_TIME = 1_900_000_000.0  # seeds carry fixed times: a run's inputs depend on its seed alone
+
+
+def _at_fixed_time(data: bytes, sign: bool = True) -> bytes:
+    header, _, payload = split_envelope(data)
+    header["created_at"] = SEED_TIME
+    framed = join_envelope(random.Random(0), header, payload)
+    if sign:
+        return framed
+    n = struct.unpack_from(">I", framed, 6)[0]
+    return framed[: 10 + n] + b"\x00" + framed[10 + n + 1 + 64 :]
 
 
 def split_envelope(data: bytes) -> tuple[Any, bytes, bytes]:
