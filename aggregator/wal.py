@@ -12,7 +12,11 @@ has been merged and handed on durably, so replay skips it).
 ``append`` returns only after ``os.fsync`` of the segment, so an acknowledged update survives
 ``kill -9`` and power loss. On open the log is scanned; a torn tail (a partial or corrupt last
 record, which was never acknowledged since the ack follows the fsync; or one whose index
-is beyond 2**63 - 1, which this log never writes) is cut off. Segments
+is beyond 2**63 - 1, which this log never writes) is cut off. Damage anywhere else (a
+corrupt record followed by a valid one, or a short segment that is not the last) cannot come
+from a crash, since every record is fsynced before the next is written: it is disk corruption
+of acknowledged records, and the log refuses to open (``WalCorruptError``, naming the segment
+and offset) rather than silently drop what follows. Segments
 entirely below the newest mark are deleted by ``compact``.
 
 Concurrency: one writer (the gateway's event loop thread); ``append`` blocks for the fsync, so
@@ -29,12 +33,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from comms.errors import CommsError
+
 MAGIC = b"AWAL"
 _HEAD = struct.Struct("<4sBQI16s")
 UPDATE = 1
 MARK = 2
 INTENT = 3
 MAX_INDEX = 2**63 - 1  # a record beyond it is corrupt: the next index must fit the u64 field
+
+
+class WalCorruptError(CommsError):
+    """A segment is damaged where no crash could have damaged it: acknowledged records are
+    unreadable. The aggregator does not start; an operator decides (see the message)."""
 
 
 @dataclass(frozen=True)
@@ -62,21 +73,55 @@ def _digest(rtype: int, index: int, body: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-def _scan(path: Path) -> tuple[list[_Loc], int]:
+def _record_at(data: bytes, pos: int) -> tuple[int, int, int] | None:
+    """(type, index, end) of a whole, checksummed record starting at ``pos``, else None."""
+    if pos + _HEAD.size > len(data):
+        return None
+    magic, rtype, index, length, digest = _HEAD.unpack_from(data, pos)
+    end = pos + _HEAD.size + length
+    if magic != MAGIC or end > len(data) or index > MAX_INDEX:
+        return None
+    if _digest(rtype, index, memoryview(data)[pos + _HEAD.size : end]) != digest:
+        return None
+    return rtype, index, end
+
+
+def _scan(path: Path, data: bytes) -> tuple[list[_Loc], int]:
     """Where each record of one segment lies, and the byte length of its valid prefix."""
-    data = path.read_bytes()
     records, pos = [], 0
-    while pos + _HEAD.size <= len(data):
-        magic, rtype, index, length, digest = _HEAD.unpack_from(data, pos)
-        end = pos + _HEAD.size + length
-        if magic != MAGIC or end > len(data) or index > MAX_INDEX:
-            break
-        body = data[pos + _HEAD.size : end]
-        if _digest(rtype, index, body) != digest:
-            break
-        records.append(_Loc(rtype, index, path, pos + _HEAD.size, length))
+    while (found := _record_at(data, pos)) is not None:
+        rtype, index, end = found
+        records.append(_Loc(rtype, index, path, pos + _HEAD.size, end - pos - _HEAD.size))
         pos = end
     return records, pos
+
+
+def _valid_record_after(data: bytes, start: int) -> int | None:
+    """The offset of the first whole, checksummed record after ``start``, if any."""
+    pos = data.find(MAGIC, start + 1)
+    while pos != -1:
+        if _record_at(data, pos) is not None:
+            return pos
+        pos = data.find(MAGIC, pos + 1)
+    return None
+
+
+def _check_damage(seg: Path, data: bytes, valid: int, last: bool) -> None:
+    """Refuse damage that is not a torn tail (see the module docstring)."""
+    after = _valid_record_after(data, valid)
+    if last and after is None:
+        return
+    where = (
+        f"a valid record follows at offset {after}"
+        if after is not None
+        else "it is not the newest segment"
+    )
+    raise WalCorruptError(
+        f"write-ahead log segment {seg} is damaged at offset {valid} and {where}: "
+        "acknowledged updates after the damage cannot be read. This is disk corruption, "
+        "not a crash. Keep a copy of the directory; to start anyway, move the segment "
+        "aside (the updates it holds are then lost) or restore it from a backup."
+    )
 
 
 class WriteAheadLog:
@@ -88,10 +133,13 @@ class WriteAheadLog:
         self.torn_bytes = 0
         self.last_index = 0
         self.mark = 0
-        for seg in self._segments():
-            records, valid = _scan(seg)
-            size = seg.stat().st_size
+        segments = self._segments()
+        for seg in segments:
+            data = seg.read_bytes()
+            records, valid = _scan(seg, data)
+            size = len(data)
             if valid < size:  # torn tail: never acknowledged, cut it off
+                _check_damage(seg, data, valid, last=seg == segments[-1])
                 self.torn_bytes += size - valid
                 with open(seg, "r+b") as f:
                     f.truncate(valid)

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-from aggregator.wal import WriteAheadLog
+import pytest
+
+from aggregator.wal import WalCorruptError, WriteAheadLog
 
 
 def test_append_reopen_pending(tmp_path):
@@ -87,3 +89,31 @@ def test_intents_survive_until_marked(tmp_path):
     again = WriteAheadLog(tmp_path)
     assert [(r.index, r.body) for r in again.pending_intents()] == [(4, b"p2")]
     assert [r.index for r in again.pending()] == [3, 4, 5]
+
+
+def test_damage_before_a_valid_record_refuses_to_open(tmp_path):
+    """A corrupt record followed by a valid one is no torn tail: the records after it were
+    acknowledged, so the log refuses to open instead of cutting them off."""
+    wal = WriteAheadLog(tmp_path)
+    for body in (b"a" * 50, b"b" * 50, b"c" * 50):
+        wal.append(body)
+    wal.close()
+    (seg,) = tmp_path.glob("*.wal")
+    before = seg.read_bytes()
+    data = bytearray(before)
+    data[len(data) // 2] ^= 0xFF  # inside the second record
+    seg.write_bytes(bytes(data))
+    with pytest.raises(WalCorruptError, match=r"damaged at offset \d+ and a valid record follows"):
+        WriteAheadLog(tmp_path)
+    assert seg.read_bytes() == bytes(data)  # nothing was cut
+
+
+def test_a_short_segment_that_is_not_the_newest_refuses_to_open(tmp_path):
+    wal = WriteAheadLog(tmp_path, segment_bytes=200)
+    for i in range(6):
+        wal.append(bytes([i]) * 100)
+    wal.close()
+    first = sorted(tmp_path.glob("*.wal"))[0]
+    first.write_bytes(first.read_bytes()[:-10])
+    with pytest.raises(WalCorruptError, match="not the newest segment"):
+        WriteAheadLog(tmp_path, segment_bytes=200)
