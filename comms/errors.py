@@ -96,6 +96,22 @@ class NotFoundError(RejectedError):
     grpc_code = "NOT_FOUND"
 
 
+class ReadDeniedError(RejectedError):
+    """A Fetch or Subscribe refused for its read signature (``comms.reads``): unsigned, from a
+    key not in the roster, badly signed, outside the time window, or replayed. ``reason``
+    says which."""
+
+    reason = "read_denied"
+    grpc_code = "PERMISSION_DENIED"
+
+
+class TooManyReadsError(RejectedError):
+    """More signed reads within the replay window than the server remembers nonces for."""
+
+    reason = "too_many_reads"
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class LinkError(CommsError):
     """A link went down or dropped data; callers retry or resume."""
 

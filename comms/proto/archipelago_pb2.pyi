@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -76,15 +76,29 @@ class UploadState(_message.Message):
     complete: bool
     def __init__(self, upload_id: _Optional[str] = ..., known: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., total_size: _Optional[int] = ..., blob_digest: _Optional[bytes] = ..., complete: _Optional[bool] = ...) -> None: ...
 
+class ReadAuth(_message.Message):
+    __slots__ = ("sender", "timestamp_ms", "nonce", "signature")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    timestamp_ms: int
+    nonce: bytes
+    signature: bytes
+    def __init__(self, sender: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class SubscribeRequest(_message.Message):
-    __slots__ = ("model_id", "from_version", "protocol_version")
+    __slots__ = ("model_id", "from_version", "protocol_version", "auth")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     from_version: int
     protocol_version: int
-    def __init__(self, model_id: _Optional[str] = ..., from_version: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    auth: ReadAuth
+    def __init__(self, model_id: _Optional[str] = ..., from_version: _Optional[int] = ..., protocol_version: _Optional[int] = ..., auth: _Optional[_Union[ReadAuth, _Mapping]] = ...) -> None: ...
 
 class VersionMessage(_message.Message):
     __slots__ = ("model_id", "version", "data", "offset", "total_size", "chunk_digest", "blob_digest", "chunk_crc32")
@@ -107,14 +121,16 @@ class VersionMessage(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., chunk_digest: _Optional[bytes] = ..., blob_digest: _Optional[bytes] = ..., chunk_crc32: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("model_id", "version", "protocol_version")
+    __slots__ = ("model_id", "version", "protocol_version", "auth")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: int
     protocol_version: int
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    auth: ReadAuth
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ..., auth: _Optional[_Union[ReadAuth, _Mapping]] = ...) -> None: ...
 
 class FetchChunk(_message.Message):
     __slots__ = ("model_id", "version", "data", "offset", "total_size", "chunk_digest", "blob_digest", "chunk_crc32")

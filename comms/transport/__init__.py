@@ -11,6 +11,9 @@ The transport moves bytes and knows nothing about what they hold. Three calls
 - ``Subscribe``: server-streaming versions of a model from ``from_version`` on.
 - ``Fetch``: one blob of a model (a snapshot), streamed in chunks and checked by digest.
 
+Subscribe and Fetch requests carry a read signature (``comms.reads``) when the client has an
+``identity``; a server with a ``read_guard`` refuses any read it does not admit.
+
 The servicer only decodes, calls a plain ``TransportHandler`` and maps
 ``comms.errors.RejectedError`` subclasses to their gRPC status (``err.grpc_code``); any other
 exception becomes INTERNAL, is logged, and the server keeps serving. Clients turn statuses

@@ -3,6 +3,8 @@
 Every call has a deadline; retryable failures (``RETRYABLE_CODES``, a dropped link) are
 retried with exponential backoff, a push resuming at the offset the server reports. Failures
 that are not retried become typed errors (``comms.transport.errors.remote_error``).
+With an ``identity`` every Fetch and Subscribe request is signed (``comms.reads``), afresh for
+each attempt and each resubscription: a new nonce and timestamp every time.
 
 Concurrency: create anywhere, use on one event loop; a synchronous caller goes through
 ``comms.aio.LoopThread``.
@@ -24,8 +26,10 @@ from comms import PROTOCOL_VERSION
 from comms.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES, ChunkAssembler, digest
 from comms.chunks import split_chunks as _split
 from comms.errors import LinkError, MalformedError
+from comms.identity import Identity
 from comms.proto import archipelago_pb2 as pb
 from comms.proto import archipelago_pb2_grpc as pb_grpc
+from comms.reads import sign_read
 from comms.transport.errors import DeadlineExceededError, remote_error
 from comms.transport.messages import _crc_of, _off_loop
 from comms.transport.options import (
@@ -70,7 +74,8 @@ class TransportClient:
     from ``backoff_s``; a push that made progress since its last attempt does not use one up.
     ``shaper.transmit(nbytes)`` (``comms.shaper``) is awaited before each pushed chunk; a
     LinkError it raises is handled like a dropped connection. ``max_message_bytes`` must exceed
-    the server's chunk size (and the server's, this client's ``chunk_size``).
+    the server's chunk size (and the server's, this client's ``chunk_size``). ``identity``
+    signs every Fetch and Subscribe; without one only public models can be read.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class TransportClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_download_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         protocol_version: int = PROTOCOL_VERSION,
+        identity: Identity | None = None,
     ):
         _check_chunk_size(chunk_size, max_message_bytes)
         self.address, self.tls = address, tls
@@ -100,6 +106,7 @@ class TransportClient:
         self.max_message_bytes = max_message_bytes
         self.max_download_bytes = max_download_bytes
         self.protocol_version = protocol_version
+        self.identity = identity
         self.stats = ClientStats()
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TransportStub | None = None
@@ -131,6 +138,18 @@ class TransportClient:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
+
+    def _read_auth(self, method: str, model_id: str, version: int) -> pb.ReadAuth | None:
+        """A fresh read signature for one request, or None without an identity."""
+        if self.identity is None:
+            return None
+        auth = sign_read(self.identity, method, model_id, version)
+        return pb.ReadAuth(
+            sender=auth.sender,
+            timestamp_ms=auth.timestamp_ms,
+            nonce=auth.nonce,
+            signature=auth.signature,
+        )
 
     def _transfer_deadline(self, nbytes: int) -> float:
         return self.deadline_s + nbytes / self.min_bandwidth
@@ -207,7 +226,10 @@ class TransportClient:
         what = f"fetch {model_id}@{version}"
         for attempt in range(retries + 1):
             request = pb.FetchRequest(
-                model_id=model_id, version=version, protocol_version=self.protocol_version
+                model_id=model_id,
+                version=version,
+                protocol_version=self.protocol_version,
+                auth=self._read_auth("Fetch", model_id, version),
             )
             call = self.stub.Fetch(request)
             try:
@@ -242,6 +264,7 @@ class TransportClient:
                 model_id=model_id,
                 from_version=next_version,
                 protocol_version=self.protocol_version,
+                auth=self._read_auth("Subscribe", model_id, next_version),
             )
             call = self.stub.Subscribe(request)
             try:
@@ -269,9 +292,10 @@ class TransportClient:
         chunk_timeout = self._transfer_deadline(self.chunk_size)
         while True:
             try:
-                msg = await asyncio.wait_for(
-                    call.read(), first_timeout if assembler is None else chunk_timeout
-                )
+                # Not asyncio.wait_for: on Python 3.11 it returns a read that completes as the
+                # task is cancelled and drops the cancellation, so the stream reads on forever.
+                async with asyncio.timeout(first_timeout if assembler is None else chunk_timeout):
+                    msg = await call.read()
             except TimeoutError:
                 raise DeadlineExceededError(
                     f"{what}: no data from {self.address} within the deadline"

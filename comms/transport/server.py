@@ -4,7 +4,9 @@ The servicer only decodes, calls the handler and maps errors to statuses
 (``comms.transport.errors``). ``Push`` appends checked chunks to a partial upload in an
 ``UploadTable`` (``comms.chunks``), resumable from ``UploadStatus``, and hands a complete
 blob to the handler exactly once; a retried push of a delivered upload gets the same answer.
-``Subscribe`` and ``Fetch`` stream a blob's shared chunk messages (``ChunkMessageCache``).
+``Subscribe`` and ``Fetch`` stream a blob's shared chunk messages (``ChunkMessageCache``),
+once the server's ``ReadGuard`` (``comms.reads``), if it has one, admitted the request's
+signature; the handler only sees admitted reads.
 
 Concurrency: one asyncio loop; server state is touched only from it, so it takes no locks.
 """
@@ -30,6 +32,7 @@ from comms.chunks import (
 from comms.errors import LinkError, MalformedError
 from comms.proto import archipelago_pb2 as pb
 from comms.proto import archipelago_pb2_grpc as pb_grpc
+from comms.reads import ReadAuth, ReadGuard
 from comms.transport.errors import (
     REASON_KEY,
     SupersededError,
@@ -81,8 +84,15 @@ class ServerStats:
 class _Servicer(pb_grpc.TransportServicer):
     """Decodes requests, calls the handler, maps errors to statuses."""
 
-    def __init__(self, handler: TransportHandler, uploads: UploadTable, chunk_size: int):
+    def __init__(
+        self,
+        handler: TransportHandler,
+        uploads: UploadTable,
+        chunk_size: int,
+        read_guard: ReadGuard | None = None,
+    ):
         self.handler = handler
+        self.read_guard = read_guard
         self.uploads = uploads
         self.chunk_size = chunk_size
         self.stats = ServerStats()
@@ -112,6 +122,7 @@ class _Servicer(pb_grpc.TransportServicer):
     async def Subscribe(self, request: pb.SubscribeRequest, context):
         try:
             check_protocol_version(request.protocol_version)
+            self._admit_read("Subscribe", request, request.from_version)
             versions = self.handler.subscribe(request.model_id, request.from_version)
             async with _closing(versions):
                 async for version, data in versions:
@@ -126,6 +137,7 @@ class _Servicer(pb_grpc.TransportServicer):
     async def Fetch(self, request: pb.FetchRequest, context):
         try:
             check_protocol_version(request.protocol_version)
+            self._admit_read("Fetch", request, request.version)
             data = await self.handler.fetch(request.model_id, request.version)
             messages = await self.sent_chunks.messages(
                 pb.FetchChunk, request.model_id, request.version, data
@@ -135,6 +147,16 @@ class _Servicer(pb_grpc.TransportServicer):
                 yield msg
         except Exception as exc:
             await self._abort(context, exc, "Fetch")
+
+    def _admit_read(self, method: str, request, version: int) -> None:
+        """Raise ReadDeniedError / TooManyReadsError unless the guard admits this read."""
+        if self.read_guard is None:
+            return
+        auth = None
+        if request.HasField("auth"):
+            a = request.auth
+            auth = ReadAuth(a.sender, a.timestamp_ms, a.nonce, a.signature)
+        self.read_guard.check(method, request.model_id, version, auth)
 
     def _upload_state(self, request: pb.UploadQuery) -> pb.UploadState:
         check_protocol_version(request.protocol_version)
@@ -239,7 +261,11 @@ async def _closing(iterator):
 
 
 class TransportServer:
-    """A grpc.aio server for one ``TransportHandler``; ``start()`` returns the bound port."""
+    """A grpc.aio server for one ``TransportHandler``; ``start()`` returns the bound port.
+
+    With a ``read_guard`` (``comms.reads.ReadGuard``) every Subscribe and Fetch must carry a
+    read signature it admits; without one, reads are open to anyone who reaches the port.
+    """
 
     def __init__(
         self,
@@ -252,12 +278,13 @@ class TransportServer:
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         uploads: UploadTable | None = None,
+        read_guard: ReadGuard | None = None,
     ):
         _check_chunk_size(chunk_size, max_message_bytes)
         self.host, self.port, self.tls = host, port, tls
         self.max_message_bytes = max_message_bytes
         self.uploads = uploads or UploadTable(max_upload_bytes=max_upload_bytes)
-        self._servicer = _Servicer(handler, self.uploads, chunk_size)
+        self._servicer = _Servicer(handler, self.uploads, chunk_size, read_guard)
         self._server: grpc.aio.Server | None = None
 
     @property
