@@ -513,3 +513,52 @@ def test_sync_caller_pushes_through_a_loop_thread(handler):
         loop_thread.run(client.close(), timeout=5)
         loop_thread.run(server.stop(0), timeout=5)
     assert handler.pushes[0][1] == b"from the training loop"
+
+
+class EndlessVersions:
+    """Publishes a multi-chunk version after another, without end, to every subscriber."""
+
+    def __init__(self, size: int):
+        self.blob = os.urandom(size)
+
+    async def subscribe(self, model_id, from_version):
+        version = from_version
+        while True:
+            yield version, self.blob
+            version += 1
+            await asyncio.sleep(0)
+
+
+async def test_cancelled_subscribers_all_stop_while_versions_stream():
+    # asyncio.wait_for (Python 3.11) returns a read that completes just as the task is
+    # cancelled, swallowing the cancellation: the subscription then runs on forever. With
+    # 64 KiB chunks of 256 KiB versions, about a quarter of the cancellations land so.
+    server = TransportServer(EndlessVersions(256 * 1024), chunk_size=64 * 1024)
+    await server.start()
+    client = client_for(server, chunk_size=64 * 1024)
+    received = 0
+
+    async def consume():
+        nonlocal received
+        async for _ in client.subscribe("lm", from_version=1, idle_timeout_s=10):
+            received += 1
+
+    leaked = 0
+    try:
+        for _ in range(5):
+            tasks = [asyncio.create_task(consume()) for _ in range(64)]
+            while received < 64:  # all streams are busy
+                await asyncio.sleep(0.01)
+            for task in tasks:
+                task.cancel()
+            _, running = await asyncio.wait(tasks, timeout=2)
+            leaked += len(running)
+            while running:  # stop the leaked ones so that the next round starts clean
+                for task in running:
+                    task.cancel()
+                _, running = await asyncio.wait(running, timeout=0.1)
+            received = 0
+    finally:
+        await client.close()
+        await server.stop(0)
+    assert leaked == 0, f"{leaked} of 320 cancelled subscriptions kept running"

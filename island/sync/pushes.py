@@ -204,8 +204,9 @@ class PushQueue:
                     f"failed ({err}); kept queued, retrying in {delay:.1f} s"
                 )
                 await self._retire_client("push")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)  # a new push: try now
+                with contextlib.suppress(TimeoutError):  # not wait_for: it can drop a cancel
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()  # a new push: try now
                 delay = min(2 * delay, self.config.max_retry_interval_s)
                 continue
             except Exception as err:  # typed rejections and anything unexpected: never retried
