@@ -7,6 +7,10 @@ increase, so a replayed or duplicated message is recognised and refused.
 
 A peer id is the hex of the first 16 bytes of blake2b(public key): stable, short and derived
 from the key, so it cannot be claimed without the key.
+
+A private key file (here and in ``comms.tls``) is refused when its mode grants group or others
+any permission: ``chmod 600`` it. ``ARCHIPELAGO_ALLOW_OPEN_KEYS=1`` in the environment accepts
+such files anyway (a shared scratch machine, a read-only mount that cannot be chmod-ed).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +33,28 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from comms.errors import ConfigError, ReplayError, SignatureError, UnknownPeerError
 
 ROLES = ("island", "aggregator", "admin")
+ALLOW_OPEN_KEYS_ENV = "ARCHIPELAGO_ALLOW_OPEN_KEYS"
+
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
+
+
+def read_private_key_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a private key file; ``ConfigError`` if it cannot be read, or if its mode
+    lets group or others at it (unless ``ARCHIPELAGO_ALLOW_OPEN_KEYS=1``)."""
+    try:
+        with open(path, "rb") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)  # of the file read, not a name
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read key file {path}: {e.strerror}") from e
+    if mode & 0o077 and os.environ.get(ALLOW_OPEN_KEYS_ENV) != "1":
+        raise ConfigError(
+            f"key file {path} has mode {mode:04o}: group or others may use it, and a private "
+            f"key must be its owner's alone; run `chmod 600 {path}` (or set "
+            f"{ALLOW_OPEN_KEYS_ENV}=1 to accept it anyway)"
+        )
+    return data
 
 
 def peer_id_of(public_key: bytes) -> str:
@@ -82,10 +107,7 @@ class Identity:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Identity:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise ConfigError(f"cannot read key file {path}: {e.strerror}") from e
+        data = read_private_key_file(path)
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from comms.errors import ConfigError
+from comms.identity import read_private_key_file
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates are valid from a little in the past
@@ -241,12 +242,17 @@ def write_pem(path: str | os.PathLike, data: bytes, *, private: bool) -> None:
     os.replace(tmp, path)
 
 
-def read_pem(path: str | os.PathLike) -> bytes:
-    """The bytes of a PEM file; ``ConfigError`` naming the file if unreadable or not PEM."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+def read_pem(path: str | os.PathLike, *, private: bool = False) -> bytes:
+    """The bytes of a PEM file; ``ConfigError`` naming the file if unreadable or not PEM.
+    A ``private`` key file is also refused if group or others may read it
+    (``comms.identity.read_private_key_file``)."""
+    if private:
+        data = read_private_key_file(path)
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from e
     if b"-----BEGIN " not in data:
         raise ConfigError(f"{path} is not a PEM file")
     return data
@@ -262,7 +268,7 @@ def save_pair(
 
 def load_pair(cert_path: str | os.PathLike, key_path: str | os.PathLike) -> tuple[bytes, bytes]:
     """Read a certificate and its key and check that they belong together."""
-    cert_pem, key_pem = read_pem(cert_path), read_pem(key_path)
+    cert_pem, key_pem = read_pem(cert_path), read_pem(key_path, private=True)
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as e:

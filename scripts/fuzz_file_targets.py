@@ -207,6 +207,7 @@ def run_key(data: bytes) -> None:
 
     path = scratch() / "key.pem"
     path.write_bytes(data)
+    path.chmod(0o600)  # an open key file is refused before its bytes are parsed
     Identity.load(path)
 
 

@@ -98,9 +98,36 @@ def _pem(key, password: bytes | None = None) -> bytes:
 def test_load_refuses_wrong_key_files(tmp_path, content, message):
     path = tmp_path / "key.pem"
     path.write_bytes(content())
+    path.chmod(0o600)
     with pytest.raises(ConfigError, match=message) as info:
         Identity.load(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_load_refuses_a_key_file_that_group_or_others_may_read(tmp_path, alice, mode):
+    path = tmp_path / "node.pem"
+    alice.save(path)
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        Identity.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"{mode:04o}" in message
+    assert f"chmod 600 {path}" in message
+    path.chmod(0o600)
+    assert Identity.load(path).peer_id == alice.peer_id
+
+
+def test_open_key_files_are_accepted_when_the_environment_allows_them(tmp_path, alice, monkeypatch):
+    path = tmp_path / "node.pem"
+    alice.save(path)
+    path.chmod(0o644)
+    monkeypatch.setenv("ARCHIPELAGO_ALLOW_OPEN_KEYS", "1")
+    assert Identity.load(path).peer_id == alice.peer_id
+    monkeypatch.setenv("ARCHIPELAGO_ALLOW_OPEN_KEYS", "0")  # only "1" opens the hatch
+    with pytest.raises(ConfigError, match="chmod 600"):
+        Identity.load(path)
 
 
 def test_load_missing_file_names_it(tmp_path):

@@ -129,6 +129,19 @@ def test_file_errors_name_the_file(tmp_path, server_pair):
         load_pair(tmp_path / "a.crt", tmp_path / "a.key")
 
 
+def test_private_key_readable_by_others_is_refused(tmp_path, server_pair, monkeypatch):
+    cert_path, key_path = tmp_path / "node.crt", tmp_path / "node.key"
+    save_pair(cert_path, key_path, *server_pair)
+    key_path.chmod(0o644)
+    with pytest.raises(ConfigError, match=rf"{key_path} has mode 0644.*chmod 600 {key_path}"):
+        load_pair(cert_path, key_path)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        read_pem(key_path, private=True)
+    assert read_pem(cert_path) == server_pair[0]  # a certificate is public: 0644 is fine
+    monkeypatch.setenv("ARCHIPELAGO_ALLOW_OPEN_KEYS", "1")
+    assert load_pair(cert_path, key_path) == server_pair
+
+
 # ---------------------------------------------------------------- real handshakes on loopback
 
 
