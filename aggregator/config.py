@@ -22,6 +22,7 @@ Example (a root serving one model)::
     outer = "nesterov"                # nesterov | sgd | co2
     outer_params = { lr = 0.7, momentum = 0.9 }
     codec = "int8"                    # codec of the published u_v
+    # public_read = true              # Fetch/Subscribe with no signature (default: roster only)
 
 A leaf or mid names its parent by ``parent = "host:port"`` or finds one in the DHT
 (``dht_peers``), choosing by measured round-trip time among aggregators that have room.
@@ -79,6 +80,7 @@ class ModelConfig:
     codec_params: dict[str, Any] = field(default_factory=dict)
     snapshot_every: int = 10  # a full snapshot of theta every N versions
     keep_versions: int = 1000  # recent u_v kept for subscribers catching up
+    public_read: bool = False  # serve Fetch/Subscribe unsigned; each aggregator's own says
 
     def validate(self) -> None:
         if not self.model_id:
@@ -94,7 +96,7 @@ class AggregatorConfig:
     listen: str = "127.0.0.1:0"
     http: str = "127.0.0.1:0"
     key: str = ""  # Ed25519 private key (PEM); generated here if missing
-    roster: str = ""  # JSON roster; empty: accept any signed sender (for local experiments)
+    roster: str = ""  # JSON roster: who may push and (signed) read; required to serve
     state_dir: str = "state"
     parent: str = ""  # leaf/mid: parent's gRPC address; empty: discover in the DHT
     dht: bool = False  # join (or, with no dht_peers, start) a hivemind DHT and announce there

@@ -56,7 +56,9 @@ class ParentLink:
             records = await asyncio.to_thread(self.discovery.lookup, "aggregator")
             candidates = eligible([Candidate.from_record(r) for r in records], roles)
             self.parent_address = (await choose_closest(candidates)).address
-        self.parent = TransportClient(self.parent_address, deadline_s=self.config.push_deadline_s)
+        self.parent = TransportClient(
+            self.parent_address, deadline_s=self.config.push_deadline_s, identity=self.identity
+        )
 
     async def _open_replica(self, line: ModelLine) -> None:
         data = await self.parent.fetch(line.model_id, -1)

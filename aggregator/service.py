@@ -52,6 +52,7 @@ from comms.envelope import parse_header
 from comms.errors import ConfigError, NotFoundError, RejectedError
 from comms.http import split_listen
 from comms.identity import Identity, ReplayGuard, Roster
+from comms.reads import ReadGuard
 from comms.transport import TransportClient, TransportServer
 
 __all__ = ["ROOT_VERSION_CACHE", "VERSION_CACHE", "AggregatorService", "ModelLine"]
@@ -135,7 +136,11 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
             await self._replay(line)
         host, port = split_listen(self.config.listen)
         self.server = TransportServer(
-            self, host=host, port=port, max_upload_bytes=self.config.max_update_bytes
+            self,
+            host=host,
+            port=port,
+            max_upload_bytes=self.config.max_update_bytes,
+            read_guard=self._read_guard(),
         )
         self.address = f"{host}:{await self.server.start()}"
         for line in self.lines.values():
@@ -176,6 +181,14 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
             if line.pool is not None:
                 await asyncio.to_thread(line.pool.close)
             line.wal.close()
+
+    def _read_guard(self) -> ReadGuard:
+        """Who may Fetch and Subscribe here: keys in the roster, signed (``comms.reads``);
+        anyone for a model whose ``[[models]]`` entry in this config has ``public_read``."""
+        public = sorted(m.model_id for m in self.config.models if m.public_read)
+        if public:
+            log.warning("%s: models %s are readable without a signature", self.config.name, public)
+        return ReadGuard(self.roster, public_models=public)
 
     def _make_pool(self, line: ModelLine):
         from aggregator.pool import MergePool

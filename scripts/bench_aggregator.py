@@ -328,7 +328,9 @@ async def run_rounds(
     from comms.transport import TransportClient
 
     for island in islands:
-        island.client = TransportClient(island.address, deadline_s=timeout)
+        island.client = TransportClient(
+            island.address, deadline_s=timeout, identity=island.identity
+        )
         island.follower = asyncio.create_task(follow_versions(island))
     try:
         await asyncio.sleep(0.3)  # let every Subscribe stream reach its aggregator

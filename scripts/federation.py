@@ -565,13 +565,15 @@ def eval_global(agg_http: str, root: str, island_config: str, init: str, out: st
     version = status(addresses["root"])["models"][MODEL_ID]["version"]
     theta = load_file(init)
     versions = [*range(0, version, max(1, math.ceil(version / GLOBAL_CURVE_POINTS))), version]
+    cfg = load_config(IslandConfig, island_config)
+    reader = Identity.load(cfg.key)  # an island's key: reads are signed by roster keys
 
     async def replay() -> dict[int, dict]:
         """theta_v at the chosen versions, rebuilt from theta_0 and the published u_v."""
         chosen = {0: {k: v.copy() for k, v in theta.items()}}
         if version == 0:
             return chosen
-        async with TransportClient(root) as c:
+        async with TransportClient(root, identity=reader) as c:
             async for v, data in c.subscribe(MODEL_ID, 1):
                 apply_update(theta, decode_update(Envelope.from_bytes(data, max_bytes=1 << 30)))
                 if v in versions:
@@ -581,7 +583,6 @@ def eval_global(agg_http: str, root: str, island_config: str, init: str, out: st
         return chosen
 
     thetas = asyncio.run(replay())
-    cfg = load_config(IslandConfig, island_config)
     workload = get_workload(cfg.workload, **cfg.workload_config)
     model = workload.build_model(cfg.seed)
     curve = []

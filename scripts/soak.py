@@ -205,7 +205,7 @@ async def worker_main(spec: dict) -> None:
     records: list[list] = []
     followers = []
     for isl in islands:
-        isl.client = TransportClient(isl.leaf)
+        isl.client = TransportClient(isl.leaf, identity=isl.identity)
         followers.append(asyncio.create_task(follow_versions(isl, isl.client, errors, examples)))
     print(json.dumps({"ready": len(islands)}), flush=True)
     go = await wait_for_file(Path(spec["go"]))

@@ -16,7 +16,7 @@ from aggtools import delta_bytes, hand_versions, make_federation, random_delta
 from aggregator.outer import NesterovSGD, apply_update
 from comms.config import save_config
 from comms.envelope import Envelope
-from comms.errors import CommsError, ReplayError
+from comms.errors import CommsError, ReadDeniedError, ReplayError
 from comms.transport import TransportClient
 from comms.update import decode_update
 
@@ -100,8 +100,9 @@ def _assert_theta(theta, want, what):
         np.testing.assert_allclose(theta[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"{what} {k}")
 
 
-async def _theta_at(address, version):
-    async with TransportClient(address) as c:
+async def _theta_at(address, version, reader):
+    """The current theta once it reaches ``version``, fetched (signed) by ``reader``."""
+    async with TransportClient(address, identity=reader) as c:
         for _ in range(200):
             env = Envelope.from_bytes(await c.fetch("global", -1), max_bytes=1 << 30)
             if env.header.base_version >= version:
@@ -134,7 +135,7 @@ def test_leaf_killed_after_ack_replays_its_wal(tmp_path):
         with pytest.raises(ReplayError):  # the replay guard came back from the WAL
             asyncio.run(push(leaf.address, 0, 1))
         assert asyncio.run(push(leaf.address, 3, 1))["status"] == "accepted"  # the K-th
-        version, theta = asyncio.run(_theta_at(root.address, 1))
+        version, theta = asyncio.run(_theta_at(root.address, 1, fed.islands[0]))
         assert version == 1
         g = {k: sum(d[k] for d in deltas) / np.float32(4) for k in fed.theta0}
         want = {k: v.copy() for k, v in fed.theta0.items()}
@@ -144,7 +145,7 @@ def test_leaf_killed_after_ack_replays_its_wal(tmp_path):
         # the restarted root resumes theta and version from disk
         root.kill9()
         root = Proc(tmp_path / "root.toml", tmp_path / "root.log")
-        version2, theta2 = asyncio.run(_theta_at(root.address, 1))
+        version2, theta2 = asyncio.run(_theta_at(root.address, 1, fed.islands[0]))
         assert version2 == 1
         for k in theta:
             assert np.array_equal(theta[k], theta2[k])
@@ -175,8 +176,10 @@ def test_a_leaf_finds_its_parent_in_the_dht(tmp_path):
                 return await c.push(delta_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1))
 
         assert asyncio.run(push())["status"] == "accepted"
-        version, _ = asyncio.run(_theta_at(root.address, 1))
+        version, _ = asyncio.run(_theta_at(root.address, 1, fed.islands[0]))
         assert version == 1  # the leaf's partial reached the root it found in the DHT
+        with pytest.raises(ReadDeniedError, match="unsigned"):  # reads need a roster key
+            asyncio.run(_theta_at(root.address, 1, None))
     finally:
         for p in (leaf, root):
             if p is not None:
@@ -224,7 +227,7 @@ def test_leaf_killed_mid_flush_delivers_its_partial_exactly_once(tmp_path, fault
         _poll(lambda: leaf.status()["version"] == 1, what="the leaf's replica at version 1")
         for i in range(3):  # the next partial: sequence 2, accepted by the root
             assert _push(leaf.address, blobs[1][i])["status"] == "accepted"
-        version, theta = asyncio.run(_theta_at(root.address, 2))
+        version, theta = asyncio.run(_theta_at(root.address, 2, fed.islands[0]))
         assert version == 2 and root.status()["buffered"] == 0
         rounds = [[(d, 0) for d in deltas[r]] for r in range(2)]
         _assert_theta(theta, hand_versions(fed.theta0, rounds)[-1], "version 2")
@@ -263,7 +266,7 @@ def test_root_killed_with_wal_records_above_its_mark_counts_each_update_once(tmp
         with pytest.raises(ReplayError):  # the retry of an update the WAL holds
             _push(root.address, blobs[2])
         assert _push(root.address, blobs[3])["status"] == "accepted"  # the K-th: version 2
-        version, theta = asyncio.run(_theta_at(root.address, 2))
+        version, theta = asyncio.run(_theta_at(root.address, 2, fed.islands[0]))
         assert version == 2 and root.status()["buffered"] == 0
         rounds = [[(d[0], 0), (d[1], 0)], [(d[2], 0), (d[3], 0)]]
         _assert_theta(theta, hand_versions(fed.theta0, rounds)[-1], "version 2")

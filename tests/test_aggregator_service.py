@@ -2,6 +2,7 @@
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 from aggtools import delta_bytes, hand_versions, make_federation, random_delta
@@ -16,6 +17,7 @@ from comms.errors import (
     MalformedError,
     NonFiniteError,
     OversizeError,
+    ReadDeniedError,
     ReplayError,
     ShapeMismatchError,
     SignatureError,
@@ -77,7 +79,8 @@ async def test_tree_replicas_hold_the_roots_bits_under_an_int8_codec(tmp_path):
     fed = make_federation(tmp_path, 8)
     root, leaves = await start_tree(fed, codec="int8")
     try:
-        clients = [TransportClient(leaf.address) for leaf in leaves]
+        # an island reads (subscribes, fetches) from its leaf with its own key
+        clients = [TransportClient(leaf.address, identity=fed.islands[0]) for leaf in leaves]
         for rnd in (1, 2):  # round 2: momentum and the root's int8 residual are non-zero
             deltas = [random_delta(fed.theta0, 8 * rnd + i) for i in range(8)]
             acks = await asyncio.gather(*(
@@ -116,6 +119,42 @@ async def test_tree_replicas_hold_the_roots_bits_under_an_int8_codec(tmp_path):
     finally:
         for agg in (*leaves, root):
             await agg.stop()
+
+
+async def test_reads_are_signed_by_roster_keys_unless_the_model_is_public(tmp_path):
+    """A leaf follows its root with signed reads, and an island reads from its leaf the same
+    way; a model is public where that aggregator's own config says so: here at the root, not
+    at the leaf."""
+    fed = make_federation(tmp_path, 2, aggregators=("root", "leaf0"))
+    root_cfg = fed.config("root", "root", buffer_k=1)
+    root_cfg.models[0].public_read = True
+    root = AggregatorService(root_cfg)
+    root_addr = await root.start()
+    leaf = AggregatorService(fed.config("leaf0", "leaf", parent=root_addr, buffer_k=1))
+    await leaf.start()
+    try:
+        async with TransportClient(leaf.address, identity=fed.islands[0]) as island:
+            await island.push(delta_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1))
+            await wait_for(lambda: leaf.lines["global"].version == 1)
+            snap = Envelope.from_bytes(await island.fetch("global", -1), max_bytes=1 << 30)
+            assert snap.header.base_version == 1
+            async for version, _ in island.subscribe("global", 1):
+                assert version == 1
+                break
+        for reader, reason in ((None, "unsigned"), (Identity.generate(), "unknown_reader")):
+            async with TransportClient(leaf.address, identity=reader) as c:
+                with pytest.raises(ReadDeniedError) as info:
+                    await c.fetch("global", -1)
+            assert info.value.code is grpc.StatusCode.PERMISSION_DENIED
+            assert info.value.reason == reason
+        async with TransportClient(root_addr) as anyone:  # public at the root
+            snap = Envelope.from_bytes(await anyone.fetch("global", -1), max_bytes=1 << 30)
+            assert snap.header.base_version == 1
+        assert leaf.server.stats.rejected == {"unsigned": 1, "unknown_reader": 1}
+        assert root.server.stats.rejected == {}
+    finally:
+        await leaf.stop()
+        await root.stop()
 
 
 async def test_staleness_weights_and_bound(tmp_path):

@@ -58,6 +58,9 @@ def _federation(tmp_path, n_islands, steps, every, codec="int8", root_http=False
         roster.add(ident.public_key, "island", f"island{i}")
     root_id.save(tmp_path / "root.pem")
     roster.add(root_id.public_key, "aggregator", "root")
+    admin = Identity.generate()  # the test reads the root's model with an operator's key
+    admin.save(tmp_path / "admin.pem")
+    roster.add(admin.public_key, "admin", "operator")
     roster.save(tmp_path / "roster.json")
     islands = [
         IslandConfig(
@@ -91,18 +94,22 @@ def _federation(tmp_path, n_islands, steps, every, codec="int8", root_http=False
     return islands
 
 
-async def _root_theta(address):
-    async with TransportClient(address) as c:
+def _admin(tmp_path) -> Identity:
+    return Identity.load(tmp_path / "admin.pem")
+
+
+async def _root_theta(address, reader):
+    async with TransportClient(address, identity=reader) as c:
         env = Envelope.from_bytes(await c.fetch("global", -1), max_bytes=1 << 30)
         return env.header.base_version, decode_update(env)
 
 
-async def _theta_at(address, theta0, version):
+async def _theta_at(address, theta0, version, reader):
     """theta_version rebuilt from theta_0 and the published u_1..u_version."""
     theta = {k: v.copy() for k, v in theta0.items()}
     if version == 0:
         return theta
-    async with TransportClient(address) as c:
+    async with TransportClient(address, identity=reader) as c:
         async for v, data in c.subscribe("global", 1):
             apply_update(theta, decode_update(Envelope.from_bytes(data, max_bytes=1 << 30)))
             if v == version:
@@ -138,15 +145,15 @@ def test_two_islands_end_bit_identical_with_the_root(tmp_path):
             out, _ = p.communicate(timeout=180)
             assert p.returncode == 0, (tmp_path / "island0.log").read_text()[-3000:]
             summaries.append(json.loads(out.decode().strip().splitlines()[-1]))
-        version, theta = asyncio.run(_root_theta(address))
+        reader = _admin(tmp_path)
+        version, theta = asyncio.run(_root_theta(address, reader))
         assert version >= 2
         theta0 = load_file(str(tmp_path / "init.safetensors"))
         for s in summaries:  # every island's anchor holds exactly the root's bits at its version
-            rebuilt = asyncio.run(_theta_at(address, theta0, s["version"]))
+            rebuilt = asyncio.run(_theta_at(address, theta0, s["version"], reader))
             assert params_digest(rebuilt) == s["anchor_digest"]
-        assert params_digest(asyncio.run(_theta_at(address, theta0, version))) == params_digest(
-            theta
-        )
+        final = asyncio.run(_theta_at(address, theta0, version, reader))
+        assert params_digest(final) == params_digest(theta)
         for i in range(2):
             records = [
                 json.loads(x) for x in (tmp_path / f"island{i}.jsonl").read_text().splitlines()
@@ -195,7 +202,7 @@ def test_island_killed_with_sigkill_resumes_from_its_snapshot(tmp_path):
         snap_step, snap_version = int(state.meta["step"]), int(state.meta["base_version"])
         assert snap_step >= every and snap_step % every == 0
         theta0 = load_file(str(tmp_path / "init.safetensors"))
-        at_snapshot = asyncio.run(_theta_at(address, theta0, snap_version))
+        at_snapshot = asyncio.run(_theta_at(address, theta0, snap_version, _admin(tmp_path)))
         assert params_digest(state.anchor) == params_digest(at_snapshot)  # the root's bits
 
         cfg.steps = max(done_before) + 10
@@ -214,9 +221,9 @@ def test_island_killed_with_sigkill_resumes_from_its_snapshot(tmp_path):
         # after it goes up under the same sequence, a replay, not a second update
         rounds = cfg.steps // every
         assert _accepted_updates(root_http) == rounds
-        version, theta = asyncio.run(_root_theta(address))
+        version, theta = asyncio.run(_root_theta(address, _admin(tmp_path)))
         assert version == rounds
-        final = asyncio.run(_theta_at(address, theta0, summary["version"]))
+        final = asyncio.run(_theta_at(address, theta0, summary["version"], _admin(tmp_path)))
         assert params_digest(final) == summary["anchor_digest"]
         if summary["version"] == version:
             assert params_digest(theta) == summary["anchor_digest"]

@@ -17,8 +17,9 @@ import pytest
 from comms.aio import LoopThread
 from comms.config import config_from_dict
 from comms.envelope import Envelope
-from comms.errors import ConfigError, NotFoundError, ReplayError, StaleError
+from comms.errors import ConfigError, NotFoundError, ReadDeniedError, ReplayError, StaleError
 from comms.identity import Identity, Roster
+from comms.reads import ReadGuard
 from comms.transport import TransportClient, TransportServer
 from comms.update import decode_update, encode_update
 from island.sync import SyncConfig, SyncEngine, VersionGapError
@@ -130,14 +131,21 @@ class ProtocolHarness:
         self.engines: list[SyncEngine] = []
 
     def start_server(self, port: int = 0) -> None:
-        self.server = TransportServer(self.handler, port=port)
+        # reads must be signed by a roster key, as at a real aggregator
+        self.server = TransportServer(self.handler, port=port, read_guard=ReadGuard(self.roster))
         self.port = self.server_loop.run(self.server.start(), 10)
 
     def stop_server(self) -> None:
         self.server_loop.run(self.server.stop(0), 10)
 
-    def client(self) -> TransportClient:
-        return TransportClient(f"127.0.0.1:{self.port}", deadline_s=5, retries=1, backoff_s=0.01)
+    def client(self, identity: Identity | None = None) -> TransportClient:
+        return TransportClient(
+            f"127.0.0.1:{self.port}",
+            deadline_s=5,
+            retries=1,
+            backoff_s=0.01,
+            identity=identity or self.island,
+        )
 
     def engine(self, identity: Identity | None = None, **config) -> SyncEngine:
         config = {
@@ -147,7 +155,10 @@ class ProtocolHarness:
             **config,
         }
         engine = SyncEngine(
-            SyncConfig(**config), identity or self.island, self.client, roster=self.roster
+            SyncConfig(**config),
+            identity or self.island,
+            lambda: self.client(identity),
+            roster=self.roster,
         )
         self.engines.append(engine)
         return engine
@@ -386,6 +397,24 @@ def test_a_missing_snapshot_is_a_typed_error(harness):
     with pytest.raises(NotFoundError, match="has no snapshot"):
         engine.fetch_snapshot(timeout=10)
     assert engine.newest_version() is None
+
+
+def test_an_island_outside_the_roster_is_refused_reads_and_told_why(harness, caplog):
+    stranger = harness.engine(identity=Identity.generate())
+    harness.set_snapshot(4, random_delta(np.random.default_rng(9)))
+    with pytest.raises(ReadDeniedError, match="not in this server's roster") as info:
+        stranger.fetch_snapshot(timeout=10)
+    assert info.value.reason == "unknown_reader"
+    harness.publish(1, random_delta(np.random.default_rng(10)))
+    stranger.follow(0)
+    wait_until(lambda: stranger.stats["subscription_restarts"] >= 1)
+    assert stranger.newest_version() == 0
+    assert stranger.stats["versions_refused"] == 0  # the versions were never the problem
+    assert "refuses this island's reads" in caplog.text
+    assert harness.handler.subscriptions == []  # the handler never saw the request
+    member = harness.engine()  # the roster's island reads the same server
+    member.follow(0)
+    assert member.wait_for_version(0, timeout=5) == 1
 
 
 # ------------------------------------------------------------------ config

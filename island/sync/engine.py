@@ -38,9 +38,11 @@ ClientFactory = Callable[[], TransportClient]
 class SyncEngine(PushQueue, VersionStream, SnapshotJoiner):
     """Push deltas, follow versions; see the module docstring.
 
-    ``transport`` is the aggregator's ``host:port`` (clients are built with ``tls`` and
-    ``shaper``) or a factory returning a new ``TransportClient`` (called again after a link
-    failure). With ``loop=None`` the engine starts and owns a ``LoopThread``.
+    ``transport`` is the aggregator's ``host:port`` (clients are built with ``tls``,
+    ``shaper`` and ``identity``, which signs the version stream and snapshot fetches) or a
+    factory returning a new ``TransportClient`` (called again after a link failure; give its
+    clients the identity, or reads of a non-public model are refused). With ``loop=None``
+    the engine starts and owns a ``LoopThread``.
     """
 
     def __init__(
@@ -59,7 +61,7 @@ class SyncEngine(PushQueue, VersionStream, SnapshotJoiner):
         self.roster = roster
         if isinstance(transport, str):
             self._new_client: ClientFactory = functools.partial(
-                TransportClient, transport, tls=tls, shaper=shaper
+                TransportClient, transport, tls=tls, shaper=shaper, identity=identity
             )
             self.address = transport
         elif callable(transport):

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from comms.envelope import DEFAULT_MAX_ENVELOPE_BYTES, Envelope
-from comms.errors import CommsError, LinkError, MalformedError, NotFoundError, RejectedError
+from comms.errors import (
+    CommsError,
+    LinkError,
+    MalformedError,
+    NotFoundError,
+    ReadDeniedError,
+    RejectedError,
+)
 from comms.transport import RemoteError
 from comms.update import decode_update, expected_nbytes
 
@@ -119,6 +126,11 @@ class VersionStream:
                     f"{next_version} ({err}); the next round boundary fetches a snapshot"
                 )
                 return
+            except ReadDeniedError as err:  # not the version's fault: this island's key
+                log.error(
+                    f"model {self.model_id}: {self.address} refuses this island's reads "
+                    f"(key {self.identity.peer_id}): {err}; retrying"
+                )
             except RejectedError as err:
                 with self._lock:
                     self._stats.versions_refused += 1
