@@ -1,6 +1,7 @@
 """Signed reads: the ReadGuard by hand (injected clock), then Fetch and Subscribe through real
 gRPC servers on loopback with real keys."""
 
+import logging
 import os
 import time
 
@@ -233,7 +234,8 @@ async def test_a_roster_member_fetches_and_subscribes(served, keys):
 
 
 @pytest.mark.parametrize("method", ["fetch", "subscribe"])
-async def test_unsigned_and_unknown_reads_are_permission_denied(served, keys, method):
+async def test_unsigned_and_unknown_reads_are_permission_denied(served, keys, method, caplog):
+    caplog.set_level(logging.INFO, logger="comms.transport")
     server, handler, _ = served
     for identity, reason in ((None, "unsigned"), (keys[2], "unknown_reader")):
         async with client_for(server, identity) as client:
@@ -248,6 +250,7 @@ async def test_unsigned_and_unknown_reads_are_permission_denied(served, keys, me
         assert ("public_read" in err.message) == (reason == "unsigned")
     assert handler.reads == 0
     assert server.stats.rejected == {"unsigned": 1, "unknown_reader": 1}
+    assert "refused a read from ipv4:127.0.0.1" in caplog.text  # the operator sees who
 
 
 async def test_a_public_model_is_read_unsigned(served):

@@ -29,7 +29,7 @@ from comms.chunks import (
     UploadTable,
     verify_chunk,
 )
-from comms.errors import LinkError, MalformedError
+from comms.errors import LinkError, MalformedError, RejectedError
 from comms.proto import archipelago_pb2 as pb
 from comms.proto import archipelago_pb2_grpc as pb_grpc
 from comms.reads import ReadAuth, ReadGuard
@@ -122,7 +122,7 @@ class _Servicer(pb_grpc.TransportServicer):
     async def Subscribe(self, request: pb.SubscribeRequest, context):
         try:
             check_protocol_version(request.protocol_version)
-            self._admit_read("Subscribe", request, request.from_version)
+            self._admit_read("Subscribe", request, request.from_version, context)
             versions = self.handler.subscribe(request.model_id, request.from_version)
             async with _closing(versions):
                 async for version, data in versions:
@@ -137,7 +137,7 @@ class _Servicer(pb_grpc.TransportServicer):
     async def Fetch(self, request: pb.FetchRequest, context):
         try:
             check_protocol_version(request.protocol_version)
-            self._admit_read("Fetch", request, request.version)
+            self._admit_read("Fetch", request, request.version, context)
             data = await self.handler.fetch(request.model_id, request.version)
             messages = await self.sent_chunks.messages(
                 pb.FetchChunk, request.model_id, request.version, data
@@ -148,7 +148,7 @@ class _Servicer(pb_grpc.TransportServicer):
         except Exception as exc:
             await self._abort(context, exc, "Fetch")
 
-    def _admit_read(self, method: str, request, version: int) -> None:
+    def _admit_read(self, method: str, request, version: int, context) -> None:
         """Raise ReadDeniedError / TooManyReadsError unless the guard admits this read."""
         if self.read_guard is None:
             return
@@ -156,7 +156,11 @@ class _Servicer(pb_grpc.TransportServicer):
         if request.HasField("auth"):
             a = request.auth
             auth = ReadAuth(a.sender, a.timestamp_ms, a.nonce, a.signature)
-        self.read_guard.check(method, request.model_id, version, auth)
+        try:
+            self.read_guard.check(method, request.model_id, version, auth)
+        except RejectedError as e:
+            log.info("refused a read from %s: %s (%s)", context.peer(), e, e.reason)
+            raise
 
     def _upload_state(self, request: pb.UploadQuery) -> pb.UploadState:
         check_protocol_version(request.protocol_version)
