@@ -6,6 +6,9 @@ Example (a root serving one model)::
     role = "root"                     # leaf | mid | root
     listen = "127.0.0.1:7000"         # gRPC; port 0 picks a free one
     http = "127.0.0.1:7001"           # /healthz /status /metrics; "" turns it off
+    # http_token = "..."              # /status needs "Authorization: Bearer <token>";
+                                      # empty: $ARCHIPELAGO_HTTP_TOKEN, else open
+    # http_token_metrics = true       # ...and /metrics too (/healthz stays open)
     key = "keys/root.pem"             # Ed25519 identity, created if missing
     roster = "roster.json"            # public keys allowed to push, with roles
     state_dir = "state/root"          # write-ahead log, model store, root state
@@ -95,6 +98,8 @@ class AggregatorConfig:
     role: Literal["leaf", "mid", "root"] = "leaf"
     listen: str = "127.0.0.1:0"
     http: str = "127.0.0.1:0"
+    http_token: str = ""  # bearer token of /status; "": $ARCHIPELAGO_HTTP_TOKEN, else open
+    http_token_metrics: bool = False  # the token also guards /metrics
     key: str = ""  # Ed25519 private key (PEM); generated here if missing
     roster: str = ""  # JSON roster: who may push and (signed) read; required to serve
     state_dir: str = "state"

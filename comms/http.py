@@ -3,10 +3,17 @@
 ``status_app`` is the ``/healthz``, ``/status`` (JSON) and ``/metrics`` (Prometheus text)
 trio of an island or an aggregator; ``start_app`` binds any app to ``host:port`` (port 0
 picks a free one) and returns the address it really got.
+
+With a ``token`` (config key ``http_token``, else the ``ARCHIPELAGO_HTTP_TOKEN`` environment
+variable: ``http_token``), ``/status`` requires ``Authorization: Bearer <token>`` and answers
+401 otherwise; ``/healthz`` stays open, and ``/metrics`` too unless ``protect_metrics``.
+``bearer_middleware`` is the same check for any app (``router serve`` uses it).
 """
 
 from __future__ import annotations
 
+import hmac
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,14 +37,55 @@ async def start_app(app: web.Application, listen: str) -> tuple[web.AppRunner, s
     return runner, f"{host}:{runner.addresses[0][1]}"
 
 
+HTTP_TOKEN_ENV = "ARCHIPELAGO_HTTP_TOKEN"
+
+
+def http_token(configured: str) -> str | None:
+    """The bearer token of a daemon's HTTP endpoints: the config's, else the environment's
+    ``ARCHIPELAGO_HTTP_TOKEN``; None (no token: open) when both are empty."""
+    return configured or os.environ.get(HTTP_TOKEN_ENV) or None
+
+
+def bearer_middleware(token: str, protects: Callable[[str], bool]):
+    """An aiohttp middleware: a request whose path ``protects`` accepts must carry
+    ``Authorization: Bearer <token>`` (compared in constant time), else it gets a JSON 401."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check_bearer(request: web.Request, handler) -> web.StreamResponse:
+        if protects(request.path):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                return unauthorized()
+        return await handler(request)
+
+    return check_bearer
+
+
+def unauthorized() -> web.Response:
+    """401 with a JSON error that says what to send (never the token itself)."""
+    message = (
+        "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
+        "with the server's http_token"
+    )
+    body = {"error": {"type": "unauthorized", "message": message}}
+    return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
+
+
 def status_app(
     status: Callable[[], dict[str, Any]],
     metrics: Callable[[], bytes],
     health: Callable[[], str] = lambda: "ok",
+    *,
+    token: str | None = None,
+    protect_metrics: bool = False,
 ) -> web.Application:
     """``/healthz`` (``health()`` as text), ``/status`` (``status()`` as JSON) and
-    ``/metrics`` (``metrics()``, Prometheus exposition)."""
-    app = web.Application()
+    ``/metrics`` (``metrics()``, Prometheus exposition). With ``token``, ``/status`` (and
+    ``/metrics`` if ``protect_metrics``) requires ``Authorization: Bearer <token>``."""
+    protected = {"/status", "/metrics"} if protect_metrics else {"/status"}
+    middlewares = [bearer_middleware(token, protected.__contains__)] if token else []
+    app = web.Application(middlewares=middlewares)
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(text=health() + "\n")

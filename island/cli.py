@@ -89,10 +89,18 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from comms.http import http_token
+
     url = args.url.rstrip("/") + "/status"
+    token = http_token(args.token or "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
             print(json.dumps(json.loads(r.read()), indent=2))
+    except urllib.error.HTTPError as e:
+        hint = " (give --token or ARCHIPELAGO_HTTP_TOKEN: the island's http_token)"
+        print(f"island status: {url}: {e}{hint if e.code == 401 else ''}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as e:
         print(f"island status: cannot read {url}: {e}", file=sys.stderr)
         return 1
@@ -118,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init)
     p = sub.add_parser("status", help="print the status of a running island")
     p.add_argument("url", help="the island's status URL, e.g. http://127.0.0.1:8470")
+    p.add_argument(
+        "--token", help="bearer token of a protected /status (default: $ARCHIPELAGO_HTTP_TOKEN)"
+    )
     p.set_defaults(func=_status)
     return parser
 

@@ -12,6 +12,9 @@ Example (one island of a local-update run)::
     steps = 2000                     # inner steps in all (0: until stopped)
     shard = 0                        # this island's slice of the data...
     num_shards = 4                   # ...out of this many
+    # http_token = "..."             # /status needs "Authorization: Bearer <token>";
+                                     # empty: $ARCHIPELAGO_HTTP_TOKEN, else open
+    # http_token_metrics = true      # ...and /metrics too (/healthz stays open)
 
     [optim]
     lr = 2e-3
@@ -116,6 +119,8 @@ class IslandConfig:
     eval_every: int = 1  # rounds (expert mode: every_steps of the snapshot) between evaluations
     eval_batches: int = 4
     http: str = "127.0.0.1:0"  # status endpoint; "" turns it off
+    http_token: str = ""  # bearer token of /status; "": $ARCHIPELAGO_HTTP_TOKEN, else open
+    http_token_metrics: bool = False  # the token also guards /metrics
     metrics_file: str = ""  # JSON lines, one per round, for reports
     optim: OptimConfig = field(default_factory=OptimConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from comms.http import start_app, status_app
+from comms.http import http_token, start_app, status_app
 
 _GAUGES = {
     "step": "Inner steps done",
@@ -56,6 +56,8 @@ async def start_status_server(island, listen: str) -> str:
         status,
         lambda: generate_latest(registry),
         lambda: "ok" if island.ready.is_set() else "starting",
+        token=http_token(island.config.http_token),
+        protect_metrics=island.config.http_token_metrics,
     )
     island._status_runner, address = await start_app(app, listen)
     return address

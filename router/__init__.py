@@ -17,6 +17,7 @@ __all__ = [
     "EnsembleModel",
     "RouterClientError",
     "ServerError",
+    "UnauthorizedError",
 ]
 
 _LAZY = {
@@ -26,6 +27,7 @@ _LAZY = {
     "ConnectionFailed": "router.client",
     "RouterClientError": "router.client",
     "ServerError": "router.client",
+    "UnauthorizedError": "router.client",
     "EnsembleModel": "router.ensemble",
 }
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
         ConnectionFailed,
         RouterClientError,
         ServerError,
+        UnauthorizedError,
     )
     from router.ensemble import EnsembleModel
 

@@ -43,6 +43,7 @@ __all__ = [
     "GenerateResult",
     "RouterClientError",
     "ServerError",
+    "UnauthorizedError",
 ]
 
 
@@ -65,6 +66,11 @@ class BadRequestError(_HTTPError):
     """The server refused the request (4xx); ``field`` names the offending field, if any."""
 
 
+class UnauthorizedError(BadRequestError):
+    """401: the server wants a bearer token (``Client(url, token=...)``) and got none or
+    another one."""
+
+
 class ServerError(_HTTPError):
     """The server failed (5xx), including a request that ran past its time limit (504)."""
 
@@ -76,6 +82,9 @@ def error_from_response(status: int, body: bytes) -> _HTTPError:
         kind, message, field = error["type"], error["message"], error.get("field")
     except (ValueError, KeyError, TypeError):
         kind, message, field = "http_error", body[:200].decode("utf-8", "replace"), None
+    if status == 401:
+        message += " (pass token= to the client, or check it)"
+        return UnauthorizedError(status, kind, message, field)
     cls = BadRequestError if 400 <= status < 500 else ServerError
     return cls(status, kind, message, field)
 
@@ -223,14 +232,17 @@ class GenerateStream(Iterator[GeneratePiece]):
 class Client:
     """Blocking client of one ``router serve`` URL; see the module docstring."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
+    def __init__(self, url: str, timeout: float = 60.0, token: str | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def _open(self, method: str, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers=self._headers
+        )
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
@@ -354,9 +366,10 @@ class AsyncGenerateStream(AsyncIterator[GeneratePiece]):
 class AsyncClient:
     """asyncio client of one ``router serve`` URL; use ``async with`` or call ``close()``."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
+    def __init__(self, url: str, timeout: float = 60.0, token: str | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = None
 
     def _get_session(self):
@@ -366,7 +379,7 @@ class AsyncClient:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.timeout, sock_read=self.timeout
             )
-            self._session = aiohttp.ClientSession(timeout=timeout)
+            self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
         return self._session
 
     async def close(self) -> None:

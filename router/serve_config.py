@@ -43,6 +43,8 @@ class ServeConfig:
     device: str = "cpu"  # where the experts and router run
     roster: str = ""  # optional roster JSON: checkpoint signers must be listed in it
     trusted_keys: list[str] = dataclasses.field(default_factory=list)  # or hex public keys
+    http_token: str = ""  # bearer token of /v1/*; "": $ARCHIPELAGO_HTTP_TOKEN, else open
+    http_token_metrics: bool = False  # the token also guards /metrics (/healthz stays open)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
 
     def validate(self) -> None:

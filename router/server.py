@@ -53,7 +53,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from comms.http import start_app
+from comms.http import bearer_middleware, http_token, start_app
 from router.images import encode_png_gray, image_grid
 from router.requests import (
     SAMPLE_FIELDS,
@@ -109,10 +109,26 @@ def _json_error(status: int, kind: str, message: str, field: str | None = None) 
     return web.json_response(RequestError(status, kind, message, field).body(), status=status)
 
 
+def _protected_paths(protect_metrics: bool):
+    def protects(path: str) -> bool:
+        return path.startswith("/v1/") or (protect_metrics and path == "/metrics")
+
+    return protects
+
+
 class RouterServer:
     """The HTTP app around a ``LoadedEnsemble``; ``start()`` binds, ``stop()`` shuts down."""
 
-    def __init__(self, served: LoadedEnsemble, limits: LimitsConfig | None = None):
+    def __init__(
+        self,
+        served: LoadedEnsemble,
+        limits: LimitsConfig | None = None,
+        *,
+        token: str | None = None,
+        protect_metrics: bool = False,
+    ):
+        """With ``token``, ``/v1/*`` (and ``/metrics`` if ``protect_metrics``) requires
+        ``Authorization: Bearer <token>``; ``/healthz`` stays open."""
         self.served = served
         self.ensemble = served.ensemble
         self.limits = limits or LimitsConfig()
@@ -122,8 +138,11 @@ class RouterServer:
         self._window = self.ensemble._generation_window()
         self._runner: web.AppRunner | None = None
         self.address = ""
+        middlewares = [self._middleware]  # outermost first: refusals are counted too
+        if token:
+            middlewares.append(bearer_middleware(token, _protected_paths(protect_metrics)))
         self.app = web.Application(
-            client_max_size=self.limits.max_body_bytes, middlewares=[self._middleware]
+            client_max_size=self.limits.max_body_bytes, middlewares=middlewares
         )
         self.app.router.add_post("/v1/generate", self.generate)
         self.app.router.add_post("/v1/sample", self.sample)
@@ -379,7 +398,12 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     import signal
 
     served = await asyncio.to_thread(load_served_ensemble, config)
-    server = RouterServer(served, config.limits)
+    server = RouterServer(
+        served,
+        config.limits,
+        token=http_token(config.http_token),
+        protect_metrics=config.http_token_metrics,
+    )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

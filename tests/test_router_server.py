@@ -356,3 +356,36 @@ def test_cbtm_server_from_a_partition(loop, checkpoints, tmp_path):
         assert client.experts()["router"]["router_kind"] == "cbtm"
     finally:
         loop.run(server.stop(), 10)
+
+
+# --- bearer token ---------------------------------------------------------------------------
+
+
+def test_token_guards_the_api_and_healthz_stays_open(loop, checkpoints):
+    from router.client import UnauthorizedError
+
+    served = load_served_ensemble(checkpoints["bytelm"])
+    server = RouterServer(served, LIMITS, token="s3cret-router")
+    loop.run(server.start(), 30)
+    try:
+        with pytest.raises(UnauthorizedError, match="token=") as info:
+            Client(server.url, timeout=30).experts()
+        assert info.value.status == 401 and info.value.kind == "unauthorized"
+        with pytest.raises(UnauthorizedError):
+            Client(server.url, timeout=30, token="wrong").generate("a", max_bytes=4, seed=0)
+        status, body = post_raw(server.url + "/v1/generate", b'{"prompt": "a"}')
+        assert status == 401 and b"s3cret" not in body
+        client = Client(server.url, timeout=30, token="s3cret-router")
+        assert client.generate("a", max_bytes=4, seed=0).text is not None
+        assert client.experts()["experts"]
+        assert Client(server.url).health()["status"] == "ok"  # /healthz: no token needed
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            assert b'status="401"' in r.read()  # refusals are counted; /metrics open
+
+        async def with_async_client():
+            async with AsyncClient(server.url, timeout=30, token="s3cret-router") as c:
+                return await c.experts()
+
+        assert loop.run(with_async_client(), 30)["experts"]
+    finally:
+        loop.run(server.stop(), 10)
