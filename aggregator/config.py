@@ -18,6 +18,14 @@ Example (a root serving one model)::
     deadline_s = 30.0                 # ...or when the oldest has waited this long
     staleness = "fedbuff"             # fedbuff | polynomial | hinge | constant
     max_staleness = 16
+    clip = "adaptive"                 # bound on each island update's L2 norm (the default):
+    clip_factor = 4.0                 #   factor x the median of the last clip_window norms;
+    clip_window = 32
+    clip_min_count = 8                #   before that many, clip_warmup_ratio x ||theta||
+    clip_warmup_ratio = 0.5
+    clip_action = "clip"              # scale an update down to the bound, or "reject" it
+    # clip = "static"                 # or an absolute bound: clip_norm = 5.0
+    # clip = "off"                    # or none at all (a warning at start)
 
     [[models]]
     model_id = "global"
@@ -29,6 +37,12 @@ Example (a root serving one model)::
 
 A leaf or mid names its parent by ``parent = "host:port"`` or finds one in the DHT
 (``dht_peers``), choosing by measured round-trip time among aggregators that have room.
+
+Every aggregator that admits island updates (kind ``delta``) bounds their norm
+(:mod:`aggregator.norm_bound`); child partials were bounded at their leaf. A clip scales the
+update's data, not its weight, and is logged in the WAL with the update, so a replay after a
+restart re-merges the same sum whatever the config says then. The measurements behind the
+defaults are in docs/reliability.md ("Adaptive norm bound").
 """
 
 from __future__ import annotations
@@ -36,6 +50,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from aggregator.norm_bound import (
+    DEFAULT_FACTOR,
+    DEFAULT_MIN_COUNT,
+    DEFAULT_WARMUP_RATIO,
+    DEFAULT_WINDOW,
+)
 from comms.errors import ConfigError
 
 ROLES = ("leaf", "mid", "root")
@@ -49,7 +69,17 @@ class MergeConfig:
     staleness: str = "fedbuff"  # weighting by staleness s = v_now - base_version
     staleness_params: dict[str, float] = field(default_factory=dict)
     max_staleness: int | None = 16  # staler updates are refused (StaleError) and counted
-    clip_norm: float | None = None  # per-update L2 clip before merging (composes in a tree)
+    # Island updates (kind "delta") are bounded in L2 norm before merging (aggregator.norm_bound):
+    # "adaptive": clip_factor x the median of the last clip_window accepted norms (in warm-up,
+    # clip_warmup_ratio x ||theta||); "static": clip_norm; "off": nothing (logged at start).
+    # Unset: "static" when clip_norm is given, else "adaptive".
+    clip: Literal["adaptive", "static", "off"] | None = None
+    clip_norm: float | None = None  # clip = "static": the absolute L2 bound of one update
+    clip_factor: float = DEFAULT_FACTOR  # adaptive: bound = factor x median of the window
+    clip_window: int = DEFAULT_WINDOW  # adaptive: accepted norms kept per model (clipped ones)
+    clip_min_count: int = DEFAULT_MIN_COUNT  # adaptive: fewer norms: the warm-up bound
+    clip_warmup_ratio: float = DEFAULT_WARMUP_RATIO  # warm-up bound: this x ||theta||
+    clip_action: Literal["clip", "reject"] = "clip"  # scale down to the bound, or refuse
     weight_by_samples: bool = False  # also weight an update by its meta "tokens"
     engine: Literal["inline", "pool"] = "inline"  # merge in the service, or in worker processes
     max_workers: int = 2  # pool: most merge worker processes (scaled with the queue)
@@ -69,8 +99,36 @@ class MergeConfig:
                 f"max_workers / warm_workers: need 1 <= max_workers and 0 <= warm_workers <= "
                 f"max_workers, got {self.max_workers} / {self.warm_workers}"
             )
+        self._validate_clip()
+
+    @property
+    def clip_mode(self) -> str:
+        """``clip`` as set, or its default: "static" with a clip_norm, else "adaptive"."""
+        if self.clip is not None:
+            return self.clip
+        return "static" if self.clip_norm is not None else "adaptive"
+
+    def _validate_clip(self) -> None:
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ConfigError(f"clip_norm: must be positive, got {self.clip_norm}")
+        if self.clip_mode == "static" and self.clip_norm is None:
+            raise ConfigError('clip_norm: clip = "static" needs clip_norm (an L2 bound)')
+        if self.clip_mode != "static" and self.clip_norm is not None:
+            raise ConfigError(
+                f'clip_norm: only used with clip = "static", here clip = "{self.clip_mode}"; '
+                "remove one of the two"
+            )
+        if not self.clip_factor > 1:
+            raise ConfigError(f"clip_factor: must be > 1, got {self.clip_factor}")
+        if self.clip_window < 1:
+            raise ConfigError(f"clip_window: must be at least 1, got {self.clip_window}")
+        if not 1 <= self.clip_min_count <= self.clip_window:
+            raise ConfigError(
+                f"clip_min_count: must be in [1, clip_window={self.clip_window}], got "
+                f"{self.clip_min_count}"
+            )
+        if not self.clip_warmup_ratio > 0:
+            raise ConfigError(f"clip_warmup_ratio: must be positive, got {self.clip_warmup_ratio}")
 
 
 @dataclass

@@ -66,6 +66,7 @@ class Flushing:
         t0 = time.perf_counter()
         cfg = line.config
         guard = self.guard.state()
+        norms = line.norm_bound.state() if line.norm_bound is not None else []
 
         def step_and_persist():
             nv = line.root.step(partial)
@@ -73,7 +74,7 @@ class Flushing:
                 nv.version,
                 nv.envelope,
                 line.root.state_arrays(),
-                {"version": nv.version, "wal_index": index, "guard": guard},
+                {"version": nv.version, "wal_index": index, "guard": guard, "norms": norms},
                 snapshot=line.root.theta if nv.version % cfg.snapshot_every == 0 else None,
             )
             fault_point("root.before_mark")

@@ -11,33 +11,64 @@ wrong. In order, cheapest first:
 4. replay: the sender's sequence must be above the last one accepted;
 5. names, shapes and dtypes against the model's manifest;
 6. staleness ``s = v_now - base_version`` within the bound (FedBuff, Nguyen et al. 2022);
-7. every decoded value finite; optional per-update L2 clipping.
+7. every decoded value finite;
+8. an island delta's L2 norm against the bound (:mod:`aggregator.norm_bound`; ``clip``
+   "adaptive" by default, "static" with ``clip_norm``, or "off"): above it the delta's data is
+   scaled to the bound (its weight is not) or, with ``clip_action = "reject"``, refused
+   (``NormBoundError``). Child partials are sums of updates bounded at their leaf.
 
 The weight is computed here (``staleness_fn(s)``, times the update's tokens, a number in
-[0, 2**53], when weighting by samples) and logged with the update in the WAL, so a replay
-after a crash rebuilds the very same weighted sum. Pure apart from CPU work; the service runs it in a worker thread.
+[0, 2**53], when weighting by samples) and logged with the update in the WAL together with the
+delta's norm and clip scale, so a replay after a crash rebuilds the very same weighted sum
+``sum_i w_i s_i x_i / sum_i w_i`` without deciding anything again. A record written before the
+scale was logged replays with scale 1, or through ``clip_norm`` when the policy is static (as
+such records were first merged). Pure apart from CPU work; the service runs it in a worker
+thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import msgpack
 import numpy as np
 
 from aggregator.merge import PartialAggregate, accumulate, merge_into
-from aggregator.robust import clip_by_norm
+from aggregator.norm_bound import clipped_norm
+from aggregator.robust import clip_scale, update_norm
 from aggregator.staleness import StalenessFunction, staleness
 from comms.codecs import codec_from_spec
 from comms.envelope import Envelope
-from comms.errors import ConfigError, MalformedError, NotFoundError, StaleError
+from comms.errors import (
+    ConfigError,
+    MalformedError,
+    NonFiniteError,
+    NormBoundError,
+    NotFoundError,
+    StaleError,
+)
 from comms.identity import ReplayGuard, Roster
 from comms.update import Manifest, decode_update, expected_nbytes
 
 ROLES_FOR_KIND = {"delta": ("island", "admin"), "partial": ("aggregator",)}
 MAX_TOKENS = 2**53  # the largest integer a float holds exactly; weights stay finite float32
 _F32_MAX = float(np.finfo(np.float32).max)
+
+
+CLIP_MODES = ("adaptive", "static", "off")
+_BLOCK = 1 << 16  # elements per float64 block of a norm
+
+
+class WalHead(NamedTuple):
+    """The admission figures logged before an update's bytes in its WAL record."""
+
+    staleness: int
+    weight: float
+    norm: float | None = None  # a delta's L2 norm as decoded (None: not measured)
+    scale: float | None = None  # the factor its data was scaled by (None: a record from before)
 
 
 @dataclass
@@ -49,6 +80,18 @@ class Admitted:
     weight: float
     delta: dict[str, np.ndarray] | None = None  # kind "delta": decoded (and clipped) arrays
     partial: PartialAggregate | None = None  # kind "partial": the child's aggregate
+    norm: float | None = None  # kind "delta": its L2 norm before clipping, when measured
+    scale: float = 1.0  # kind "delta": min(1, bound / norm), applied to its data (not weight)
+    bound: float | None = None  # the bound it was checked against (None: unbounded or replay)
+
+    @property
+    def clipped(self) -> bool:
+        return self.scale < 1.0
+
+    @property
+    def window_norm(self) -> float | None:
+        """What enters the norm window: the clipped norm ``norm * scale`` (None: no norm)."""
+        return None if self.norm is None else clipped_norm(self.norm, self.scale)
 
     def merge_into(self, buffer: PartialAggregate) -> None:
         """Add this update to ``buffer`` (weighted; duplicates refused by ReplayError)."""
@@ -81,9 +124,21 @@ class AdmissionPolicy:
     roster: Roster
     staleness_fn: StalenessFunction
     max_staleness: int | None = None
-    clip_norm: float | None = None
+    clip_norm: float | None = None  # the bound of clip "static"
     weight_by_samples: bool = False
     max_bytes: int = 1 << 30
+    # "adaptive": the caller passes each delta's bound to admit(); "static": clip_norm;
+    # "off": no bound. None: "static" when clip_norm is given, else "off".
+    clip: str | None = None
+    clip_action: str = "clip"  # "clip": scale to the bound; "reject": NormBoundError
+
+    def __post_init__(self):
+        if self.clip is None:
+            self.clip = "static" if self.clip_norm is not None else "off"
+        if self.clip not in CLIP_MODES or self.clip_action not in ("clip", "reject"):
+            raise ValueError(f"clip {self.clip!r} / clip_action {self.clip_action!r}: unknown")
+        if self.clip == "static" and not (self.clip_norm and self.clip_norm > 0):
+            raise ValueError(f"clip 'static' needs a positive clip_norm, got {self.clip_norm!r}")
 
 
 def _partial_from_child(env: Envelope, arrays: dict[str, np.ndarray]) -> PartialAggregate:
@@ -110,15 +165,20 @@ def admit(
     manifests: Callable[[str], Manifest | None],
     v_now: Callable[[str], int],
     guard: ReplayGuard,
-    logged_weight: tuple[int, float] | None = None,
+    logged: WalHead | None = None,
     decode: bool = True,
+    clip_bound: float | None = None,
 ) -> Admitted:
     """Check one pushed envelope; raise the typed rejection or return what to merge.
 
-    ``logged_weight`` (staleness, weight) replays a WAL record with the weight it was first
-    admitted with; the replay guard and the staleness bound are not consulted again then.
-    With ``decode=False`` a delta is only validated (``Codec.validate``: the same refusals,
-    without building the arrays) and ``Admitted.delta`` is None: merge workers decode it.
+    ``logged`` (a WAL record's head) replays a record with the figures it was first admitted
+    with: weight, and a delta's norm and clip scale; the replay guard, the staleness bound and
+    the norm bound are not consulted again then. ``clip_bound`` is the bound of an island delta
+    when the policy is "adaptive" (the service keeps one :class:`~aggregator.norm_bound.NormBound`
+    per model; None: no bound yet). With ``decode=False`` a delta is only validated
+    (``Codec.validate``: the same refusals, without building the arrays) or, when its norm is
+    needed, decoded one tensor at a time for it; ``Admitted.delta`` is None and merge workers
+    decode it, scaled by ``Admitted.scale``.
     """
     env = Envelope.from_bytes(data, max_bytes=policy.max_bytes, expected_nbytes=expected_nbytes)
     h = env.header
@@ -131,39 +191,104 @@ def admit(
     if manifest is None:
         raise NotFoundError(f"model {h.model_id!r} is not served here")
     env.verify(policy.roster, roles=roles)
-    if logged_weight is None:
+    if logged is None:
         guard.check(replay_key(h.model_id, h.sender), h.sequence)
-    if not decode and h.kind == "delta" and policy.clip_norm is None:
-        validate_update(env, manifest)
-        arrays = None
-    else:
-        arrays = decode_update(env, manifest)
     if h.kind == "partial":
-        partial = _partial_from_child(env, arrays)
-        s = logged_weight[0] if logged_weight else staleness(h.base_version, v_now(h.model_id))
-        if logged_weight is None and policy.max_staleness is not None and s > policy.max_staleness:
-            raise StaleError(
-                f"partial from {h.sender} is based on version {h.base_version}, {s} behind "
-                f"the current {v_now(h.model_id)} (bound {policy.max_staleness})"
-            )
-        return Admitted(env, s, partial.weight_sum, partial=partial)
-    if logged_weight is not None:
-        s, weight = logged_weight
+        return _admit_partial(env, decode_update(env, manifest), policy, v_now, logged)
+    bound = None
+    if logged is not None:
+        s, weight = logged.staleness, logged.weight
     else:
-        now = v_now(h.model_id)
-        s = staleness(h.base_version, now)
-        if policy.max_staleness is not None and s > policy.max_staleness:
-            raise StaleError(
-                f"delta from {h.sender} (sequence {h.sequence}) is based on version "
-                f"{h.base_version}, {s} versions behind the current {now}; the bound is "
-                f"{policy.max_staleness}: it was dropped"
+        s, weight = _delta_weight(env, policy, v_now)
+        bound = clip_bound if policy.clip == "adaptive" else policy.clip_norm
+    measure = policy.clip != "off" and (logged is None or logged.scale is None)
+    if decode:
+        arrays = decode_update(env, manifest)
+        norm = update_norm(arrays) if measure else None
+    elif measure:
+        arrays, norm = None, encoded_norm(env, manifest)
+    else:
+        arrays, norm = None, None
+        validate_update(env, manifest)
+    if logged is not None:
+        scale, norm = _logged_scale(logged, policy, norm)
+    else:
+        scale = 1.0 if bound is None or norm is None else clip_scale(norm, bound)
+        if scale < 1.0 and policy.clip_action == "reject":
+            raise NormBoundError(
+                f"delta from {h.sender} (sequence {h.sequence}) to model {h.model_id!r} has L2 "
+                f"norm {norm:.6g}, above this aggregator's bound {bound:.6g}: refused "
+                f"(clip_action = 'reject'); an honest island sends updates near the median of "
+                f"recent ones, so check its learning rate, data and code"
             )
-        weight = policy.staleness_fn(s)
-        if policy.weight_by_samples:
-            weight *= max(1.0, _tokens(env))
-    if policy.clip_norm is not None:
-        arrays = clip_by_norm(arrays, policy.clip_norm)
-    return Admitted(env, s, weight, delta=arrays)
+    if arrays is not None and scale != 1.0:
+        arrays = scale_update(arrays, scale)
+    return Admitted(env, s, weight, delta=arrays, norm=norm, scale=scale, bound=bound)
+
+
+def _admit_partial(env, arrays, policy, v_now, logged) -> Admitted:
+    h = env.header
+    partial = _partial_from_child(env, arrays)
+    s = logged.staleness if logged else staleness(h.base_version, v_now(h.model_id))
+    if logged is None and policy.max_staleness is not None and s > policy.max_staleness:
+        raise StaleError(
+            f"partial from {h.sender} is based on version {h.base_version}, {s} behind "
+            f"the current {v_now(h.model_id)} (bound {policy.max_staleness})"
+        )
+    return Admitted(env, s, partial.weight_sum, partial=partial)
+
+
+def _delta_weight(env: Envelope, policy: AdmissionPolicy, v_now) -> tuple[int, float]:
+    """A fresh delta's staleness (refused beyond the bound) and merge weight."""
+    h = env.header
+    now = v_now(h.model_id)
+    s = staleness(h.base_version, now)
+    if policy.max_staleness is not None and s > policy.max_staleness:
+        raise StaleError(
+            f"delta from {h.sender} (sequence {h.sequence}) is based on version "
+            f"{h.base_version}, {s} versions behind the current {now}; the bound is "
+            f"{policy.max_staleness}: it was dropped"
+        )
+    weight = policy.staleness_fn(s)
+    if policy.weight_by_samples:
+        weight *= max(1.0, _tokens(env))
+    return s, weight
+
+
+def _logged_scale(logged: WalHead, policy: AdmissionPolicy, norm: float | None):
+    """(scale, norm) of a replayed delta: as logged; a record from before scales were logged
+    was clipped only by a static ``clip_norm``, recomputed here as it was then."""
+    if logged.scale is not None:
+        return logged.scale, logged.norm
+    if policy.clip == "static" and norm is not None:
+        return clip_scale(norm, policy.clip_norm), norm
+    return 1.0, norm
+
+
+def scale_update(delta: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """``scale * delta`` as new float32 arrays (the scale rounded to float32 once, as the merge
+    workers apply it), the data of a clipped update."""
+    s = np.float32(scale)
+    return {name: np.multiply(x, s, dtype=np.float32) for name, x in delta.items()}
+
+
+def encoded_norm(env: Envelope, manifest: Manifest) -> float:
+    """The L2 norm of an envelope's decoded tensors, decoding one tensor at a time (what
+    ``decode_update`` refuses is refused here too); memory: one tensor, not the update."""
+    manifest.check(env.header.tensors, env.header.model_id)
+    total = 0.0
+    for spec, payload in env.tensors():
+        try:
+            codec = codec_from_spec(spec.codec)
+        except ConfigError as e:
+            raise MalformedError(f"tensor {spec.name!r}: {e}") from e
+        flat = codec.decode(payload, tuple(spec.shape)).reshape(-1)
+        for start in range(0, flat.size, _BLOCK):
+            block = flat[start : start + _BLOCK].astype(np.float64)
+            total += float(np.dot(block, block))
+        if not math.isfinite(total):  # codecs refuse NaN/Inf already; never let one through
+            raise NonFiniteError(f"tensor {spec.name!r} decodes to non-finite values")
+    return math.sqrt(total)
 
 
 def validate_update(env: Envelope, manifest: Manifest) -> None:
@@ -178,13 +303,21 @@ def validate_update(env: Envelope, manifest: Manifest) -> None:
 
 
 def wal_record(admitted: Admitted, data: bytes | memoryview) -> bytes:
-    """The WAL body of an admitted update: its admission figures, then its exact bytes."""
-    head = msgpack.packb({"s": admitted.staleness, "w": admitted.weight})
-    return len(head).to_bytes(4, "big") + head + bytes(data)
+    """The WAL body of an admitted update: its admission figures (staleness ``s``, weight
+    ``w``; for a delta its clip scale ``k`` and, when measured, its norm ``n``), then its exact
+    bytes."""
+    head = {"s": admitted.staleness, "w": admitted.weight}
+    if admitted.partial is None:
+        head["k"] = admitted.scale
+        if admitted.norm is not None:
+            head["n"] = admitted.norm
+    packed = msgpack.packb(head)
+    return len(packed).to_bytes(4, "big") + packed + bytes(data)
 
 
-def parse_wal_record(body: bytes | memoryview) -> tuple[tuple[int, float], memoryview]:
-    """``((staleness, weight), envelope bytes)`` of a WAL body written by ``wal_record``;
+def parse_wal_record(body: bytes | memoryview) -> tuple[WalHead, memoryview]:
+    """``(WalHead, envelope bytes)`` of a WAL body written by ``wal_record`` (a head without
+    ``n`` or ``k``, from before they were logged, reads as None there);
     ``MalformedError`` naming what is wrong with a damaged one."""
     view = memoryview(body).cast("B")
     if len(view) < 4:
@@ -201,7 +334,13 @@ def parse_wal_record(body: bytes | memoryview) -> tuple[tuple[int, float], memor
         raise MalformedError(f"WAL record head: staleness must be an int >= 0, got {s!r}")
     if type(w) not in (int, float) or not (0 < w <= _F32_MAX and np.float32(w) > 0):
         raise MalformedError(f"WAL record head: weight must be a positive float32, got {w!r}")
-    return (s, float(w)), view[4 + n :]
+    norm, scale = head.get("n"), head.get("k")
+    if norm is not None and not (type(norm) in (int, float) and 0 <= norm < math.inf):
+        raise MalformedError(f"WAL record head: norm must be a finite number >= 0, got {norm!r}")
+    if scale is not None and not (type(scale) in (int, float) and 0 <= scale <= 1):
+        raise MalformedError(f"WAL record head: clip scale must be in [0, 1], got {scale!r}")
+    norm = None if norm is None else float(norm)
+    return WalHead(s, float(w), norm, None if scale is None else float(scale)), view[4 + n :]
 
 
 def _tokens(env: Envelope) -> float:

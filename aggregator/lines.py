@@ -2,7 +2,8 @@
 
 The replica of ``theta_v`` (the root's own model at the root), the version, the cache of recent
 ``u_v`` for subscribers, the merge buffer (in process, or in the merge pool's workers), the
-write-ahead log, and the lock and conditions the service's tasks share. The service changes a
+write-ahead log, the norm bound of island updates, and the lock and conditions the service's
+tasks share. The service changes a
 line's state under ``line.lock``.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from aggregator.config import ModelConfig
 from aggregator.merge import PartialAggregate, merge_into
+from aggregator.norm_bound import NormBound
 from aggregator.root import RootModel
 from aggregator.store import ModelStore
 from aggregator.wal import WriteAheadLog
@@ -51,6 +53,10 @@ class ModelLine:
         self.snapshot: tuple[int, bytes] | None = None
         self.pool = None  # MergePool when merge.engine == "pool"
         self.pooled = 0  # updates submitted to the pool since the last flush
+        self.norm_bound: NormBound | None = None  # merge.clip = "adaptive": island updates' bound
+        self.theta_norm: tuple[int, float] | None = None  # (version, ||theta||), computed lazily
+        self.clipped = 0  # island updates clipped since this process started
+        self.norm_rejected = 0  # island updates refused for their norm (clip_action "reject")
 
     @property
     def buffered(self) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+# an update's norm / the median of the window: honest ones sit near 1 (docs/reliability.md)
+NORM_RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0, 100.0)
 
 
 class AggregatorMetrics:
@@ -40,6 +42,21 @@ class AggregatorMetrics:
         self.partials_dropped = Counter(
             "archipelago_partials_dropped", "Partials the parent refused", ["reason"], registry=r
         )
+        self.clipped = Counter(
+            "archipelago_updates_clipped",
+            "Island updates scaled down to the norm bound, by model and bound "
+            "(norm_bound: the adaptive one; warmup: relative to theta; clip_norm: static)",
+            ["model_id", "reason"], registry=r,
+        )  # fmt: skip
+        self.norm_bound = Gauge(
+            "archipelago_update_norm_bound", "The current L2 bound of island updates",
+            ["model_id"], registry=r,
+        )  # fmt: skip
+        self.norm_ratio = Histogram(
+            "archipelago_update_norm_ratio",
+            "An accepted island update's L2 norm over the median of recent ones (before clipping)",
+            buckets=NORM_RATIO_BUCKETS, registry=r,
+        )  # fmt: skip
         self.version = Gauge(
             "archipelago_model_version", "Current version", ["model_id"], registry=r
         )

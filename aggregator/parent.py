@@ -81,7 +81,8 @@ class ParentLink:
     async def _queue_partial(
         self, line: ModelLine, partial: PartialAggregate, index: int, seq: int, resend=False
     ) -> None:
-        note = msgpack.packb({"seq": seq, "guard": self.guard.state()})
+        norms = line.norm_bound.state() if line.norm_bound is not None else []
+        note = msgpack.packb({"seq": seq, "guard": self.guard.state(), "norms": norms})
         if not resend:
             await asyncio.to_thread(line.wal.intent, index, note)
             fault_point("leaf.after_intent")

@@ -4,7 +4,9 @@ What lies above the WAL's mark is re-merged with the weights it was first admitt
 flush whose intent was logged before a crash is decided again at the same record and its
 partial re-sent with its original sequence number; the replay guard and the partial sequence
 come back from the notes of the last mark and of the pending intents. Nothing acknowledged is
-lost, nothing is counted twice.
+lost, nothing is counted twice. An island delta is re-merged with the clip scale logged at its
+admission (never decided again), and the window of the norm bound is rebuilt from the mark's
+note (the root's: its saved state) and the logged norms of what is replayed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class WalRecovery:
     """The WAL replay of :class:`~aggregator.service.AggregatorService`.
 
     Uses the service's ``config``, ``clock``, ``guard`` (replaced by the merged one),
-    ``metrics``, ``_admit``, ``_submit_to_pool``, :meth:`_queue_partial`
+    ``metrics``, ``_admit``, ``_submit_to_pool``, ``_observe_admitted``, :meth:`_queue_partial`
     (:mod:`aggregator.parent`) and :meth:`_maybe_flush` (:mod:`aggregator.flush`).
     """
 
@@ -35,6 +37,10 @@ class WalRecovery:
         # a root's mark may come from its saved state alone (it died before the WAL mark)
         mark_note = line.wal.last_mark_note() if line.wal.mark else b""
         notes = [msgpack.unpackb(mark_note)] if mark_note else []
+        # a leaf's window as of its mark (the root's came with its saved state)
+        nb = line.norm_bound
+        if nb is not None and notes and isinstance(notes[0], dict) and "norms" in notes[0]:
+            nb.load(notes[0]["norms"])
         notes += [msgpack.unpackb(r.body) for r in intents]
         for note in notes:
             if isinstance(note, dict):
@@ -43,9 +49,10 @@ class WalRecovery:
         bounds = [(r.index, msgpack.unpackb(r.body)) for r in intents]
         replayed = 0
         for record in line.wal.pending():
-            weight, data = parse_wal_record(record.body)
-            admitted = await asyncio.to_thread(self._admit, data, weight, line.pool is None)
+            head, data = parse_wal_record(record.body)
+            admitted = await asyncio.to_thread(self._admit, data, head, line.pool is None)
             self.guard.commit(admitted.replay_key, admitted.sequence)
+            self._observe_admitted(line, admitted, replay=True)  # the norm window, as logged
             if line.pool is not None and admitted.delta is None:  # a backlog: workers scale up
                 head = len(record.body) - len(data)
                 self._submit_to_pool(line, admitted, (record.path, record.offset + head, len(data)))

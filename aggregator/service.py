@@ -34,6 +34,7 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
+from aggregator.clipping import NormClipping
 from aggregator.config import AggregatorConfig, ModelConfig
 from aggregator.flush import Flushing
 from aggregator.gateway import AdmissionPolicy, Admitted, admit, wal_record
@@ -60,14 +61,15 @@ __all__ = ["ROOT_VERSION_CACHE", "VERSION_CACHE", "AggregatorService", "ModelLin
 log = logging.getLogger(__name__)
 
 
-class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
+class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipping):
     """A leaf, mid or root aggregator; ``await start()``, then serve until ``stop()``.
 
     The class conducts: lifecycle, opening the model lines and admitting pushes are here;
     flushes are :class:`~aggregator.flush.Flushing`'s, subscribers and fetches
     :class:`~aggregator.publish.Publishing`'s, the parent
-    :class:`~aggregator.parent.ParentLink`'s and the WAL replay
-    :class:`~aggregator.recovery.WalRecovery`'s.
+    :class:`~aggregator.parent.ParentLink`'s, the WAL replay
+    :class:`~aggregator.recovery.WalRecovery`'s and the norm bound of island updates
+    :class:`~aggregator.clipping.NormClipping`'s.
     """
 
     def __init__(
@@ -101,7 +103,10 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
             clip_norm=m.clip_norm,
             weight_by_samples=m.weight_by_samples,
             max_bytes=config.max_update_bytes,
+            clip=m.clip_mode,
+            clip_action=m.clip_action,
         )
+        self._log_clip_mode()
         self.lines: dict[str, ModelLine] = {}
         self.metrics = AggregatorMetrics(config.name, config.role)
         self.server: TransportServer | None = None
@@ -125,6 +130,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
         model_ids = await self._model_ids()
         for model_id in model_ids:
             line = ModelLine(model_id, WriteAheadLog(self.state_dir / "wal" / model_id))
+            line.norm_bound = self._new_norm_bound()
             self.lines[model_id] = line
             if self.role == "root":
                 line.config = next(c for c in self.config.models if c.model_id == model_id)
@@ -252,6 +258,8 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
             root.load_state_arrays(arrays, int(meta["version"]))
             self.guard = _merged_guard(self.guard, meta.get("guard", {}))
             line.wal.mark = max(line.wal.mark, int(meta.get("wal_index", 0)))
+            if line.norm_bound is not None:  # the window as of wal_index; replay adds the rest
+                line.norm_bound.load(meta.get("norms", []))
         else:
             store.save_manifest(root.manifest)
             store.put_snapshot(0, root.theta)
@@ -264,15 +272,16 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
 
     # ================================================================== TransportHandler
 
-    def _admit(self, data, logged_weight=None, decode=True) -> Admitted:
+    def _admit(self, data, logged=None, decode=True, clip_bound=None) -> Admitted:
         return admit(
             data,
             policy=self.policy,
             manifests=lambda mid: self.lines[mid].manifest if mid in self.lines else None,
             v_now=lambda mid: self.lines[mid].version,
             guard=self.guard,
-            logged_weight=logged_weight,
+            logged=logged,
             decode=decode,
+            clip_bound=clip_bound,
         )
 
     async def on_push(
@@ -280,17 +289,20 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
     ) -> dict[str, str]:
         t0 = time.perf_counter()
         self.metrics.bytes_in.inc(len(data))
+        line = None
         try:
             header = parse_header(data)
             line = self.lines.get(header.model_id)
             if line is None:
                 raise NotFoundError(f"model {header.model_id!r} is not served here")
-            admitted = await asyncio.to_thread(self._admit, data, None, line.pool is None)
+            bound = await self._clip_bound(line, header.kind)
+            admitted = await asyncio.to_thread(self._admit, data, None, line.pool is None, bound)
             async with line.lock:
                 self.guard.check(admitted.replay_key, admitted.sequence)  # a concurrent duplicate
                 body = wal_record(admitted, data)
                 index = await asyncio.to_thread(line.wal.append, body)
                 self.guard.commit(admitted.replay_key, admitted.sequence)
+                self._observe_admitted(line, admitted)
                 if line.pool is not None and admitted.delta is None:
                     path, offset, length = line.wal.last_location
                     head = len(body) - len(data)  # the envelope inside the record
@@ -307,6 +319,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
                 v_now = line.version
         except RejectedError as e:
             self.metrics.rejected.labels(e.reason).inc()
+            self._count_rejection(line, e)
             log.info("rejected push %s: %s (%s)", upload_id[:12], e, e.reason)
             raise
         finally:
@@ -325,7 +338,10 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
         from aggregator.pool import FileRef, MergeEvent
 
         uid = (admitted.sender, admitted.sequence)
-        line.pool.submit(MergeEvent(FileRef(*where), admitted.weight, uid, admitted.staleness))
+        event = MergeEvent(
+            FileRef(*where), admitted.weight, uid, admitted.staleness, admitted.scale
+        )
+        line.pool.submit(event)
         line.pooled += 1
 
     # ================================================================== status
@@ -347,6 +363,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery):
                     "wal_index": line.wal.last_index,
                     "wal_mark": line.wal.mark,
                     "partials_sent": line.partial_seq,
+                    "clip": self._clip_status(line),
                 }
                 for mid, line in self.lines.items()
             },

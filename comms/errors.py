@@ -89,6 +89,13 @@ class StaleError(RejectedError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class NormBoundError(RejectedError):
+    """An update whose L2 norm exceeds the aggregator's bound, refused because the aggregator
+    is set to reject rather than clip (``merge.clip_action = "reject"``)."""
+
+    reason = "norm_bound"
+
+
 class NotFoundError(RejectedError):
     """A model id or version that the server does not hold."""
 

@@ -194,13 +194,13 @@ def _policy():
                            weight_by_samples=True, max_bytes=MAX_ENVELOPE_BYTES)  # fmt: skip
 
 
-def _admit(data, logged_weight=None, decode=True):
+def _admit(data, logged=None, decode=True):
     from aggregator.gateway import admit
     from aggregator.merge import PartialAggregate
     from comms.identity import ReplayGuard
 
     admitted = admit(data, policy=_policy(), manifests=lambda m: manifest() if m == "global" else None,
-                     v_now=lambda m: 5, guard=ReplayGuard(), logged_weight=logged_weight,
+                     v_now=lambda m: 5, guard=ReplayGuard(), logged=logged,
                      decode=decode)  # fmt: skip
     if admitted.delta is not None:
         check_arrays(admitted.delta, "admitted delta")
@@ -227,7 +227,9 @@ def wal_record_seeds() -> list[bytes]:
 
     out = []
     for i, env in enumerate(envelope_seeds()[:7]):
-        admitted = SimpleNamespace(staleness=i % 3, weight=1.0 / math.sqrt(1 + i % 3))
+        # every other record clipped (scale < 1, norm logged), as the norm bound logs them
+        admitted = SimpleNamespace(staleness=i % 3, weight=1.0 / math.sqrt(1 + i % 3),
+                                   partial=None, norm=2.0 + i, scale=(1.0, 0.25)[i % 2])  # fmt: skip
         out.append(wal_record(admitted, env))
     return out
 
@@ -250,12 +252,12 @@ def mutate_wal_record(rng: random.Random, data: bytes) -> bytes:
 def run_wal_record(data: bytes) -> None:
     from aggregator.gateway import parse_wal_record
 
-    weight, body = parse_wal_record(data)
-    _admit(body, logged_weight=weight)  # the replay path of a restarted aggregator
+    head, body = parse_wal_record(data)
+    _admit(body, logged=head)  # the replay path of a restarted aggregator
 
 
 register(Target(
-    "wal_record", "aggregator.gateway.parse_wal_record + admit(logged_weight) (WAL replay)",
+    "wal_record", "aggregator.gateway.parse_wal_record + admit(logged) (WAL replay)",
     run_wal_record, ADMISSION_ERRORS, wal_record_seeds, (mutate_wal_record,),
 ))  # fmt: skip
 

@@ -24,7 +24,7 @@ from aggregator.merge import PartialAggregate, UpdateId
 from aggregator.pool.buffers import _Buffer, _Record, _sum_buffers
 from aggregator.pool.shm import DEFAULT_PREFIX, BlobRef, ParamLayout, SharedBlob
 from aggregator.pool.supervisor import PoolSupervisor
-from aggregator.pool.worker import DecodeFn, FileRef, MergeEvent, _merge_weight
+from aggregator.pool.worker import DecodeFn, FileRef, MergeEvent, _clip_scale, _merge_weight
 
 DEFAULT_MAX_ENVELOPE_BYTES = 2 << 30
 _PRELOAD = ["numpy", "aggregator.merge", "aggregator.pool.shm", "comms.envelope", "comms.codecs"]
@@ -177,6 +177,7 @@ class MergePool(PoolSupervisor):
         from comms.errors import ReplayError
 
         _merge_weight(event.weight)
+        _clip_scale(event.scale)
         if not isinstance(event.source, BlobRef | FileRef):
             raise TypeError(f"event source must be a BlobRef or FileRef, got {event.source!r}")
         update_id = tuple(event.update_id)

@@ -50,6 +50,7 @@ class MergeEvent:
     weight: float
     update_id: UpdateId  # (sender, sequence); must match the envelope's header
     staleness: int = 0
+    scale: float = 1.0  # the gateway's clip of the update's data (weight unchanged): S += w*(s*x)
 
 
 def decode_with_codec(codec_spec: dict, payload: memoryview, shape: tuple[int, ...]) -> np.ndarray:
@@ -64,6 +65,13 @@ def _merge_weight(weight: float) -> np.float32:
     if not (math.isfinite(weight) and np.isfinite(w) and w > 0):
         raise ValueError(f"merge weight must be a finite positive number, got {weight!r}")
     return w
+
+
+def _clip_scale(scale: float) -> np.float32:
+    s = np.float32(scale)
+    if not (math.isfinite(scale) and 0 <= s <= 1):
+        raise ValueError(f"clip scale must be in [0, 1], got {scale!r}")
+    return s
 
 
 # ---------------------------------------------------------------- the worker process
@@ -150,18 +158,22 @@ def _add_envelope(acc, data, event, fresh, decode, verify_digest, max_bytes) -> 
     except Exception as e:  # hostile bytes raise an open set of types; all mean "reject"
         return "failed", f"{type(e).__name__}: {e}"
     weight = _merge_weight(event.weight)
+    scale = _clip_scale(event.scale)
     touched = False
     try:
         for spec in header.tensors:
             encoded = payload[spec.offset : spec.offset + spec.nbytes]
             dst = acc.arrays[spec.name]
-            if decode is decode_with_codec and spec.codec == {"name": "none"} and dst.size:
+            zero_copy = decode is decode_with_codec and spec.codec == {"name": "none"}
+            if zero_copy and dst.size and scale == 1:
                 touched = True
                 _add_raw_float32(dst, encoded, weight, fresh)  # zero copy from shared memory
                 continue
             x = decode(spec.codec, encoded, spec.shape)
             if x.shape != spec.shape:
                 raise ValueError(f"decoder gave shape {x.shape} for {spec.name!r} {spec.shape}")
+            if scale != 1:  # the gateway's gateway.scale_update, to the bit
+                x = np.multiply(x, scale, dtype=np.float32)
             touched = True
             if fresh:
                 np.multiply(x, weight, out=dst, dtype=np.float32)
