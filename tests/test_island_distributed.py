@@ -129,6 +129,11 @@ def test_collectives_of_two_gloo_ranks(tmp_path):
 # ---------------------------------------------------------------------- torchrun island
 
 
+def _reader(tmp_path) -> Identity:
+    """Reads are signed: the island's own key, which the roster lists, reads the root."""
+    return Identity.load(tmp_path / "island.pem")
+
+
 def _setup(tmp_path, steps, every):
     ident, root_id = Identity.generate(), Identity.generate()
     ident.save(tmp_path / "island.pem")
@@ -176,10 +181,10 @@ def test_torchrun_island_pushes_once_per_round_and_matches_the_root(tmp_path):
         assert summary["step"] == steps and summary["round"] == rounds
         # one push per round from the island (not one per rank), each a version (buffer_k=1)
         assert _accepted_updates(root_http) == rounds
-        version, theta = asyncio.run(_root_theta(address))
+        version, theta = asyncio.run(_root_theta(address, _reader(tmp_path)))
         assert version == summary["version"] == rounds
         theta0 = load_file(str(tmp_path / "init.safetensors"))
-        rebuilt = asyncio.run(_theta_at(address, theta0, version))
+        rebuilt = asyncio.run(_theta_at(address, theta0, version, _reader(tmp_path)))
         assert params_digest(rebuilt) == params_digest(theta) == summary["anchor_digest"]
         records = [json.loads(x) for x in (tmp_path / "island.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == list(range(1, rounds + 1))  # rank 0 writes
@@ -232,7 +237,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_a_restart_resumes(tmp_
         assert second["step"] == cfg.steps and second["replicas_agree"] is True
         assert _accepted_updates(root_http) == first["round"] + second["round"]
         theta0 = load_file(str(tmp_path / "init.safetensors"))
-        rebuilt = asyncio.run(_theta_at(address, theta0, second["version"]))
+        rebuilt = asyncio.run(_theta_at(address, theta0, second["version"], _reader(tmp_path)))
         assert params_digest(rebuilt) == second["anchor_digest"]
     finally:
         if island is not None:
