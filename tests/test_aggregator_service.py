@@ -255,6 +255,7 @@ async def test_a_restarted_leaf_replays_its_wal_with_the_weights_first_admitted(
             [(d["C"], 1), (d["D"], 0), (d["E"], 0)],  # the weights logged at admission
         ])[-1]  # fmt: skip
         assert_theta_close(root.lines["global"].theta, want, "version 3")
+        await wait_for(lambda: leaf.lines["global"].version == 3)  # the leaf follows the root
         assert_same_bits(leaf.lines["global"].theta, root.lines["global"].theta, "leaf")
     finally:
         if leaf is not None:
