@@ -19,7 +19,7 @@ Example (a root serving one model)::
     staleness = "fedbuff"             # fedbuff | polynomial | hinge | constant
     max_staleness = 16
     clip = "adaptive"                 # bound on each island update's L2 norm (the default):
-    clip_factor = 4.0                 #   factor x the median of the last clip_window norms;
+    clip_factor = 2.0                 #   factor x the median of the last clip_window norms;
     clip_window = 32
     clip_min_count = 8                #   before that many, clip_warmup_ratio x ||theta||
     clip_warmup_ratio = 0.5

@@ -38,7 +38,7 @@ import numpy as np
 
 from aggregator.merge import PartialAggregate, accumulate, merge_into
 from aggregator.norm_bound import clipped_norm
-from aggregator.robust import clip_scale, update_norm
+from aggregator.robust import clip_scale, sum_of_squares, update_norm
 from aggregator.staleness import StalenessFunction, staleness
 from comms.codecs import codec_from_spec
 from comms.envelope import Envelope
@@ -59,7 +59,6 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 
 CLIP_MODES = ("adaptive", "static", "off")
-_BLOCK = 1 << 16  # elements per float64 block of a norm
 
 
 class WalHead(NamedTuple):
@@ -282,10 +281,7 @@ def encoded_norm(env: Envelope, manifest: Manifest) -> float:
             codec = codec_from_spec(spec.codec)
         except ConfigError as e:
             raise MalformedError(f"tensor {spec.name!r}: {e}") from e
-        flat = codec.decode(payload, tuple(spec.shape)).reshape(-1)
-        for start in range(0, flat.size, _BLOCK):
-            block = flat[start : start + _BLOCK].astype(np.float64)
-            total += float(np.dot(block, block))
+        total += sum_of_squares(codec.decode(payload, tuple(spec.shape)))
         if not math.isfinite(total):  # codecs refuse NaN/Inf already; never let one through
             raise NonFiniteError(f"tensor {spec.name!r} decodes to non-finite values")
     return math.sqrt(total)

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 
 # Defaults; the measurements of honest updates behind them: docs/reliability.md, "Adaptive norm
 # bound".
-DEFAULT_FACTOR = 4.0
+DEFAULT_FACTOR = 2.0
 DEFAULT_WINDOW = 32
 DEFAULT_MIN_COUNT = 8
 DEFAULT_WARMUP_RATIO = 0.5

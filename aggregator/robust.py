@@ -46,15 +46,23 @@ LEAF_ONLY = frozenset({"centered_clip", "coordinate_median", "trimmed_mean"})
 _BLOCK = 1 << 16
 
 
+def sum_of_squares(x: np.ndarray) -> float:
+    """``sum(x**2)`` accumulated in float64, block by block (no model-sized temporary).
+
+    ``einsum``, not ``np.dot``: a dot goes to a multithreaded BLAS, whose threads cost 25 ms
+    per 64 Ki block on a busy two-core machine (0.03 ms here).
+    """
+    flat = x.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start : start + _BLOCK].astype(np.float64)
+        total += float(np.einsum("i,i->", block, block))
+    return total
+
+
 def update_norm(delta: Mapping[str, np.ndarray]) -> float:
     """The L2 norm of an update, over all its tensors together (accumulated in float64)."""
-    total = 0.0
-    for x in delta.values():
-        flat = x.reshape(-1)
-        for start in range(0, flat.size, _BLOCK):
-            block = flat[start : start + _BLOCK].astype(np.float64)
-            total += float(np.dot(block, block))
-    return math.sqrt(total)
+    return math.sqrt(sum(sum_of_squares(x) for x in delta.values()))
 
 
 def clip_scale(norm: float, max_norm: float) -> float:

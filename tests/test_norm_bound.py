@@ -57,7 +57,7 @@ def test_median_of_the_last_window_norms():
 
 
 def test_without_theta_the_median_so_far_or_nothing():
-    nb = NormBound(factor=4.0, window=8, min_count=4)
+    nb = NormBound(factor=4.0, window=8, min_count=4, warmup_ratio=0.5)
     assert nb.bound(None) is None and nb.bound(0.0) is None  # nothing to compare with
     nb.observe(2.0)
     assert nb.bound(None) == 8.0 and nb.bound(0.0) == 8.0
@@ -73,10 +73,10 @@ def test_a_zero_median_falls_back_to_theta_instead_of_zeroing_every_update():
 
 
 def test_state_round_trip_keeps_the_last_window_norms():
-    nb = NormBound(window=3, min_count=1)
+    nb = NormBound(factor=4.0, window=3, min_count=1)
     nb.load([1.0, 2.0, 3.0, 4.0])
     assert nb.state() == [2.0, 3.0, 4.0]
-    other = NormBound(window=3, min_count=1)
+    other = NormBound(factor=4.0, window=3, min_count=1)
     other.load(nb.state())
     assert other.bound() == nb.bound() == 4.0 * 3.0
 

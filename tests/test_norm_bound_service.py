@@ -15,7 +15,7 @@ from comms.errors import NormBoundError
 from comms.transport import TransportClient
 
 MIN_COUNT = 8  # the default clip_min_count
-FACTOR = 4.0  # the default clip_factor
+FACTOR = 2.0  # the default clip_factor
 WARMUP = 0.5  # the default clip_warmup_ratio
 
 
