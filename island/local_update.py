@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from comms.update import Manifest
 from island.lookahead import NesterovReplay
 from island.pseudo import (
     add_numpy_into,
@@ -79,7 +80,7 @@ from island.pseudo import (
     params_to_numpy,
     pseudo_gradient,
 )
-from island.sync import PushOutcome, SyncEngine, VersionGapError
+from island.sync import PushOutcome, SnapshotRefusedError, SyncEngine, VersionGapError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,13 @@ class _Unresolved:
 
 
 _PENDING = _Unresolved()
+
+
+def model_manifest(model: torch.nn.Module) -> Manifest:
+    """The names and shapes of ``model``'s parameters as the island syncs them (float32)."""
+    return Manifest(
+        tuple((n, tuple(int(d) for d in p.shape), "float32") for n, p in model.named_parameters())
+    )
 
 
 class LocalUpdate:
@@ -153,6 +161,8 @@ class LocalUpdate:
         if self._anchor is not None:
             return self
         self._started_at = time.perf_counter()
+        # every version and snapshot must be this model's (names, shapes; float32 on the wire)
+        self.engine.expect_manifest(model_manifest(self.model))
         if self._resume is not None:
             version, anchor = self._resume
             self._anchor = copy_arrays(anchor)
@@ -253,7 +263,16 @@ class LocalUpdate:
             versions = self.engine.take_versions(after=self._version)
         except VersionGapError as err:
             log.warning("model %s: %s", self.engine.model_id, err)
-            version, params = self.engine.fetch_snapshot()
+            try:  # one try per boundary: training goes on meanwhile
+                version, params = self.engine.fetch_snapshot(retry_refused=False)
+            except SnapshotRefusedError as refused:
+                log.error(
+                    "%s; keeping version %d, trying again at the next boundary",
+                    refused, self._version,
+                )  # fmt: skip
+                self.engine.follow(self._version)
+                self._set_start()
+                return
             if version >= self._version:
                 self._anchor, self._version = copy_arrays(params), version
             else:  # an older snapshot than our anchor: keep ours, follow from it

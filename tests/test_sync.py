@@ -9,6 +9,7 @@ and is not an aggregator; end-to-end tests against the real aggregator live with
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -17,12 +18,20 @@ import pytest
 from comms.aio import LoopThread
 from comms.config import config_from_dict
 from comms.envelope import Envelope
-from comms.errors import ConfigError, NotFoundError, ReadDeniedError, ReplayError, StaleError
+from comms.errors import (
+    ConfigError,
+    NotFoundError,
+    ReadDeniedError,
+    ReplayError,
+    ShapeMismatchError,
+    StaleError,
+)
 from comms.identity import Identity, Roster
 from comms.reads import ReadGuard
 from comms.transport import TransportClient, TransportServer
-from comms.update import decode_update, encode_update
-from island.sync import SyncConfig, SyncEngine, VersionGapError
+from comms.update import Manifest, decode_update, encode_update
+from island.sync import SnapshotRefusedError, SyncConfig, SyncEngine, VersionGapError
+from island.sync.versions import manifest_differences
 
 MODEL = "lm"
 
@@ -415,6 +424,117 @@ def test_an_island_outside_the_roster_is_refused_reads_and_told_why(harness, cap
     member = harness.engine()  # the roster's island reads the same server
     member.follow(0)
     assert member.wait_for_version(0, timeout=5) == 1
+
+
+# ------------------------------------------------------------------ the island's own manifest
+
+MANIFEST = Manifest((("b", (3,), "float32"), ("w", (4, 300), "float32")))
+
+
+def foreign_versions(rng) -> dict[str, dict[str, np.ndarray]]:
+    """Signed, well-formed updates that are not this island's model, by what differs."""
+    good = random_delta(rng)
+    return {
+        "an extra tensor": {**good, "head": np.zeros(2, np.float32)},
+        "a missing tensor": {"w": good["w"]},
+        "a renamed tensor": {"w": good["w"], "bias": good["b"]},
+        "another shape": {"w": good["w"][:, :299].copy(), "b": good["b"]},
+        "another dtype": {"w": good["w"].astype(np.float16), "b": good["b"]},
+    }
+
+
+def test_manifest_differences_name_what_differs():
+    rng, signer = np.random.default_rng(20), Identity.generate()
+    said = {}
+    for what, u in foreign_versions(rng).items():
+        env = Envelope.from_bytes(version_envelope(1, u, signer), max_bytes=1 << 20)
+        said[what] = "; ".join(manifest_differences(MANIFEST, env.header.tensors))
+    assert said["an extra tensor"] == "1 unexpected tensor(s) ['head']"
+    assert said["a missing tensor"] == "missing 1 tensor(s) ['b']"
+    assert said["a renamed tensor"] == "missing 1 tensor(s) ['b']; 1 unexpected tensor(s) ['bias']"
+    assert said["another shape"] == "'w' has shape (4, 299), the model (4, 300)"
+    assert said["another dtype"] == "'w' has dtype float16, the model float32"
+    fits = version_envelope(1, random_delta(rng), signer)
+    fits = Envelope.from_bytes(fits, max_bytes=1 << 20)
+    assert manifest_differences(MANIFEST, fits.header.tensors) == []
+
+
+def test_a_version_that_does_not_fit_the_islands_model_is_refused_and_the_stream_waits(
+    harness, caplog
+):
+    """Signed by the roster's aggregator and well formed, but not this model: refused on
+    arrival with what differs, never buffered (nothing to apply), and the stream keeps asking
+    for that version until one that fits is published."""
+    engine = harness.engine()
+    engine.expect_manifest(MANIFEST)
+    rng = np.random.default_rng(21)
+    u1, u2, u3 = (random_delta(rng) for _ in range(3))
+    harness.publish(1, u1)
+    engine.follow(0)
+    assert engine.wait_for_version(0, timeout=5) == 1
+    for refused, (what, foreign) in enumerate(foreign_versions(rng).items(), start=1):
+        harness.publish(2, foreign)
+        wait_until(lambda n=refused: engine.stats["versions_refused"] >= n)
+        assert engine.newest_version() == 1, what
+    assert "refused version 2 from 127.0.0.1:" in caplog.text
+    for said in ("unexpected 1 tensor", "'w' has shape (4, 299), the model (4, 300)",
+                 "'w' has dtype float16, the model float32", "missing 1 tensor(s) ['b']"):  # fmt: skip
+        assert said.replace("unexpected 1", "1 unexpected") in caplog.text
+    harness.publish(2, u2)  # a version that fits: the stream takes it and goes on
+    harness.publish(3, u3)
+    assert engine.wait_for_version(2, timeout=5) == 3
+    taken = engine.take_versions(after=0)
+    assert [v for v, _ in taken] == [1, 2, 3]
+    for (_, u), want in zip(taken, (u1, u2, u3), strict=True):
+        assert u["w"].tobytes() == want["w"].tobytes()
+    assert engine.stats["versions_received"] == 3
+
+
+def test_a_buffered_version_that_does_not_fit_is_a_gap_and_none_is_returned(harness):
+    """Versions buffered before the manifest was known are checked when taken: none of the
+    batch is returned (a caller applies all or nothing) and a snapshot is asked for."""
+    engine = harness.engine()
+    rng = np.random.default_rng(22)
+    harness.publish(1, random_delta(rng))
+    harness.publish(2, foreign_versions(rng)["another shape"])
+    engine.follow(0)
+    engine.wait_for_version(1, timeout=5)
+    engine.expect_manifest(MANIFEST)
+    with pytest.raises(VersionGapError, match=r"version 2 does not decode .*has shape"):
+        engine.take_versions(after=0)
+    assert engine.stats["versions_refused"] == 1
+
+
+def test_a_snapshot_that_does_not_fit_is_refused_and_fetched_again_until_one_does(harness, caplog):
+    engine = harness.engine()
+    engine.expect_manifest(MANIFEST)
+    rng = np.random.default_rng(23)
+    harness.set_snapshot(4, foreign_versions(rng)["a renamed tensor"])
+    with pytest.raises(SnapshotRefusedError, match="does not fit this island's model") as info:
+        engine.fetch_snapshot(timeout=10, retry_refused=False)
+    assert info.value.reason == "shape" and isinstance(info.value.__cause__, ShapeMismatchError)
+    assert "unexpected tensor(s) ['bias']" in str(info.value)
+    assert engine.newest_version() is None  # nothing followed, nothing returned
+    assert engine.stats["snapshots_refused"] == 1 and engine.stats["snapshots_fetched"] == 0
+    assert "refused the snapshot from 127.0.0.1:" in caplog.text
+
+    theta = random_delta(rng, scale=1.0)
+    result: list = []
+    fetcher = threading.Thread(target=lambda: result.append(engine.fetch_snapshot(timeout=20)))
+    fetcher.start()
+    wait_until(lambda: engine.stats["snapshots_refused"] >= 3)  # fetched again, with backoff
+    assert not result
+    harness.set_snapshot(4, theta)
+    fetcher.join(timeout=15)
+    version, params = result[0]
+    assert version == 4 and params["w"].tobytes() == theta["w"].tobytes()
+    assert engine.stats["snapshots_fetched"] == 1
+
+    harness.set_snapshot(5, foreign_versions(rng)["another dtype"])  # the timeout ends a wait
+    start = time.monotonic()
+    with pytest.raises(SnapshotRefusedError, match="has dtype float16"):
+        engine.fetch_snapshot(timeout=0.5)
+    assert time.monotonic() - start < 5
 
 
 # ------------------------------------------------------------------ config

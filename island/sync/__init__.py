@@ -11,8 +11,10 @@ from one part per concept:
 - ``versions``: the version stream. ``follow(v)`` subscribes from ``v + 1``, verifies and
   buffers each ``u_v`` in order, resubscribes after a gap, records arrival times, and
   ``take_versions`` decodes them (``VersionGapError`` when some are gone) and notes which of
-  this island's sequences each version merged.
-- ``joiner``: snapshot fetch for a late joiner (``theta_v`` exactly, then follow ``v + 1``).
+  this island's sequences each version merged. ``expect_manifest`` makes it refuse a version
+  whose tensors are not the island's model's.
+- ``joiner``: snapshot fetch for a late joiner (``theta_v`` exactly, then follow ``v + 1``),
+  checked the same way (``SnapshotRefusedError``).
 - ``engine``: the clients' lifecycle (a ``TransportClient`` per role, replaced after a link
   failure), the counters, and shutdown. ``config``: ``SyncConfig`` and ``SyncStats``.
 
@@ -28,6 +30,7 @@ timeout.
 
 from island.sync.config import SyncConfig, SyncStats
 from island.sync.engine import ClientFactory, SyncEngine
+from island.sync.joiner import SnapshotRefusedError
 from island.sync.pushes import PushOutcome
 from island.sync.versions import VERSION_SIGNER_ROLES, SyncTimeoutError, VersionGapError
 
@@ -35,6 +38,7 @@ __all__ = [
     "VERSION_SIGNER_ROLES",
     "ClientFactory",
     "PushOutcome",
+    "SnapshotRefusedError",
     "SyncConfig",
     "SyncEngine",
     "SyncStats",

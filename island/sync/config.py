@@ -85,6 +85,7 @@ class SyncStats:
     version_gaps: int = 0  # skipped versions seen on the stream, or evicted from the buffer
     subscription_restarts: int = 0
     snapshots_fetched: int = 0
+    snapshots_refused: int = 0  # malformed, badly signed, or not the island's model
     newest_version: int = -1
     last_staleness: int = -1  # of the last accepted push
     last_weight: float = 0.0

@@ -9,6 +9,14 @@ versions the island needs, ``take_versions`` raises ``VersionGapError`` and the 
 a snapshot (``island.sync.joiner``). Each version's meta lists the ``(island, sequence)``
 updates it merged; ``merged_sequences`` reports this island's.
 
+The island checks what it receives against its own model: ``expect_manifest`` (called by
+``LocalUpdate.start``) sets the names, shapes and dtypes every version and snapshot must have.
+A version that differs (a wrong or hostile aggregator, another model under the same id) is
+refused on arrival with a ``ShapeMismatchError`` that says what differs, logged and counted
+in ``versions_refused``; it never enters the buffer, so the anchor is untouched, and the
+stream resubscribes from that version (with backoff) until a version that fits arrives or
+the aggregator no longer holds it (then a snapshot, checked the same way).
+
 ``VersionStream`` is the version half of ``SyncEngine`` (a mixin: the engine owns the state,
 the lock and the clients). ``_follow_loop`` runs on the engine's loop thread; the rest is
 called from the training thread (decoding runs there, at the round boundary).
@@ -34,9 +42,10 @@ from comms.errors import (
     NotFoundError,
     ReadDeniedError,
     RejectedError,
+    ShapeMismatchError,
 )
 from comms.transport import RemoteError
-from comms.update import decode_update, expected_nbytes
+from comms.update import Manifest, decode_update, expected_nbytes
 
 if TYPE_CHECKING:
     from comms.aio import LoopThread
@@ -46,6 +55,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERSION_SIGNER_ROLES = ("aggregator",)
+
+
+def manifest_differences(manifest: Manifest, specs, limit: int = 5) -> list[str]:
+    """What differs between ``manifest`` and an envelope's tensor specs (empty: they fit):
+    missing and unexpected names, then each tensor whose shape or dtype differs."""
+    got = {s.name: s for s in specs}
+    want = {name: (shape, dtype) for name, shape, dtype in manifest.tensors}
+    out = []
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing:
+        out.append(f"missing {len(missing)} tensor(s) {missing[:limit]}")
+    if extra:
+        out.append(f"{len(extra)} unexpected tensor(s) {extra[:limit]}")
+    changed = []
+    for name in sorted(set(want) & set(got)):
+        (shape, dtype), spec = want[name], got[name]
+        if tuple(spec.shape) != tuple(shape):
+            changed.append(f"{name!r} has shape {tuple(spec.shape)}, the model {tuple(shape)}")
+        elif spec.dtype != dtype:
+            changed.append(f"{name!r} has dtype {spec.dtype}, the model {dtype}")
+    if changed:
+        more = f" (and {len(changed) - limit} more)" if len(changed) > limit else ""
+        out.append("; ".join(changed[:limit]) + more)
+    return out
+
+
+def check_manifest(env: Envelope, manifest: Manifest | None, what: str) -> None:
+    """Raise ``ShapeMismatchError`` naming every difference unless ``env``'s tensors are
+    exactly ``manifest``'s (names, shapes, dtypes); nothing to check without a manifest."""
+    if manifest is None:
+        return
+    differences = manifest_differences(manifest, env.header.tensors)
+    if differences:
+        raise ShapeMismatchError(
+            f"{what} of model {env.header.model_id!r} (signed by {env.header.sender}) does "
+            "not fit this island's model: " + "; ".join(differences)
+        )
 
 
 class VersionGapError(CommsError):
@@ -77,6 +123,14 @@ class VersionStream:
     _stats: SyncStats
     _closed: bool
     _follow_task: asyncio.Task | None
+    _manifest: Manifest | None = None  # what every version and snapshot must hold
+
+    def expect_manifest(self, manifest: Manifest) -> None:
+        """Refuse from now on every version and snapshot whose tensors (names, shapes,
+        dtypes) are not ``manifest``'s: the island's own model, as it pushes it (float32)."""
+        if not isinstance(manifest, Manifest):
+            raise TypeError(f"expected a comms.update.Manifest, got {type(manifest).__name__}")
+        self._manifest = manifest
 
     def follow(self, after_version: int) -> None:
         """Follow the model's versions after ``after_version`` (restarting any subscription
@@ -134,7 +188,10 @@ class VersionStream:
             except RejectedError as err:
                 with self._lock:
                     self._stats.versions_refused += 1
-                log.error("model %s: refused version %d: %s", self.model_id, next_version, err)
+                log.error(
+                    "model %s: refused version %d from %s: %s",
+                    self.model_id, next_version, self.address, err,
+                )  # fmt: skip
             except (LinkError, OSError, RemoteError) as err:
                 log.warning(f"model {self.model_id}: version stream from {self.address}: {err}")
                 await self._retire_client("follow")
@@ -169,6 +226,8 @@ class VersionStream:
             )
         if self._verify:
             env.verify(self.roster, roles=VERSION_SIGNER_ROLES)
+        what = f"version {version}" if version is not None else kind
+        check_manifest(env, self._manifest, what)
         return env
 
     def _store_version(self, version: int, env: Envelope) -> None:
@@ -202,7 +261,9 @@ class VersionStream:
 
         Versions up to the newest returned leave the buffer. Raises ``VersionGapError`` when
         some of them are gone (evicted, or no longer held by the aggregator) or one does not
-        decode: fetch a snapshot. Call from the training thread (decoding runs here).
+        decode or fit the manifest (one buffered before ``expect_manifest``): fetch a
+        snapshot. Every version is decoded and checked before any is returned, so a caller
+        applies all of them or none. Call from the training thread (decoding runs here).
         """
         with self._lock:
             if self._received is None:
@@ -220,13 +281,20 @@ class VersionStream:
                 self._first_available = max(self._first_available, taken[-1][0] + 1)
         decoded = []
         for v, env in taken:
-            self._note_contributors(v, env)
             try:
-                decoded.append((v, decode_update(env)))
-            except RejectedError as err:  # checked and signed, yet undecodable: start over
+                check_manifest(env, self._manifest, f"version {v}")
+                decoded.append((v, decode_update(env, self._manifest)))
+            except RejectedError as err:  # checked and signed, yet unusable: start over
+                with self._lock:
+                    self._stats.versions_refused += 1
+                log.error(
+                    "model %s: refused version %d from %s: %s", self.model_id, v, self.address, err
+                )
                 raise VersionGapError(
                     f"model {self.model_id}: version {v} does not decode ({err}); fetch a snapshot"
                 ) from err
+        for v, env in taken:  # contributors only of versions the caller will apply
+            self._note_contributors(v, env)
         return decoded
 
     def _note_contributors(self, version: int, env: Envelope) -> None:
