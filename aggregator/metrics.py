@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 # an update's norm / the median of the window: honest ones sit near 1 (docs/reliability.md)
@@ -10,9 +11,31 @@ NORM_RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0,
 
 
 class AggregatorMetrics:
-    def __init__(self, name: str, role: str):
+    """``lines`` (the service's ``model_id -> ModelLine``, read at each scrape) adds the storage
+    gauges: whether each line's WAL and store writes fail (a full disk) and how often they did."""
+
+    def __init__(self, name: str, role: str, lines: dict | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
+        if lines is not None:
+            r.register(_StorageCollector(lines))
+        self.flush_failures = Counter(
+            "archipelago_flush_failures",
+            "Flushes (versions at the root, partials elsewhere) deferred because they could not "
+            "be made durable, by model and reason (disk_full, disk_error)",
+            ["model_id", "reason"], registry=r,
+        )  # fmt: skip
+        self.dropped = Counter(
+            "archipelago_updates_dropped",
+            "Acknowledged updates dropped deliberately, by model and reason (nonfinite_merge: "
+            "their float32 merge overflowed)",
+            ["model_id", "reason"], registry=r,
+        )  # fmt: skip
+        self.reads_refused = Counter(
+            "archipelago_reads_refused",
+            "Fetch and Subscribe requests refused by the read guard, by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.updates = Counter(
             "archipelago_updates_accepted", "Updates accepted", ["model_id", "kind"], registry=r
         )
@@ -72,3 +95,35 @@ class AggregatorMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StorageCollector:
+    """``archipelago_storage_failing`` (1 while writes fail) and
+    ``archipelago_storage_write_failures_total`` per model and part (wal, store)."""
+
+    def __init__(self, lines: dict):
+        self.lines = lines
+
+    def collect(self):
+        failing = GaugeMetricFamily(
+            "archipelago_storage_failing",
+            "1 while writes of this part fail (a full or failing disk): pushes are refused",
+            labels=["model_id", "part"],
+        )
+        failures = CounterMetricFamily(
+            "archipelago_storage_write_failures",
+            "Writes that failed (full disk, I/O error) since the process started",
+            labels=["model_id", "part"],
+        )
+        for model_id, line in list(self.lines.items()):
+            parts = {"wal": line.wal.health}
+            if line.store is not None:
+                parts["store"] = line.store.health
+            for part, health in parts.items():
+                failing.add_metric([model_id, part], 1.0 if health.failing else 0.0)
+                failures.add_metric([model_id, part], float(health.failures))
+        yield failing
+        yield failures
+
+    def describe(self):
+        return []

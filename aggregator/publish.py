@@ -17,9 +17,9 @@ from comms.errors import NotFoundError
 
 
 class Publishing:
-    """The ``subscribe`` and ``fetch`` of :class:`~aggregator.service.AggregatorService` (its
-    transport handler) and :meth:`_publish`. Uses the service's ``lines``, ``identity`` and
-    ``metrics``.
+    """The ``subscribe``, ``fetch`` and ``on_read_refused`` of
+    :class:`~aggregator.service.AggregatorService` (its transport handler) and
+    :meth:`_publish`. Uses the service's ``lines``, ``identity`` and ``metrics``.
     """
 
     async def subscribe(self, model_id: str, from_version: int) -> AsyncIterator[tuple[int, bytes]]:
@@ -57,6 +57,10 @@ class Publishing:
             data = line.snapshot[1]
         self.metrics.bytes_out.inc(len(data))
         return data
+
+    def on_read_refused(self, method: str, reason: str) -> None:
+        """The transport server refused a Fetch or Subscribe (``comms.reads``): count it."""
+        self.metrics.reads_refused.labels(reason).inc()
 
     async def _publish(self, line: ModelLine, version: int) -> None:
         line.version = version

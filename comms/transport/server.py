@@ -6,7 +6,13 @@ The servicer only decodes, calls the handler and maps errors to statuses
 blob to the handler exactly once; a retried push of a delivered upload gets the same answer.
 ``Subscribe`` and ``Fetch`` stream a blob's shared chunk messages (``ChunkMessageCache``),
 once the server's ``ReadGuard`` (``comms.reads``), if it has one, admitted the request's
-signature; the handler only sees admitted reads.
+signature; the handler only sees admitted reads. A refused read is logged and reported to the
+handler's optional ``on_read_refused(method, reason)`` (the aggregator counts it). The
+messages are written with ``context.write``, so a reader that goes away in the middle of a
+blob ends its stream with one INFO line, not an error traceback from inside gRPC.
+
+A delivery that fails with an UNAVAILABLE error (``comms.errors.StorageError``: the handler
+could not make it durable) is not remembered: a retry of the same upload is delivered again.
 
 Concurrency: one asyncio loop; server state is touched only from it, so it takes no locks.
 """
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+from grpc._cython import cygrpc
 
 from comms.chunks import (
     DEFAULT_CHUNK_SIZE,
@@ -77,6 +84,8 @@ class ServerStats:
     bytes_accepted: int = 0  # of which appended to an upload (each byte once)
     bytes_sent: int = 0  # chunk data streamed by Subscribe and Fetch
     deliveries: int = 0  # complete uploads handed to the handler
+    reads_refused: dict[str, int] = field(default_factory=dict)  # reason -> count
+    readers_gone: int = 0  # Subscribe/Fetch streams whose reader left mid-blob
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     internal_errors: int = 0
 
@@ -119,22 +128,21 @@ class _Servicer(pb_grpc.TransportServicer):
         except Exception as exc:
             await self._abort(context, exc, "UploadStatus")
 
-    async def Subscribe(self, request: pb.SubscribeRequest, context):
+    async def Subscribe(self, request: pb.SubscribeRequest, context) -> None:
         try:
             check_protocol_version(request.protocol_version)
             self._admit_read("Subscribe", request, request.from_version, context)
             versions = self.handler.subscribe(request.model_id, request.from_version)
             async with _closing(versions):
                 async for version, data in versions:
-                    for msg, nbytes in await self.sent_chunks.messages(
+                    messages = await self.sent_chunks.messages(
                         pb.VersionMessage, request.model_id, version, data
-                    ):
-                        self.stats.bytes_sent += nbytes
-                        yield msg
+                    )
+                    await self._write(context, messages, "Subscribe", request, version)
         except Exception as exc:
             await self._abort(context, exc, "Subscribe")
 
-    async def Fetch(self, request: pb.FetchRequest, context):
+    async def Fetch(self, request: pb.FetchRequest, context) -> None:
         try:
             check_protocol_version(request.protocol_version)
             self._admit_read("Fetch", request, request.version, context)
@@ -142,11 +150,28 @@ class _Servicer(pb_grpc.TransportServicer):
             messages = await self.sent_chunks.messages(
                 pb.FetchChunk, request.model_id, request.version, data
             )
-            for msg, nbytes in messages:
-                self.stats.bytes_sent += nbytes
-                yield msg
+            await self._write(context, messages, "Fetch", request, request.version)
         except Exception as exc:
             await self._abort(context, exc, "Fetch")
+
+    async def _write(self, context, messages, method: str, request, version: int) -> None:
+        """Send one blob's messages. A reader that went away meanwhile (a closed laptop, a
+        restarted island) is logged at INFO and ends the call as a cancellation: gRPC then
+        sends no status on the dead stream (which would fail and log an error)."""
+        for i, (msg, nbytes) in enumerate(messages):
+            try:
+                await context.write(msg)
+            except Exception as exc:
+                if not (isinstance(exc, cygrpc.BaseError) or context.done()):
+                    raise
+                self.stats.readers_gone += 1
+                log.info(
+                    "%s of %s version %d: reader %s went away at chunk %d of %d (%s)",
+                    method, request.model_id, version, context.peer(), i, len(messages),
+                    type(exc).__name__,
+                )  # fmt: skip
+                raise asyncio.CancelledError from None
+            self.stats.bytes_sent += nbytes
 
     def _admit_read(self, method: str, request, version: int, context) -> None:
         """Raise ReadDeniedError / TooManyReadsError unless the guard admits this read."""
@@ -160,6 +185,10 @@ class _Servicer(pb_grpc.TransportServicer):
             self.read_guard.check(method, request.model_id, version, auth)
         except RejectedError as e:
             log.info("refused a read from %s: %s (%s)", context.peer(), e, e.reason)
+            self.stats.reads_refused[e.reason] = self.stats.reads_refused.get(e.reason, 0) + 1
+            report = getattr(self.handler, "on_read_refused", None)
+            if report is not None:
+                report(method, e.reason)
             raise
 
     def _upload_state(self, request: pb.UploadQuery) -> pb.UploadState:
@@ -240,7 +269,7 @@ class _Servicer(pb_grpc.TransportServicer):
     def _record(self, upload: PartialUpload, task: asyncio.Future) -> None:
         """Keep a delivery's outcome so a retried push gets the same answer; forget an upload
         whose delivery was cancelled or whose blob failed its digest (it starts over)."""
-        if task.cancelled() or upload.assembler is not None:
+        if task.cancelled() or upload.assembler is not None or _transient(task.exception()):
             self.uploads.forget(upload.upload_id)
         else:
             self.uploads.record(upload, task.exception() or task.result())
@@ -251,6 +280,11 @@ class _Servicer(pb_grpc.TransportServicer):
             raise result
         fields = {str(key): str(value) for key, value in (result or {}).items()}
         return pb.PushAck(upload_id=upload_id, received_bytes=total_size, fields=fields)
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """A refusal that says "later" (UNAVAILABLE, e.g. a full disk): a retry must try again."""
+    return isinstance(exc, RejectedError) and exc.grpc_code == "UNAVAILABLE"
 
 
 @contextlib.asynccontextmanager
