@@ -35,6 +35,15 @@ Example (a root serving one model)::
     codec = "int8"                    # codec of the published u_v
     # public_read = true              # Fetch/Subscribe with no signature (default: roster only)
 
+    [tls]                             # empty or absent: plaintext gRPC (one machine, tests)
+    cert = "tls/root.pem"             # this aggregator's certificate: it serves TLS with it,
+    key = "tls/root-key.pem"          #   and presents it to its parent; key mode 0600
+    ca = "tls/ca.pem"                 # the federation CA: verifies the parent (and clients)
+    mutual = true                     # every client must present a certificate the CA signed
+    # server_name = "root.example"    # the name to verify in the parent's certificate
+
+``aggregator tls init DIR --daemon root=HOST,... --island NAME`` writes this material.
+
 A leaf or mid names its parent by ``parent = "host:port"`` or finds one in the DHT
 (``dht_peers``), choosing by measured round-trip time among aggregators that have room.
 
@@ -57,6 +66,7 @@ from aggregator.norm_bound import (
     DEFAULT_WINDOW,
 )
 from comms.errors import ConfigError
+from comms.tls import TLSConfig
 
 ROLES = ("leaf", "mid", "root")
 MAX_UPDATE_MB = 1 << 20  # 1 TiB: far above any update, and max_update_bytes stays an int
@@ -171,10 +181,14 @@ class AggregatorConfig:
     push_deadline_s: float = 60.0  # deadline of one push to the parent
     merge: MergeConfig = field(default_factory=MergeConfig)
     models: list[ModelConfig] = field(default_factory=list)
+    tls: TLSConfig = field(default_factory=TLSConfig)  # empty: plaintext gRPC
 
     def validate(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role: must be one of {ROLES}, got {self.role!r}")
+        self.tls.require("cert", who="an aggregator serves TLS with its own certificate and key")
+        if self.role != "root":
+            self.tls.require("ca", who="a leaf or mid verifies its parent with the federation CA")
         if self.role == "root":
             if not self.models:
                 raise ConfigError("models: a root serves at least one [[models]] entry")

@@ -57,8 +57,9 @@ class ParentLink:
             candidates = eligible([Candidate.from_record(r) for r in records], roles)
             self.parent_address = (await choose_closest(candidates)).address
         self.parent = TransportClient(
-            self.parent_address, deadline_s=self.config.push_deadline_s, identity=self.identity
-        )
+            self.parent_address, self.config.tls.client_tls(),
+            deadline_s=self.config.push_deadline_s, identity=self.identity,
+        )  # fmt: skip
 
     async def _open_replica(self, line: ModelLine) -> None:
         data = await self.parent.fetch(line.model_id, -1)

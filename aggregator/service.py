@@ -124,6 +124,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
 
     async def start(self) -> str:
         """Open every model line, replay the WAL, start serving; returns the gRPC address."""
+        self._log_tls()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.role != "root":
             await self._connect_parent()
@@ -145,6 +146,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
             self,
             host=host,
             port=port,
+            tls=self.config.tls.server_tls(),
             max_upload_bytes=self.config.max_update_bytes,
             read_guard=self._read_guard(),
         )
@@ -187,6 +189,15 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
             if line.pool is not None:
                 await asyncio.to_thread(line.pool.close)
             line.wal.close()
+
+    def _log_tls(self) -> None:
+        tls = self.config.tls
+        if tls.enabled:
+            log.info("aggregator %s: %s (gRPC served and dialled over TLS)", self.config.name,
+                     tls.describe())  # fmt: skip
+        else:
+            log.warning("aggregator %s: tls=off: gRPC in plaintext; set [tls] in the config "
+                        "off a trusted network (docs/reliability.md, TLS)", self.config.name)  # fmt: skip
 
     def _read_guard(self) -> ReadGuard:
         """Who may Fetch and Subscribe here: keys in the roster, signed (``comms.reads``);

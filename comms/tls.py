@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
+import socket
 import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from comms.errors import ConfigError
+from comms.errors import ConfigError, LinkError
 from comms.identity import read_private_key_file
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
@@ -317,3 +320,241 @@ def client_ssl_context(
     if cert_pem is not None and key_pem is not None:
         _load_chain(context, cert_pem, key_pem)
     return context
+
+
+# ---------------------------------------------------------------- the [tls] config section
+
+
+class TLSMismatchError(LinkError):
+    """The two ends of a gRPC link disagree about TLS: a plaintext client at a TLS server,
+    TLS at a plaintext server, or a certificate one side does not accept. The message says
+    which, and what to set."""
+
+
+@dataclass
+class TLSConfig:
+    """The ``[tls]`` section of an aggregator's or island's config. Empty: plaintext.
+
+    ``cert`` and ``key``: this daemon's certificate and private key (mode 0600); an
+    aggregator serves gRPC with them, and any daemon presents them as its client certificate
+    when it dials. ``ca``: the federation CA, which verifies the server this daemon dials
+    and, with ``mutual``, the client certificates of those who dial it. ``mutual``: require a
+    CA-signed client certificate from every client (and present one when dialing).
+    ``server_name``: the name to verify in the server's certificate when the address dialled
+    is not one of its names (e.g. dialing by an IP address missing from its SANs). Paths are
+    relative to the working directory, as ``key`` and ``roster`` are.
+    """
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    mutual: bool = False
+    server_name: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.key or self.ca or self.mutual or self.server_name)
+
+    def describe(self) -> str:
+        """``tls=on (mutual)``, ``tls=on`` or ``tls=off``: the line every daemon logs."""
+        if not self.enabled:
+            return "tls=off"
+        return "tls=on (mutual)" if self.mutual else "tls=on"
+
+    def validate(self) -> None:
+        if self.key and not self.cert:
+            raise ConfigError("key: a TLS key without its certificate; set cert too")
+        if self.cert and not self.key:
+            raise ConfigError("cert: a TLS certificate without its private key; set key too")
+        if self.mutual and not self.ca:
+            raise ConfigError(
+                "mutual: needs ca, the CA that signs the client certificates to accept"
+            )
+        if self.mutual and not self.cert:
+            raise ConfigError(
+                "mutual: needs cert and key, this daemon's certificate to present when it dials"
+            )
+        if self.server_name and not self.ca:
+            raise ConfigError("server_name: only used to verify a server; set ca too")
+        if self.cert:
+            cert_pem, _ = load_pair(self.cert, self.key)  # files, PEM, key mode 0600, match
+        if self.ca:
+            ca_pem = read_pem(self.ca)
+            try:
+                ca_cert = x509.load_pem_x509_certificate(ca_pem)
+            except ValueError as e:
+                raise ConfigError(f"ca: {self.ca} does not hold a PEM certificate: {e}") from e
+            if self.mutual:
+                cert = x509.load_pem_x509_certificate(cert_pem)
+                try:
+                    cert.verify_directly_issued_by(ca_cert)
+                except (ValueError, TypeError, InvalidSignature) as e:
+                    raise ConfigError(
+                        f"cert: {self.cert} is not signed by the CA in {self.ca}, so peers "
+                        "of a mutual-TLS federation would refuse it"
+                    ) from e
+
+    def require(self, *fields: str, who: str) -> None:
+        """With TLS on, refuse a config lacking ``fields`` (``who`` says why they are needed)."""
+        if not self.enabled:
+            return
+        for name in fields:
+            if not getattr(self, name):
+                raise ConfigError(f"tls.{name}: {who} (or leave [tls] empty for plaintext)")
+
+    def server_tls(self):
+        """The ``ServerTLS`` to serve with, or None (plaintext)."""
+        from comms.transport.options import ServerTLS
+
+        if not self.cert:
+            return None
+        cert_pem, key_pem = load_pair(self.cert, self.key)
+        return ServerTLS(cert_pem, key_pem, read_pem(self.ca) if self.mutual else None)
+
+    def client_tls(self):
+        """The ``ClientTLS`` to dial with (presenting ``cert`` when set), or None."""
+        from comms.transport.options import ClientTLS
+
+        if not self.ca:
+            return None
+        cert_pem = key_pem = None
+        if self.cert:
+            cert_pem, key_pem = load_pair(self.cert, self.key)
+        return ClientTLS(read_pem(self.ca), cert_pem, key_pem, self.server_name or None)
+
+
+# ---------------------------------------------------------------- what is wrong with a link
+
+
+def diagnose(address: str, tls=None, timeout: float = 2.0) -> str | None:
+    """Why a gRPC connection to ``address`` fails at the TLS layer, or None if it does not.
+
+    Called after a refused connection: one TLS handshake (ALPN ``h2``, as gRPC) with the
+    client's own material (``tls``, a ``ClientTLS``; None: a plaintext client, for which the
+    probe only asks whether the server speaks TLS). A server that accepts a client sends its
+    HTTP/2 settings at once; one that refused the client's certificate closes the connection.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if tls is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    else:
+        context = client_ssl_context(tls.ca_pem, tls.cert_pem, tls.key_pem)
+    context.set_alpn_protocols(["h2"])
+    name = (tls.server_name if tls is not None else None) or host
+    try:
+        raw = socket.create_connection((host, int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return None  # not reachable at all: a link problem, not a TLS one
+    try:
+        with context.wrap_socket(raw, server_hostname=name) as conn:
+            conn.settimeout(timeout)
+            try:
+                refused = not conn.recv(1)  # closed at once: our certificate was refused
+            except TimeoutError:
+                refused = False  # no verdict: not a TLS problem we can name
+            except (ssl.SSLError, OSError):  # an alert, or a reset
+                refused = True
+    except ssl.SSLCertVerificationError as e:
+        return (
+            f"the TLS certificate of the server at {address} is not accepted: "
+            f"{e.verify_message}; [tls] ca must be the CA that signed it, and the server's "
+            f"certificate must name the host dialled ({name}; set [tls] server_name to the "
+            "name it carries)"
+        )
+    except ssl.SSLError as e:
+        if tls is None:
+            return None
+        if "WRONG_VERSION_NUMBER" in str(e) or "RECORD_LAYER" in str(e).upper():
+            return (
+                f"the server at {address} does not speak TLS (plaintext), but this daemon's "
+                "config has a [tls] section: turn TLS on at the server, or leave [tls] empty"
+            )
+        return f"TLS handshake with {address} failed: {e}"
+    except OSError:
+        return None
+    finally:
+        raw.close()
+    if tls is None:
+        return (
+            f"the server at {address} speaks TLS and this daemon dials it in plaintext: set "
+            "[tls] ca (and cert and key if the server requires client certificates) in this "
+            "daemon's config"
+        )
+    if refused:
+        if tls.cert_pem is None:
+            return (
+                f"the server at {address} requires a client certificate (mutual TLS): set "
+                "[tls] cert and key to a pair signed by the federation CA"
+            )
+        return (
+            f"the server at {address} refused this daemon's client certificate: it must be "
+            "signed by the CA the server trusts ([tls] ca at the server)"
+        )
+    return None
+
+
+# ---------------------------------------------------------------- a federation's material
+
+CA_CERT_FILE, CA_KEY_FILE = "ca.pem", "ca-key.pem"
+
+
+def material_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """``(certificate, key)`` paths of daemon ``name`` in a directory ``init_federation`` wrote."""
+    return Path(out_dir, f"{name}.pem"), Path(out_dir, f"{name}-key.pem")
+
+
+def init_federation(
+    out_dir: str | os.PathLike,
+    daemons: dict[str, list[str]],
+    *,
+    ca_name: str = "Archipelago federation CA",
+    days: int = 365,
+    force: bool = False,
+) -> bool:
+    """Write a CA (``ca.pem``, ``ca-key.pem``) and one pair per daemon, its certificate
+    valid for the names and addresses in ``daemons[name]`` (server and client auth).
+
+    An existing CA in ``out_dir`` is kept and signs the new pairs (a federation grows; a
+    new CA needs a new directory). An existing daemon pair is a ``ConfigError`` unless
+    ``force``; nothing is written when anything is refused. Returns whether a CA was made.
+    """
+    out = Path(out_dir)
+    for name, hosts in daemons.items():
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+            raise ConfigError(f"daemon name {name!r}: use letters, digits, '-', '_' and '.'")
+        if name in ("ca", "ca-key") or name.endswith("-key"):
+            raise ConfigError(f"daemon name {name!r} is reserved (it would clash with a file)")
+        subject_alt_names(hosts)  # refuse unusable names before writing anything
+    if not daemons:
+        raise ConfigError("no daemons: name at least one (--daemon NAME=HOST,... or --island)")
+    ca_cert, ca_key = out / CA_CERT_FILE, out / CA_KEY_FILE
+    existing = [p for name in daemons for p in material_paths(out, name) if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{', '.join(map(str, existing))} already exist; --force replaces them")
+    if ca_cert.exists() != ca_key.exists():
+        present = ca_cert if ca_cert.exists() else ca_key
+        raise ConfigError(
+            f"{present} exists without its pair: restore it, or start in a new directory"
+        )
+    new_ca = not ca_cert.exists()
+    ca = make_ca(ca_name) if new_ca else CertificateAuthority.load(ca_cert, ca_key)
+    pairs = {
+        name: issue_cert(ca, hosts, common_name=name, days=days) for name, hosts in daemons.items()
+    }
+    if new_ca:
+        ca.save(ca_cert, ca_key)
+    for name, (cert_pem, key_pem) in pairs.items():
+        save_pair(*material_paths(out, name), cert_pem, key_pem)
+    return new_ca
+
+
+def tls_section(out_dir: str | os.PathLike, name: str, mutual: bool = True) -> str:
+    """The ``[tls]`` section of daemon ``name``'s config for material ``init_federation`` wrote."""
+    cert, key = material_paths(out_dir, name)
+    ca = Path(out_dir, CA_CERT_FILE)
+    return (
+        f"[tls]\ncert = {json.dumps(str(cert))}\nkey = {json.dumps(str(key))}\n"
+        f"ca = {json.dumps(str(ca))}\nmutual = {'true' if mutual else 'false'}\n"
+    )

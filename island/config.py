@@ -32,6 +32,13 @@ Example (one island of a local-update run)::
 
     [snapshot]
     dir = "state/island-0"
+
+    [tls]                            # empty or absent: plaintext gRPC
+    ca = "tls/ca.pem"                # verifies the aggregator's certificate
+    cert = "tls/island-0.pem"        # the client certificate a mutual-TLS aggregator requires
+    key = "tls/island-0-key.pem"     # (mode 0600)
+    mutual = true
+    # server_name = "leaf.example"   # the name to verify when dialing by an address not in it
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from comms.errors import ConfigError
+from comms.tls import TLSConfig
 from island.sync import SyncConfig
 
 
@@ -127,8 +135,10 @@ class IslandConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)  # empty: plaintext gRPC
 
     def validate(self) -> None:
+        self.tls.require("ca", who="an island verifies its aggregator with the federation CA")
         if not 0 <= self.shard < self.num_shards:
             raise ConfigError(
                 f"shard: must be in [0, num_shards={self.num_shards}), got {self.shard}"

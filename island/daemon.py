@@ -158,9 +158,14 @@ class Island:
                 link.rate_mbit * 1e6, latency_s=link.latency_ms / 1e3, loss=link.loss
             )
         address = self.config.aggregator or self._discover_leaf()
+        tls = self.config.tls
+        (log.info if tls.enabled else log.warning)(
+            "island %s: %s to aggregator %s%s", self.config.name, tls.describe(), address,
+            "" if tls.enabled else " (gRPC in plaintext; set [tls] off a trusted network)",
+        )  # fmt: skip
         return SyncEngine(
             self.config.sync, self.identity, address, roster=self.roster, loop=self.loop,
-            shaper=shaper,
+            shaper=shaper, tls=tls.client_tls(),
         )  # fmt: skip
 
     def _discover_leaf(self) -> str:

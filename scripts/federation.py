@@ -1,7 +1,7 @@
 """The main job: one command runs a whole local federation and ends with a report.
 
     python scripts/federation.py [--quick] [--islands N] [--workload bytelm|flow]
-                                 [--data PATH] [--out DIR] [--netns]
+                                 [--data PATH] [--out DIR] [--netns] [--tls]
 
 Every participant is a separate OS process started through its own command line with a
 generated TOML config and Ed25519 key, exactly as on separate machines:
@@ -12,6 +12,10 @@ generated TOML config and Ed25519 key, exactly as on separate machines:
   bucket, default 10 Mbit/s and 50 ms; with ``--netns`` each island runs in its own network
   namespace behind a ``tc``-shaped link instead, ``comms.netns``);
 - ``router partition / train / serve / eval`` for the expert phase and the ensemble.
+
+With ``--tls`` every gRPC link of the run (island to leaf, leaf to root, the launcher's own
+reads of the root) is mutual TLS: ``aggregator tls init`` writes a CA and a certificate per
+aggregator and island into OUT/run/tls, and each daemon's config gets its ``[tls]`` section.
 
 Phases: (1) local-update: N islands train one model with overlapped, staleness-aware sync
 (DiLoCo, Douillard et al. 2023; CO2, Sun et al. 2024), one island ``slowdown`` times slower so
@@ -55,6 +59,7 @@ from federation_report import Progress, phase_summary, write_report
 from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
 from comms.config import save_config
 from comms.identity import Identity, Roster
+from comms.tls import CA_CERT_FILE, TLSConfig, material_paths
 from island.config import ExpertConfig, IslandConfig, LinkConfig, OptimConfig, SnapshotConfig
 from island.sync import SyncConfig
 from router.cli import EvalSection, PartitionSection, RouterConfig, RouterSection, WorkloadSection
@@ -147,6 +152,7 @@ class Federation:
             "islands": self.n,
             "workload": args.workload,
             "quick": args.quick,
+            "tls": args.tls,
         }
         self.agg_http: dict[str, str] = {}
 
@@ -176,6 +182,8 @@ class Federation:
             Identity.load_or_create(self.path("keys", "router.pem")).public_key, "admin", "router"
         )
         roster.save(self.path("roster.json"))
+        if self.args.tls:
+            self.make_tls()
         if self.args.netns:
             from comms import netns
 
@@ -184,6 +192,26 @@ class Federation:
             )
             print(f"netns: {self.n} links up ({cfg.backend}), {self.plan.rate_mbit:g} Mbit/s, "
                   f"{self.plan.latency_ms:g} ms", flush=True)  # fmt: skip
+
+    def make_tls(self) -> None:
+        """A CA and a pair per aggregator and island, through ``aggregator tls init``."""
+        hosts = ["127.0.0.1", "localhost"]
+        if self.args.netns:  # islands dial the hub's address on their link; leaves 0.0.0.0
+            from comms import netns
+
+            hosts += ["0.0.0.0", *(netns.hub_address(i) for i in range(self.n))]
+        daemons = [f"--daemon={name}={','.join(hosts)}" for name in ("root", "leaf0", "leaf1")]
+        islands = [f"--island=island{i}" for i in range(self.n)]
+        self.sup.run("tls-init", "aggregator", "tls", "init", self.path("tls"),
+                     "--ca-name", "federation.py CA", *daemons, *islands, timeout=60)  # fmt: skip
+
+    def tls(self, name: str) -> TLSConfig:
+        """Daemon ``name``'s [tls] section: mutual TLS with the run's CA (empty without --tls)."""
+        if not self.args.tls:
+            return TLSConfig()
+        cert, key = material_paths(self.path("tls"), name)
+        ca = self.path("tls", CA_CERT_FILE)
+        return TLSConfig(cert=str(cert), key=str(key), ca=ca, mutual=True)
 
     def island_config(self, i: int, **overrides: Any) -> IslandConfig:
         p = self.plan
@@ -199,6 +227,7 @@ class Federation:
             sync=SyncConfig(model_id=MODEL_ID, every=p.every, codec=p.codec),
             link=LinkConfig() if self.args.netns else LinkConfig(p.rate_mbit, p.latency_ms),
             snapshot=SnapshotConfig(dir=self.path("state", f"island{i}")),
+            tls=self.tls(f"island{i}"),
         )  # fmt: skip
         for k, v in overrides.items():
             setattr(cfg, k, v)
@@ -224,7 +253,7 @@ class Federation:
                 name=name, role=role, listen=listen, key=self.path("keys", f"{name}.pem"),
                 roster=self.path("roster.json"), state_dir=self.path("state", name),
                 merge=MergeConfig(buffer_k=self.n if role == "root" else per_leaf, deadline_s=self.plan.deadline_s),
-                **kw,
+                tls=self.tls(name), **kw,
             )  # fmt: skip
             save_config(cfg, self.path("configs", f"{name}.toml"))
             return self.path("configs", f"{name}.toml")
@@ -261,7 +290,8 @@ class Federation:
             self.leaf_ports.append(int(line.split("serving on ")[1].split()[0].rpartition(":")[2]))
             self.agg_http[leaf.name] = line.split(" http ")[1].split()[0]
         print(f"aggregators: root {self.root_address} (DHT bootstrap {bootstrap[0]}), leaves on "
-              f"ports {self.leaf_ports} found the root through the DHT "
+              f"ports {self.leaf_ports} found the root through the DHT"
+              f"{', all over mutual TLS' if self.args.tls else ''} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
 
     # ------------------------------------------------------------------ phase 1
@@ -378,7 +408,7 @@ class Federation:
                 metrics_file=self.path("metrics", f"{name}.jsonl"), snapshot=SnapshotConfig(),
                 expert=ExpertConfig(partition=self.path("partition_all" if mono else "partition"),
                                     cluster=0 if mono else i, output=self.path("experts", name), expert_id=name,
-                                    init=seed),
+                                    init=seed), tls=TLSConfig(),  # trains alone: no gRPC link
             )  # fmt: skip
             cfg.snapshot.every_steps = max(10, cfg.steps // 8)
             save_config(cfg, self.path("configs", f"{name}.toml"))
@@ -573,7 +603,7 @@ def eval_global(agg_http: str, root: str, island_config: str, init: str, out: st
         chosen = {0: {k: v.copy() for k, v in theta.items()}}
         if version == 0:
             return chosen
-        async with TransportClient(root, identity=reader) as c:
+        async with TransportClient(root, cfg.tls.client_tls(), identity=reader) as c:
             async for v, data in c.subscribe(MODEL_ID, 1):
                 apply_update(theta, decode_update(Envelope.from_bytes(data, max_bytes=1 << 30)))
                 if v in versions:
@@ -606,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/federation", help="output directory (cleared first)")
     p.add_argument("--netns", action="store_true",
                    help="root only: islands in network namespaces behind tc-shaped links")  # fmt: skip
+    p.add_argument("--tls", action="store_true",
+                   help="mutual TLS on every gRPC link (material from `aggregator tls init`)")  # fmt: skip
     p.add_argument("--eval-global", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
     return p
 

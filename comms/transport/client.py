@@ -30,6 +30,7 @@ from comms.identity import Identity
 from comms.proto import archipelago_pb2 as pb
 from comms.proto import archipelago_pb2_grpc as pb_grpc
 from comms.reads import sign_read
+from comms.tls import TLSMismatchError, diagnose
 from comms.transport.errors import DeadlineExceededError, remote_error
 from comms.transport.messages import _crc_of, _off_loop
 from comms.transport.options import (
@@ -151,6 +152,18 @@ class TransportClient:
             signature=auth.signature,
         )
 
+    async def _check_tls(self, err: BaseException) -> None:
+        """After a connection the server closed or a failed handshake: ``TLSMismatchError``
+        (not retried) when the ends disagree about TLS (``comms.tls.diagnose`` says how)."""
+        if not isinstance(err, grpc.aio.AioRpcError) or err.code() != grpc.StatusCode.UNAVAILABLE:
+            return
+        details = (err.details() or "").lower()
+        if "socket closed" not in details and "handshake" not in details:
+            return
+        problem = await asyncio.to_thread(diagnose, self.address, self.tls)
+        if problem is not None:
+            raise TLSMismatchError(problem) from None
+
     def _transfer_deadline(self, nbytes: int) -> float:
         return self.deadline_s + nbytes / self.min_bandwidth
 
@@ -177,6 +190,7 @@ class TransportClient:
                 return await self._push_once(data, upload_id, blob_digest, metadata, progress)
             except (grpc.aio.AioRpcError, LinkError, OSError) as err:
                 _raise_if_final(err)
+                await self._check_tls(err)
                 if progress[0] > best_offset:
                     best_offset, failures = progress[0], 0
                 failures += 1
@@ -239,6 +253,7 @@ class TransportClient:
                 return data[1]
             except (grpc.aio.AioRpcError, LinkError, OSError) as err:
                 _raise_if_final(err)
+                await self._check_tls(err)
                 if attempt == retries:
                     _raise_gave_up(err, what, attempt + 1)
                 await self._backoff(attempt)
@@ -277,6 +292,7 @@ class TransportClient:
                     yield item
             except (grpc.aio.AioRpcError, LinkError, OSError) as err:
                 _raise_if_final(err)
+                await self._check_tls(err)
                 if isinstance(err, DeadlineExceededError) or failures >= retries:
                     _raise_gave_up(err, f"subscribe {model_id}", failures + 1)
                 failures += 1
