@@ -1,8 +1,8 @@
 """Fuzz every decoder that reads bytes from a peer or from a file a user hands over.
 
 For each target of ``fuzz_targets`` (the update envelope, the gateway's admission, WAL records
-and segment files, codecs, chunk streams, DHT records, configs, the roster, key files,
-checkpoint manifests, the router server's request bodies) it runs ``--inputs`` inputs: a mix
+and segment files, codecs, chunk streams, DHT records, signed read requests (``ReadGuard``),
+configs, the roster, key files, checkpoint manifests, the router server's request bodies) it runs ``--inputs`` inputs: a mix
 of random bytes (15%), the target's own random documents (10%), byte-level havoc of valid
 seeds (25%) and structured mutations of seeds re-signed or re-digested so the deeper checks
 run (50%). Every input is classified (``fuzz_targets.classify``): accepted, rejected with one

@@ -19,9 +19,9 @@ recomputed and the header re-signed by a key in the roster; a WAL record's diges
 recomputed), so the deeper checks are reached.
 
 The targets live in ``fuzz_wire_targets`` (what peers send: envelopes, admission, WAL
-records and segments, codec payloads, chunk streams, DHT records) and ``fuzz_file_targets``
-(what users hand over: configs, the roster, key files, checkpoints; and the router server's
-request bodies); ``targets()`` loads both. Used by ``scripts/fuzz.py`` and ``tests/test_fuzz.py``.
+records and segments, codec payloads, chunk streams, DHT records, signed read requests) and
+``fuzz_file_targets`` (what users hand over: configs, the roster, key files, checkpoints; and
+the router server's request bodies); ``targets()`` loads both. Used by ``scripts/fuzz.py`` and ``tests/test_fuzz.py``.
 """
 
 from __future__ import annotations

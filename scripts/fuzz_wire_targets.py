@@ -1,5 +1,5 @@
 """Fuzz targets for what peers send: update envelopes, the gateway's admission, WAL records
-and segment files, codec payloads, chunk streams and DHT records.
+and segment files, codec payloads, chunk streams, DHT records and signed read requests.
 
 Registered in ``fuzz_targets.TARGETS`` on import (``fuzz_targets.targets()`` does it).
 """
@@ -33,7 +33,13 @@ from fuzz_targets import (
     roster,
 )
 
-from comms.errors import CommsError, ProtocolVersionError, RejectedError
+from comms.errors import (
+    CommsError,
+    ProtocolVersionError,
+    ReadDeniedError,
+    RejectedError,
+    TooManyReadsError,
+)
 
 # --- the update envelope ----------------------------------------------------------------------
 
@@ -632,10 +638,289 @@ register(Target(
 ))  # fmt: skip
 
 # --- signed read requests (gRPC Fetch / Subscribe) ------------------------------------------------
-# PLACE FOR THE SIGNED READ REQUESTS: signed Fetch/Subscribe requests are being added to
-# comms (transport). When they land, register a target here that decodes one request as the
-# servicer does (parse, check the signature against the roster, the role, the freshness of
-# the request and the replay guard), with seeds signed by ``ISLAND`` / ``AGGREGATOR`` and a
-# mutator that edits a field (model id, version, from_version, timestamp, nonce) and re-signs
-# it, like ``mutate_envelope``; typed errors: ``RejectedError``. Add the name to the list in
-# docs/reliability.md's Fuzzing section and rerun ``scripts/fuzz.py``.
+#
+# One input is a short series of reads at one server, each step ``[method, request, advance_s]``:
+# the serialized ``FetchRequest`` / ``SubscribeRequest`` as gRPC hands it to the servicer, and
+# how far the server's clock moves before it arrives. Each request is admitted as
+# ``_Servicer._admit_read`` does (``ReadAuth`` from its ``auth`` field, then
+# ``ReadGuard.check``) by a guard with small nonce caps, so replays and full tables are reached
+# within one input. A reference model of the guard's rules says what each request deserves
+# (the reason of a refusal, or admission), and the guard must agree.
+
+READ_NOW = 1_900_000_000.0  # the server's clock at the first step
+READ_WINDOW_S = 120.0
+READ_MAX_NONCES, READ_MAX_PER_SENDER = 8, 4
+READ_MAX_STEPS = 64
+READ_PUBLIC = "open"
+READ_REASONS = ("unsigned", "unknown_reader", "read_expired", "read_future",
+                "bad_read_signature", "read_replay", "too_many_reads")  # fmt: skip
+
+
+def _read_request(method: str, model_id: str, version: int, auth: Any = None) -> bytes:
+    from comms.proto import archipelago_pb2 as pb
+
+    if method == "Subscribe":
+        msg = pb.SubscribeRequest(model_id=model_id, from_version=version, protocol_version=3)
+    else:
+        msg = pb.FetchRequest(model_id=model_id, version=version, protocol_version=3)
+    if auth is not None:
+        msg.auth.sender, msg.auth.timestamp_ms = auth.sender, auth.timestamp_ms
+        msg.auth.nonce, msg.auth.signature = auth.nonce, auth.signature
+    return msg.SerializeToString()
+
+
+def _signed_read(signer, method: str, model_id: str, version: int, at: float,
+                 nonce: bytes) -> bytes:  # fmt: skip
+    from comms.reads import ReadAuth, read_signing_bytes
+
+    ts = int(at * 1000)
+    body = read_signing_bytes(method, model_id, version, signer.peer_id, ts, nonce)
+    return _read_request(method, model_id, version,
+                         ReadAuth(signer.peer_id, ts, nonce, signer.sign(body)))  # fmt: skip
+
+
+def _nonce(rng: random.Random) -> bytes:
+    return rng.randbytes(16)
+
+
+def reads_seeds() -> list[bytes]:
+    rng = random.Random(7)
+    t = READ_NOW
+    valid = [
+        ["Fetch", _signed_read(ISLAND, "Fetch", "global", -1, t, _nonce(rng)), 0.0],
+        ["Subscribe", _signed_read(AGGREGATOR, "Subscribe", "global", 5, t + 1, _nonce(rng)), 1.5],
+        ["Fetch", _signed_read(ISLAND, "Fetch", "global", 12, t + 2, _nonce(rng)), 1.0],
+    ]
+    public = [
+        ["Subscribe", _read_request("Subscribe", READ_PUBLIC, 0), 0.0],
+        ["Fetch", _signed_read(ISLAND, "Fetch", READ_PUBLIC, -1, t, _nonce(rng)), 0.0],
+    ]
+    later = [  # the nonces of the first two expire; then a read signed 100 s behind the server
+        *valid[:2],
+        ["Fetch", _signed_read(ISLAND, "Fetch", "global", 3, t + 250, _nonce(rng)), 250.0],
+        ["Subscribe", _signed_read(ISLAND, "Subscribe", "global", 0, t + 150, _nonce(rng)), 0.0],
+    ]
+    refused = [  # replayed, from a stranger, unsigned: each refused, the valid ones admitted
+        *valid[:1],
+        valid[0],
+        ["Fetch", _signed_read(STRANGER, "Fetch", "global", -1, t, _nonce(rng)), 0.0],
+        ["Fetch", _read_request("Fetch", "global", -1), 0.0],
+        valid[2],
+    ]
+    flood = [["Fetch", _signed_read(ISLAND, "Fetch", "global", -1, t, _nonce(rng)), 0.0]
+             for _ in range(READ_MAX_PER_SENDER + 1)]  # fmt: skip
+    return [msgpack.packb(steps, use_bin_type=True)
+            for steps in (valid, valid[:1], public, later, refused, flood)]  # fmt: skip
+
+
+def _read_steps(data: bytes) -> list[tuple[str, bytes, float]]:
+    """The steps of an input; anything else is one Fetch whose request is the input."""
+    try:
+        steps = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:
+        steps = None
+    if not isinstance(steps, list):
+        return [("Subscribe" if len(data) % 2 else "Fetch", data, 0.0)]
+    out = []
+    for step in steps[:READ_MAX_STEPS]:
+        if isinstance(step, bytes):
+            step = ["Fetch", step, 0.0]
+        if not isinstance(step, list) or len(step) < 2:
+            continue
+        method = "Subscribe" if step[0] == "Subscribe" else "Fetch"  # the RPC decides
+        request = step[1] if isinstance(step[1], bytes) else b""
+        advance = step[2] if len(step) > 2 else 0.0
+        if isinstance(advance, bool) or not isinstance(advance, int | float):
+            advance = 0.0
+        advance = float(advance) if math.isfinite(advance) else 0.0
+        out.append((method, request, min(max(advance, 0.0), 10 * READ_WINDOW_S)))
+    return out
+
+
+def _parse_read(method: str, raw: bytes) -> tuple[str, int, Any]:
+    """(model id, version, ReadAuth or None) as the servicer reads them from the request.
+
+    Bytes that are not such a request never reach the servicer (gRPC refuses them); they
+    still feed the guard here, as fields cut from the bytes."""
+    from google.protobuf.message import DecodeError
+
+    from comms.proto import archipelago_pb2 as pb
+    from comms.reads import ReadAuth
+
+    cls = pb.SubscribeRequest if method == "Subscribe" else pb.FetchRequest
+    try:
+        msg = cls.FromString(raw)
+    except DecodeError:
+        sender = ISLAND.peer_id if raw[:1] < b"\x80" else raw[1:17].hex()
+        ts = int.from_bytes(raw[17:25], "big")
+        auth = ReadAuth(sender, ts, raw[25:41], raw[41:105])
+        return raw[105:].decode("utf-8", "replace"), int.from_bytes(raw[:2], "big"), auth
+    version = msg.from_version if method == "Subscribe" else msg.version
+    auth = None
+    if msg.HasField("auth"):
+        a = msg.auth
+        auth = ReadAuth(a.sender, a.timestamp_ms, a.nonce, a.signature)
+    return msg.model_id, version, auth
+
+
+def _expected_read(method, model_id, version, auth, now, live, ever) -> str | None:
+    """What the guard's rules say of one request: None (admit) or the reason of a refusal.
+    ``live``: (sender, nonce) -> timestamp of admitted reads still in the window."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from comms.reads import read_signing_bytes
+
+    if model_id == READ_PUBLIC:
+        return None
+    if auth is None or not auth.sender:
+        return "unsigned"
+    entry = roster().get(auth.sender)
+    if entry is None:
+        return "unknown_reader"
+    skew = auth.timestamp_ms / 1000 - now
+    if abs(skew) > READ_WINDOW_S:
+        return "read_expired" if skew < 0 else "read_future"
+    body = read_signing_bytes(method, model_id, version, auth.sender, auth.timestamp_ms,
+                              auth.nonce)  # fmt: skip
+    try:
+        if len(auth.nonce) != 16:
+            raise ValueError("nonce length")
+        Ed25519PublicKey.from_public_bytes(entry.public_key).verify(auth.signature, body)
+    except (InvalidSignature, ValueError):
+        return "bad_read_signature"
+    key = (auth.sender, bytes(auth.nonce))
+    if key in live or key in ever:
+        return "read_replay"
+    if (
+        len(live) >= READ_MAX_NONCES
+        or sum(1 for s, _ in live if s == auth.sender) >= READ_MAX_PER_SENDER
+    ):
+        return "too_many_reads"
+    return None
+
+
+def run_reads(data: bytes) -> None:
+    """Each step through ``ReadGuard.check`` as the servicer admits a Fetch or Subscribe;
+    the guard must decide as the reference model does, never admit a (sender, nonce) twice,
+    and never remember more than its caps. The first refusal is reported."""
+    from comms.reads import ReadGuard
+
+    now = [READ_NOW]
+    guard = ReadGuard(roster(), public_models=(READ_PUBLIC,), window_s=READ_WINDOW_S,
+                      clock=lambda: now[0], max_nonces=READ_MAX_NONCES,
+                      max_nonces_per_sender=READ_MAX_PER_SENDER)  # fmt: skip
+    live: dict[tuple[str, bytes], float] = {}
+    ever: set[tuple[str, bytes]] = set()
+    first: RejectedError | None = None
+    for i, (method, raw, advance) in enumerate(_read_steps(data)):
+        now[0] += advance
+        live = {k: ts for k, ts in live.items() if not ts + READ_WINDOW_S < now[0]}
+        model_id, version, auth = _parse_read(method, raw)
+        want = _expected_read(method, model_id, version, auth, now[0], live, ever)
+        try:
+            got = guard.check(method, model_id, version, auth)
+        except (ReadDeniedError, TooManyReadsError) as e:
+            if e.reason not in READ_REASONS or not str(e).strip():
+                raise InvariantError(f"step {i}: refusal without a known reason: {e!r}") from e
+            if e.reason != want:
+                raise InvariantError(
+                    f"step {i}: refused ({e.reason}: {e}) where the rules say {want or 'admit'}"
+                ) from e
+            first = first or e
+        else:
+            if want is not None:
+                raise InvariantError(f"step {i}: admitted a {method} that deserves {want}")
+            if model_id == READ_PUBLIC:
+                if got is not None:
+                    raise InvariantError(f"step {i}: a public read returned reader {got!r}")
+            else:
+                if got != auth.sender:
+                    raise InvariantError(f"step {i}: admitted {auth.sender} as {got!r}")
+                key = (auth.sender, bytes(auth.nonce))
+                live[key] = auth.timestamp_ms / 1000
+                ever.add(key)
+        if len(guard) > READ_MAX_NONCES:
+            raise InvariantError(f"step {i}: the guard remembers {len(guard)} nonces")
+    if first is not None:
+        raise first
+
+
+def mutate_reads(rng: random.Random, data: bytes) -> bytes:
+    """Edit one request's field (re-signed by its sender's key most of the time), replay or
+    reorder a step, flood one key with fresh reads, or move the clock at a step."""
+    from comms.reads import ReadAuth
+
+    steps = msgpack.unpackb(data, raw=False)
+    op = rng.randrange(8)  # half of them edit a field
+    if op == 0 or not steps:  # a flood of fresh, valid reads from one key
+        signer = rng.choice((ISLAND, AGGREGATOR))
+        at = READ_NOW + rng.choice((0.0, 1.0, 100.0))
+        for _ in range(rng.randrange(1, 2 * READ_MAX_NONCES)):
+            method = rng.choice(("Fetch", "Subscribe"))
+            steps.append([method, _signed_read(signer, method, "global", rng.randrange(9), at,
+                                               _nonce(rng)), 0.0])  # fmt: skip
+    elif op == 1:  # a step sent again, now or later
+        step = list(rng.choice(steps))
+        step[2] = rng.choice((0.0, 1.0, READ_WINDOW_S - 0.001, READ_WINDOW_S, READ_WINDOW_S + 0.001,
+                              2 * READ_WINDOW_S, 0.5))  # fmt: skip
+        steps.insert(rng.randrange(len(steps) + 1), step)
+    elif op == 2:  # the server's clock
+        step = rng.choice(steps)
+        step[2] = rng.choice((0.0, 0.001, READ_WINDOW_S, READ_WINDOW_S + 0.001, 1e6, -5.0,
+                              math.nan, math.inf, 2**64, True, "soon"))  # fmt: skip
+    elif op == 3:  # steps reordered, dropped or sent as the other method
+        if rng.random() < 0.5:
+            rng.shuffle(steps)
+        elif rng.random() < 0.5:
+            del steps[rng.randrange(len(steps))]
+        else:
+            step = rng.choice(steps)
+            step[0] = rng.choice(("Fetch", "Subscribe", "Push", "", None, 7))
+    else:  # one field of one request, then (usually) signed again by its sender
+        step = rng.choice(steps)
+        method = step[0] if step[0] in ("Fetch", "Subscribe") else "Fetch"
+        model_id, version, auth = _parse_read(method, step[1])
+        fields = {"model_id": model_id, "version": version, "sender": "", "ts": 0,
+                  "nonce": b"", "sig": b""}  # fmt: skip
+        if auth is not None:
+            fields.update(sender=auth.sender, ts=auth.timestamp_ms, nonce=auth.nonce,
+                          sig=auth.signature)  # fmt: skip
+        key = rng.choice(("model_id", "version", "sender", "ts", "ts", "nonce", "sig"))
+        now_ms = int(READ_NOW * 1000)
+        window_ms = int(READ_WINDOW_S * 1000)
+        fields[key] = rng.choice({
+            "model_id": ("", "global", READ_PUBLIC, "other", "g\x00lobal", "é" * 40, "a" * 5000),
+            "version": (-1, 0, 1, 2**31, 2**63 - 1, -(2**63), 2**64 - 1, -2),
+            "sender": ("", ISLAND.peer_id, AGGREGATOR.peer_id, STRANGER.peer_id,
+                       ISLAND.peer_id.upper(), ISLAND.peer_id[:-1], "x" * 300),
+            "ts": (0, 1, now_ms - window_ms - 1, now_ms - window_ms, now_ms + window_ms,
+                   now_ms + window_ms + 1, now_ms, 2**63, 2**64 - 1, now_ms + 999),
+            "nonce": (b"", b"\x00" * 15, b"\x00" * 16, b"\x00" * 17, _nonce(rng),
+                      _nonce(rng) * 64),
+            "sig": (b"", b"\x00" * 64, rng.randbytes(63), rng.randbytes(65),
+                    bytes([fields["sig"][0] ^ 1]) + fields["sig"][1:] if fields["sig"] else b""),
+        }[key])  # fmt: skip
+        signer = KEYS.get(fields["sender"])
+        if signer is not None and key != "sig" and rng.random() < 0.8:
+            from comms.reads import read_signing_bytes
+
+            with contextlib.suppress(Exception):
+                fields["sig"] = signer.sign(read_signing_bytes(
+                    method, fields["model_id"], fields["version"], fields["sender"],
+                    fields["ts"], fields["nonce"]))  # fmt: skip
+        auth = ReadAuth(fields["sender"], fields["ts"], fields["nonce"], fields["sig"])
+        if op == 5 and rng.random() < 0.3:
+            auth = None  # the auth field left out
+        with contextlib.suppress(ValueError, TypeError, OverflowError):
+            step[1] = _read_request(method, fields["model_id"], fields["version"], auth)
+    try:
+        return msgpack.packb(steps, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return data
+
+
+register(Target(
+    "reads", "comms.reads.ReadGuard.check on Fetch / Subscribe requests (signed reads)",
+    run_reads, (ReadDeniedError, TooManyReadsError), reads_seeds, (mutate_reads,),
+))  # fmt: skip

@@ -2,7 +2,7 @@
 
 The targets (``scripts/fuzz_targets.py``) run the real decoders: the update envelope and
 ``decode_update``, the gateway's admission, WAL records and segment files, codecs, chunk
-streams, DHT records, the TOML configs, the roster, key files, expert and router checkpoint
+streams, DHT records, signed read requests (``ReadGuard``), the TOML configs, the roster, key files, expert and router checkpoint
 manifests and the router server's request bodies. For each, hypothesis draws random bytes and
 mutations of valid seeds (byte-level havoc, and structured edits re-signed with a roster key so
 the checks behind the signature run). Properties: nothing escapes but the target's typed
@@ -48,7 +48,7 @@ from comms.errors import ConfigError, MalformedError, OversizeError, RejectedErr
 TARGETS = targets()
 NAMES = sorted(TARGETS)
 # Examples per target and strategy: the whole file stays under ~30 s on 2 busy cores.
-EXAMPLES = {"checkpoint": 30, "discovery": 60}
+EXAMPLES = {"checkpoint": 30, "discovery": 60, "reads": 300}
 DEFAULT_EXAMPLES = 100
 MAX_SECONDS_PER_INPUT = 5.0
 
@@ -440,3 +440,60 @@ def test_router_number_field_given_an_integer_beyond_float_range_is_a_400():
     assert len(info.value.message) < 200
     result = classify(TARGETS["router.generate"], b'{"top_p": 1' + b"0" * 400 + b"}")
     assert result.status == "rejected", result.trace
+
+
+# --- signed read requests (ReadGuard) -------------------------------------------------------------
+
+
+def _read_steps(*steps) -> bytes:
+    return msgpack.packb([list(s) for s in steps], use_bin_type=True)
+
+
+def test_read_guard_caps_its_nonces_and_admits_valid_reads_again_once_they_expire():
+    """A flood of fresh, valid reads from one key fills its share of the nonce table
+    (``TooManyReadsError``), the other key is still served, and once the window has passed
+    the same key is admitted again; the table never holds more than its caps."""
+    from fuzz_wire_targets import (
+        READ_MAX_NONCES,
+        READ_MAX_PER_SENDER,
+        READ_NOW,
+        READ_WINDOW_S,
+        _signed_read,
+    )
+
+    rng = random.Random(3)
+
+    def read(signer, at, advance=0.0):
+        return ("Fetch", _signed_read(signer, "Fetch", "global", -1, at, rng.randbytes(16)),
+                advance)  # fmt: skip
+
+    flood = [read(ISLAND, READ_NOW) for _ in range(READ_MAX_PER_SENDER + 1)]
+    result = classify(TARGETS["reads"], _read_steps(*flood))
+    assert (result.status, result.error) == ("rejected", "TooManyReadsError"), result.trace
+    assert f"limit {READ_MAX_PER_SENDER} per reader" in result.message
+    both = [read(k, READ_NOW) for k in (ISLAND, AGGREGATOR) * READ_MAX_PER_SENDER]
+    later = READ_NOW + 2 * READ_WINDOW_S + 1
+    again = [read(ISLAND, READ_NOW), read(ISLAND, later, 2 * READ_WINDOW_S + 1)]
+    assert len(both) == READ_MAX_NONCES
+    assert classify(TARGETS["reads"], _read_steps(*both, *again[1:])).status == "accepted"
+    result = classify(TARGETS["reads"], _read_steps(*both, *again))
+    assert (result.status, result.error) == ("rejected", "TooManyReadsError"), result.trace
+    assert f"{READ_MAX_NONCES} signed reads" in result.message
+
+
+def test_read_target_catches_a_guard_that_admits_a_replay(monkeypatch):
+    """The target holds the guard to the rules: a guard that forgot its nonces (or admitted
+    a read its rules refuse) is a crash, not an accepted input."""
+    from fuzz_wire_targets import READ_NOW, _signed_read
+
+    from comms.reads import ReadGuard
+
+    step = ("Subscribe", _signed_read(AGGREGATOR, "Subscribe", "global", 4, READ_NOW,
+                                      bytes(range(16))), 0.0)  # fmt: skip
+    result = classify(TARGETS["reads"], _read_steps(step, step))
+    assert (result.status, result.error) == ("rejected", "ReadDeniedError")
+    assert "replayed request" in result.message
+    monkeypatch.setattr(ReadGuard, "_remember", lambda self, what, auth, now: None)
+    result = classify(TARGETS["reads"], _read_steps(step, step))
+    assert (result.status, result.error) == ("crash", "InvariantError")
+    assert "admitted a Subscribe that deserves read_replay" in result.message
