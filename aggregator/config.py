@@ -179,6 +179,7 @@ class AggregatorConfig:
     fan_in: int = 0  # most children (islands or aggregators) placed here; 0: no limit
     max_update_mb: float = 1024.0  # refuse larger envelopes (OversizeError)
     push_deadline_s: float = 60.0  # deadline of one push to the parent
+    version_cache_mb: float = 256.0  # leaf/mid: most MiB of recent u_v kept for subscribers
     merge: MergeConfig = field(default_factory=MergeConfig)
     models: list[ModelConfig] = field(default_factory=list)
     tls: TLSConfig = field(default_factory=TLSConfig)  # empty: plaintext gRPC
@@ -200,6 +201,8 @@ class AggregatorConfig:
         ids = [m.model_id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"models: model_id repeated in {ids}")
+        if not self.version_cache_mb > 0:
+            raise ConfigError(f"version_cache_mb: must be positive, got {self.version_cache_mb}")
         if not 0 < self.max_update_mb <= MAX_UPDATE_MB:
             raise ConfigError(
                 f"max_update_mb: must be in (0, {MAX_UPDATE_MB}], got {self.max_update_mb}"

@@ -26,8 +26,10 @@ from comms.update import Manifest
 
 log = logging.getLogger("aggregator.service")  # one log for all the service's parts
 
-VERSION_CACHE = 256  # recent u_v a leaf or mid keeps for its subscribers
+VERSION_CACHE = 256  # most recent u_v a leaf or mid keeps for its subscribers...
+VERSION_CACHE_BYTES = 256 << 20  # ...and most bytes of them (config version_cache_mb)
 ROOT_VERSION_CACHE = 8  # the root's newest u_v in memory (older ones come from its store)
+FLUSH_RETRY_S = 1.0  # a flush that could not be made durable is tried again after this
 
 
 class ModelLine:
@@ -43,6 +45,7 @@ class ModelLine:
         self.config: ModelConfig | None = None  # the root's [[models]] entry
         self.store: ModelStore | None = None  # root: versions and snapshots on disk
         self.cache: OrderedDict[int, bytes] = OrderedDict()  # recent u_v (the root's too)
+        self.cache_limit_bytes = VERSION_CACHE_BYTES  # oldest evicted beyond (newest kept)
         self.buffer = PartialAggregate()
         self.buffer_index = 0  # WAL index of the newest update in the buffer
         self.oldest_at: float | None = None
@@ -57,6 +60,8 @@ class ModelLine:
         self.theta_norm: tuple[int, float] | None = None  # (version, ||theta||), computed lazily
         self.clipped = 0  # island updates clipped since this process started
         self.norm_rejected = 0  # island updates refused for their norm (clip_action "reject")
+        self.flush_retry_at: float | None = None  # a flush failed (disk): not before this
+        self.dropped = 0  # acknowledged updates dropped deliberately (a non-finite merge)
 
     @property
     def buffered(self) -> int:
@@ -67,6 +72,22 @@ class ModelLine:
         partial, index = self.buffer, self.buffer_index
         self.buffer, self.oldest_at = PartialAggregate(), None
         return partial, index
+
+    def restore_buffer(self, partial: PartialAggregate, index: int, oldest_at) -> None:
+        """Put back a partial whose flush failed (the caller holds the lock; the buffer is still
+        the empty one :meth:`take_buffer` left, since nothing merges while the lock is held)."""
+        partial.spare = self.buffer.spare
+        self.buffer, self.buffer_index, self.oldest_at = partial, index, oldest_at
+        self.wakeup.set()  # the deadline loop may have gone to sleep on the empty buffer
+
+    def storage_status(self) -> dict:
+        """Whether this line's writes fail (a full disk): its WAL's and, at the root, its store's."""
+        parts = {"wal": self.wal.health}
+        if self.store is not None:
+            parts["store"] = self.store.health
+        out = {part: h.status() for part, h in parts.items()}
+        out["failing"] = any(h.failing for h in parts.values())
+        return out
 
     def recycle(self, partial: PartialAggregate) -> None:
         """Hand a finished partial's buffers (nothing refers to them any more) to the next."""
@@ -85,10 +106,22 @@ class ModelLine:
         self.pooled = 0
 
     def remember(self, version: int, data: bytes) -> None:
-        """Keep a published u_v in memory for subscribers (the same bytes object for all)."""
+        """Keep a published u_v in memory for subscribers (the same bytes object for all).
+
+        The oldest are evicted beyond ``VERSION_CACHE`` versions (the root's
+        ``ROOT_VERSION_CACHE``) or ``cache_limit_bytes`` bytes; the newest is always kept."""
+        self.cache.pop(version, None)
         self.cache[version] = data
-        while len(self.cache) > (ROOT_VERSION_CACHE if self.root is not None else VERSION_CACHE):
-            self.cache.popitem(last=False)
+        most = ROOT_VERSION_CACHE if self.root is not None else VERSION_CACHE
+        held = self.cache_bytes
+        while len(self.cache) > 1 and (len(self.cache) > most or held > self.cache_limit_bytes):
+            _, evicted = self.cache.popitem(last=False)
+            held -= len(evicted)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the u_v held in ``cache`` (recounted: at most a few hundred entries)."""
+        return sum(len(data) for data in self.cache.values())
 
     def version_bytes(self, version: int) -> bytes:
         if self.root is not None and version not in self.cache:

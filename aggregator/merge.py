@@ -59,6 +59,30 @@ class EmptyAggregateError(ValueError):
     """A partial aggregate with no contribution was finalized or flushed."""
 
 
+class NonFiniteMergeError(ValueError):
+    """Finite updates whose float32 merge is not finite: a weighted sum (or the outer step
+    on it) overflowed. Nothing built on it may be published."""
+
+
+def nonfinite_tensors(params: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the tensors holding NaN or Inf (min and max: no model-sized temporary)."""
+    return sorted(
+        name
+        for name, x in params.items()
+        if x.size and not (np.isfinite(x.max()) and np.isfinite(x.min()))
+    )
+
+
+def check_finite(params: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise :class:`NonFiniteMergeError` naming the tensors of ``params`` that are not finite."""
+    bad = nonfinite_tensors(params)
+    if bad:
+        raise NonFiniteMergeError(
+            f"{what} is not finite in {len(bad)} tensor(s) ({', '.join(bad[:5])}): a float32 "
+            "overflow of finite updates"
+        )
+
+
 @dataclass
 class PartialAggregate:
     """A weighted sum of deltas not yet divided by its weight (one node of the merge tree)."""
@@ -253,14 +277,19 @@ def combine_all(partials: Iterable[PartialAggregate]) -> PartialAggregate:
 
 
 def finalize(partial: PartialAggregate) -> Params:
-    """The weighted mean ``weighted_sum / weight_sum`` as new float32 arrays."""
+    """The weighted mean ``weighted_sum / weight_sum`` as new float32 arrays.
+
+    Raises :class:`NonFiniteMergeError` if the mean is not finite: the deltas were admitted
+    finite, so their float32 weighted sum overflowed (large-but-finite updates)."""
     if partial.empty or partial.weight_sum <= 0:
         raise EmptyAggregateError(
             "cannot finalize an empty partial aggregate: no update was merged "
             "(wait for updates, or skip this round)"
         )
     denom = np.float32(partial.weight_sum)
-    return {name: np.divide(x, denom, dtype=np.float32) for name, x in partial.weighted_sum.items()}
+    mean = {name: np.divide(x, denom, dtype=np.float32) for name, x in partial.weighted_sum.items()}
+    check_finite(mean, f"the weighted mean of {partial.count} update(s)")
+    return mean
 
 
 class FedBuffBuffer:

@@ -8,6 +8,11 @@ Douillard et al. 2023, Algorithm 1, outer loop; CO2, Sun et al. 2024)::
     wire   = encode(u_v)                            (the configured codec)
     theta_v = theta_{v-1} + decode(wire)            (aggregator.outer.apply_update)
 
+A merge or outer step that is not finite (a float32 overflow of large-but-finite updates)
+raises :class:`~aggregator.merge.NonFiniteMergeError`: a non-finite ``u_v`` or ``theta_v`` is
+never published. The step may already have moved the optimizer's state (or theta, for a
+``theta_v`` that overflows); the caller restores the saved state.
+
 The root applies ``decode(encode(u_v))``, not ``u_v``: every replica (a leaf's cache, an
 island's anchor) applies the very same bytes in the same float32 order and so holds exactly
 the bits of ``theta_v``. The codec's error is not lost either: the root keeps it in an
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.merge import PartialAggregate, finalize
+from aggregator.merge import PartialAggregate, check_finite, finalize
 from aggregator.outer import OuterOptimizer, apply_update
 from comms.codecs import Codec, ErrorFeedback
 from comms.identity import Identity
@@ -63,8 +68,9 @@ class RootModel:
 
     def step(self, partial: PartialAggregate) -> NewVersion:
         """Apply the outer step for one flushed aggregate; returns the published version."""
-        g = finalize(partial)
+        g = finalize(partial)  # NonFiniteMergeError before any state moves
         u = self.outer.step(self.theta, g)
+        check_finite(u, f"the outer step to version {self.version + 1}")
         env = encode_update(
             u,
             codec=self.codec,
@@ -86,6 +92,7 @@ class RootModel:
         )
         applied = decode_update(env)
         apply_update(self.theta, applied)
+        check_finite(self.theta, f"theta at version {self.version + 1}")
         self.version += 1
         norm = float(np.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in applied.values())))
         return NewVersion(

@@ -50,7 +50,7 @@ from aggregator.store import ModelStore
 from aggregator.wal import WriteAheadLog
 from comms.codecs import get_codec
 from comms.envelope import parse_header
-from comms.errors import ConfigError, NotFoundError, RejectedError
+from comms.errors import ConfigError, NotFoundError, RejectedError, StorageError
 from comms.http import split_listen
 from comms.identity import Identity, ReplayGuard, Roster
 from comms.reads import ReadGuard
@@ -108,7 +108,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
         )
         self._log_clip_mode()
         self.lines: dict[str, ModelLine] = {}
-        self.metrics = AggregatorMetrics(config.name, config.role)
+        self.metrics = AggregatorMetrics(config.name, config.role, lines=self.lines)
         self.server: TransportServer | None = None
         self.http = None
         self.parent: TransportClient | None = None
@@ -132,6 +132,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
         for model_id in model_ids:
             line = ModelLine(model_id, WriteAheadLog(self.state_dir / "wal" / model_id))
             line.norm_bound = self._new_norm_bound()
+            line.cache_limit_bytes = int(self.config.version_cache_mb * (1 << 20))
             self.lines[model_id] = line
             if self.role == "root":
                 line.config = next(c for c in self.config.models if c.model_id == model_id)
@@ -331,7 +332,11 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
         except RejectedError as e:
             self.metrics.rejected.labels(e.reason).inc()
             self._count_rejection(line, e)
-            log.info("rejected push %s: %s (%s)", upload_id[:12], e, e.reason)
+            # a full disk is logged once, by the WAL's StorageHealth, not at every retry
+            quiet = isinstance(e, StorageError)
+            (log.debug if quiet else log.info)(
+                "rejected push %s: %s (%s)", upload_id[:12], e, e.reason
+            )
             raise
         finally:
             self.metrics.push_seconds.observe(time.perf_counter() - t0)
@@ -375,6 +380,8 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
                     "wal_mark": line.wal.mark,
                     "partials_sent": line.partial_seq,
                     "clip": self._clip_status(line),
+                    "storage": line.storage_status(),
+                    "dropped": line.dropped,
                 }
                 for mid, line in self.lines.items()
             },

@@ -15,6 +15,9 @@ Every write goes to a temporary file, is fsynced and renamed into place: a crash
 either the old or the new file, never a torn one. ``save_version_and_state`` writes a new
 version's files concurrently (worker threads: the writes and fsyncs overlap) and renames the
 state into place last, so a state at version ``v`` always has ``u_v`` on disk beside it.
+A write that fails (a full disk, an I/O error) removes its temporary files and raises
+:class:`~comms.errors.StorageError`; ``save_version_and_state`` then also removes the new
+version's files, so the store is as it was and the root does not publish that version.
 numpy and safetensors only (no torch).
 """
 
@@ -31,19 +34,27 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from aggregator.wal import fsync_dir
+from aggregator.wal import StorageHealth, fsync_dir
 from comms.errors import NotFoundError
 from comms.update import Manifest
 
 _VERSION_FILE = re.compile(r"^(\d{10})\.(env|safetensors)$")
 
 
+def _tmp_of(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _tmp_of(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # free what it took (a full disk)
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -51,12 +62,28 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
 def stage_arrays(path: Path, arrays: Mapping[str, np.ndarray], meta: dict | None = None) -> Path:
     """Write ``arrays`` to ``path``'s temporary file and fsync it; returns the temporary path
     (:func:`commit` renames it into place)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_of(path)
     contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    save_file(contiguous, str(tmp), metadata={"meta": json.dumps(meta or {})})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        save_file(contiguous, str(tmp), metadata={"meta": json.dumps(meta or {})})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except Exception as err:  # safetensors reports a failed write as its own error type
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise
+        raise _as_os_error(err) from err
     return tmp
+
+
+def _as_os_error(err: Exception) -> OSError:
+    """safetensors' write errors carry the OS error only in their text."""
+    text = str(err)
+    for code, name in ((28, "No space left on device"), (122, "Disk quota exceeded"),
+                       (27, "File too large"), (30, "Read-only file system")):  # fmt: skip
+        if name.lower() in text.lower():
+            return OSError(code, f"{name} ({text})")
+    return OSError(5, f"write failed: {text}")
 
 
 def commit(tmp: Path, path: Path) -> None:
@@ -90,6 +117,7 @@ class ModelStore:
             d.mkdir(parents=True, exist_ok=True)
         self.keep_versions = keep_versions
         self.keep_snapshots = keep_snapshots
+        self.health = StorageHealth(f"model store {self.dir}")
 
     # ------------------------------------------------------------------ manifest
 
@@ -175,15 +203,37 @@ class ModelStore:
         before the rename leaves the state at ``v - 1``, which replays to ``v`` again.
         """
         state_path = self.dir / "state.safetensors"
-        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="store") as pool:
-            staged = pool.submit(stage_arrays, state_path, arrays, meta)
-            others = [pool.submit(self.put_version, version, envelope_bytes)]
-            if snapshot is not None:
-                others.append(pool.submit(self.put_snapshot, version, snapshot))
-            for done in others:
-                done.result()
-            tmp = staged.result()
-        commit(tmp, state_path)
+        written = [self.versions_dir / f"{version:010d}.env"]
+        if snapshot is not None:
+            written.append(self.snapshots_dir / f"{version:010d}.safetensors")
+        try:
+            with ThreadPoolExecutor(max_workers=3, thread_name_prefix="store") as pool:
+                staged = pool.submit(stage_arrays, state_path, arrays, meta)
+                others = [pool.submit(self.put_version, version, envelope_bytes)]
+                if snapshot is not None:
+                    others.append(pool.submit(self.put_snapshot, version, snapshot))
+                failure = None
+                for done in [*others, staged]:  # wait for all, then clean up after any
+                    try:
+                        done.result()
+                    except OSError as err:
+                        failure = failure or err
+                if failure is not None:
+                    for path in [state_path, *written]:
+                        _tmp_of(path).unlink(missing_ok=True)
+                    for path in written:  # the state stays at v - 1: no u_v beyond it
+                        path.unlink(missing_ok=True)
+                    raise failure
+                tmp = staged.result()
+            commit(tmp, state_path)
+        except OSError as err:
+            _tmp_of(state_path).unlink(missing_ok=True)  # if the rename itself failed
+            raise self.health.failed(
+                err,
+                f"writing version {version} of {self.model_id!r}",
+                then="the version is not published; it is tried again while writes fail",
+            ) from err
+        self.health.succeeded()
 
     def load_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         path = self.dir / "state.safetensors"

@@ -19,21 +19,33 @@ of acknowledged records, and the log refuses to open (``WalCorruptError``, namin
 and offset) rather than silently drop what follows. Segments
 entirely below the newest mark are deleted by ``compact``.
 
+A write that fails (``ENOSPC`` on a full disk, ``EIO``, ``EROFS``) raises
+:class:`~comms.errors.StorageError` (UNAVAILABLE, reason ``disk_full`` or ``disk_error``): the
+update is not acknowledged, and the bytes of the failed record are cut off the segment at once
+(or before the next write, if the cut itself failed), so the log never holds a torn record
+followed by a valid one. A mark that cannot be written is not recorded (``mark_done`` returns
+False and nothing is compacted): a mark only lets a restart skip work, the next one covers it.
+The log's :class:`StorageHealth` logs a failing disk once and its recovery once.
+
 Concurrency: one writer (the gateway's event loop thread); ``append`` blocks for the fsync, so
 call it through ``asyncio.to_thread`` from async code. Not safe for several processes at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import itertools
+import logging
 import os
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from comms.errors import CommsError
+from comms.errors import CommsError, StorageError
 
 MAGIC = b"AWAL"
 _HEAD = struct.Struct("<4sBQI16s")
@@ -41,6 +53,74 @@ UPDATE = 1
 MARK = 2
 INTENT = 3
 MAX_INDEX = 2**63 - 1  # a record beyond it is corrupt: the next index must fit the u64 field
+# out of space: a full file system, a quota, a file size limit (RLIMIT_FSIZE)
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+log = logging.getLogger("aggregator.storage")
+
+
+def storage_error(
+    err: OSError, what: str, then: str = "nothing was acknowledged, retry later"
+) -> StorageError:
+    """The refusal for a write that failed with ``err``: ``disk full: ...`` or ``disk error``."""
+    full = err.errno in _FULL_ERRNOS
+    kind = "disk full" if full else "disk error"
+    return StorageError(
+        f"{kind}: {what} failed ({err.strerror or err}); {then}",
+        reason="disk_full" if full else "disk_error",
+    )
+
+
+class StorageHealth:
+    """Whether the writes of one log (or store) currently fail; for /status and metrics.
+
+    The first failure is logged as a warning and recovery once as info; the failures between
+    are only counted, so a full disk under a stream of retried pushes does not flood the log.
+    """
+
+    def __init__(self, where: str):
+        self.where = where
+        self.failing = False
+        self.since: float | None = None  # wall time of the first failure of this episode
+        self.last_error = ""
+        self.failures = 0  # failed writes since this process started
+        self.episodes = 0  # times the disk went from writable to failing
+
+    def failed(self, err: OSError, what: str, **then) -> StorageError:
+        exc = storage_error(err, what, **then)
+        self.failures += 1
+        self.last_error = str(exc)
+        if not self.failing:
+            self.failing, self.since = True, time.time()
+            self.episodes += 1
+            log.warning(
+                "%s: %s; refusing what cannot be made durable until writes succeed again",
+                self.where, exc,
+            )  # fmt: skip
+        return exc
+
+    def succeeded(self) -> None:
+        if self.failing:
+            log.info(
+                "%s: writes succeed again after %.1f s (%d failed writes so far)",
+                self.where, time.time() - (self.since or time.time()), self.failures,
+            )  # fmt: skip
+            self.failing, self.since = False, None
+
+    def status(self) -> dict:
+        return {
+            "failing": self.failing,
+            "since": self.since,
+            "failures": self.failures,
+            "last_error": self.last_error or None,
+        }
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 class WalCorruptError(CommsError):
@@ -133,6 +213,8 @@ class WriteAheadLog:
         self.torn_bytes = 0
         self.last_index = 0
         self.mark = 0
+        self.health = StorageHealth(f"write-ahead log {self.dir}")
+        self._torn = False  # a failed write may have left bytes after _file_size
         segments = self._segments()
         for seg in segments:
             data = seg.read_bytes()
@@ -163,24 +245,57 @@ class WriteAheadLog:
             path = segs[-1]
         else:
             path = self.dir / f"{self.last_index + 1:020d}.wal"
-        self._file = open(path, "ab")
+        self._file = open(path, "ab", buffering=0)  # unbuffered: nothing left behind a failure
         self._file_size = self._file.tell()
         fsync_dir(self.dir)
 
-    def _write(self, rtype: int, index: int, body: bytes | memoryview) -> None:
-        if self._file_size >= self.segment_bytes:
-            self._file.close()
-            path = self.dir / f"{index:020d}.wal"
-            self._file = open(path, "ab")
-            self._file_size = 0
+    def _cut_torn(self) -> None:
+        """Cut what a failed write left after the last whole record (raises if it cannot)."""
+        if not self._torn:
+            return
+        fd = self._file.fileno()
+        os.ftruncate(fd, self._file_size)
+        os.fsync(fd)
+        self._torn = False
+
+    def _roll(self, index: int) -> None:
+        path = self.dir / f"{index:020d}.wal"
+        new = open(path, "ab", buffering=0)
+        try:
             fsync_dir(self.dir)
+        except OSError:
+            new.close()
+            path.unlink(missing_ok=True)
+            raise
+        self._file.close()
+        self._file, self._file_size = new, 0
+
+    def _write(self, rtype: int, index: int, body: bytes | memoryview) -> None:
+        """Append one record durably, or raise StorageError leaving no part of it behind."""
+        try:
+            self._cut_torn()
+            if self._file_size >= self.segment_bytes:
+                self._roll(index)
+        except OSError as err:
+            raise self.health.failed(err, f"writing to {self.dir}") from err
         head = _HEAD.pack(MAGIC, rtype, index, len(body), _digest(rtype, index, body))
+        fd = self._file.fileno()
+        try:
+            self._torn = True
+            _write_all(fd, head)
+            _write_all(fd, body)
+            os.fsync(fd)
+        except OSError as err:
+            exc = self.health.failed(err, f"appending a record to {self._file.name}")
+            # at once: a restart must not find this record's bytes (if the cut fails too, it
+            # is retried before the next write, and a restart cuts it as a torn tail)
+            with contextlib.suppress(OSError):
+                self._cut_torn()
+            raise exc from err
+        self._torn = False
         self.last_location = (self._file.name, self._file_size + len(head), len(body))
-        self._file.write(head)
-        self._file.write(body)
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file_size += len(head) + len(body)
+        self.health.succeeded()
 
     def append(self, body: bytes | memoryview) -> int:
         """Durably append one update; returns its index (1, 2, ...). ``last_location`` then
@@ -190,12 +305,20 @@ class WriteAheadLog:
         self.last_index = index
         return index
 
-    def mark_done(self, index: int, note: bytes = b"") -> None:
-        """Record that every update with an index <= ``index`` is merged and handed on."""
+    def mark_done(self, index: int, note: bytes = b"") -> bool:
+        """Record that every update with an index <= ``index`` is merged and handed on.
+
+        Returns False if the mark could not be written (a full disk): the mark stays where it
+        was, nothing is compacted, and a restart re-does the work above it (which the parent's
+        or the root's state recognises); the next mark covers this one."""
         if index < self.mark:
             raise ValueError(f"mark {index} is below the current mark {self.mark}")
-        self._write(MARK, index, note)
+        try:
+            self._write(MARK, index, note)
+        except StorageError:
+            return False
         self.mark = index
+        return True
 
     @staticmethod
     def _read(loc: _Loc) -> WalRecord:

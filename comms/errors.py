@@ -119,6 +119,16 @@ class TooManyReadsError(RejectedError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class StorageError(RejectedError):
+    """A write the server could not make durable (its disk is full, read-only or failing):
+    nothing was acknowledged. Transient: the status is UNAVAILABLE, so the sender keeps the
+    update and retries later. ``reason`` is ``disk_full`` (no space, quota, file size limit)
+    or ``disk_error`` (I/O error, read-only file system)."""
+
+    reason = "disk_full"
+    grpc_code = "UNAVAILABLE"
+
+
 class LinkError(CommsError):
     """A link went down or dropped data; callers retry or resume."""
 

