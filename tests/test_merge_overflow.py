@@ -91,3 +91,48 @@ async def test_an_overflowing_merge_is_dropped_with_a_reason_and_the_run_goes_on
         assert root.lines["global"].version == 1 and root.lines["global"].buffered == 0
     finally:
         await root.stop()
+
+
+async def test_a_leaf_drops_an_overflowing_partial_instead_of_sending_it(tmp_path, caplog):
+    """The check runs before the flush intent: nothing non-finite goes up the tree (the parent
+    would refuse it as non-finite and the intent would replay it at every restart)."""
+    caplog.set_level(logging.INFO)
+    fed = make_federation(tmp_path, 2, aggregators=("root", "leaf0"))
+    root = AggregatorService(fed.config("root", "root", buffer_k=1))
+    root_addr = await root.start()
+    leaf_cfg = fed.config("leaf0", "leaf", parent=root_addr, buffer_k=2, clip="off")
+    leaf = AggregatorService(leaf_cfg)
+    await leaf.start()
+    A, B = fed.islands
+    d = [random_delta(fed.theta0, i) for i in range(2)]
+    try:
+        async with TransportClient(leaf.address, retries=0) as c:
+            for ident in (A, B):
+                await c.push(delta_bytes(ident, big_delta(fed.theta0), 1))
+            line = leaf.lines["global"]
+            assert line.dropped == 2 and line.buffered == 0 and line.partial_seq == 0
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and "the partial sum is not finite" in errors[0]
+            for ident, delta in zip((A, B), d, strict=True):
+                await c.push(delta_bytes(ident, delta, 2))
+        await wait_for(lambda: root.lines["global"].version == 1 and line.wal.mark == 4)
+        want = hand_versions(fed.theta0, [[(d[0], 0), (d[1], 0)]])[-1]
+        for k in want:
+            np.testing.assert_allclose(root.lines["global"].theta[k], want[k], rtol=1e-5, atol=1e-6)
+        await leaf.stop()
+        leaf = AggregatorService(leaf_cfg)  # the mark after the next partial covers them
+        await leaf.start()
+        assert leaf.lines["global"].buffered == 0
+    finally:
+        await leaf.stop()
+        await root.stop()
+
+
+async def wait_for(pred, timeout=20.0):
+    import asyncio
+
+    t0 = asyncio.get_running_loop().time()
+    while not pred():
+        if asyncio.get_running_loop().time() - t0 > timeout:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.02)
