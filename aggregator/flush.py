@@ -143,6 +143,7 @@ class Flushing:
         finally:
             line.theta = line.root.theta  # a reload replaces the dict
         line.remember(nv.version, nv.envelope)
+        fault_point("root.before_publish")
         await self._publish(line, nv.version)
         self.metrics.merge_seconds.observe(time.perf_counter() - t0)
         self.metrics.version.labels(line.model_id).set(nv.version)

@@ -36,6 +36,7 @@ from safetensors.numpy import load_file
 
 from aggregator.clipping import NormClipping
 from aggregator.config import AggregatorConfig, ModelConfig
+from aggregator.faults import fault_point
 from aggregator.flush import Flushing
 from aggregator.gateway import AdmissionPolicy, Admitted, admit, wal_record
 from aggregator.lines import ROOT_VERSION_CACHE, VERSION_CACHE, ModelLine
@@ -313,6 +314,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
                 self.guard.check(admitted.replay_key, admitted.sequence)  # a concurrent duplicate
                 body = wal_record(admitted, data)
                 index = await asyncio.to_thread(line.wal.append, body)
+                fault_point("leaf.after_wal_append")
                 self.guard.commit(admitted.replay_key, admitted.sequence)
                 self._observe_admitted(line, admitted)
                 if line.pool is not None and admitted.delta is None:

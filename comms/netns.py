@@ -20,8 +20,13 @@ netem, and ``tun`` otherwise. Everything created lives in namespaces named ``<pr
 those namespaces (and is safe to run twice). State (config, forwarder pid and log) sits in
 ``$ARCHIPELAGO_NETNS_STATE/<prefix>`` (default ``/run/archipelago-netns``).
 
-CLI: ``python -m comms.netns up N --rate 10mbit --delay 50ms [--loss 0.1%]``, ``down``,
-``status``, ``exec NS CMD...`` (NS: ``hub``, ``isl0``, ... or a full name); ``--prefix`` picks
+Jitter (``--jitter 10ms``): each packet's delay is drawn uniformly in delay +- jitter (netem
+``delay D J distribution uniform``; the forwarder the same), so packets may be reordered.
+``cut K`` silences island K's link (no packet passes either way, no connection is reset) until
+``cut K --restore``.
+
+CLI: ``python -m comms.netns up N --rate 10mbit --delay 50ms [--loss 0.1%] [--jitter 10ms]``,
+``down``, ``cut K [--restore]``, ``status``, ``exec NS CMD...`` (NS: ``hub``, ``isl0``, ... or a full name); ``--prefix`` picks
 another set of namespaces.
 """
 
@@ -113,6 +118,7 @@ class LinkConfig:
     mtu: int = 1500
     backend: str = "veth"  # resolved: "veth" or "tun"
     prefix: str = DEFAULT_PREFIX
+    jitter_s: float = 0.0  # each packet's delay is delay_s +- up to jitter_s (uniform)
 
     def __post_init__(self):
         if not PREFIX_PATTERN.match(self.prefix):
@@ -121,6 +127,8 @@ class LinkConfig:
             raise ConfigError(f"islands must be in 1..{MAX_ISLANDS}, got {self.islands}")
         if self.backend not in ("veth", "tun"):
             raise ConfigError(f"backend must be veth or tun, got {self.backend!r}")
+        if not 0 <= self.jitter_s <= max(self.delay_s, 0.0):
+            raise ConfigError(f"jitter must be in [0, delay], got {self.jitter_s} s")
         if not 576 <= self.mtu <= 9000:
             raise ConfigError(f"mtu must be in 576..9000, got {self.mtu}")
 
@@ -158,6 +166,8 @@ def netem_args(cfg: LinkConfig) -> list[str]:
     args = ["netem", "limit", str(max(1000, int(4 * in_flight)))]
     if cfg.delay_s > 0:
         args += ["delay", f"{cfg.delay_s * 1e3:.3f}ms"]
+        if cfg.jitter_s > 0:
+            args += [f"{cfg.jitter_s * 1e3:.3f}ms", "distribution", "uniform"]
     if cfg.loss > 0:
         args += ["loss", f"{cfg.loss * 100:.6f}%"]
     return args
@@ -286,16 +296,19 @@ def up(
     backend: str = "auto",
     mtu: int = 1500,
     ready_timeout: float = 10.0,
+    jitter: str | float = 0.0,
 ) -> LinkConfig:
     """Create the namespaces and shaped links (tearing down any earlier set with this prefix)."""
     require_tools()
     rate_bps = parse_rate(rate) if isinstance(rate, str) else float(rate)
     delay_s = parse_delay(delay) if isinstance(delay, str) else float(delay)
     loss_p = parse_loss(loss) if isinstance(loss, str) else float(loss)
-    cfg = LinkConfig(islands, rate_bps, delay_s, loss_p, mtu, "veth", prefix)  # validates
+    jitter_s = parse_delay(jitter) if isinstance(jitter, str) else float(jitter)
+    cfg = LinkConfig(islands, rate_bps, delay_s, loss_p, mtu, "veth", prefix, jitter_s)  # validates
     cfg = LinkConfig(
-        islands, rate_bps, delay_s, loss_p, mtu, resolve_backend(backend, delay_s, loss_p), prefix
-    )
+        islands, rate_bps, delay_s, loss_p, mtu, resolve_backend(backend, delay_s, loss_p), prefix,
+        jitter_s,
+    )  # fmt: skip
     down(prefix)
     try:
         for ns in cfg.namespaces:
@@ -325,6 +338,30 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
         removed.append(ns)
     shutil.rmtree(state, ignore_errors=True)
     return removed
+
+
+def cut(k: int, prefix: str = DEFAULT_PREFIX, restore: bool = False) -> None:
+    """Cut island k's link (every packet both ways is lost) or, with ``restore``, mend it.
+    Connections are not reset: it is a link that goes silent, as a cable pulled. ``veth``: the
+    hub end goes down (and comes back up); ``tun``: the forwarder drops the link's packets
+    (it reads the set of cut links from ``cut.json`` in the state directory)."""
+    state = state_dir(prefix)
+    cfg = LinkConfig(**json.loads((state / "config.json").read_text()))
+    if not 0 <= k < cfg.islands:
+        raise ConfigError(f"island link {k} is not in 0..{cfg.islands - 1}")
+    if cfg.backend == "veth":
+        dev = HUB_IFACE.format(k=k)
+        _run("ip", "-n", cfg.hub, "link", "set", dev, "up" if restore else "down")
+        if restore:  # routes through a link that went down are gone: put the island's back
+            _run("ip", "-n", cfg.island(k), "route", "replace", "10.231.0.0/16", "via",
+                 hub_address(k))  # fmt: skip
+        return
+    path = state / "cut.json"
+    links = set(json.loads(path.read_text())) if path.exists() else set()
+    links = links - {k} if restore else links | {k}
+    tmp = path.with_name("cut.json.tmp")
+    tmp.write_text(json.dumps(sorted(links)))
+    os.replace(tmp, path)
 
 
 def status(prefix: str = DEFAULT_PREFIX) -> dict:
@@ -420,11 +457,14 @@ def forward(state: Path) -> None:
     it with the loss probability. Single-threaded: one selector, one heap of due packets."""
     cfg = LinkConfig(**json.loads((state / "config.json").read_text()))
     sel = selectors.DefaultSelector()
+    link_of: dict[int, int] = {}  # fd -> island link k
     for k in range(cfg.islands):
         island_fd = _open_tun(cfg.island(k), ISLAND_IFACE)
         hub_fd = _open_tun(cfg.hub, HUB_IFACE.format(k=k))
         sel.register(island_fd, selectors.EVENT_READ, hub_fd)
         sel.register(hub_fd, selectors.EVENT_READ, island_fd)
+        link_of[island_fd] = link_of[hub_fd] = k
+    cut_file, cut_links, cut_checked = state / "cut.json", set(), 0.0
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     rng = random.Random()
@@ -432,17 +472,24 @@ def forward(state: Path) -> None:
     sequence = 0
     (state / "forwarder.ready").write_text("ready")
     while not stopping:
-        timeout = max(0.0, due[0][0] - time.monotonic()) if due else 0.2
-        for key, _ in sel.select(timeout):
+        if time.monotonic() - cut_checked > 0.1:  # links cut by ``cut()``
+            cut_checked = time.monotonic()
+            with contextlib.suppress(OSError, ValueError):
+                cut_links = set(json.loads(cut_file.read_text())) if cut_file.exists() else set()
+        timeout = max(0.0, due[0][0] - time.monotonic()) if due else 0.1
+        for key, _ in sel.select(min(timeout, 0.1)):
             for _ in range(256):  # bounded, so one busy link cannot starve the others
                 try:
                     packet = os.read(key.fd, 65536)
                 except BlockingIOError:
                     break
-                if cfg.loss and rng.random() < cfg.loss:
+                if link_of[key.fd] in cut_links or (cfg.loss and rng.random() < cfg.loss):
                     continue
+                delay = cfg.delay_s
+                if cfg.jitter_s:  # uniform, as netem's "distribution uniform"; may reorder
+                    delay = max(0.0, delay + rng.uniform(-cfg.jitter_s, cfg.jitter_s))
                 sequence += 1
-                heapq.heappush(due, (time.monotonic() + cfg.delay_s, sequence, key.data, packet))
+                heapq.heappush(due, (time.monotonic() + delay, sequence, key.data, packet))
         now = time.monotonic()
         while due and due[0][0] <= now:
             _, _, out_fd, packet = heapq.heappop(due)
@@ -463,9 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--rate", required=True, help="e.g. 10mbit")
     p_up.add_argument("--delay", default="0ms", help="one-way, e.g. 50ms")
     p_up.add_argument("--loss", default="0%", help="per direction, e.g. 0.1%%")
+    p_up.add_argument("--jitter", default="0ms", help="+- this on each packet's delay, e.g. 10ms")
     p_up.add_argument("--mtu", type=int, default=1500)
     p_up.add_argument("--backend", default="auto", choices=["auto", "veth", "tun"])
     sub.add_parser("down", help="remove this prefix's namespaces")
+    p_cut = sub.add_parser("cut", help="cut island k's link (--restore: mend it)")
+    p_cut.add_argument("link", type=int)
+    p_cut.add_argument("--restore", action="store_true")
     sub.add_parser("status", help="print namespaces, addresses and qdiscs as JSON")
     p_exec = sub.add_parser("exec", help="run a command inside a namespace")
     p_exec.add_argument("namespace")
@@ -483,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                 prefix=args.prefix,
                 backend=args.backend,
                 mtu=args.mtu,
+                jitter=args.jitter,
             )
             print(
                 f"{cfg.islands} island link(s) up ({cfg.backend} backend); hub namespace "
@@ -490,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "down":
             print("removed:", " ".join(down(args.prefix)) or "nothing")
+        elif args.command == "cut":
+            cut(args.link, args.prefix, restore=args.restore)
         elif args.command == "status":
             print(json.dumps(status(args.prefix), indent=2))
         elif args.command == "exec":

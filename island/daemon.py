@@ -166,7 +166,16 @@ class Island:
         return SyncEngine(
             self.config.sync, self.identity, address, roster=self.roster, loop=self.loop,
             shaper=shaper, tls=tls.client_tls(),
+            ack_log=self._ack_log(),
         )  # fmt: skip
+
+    def _ack_log(self) -> str:
+        """Where the engine records every push the aggregator answered: ``acks.jsonl`` in the
+        snapshot directory (none without one)."""
+        if not self.config.snapshot.dir:
+            return ""
+        Path(self.config.snapshot.dir).mkdir(parents=True, exist_ok=True)
+        return str(Path(self.config.snapshot.dir) / "acks.jsonl")
 
     def _discover_leaf(self) -> str:
         from comms.discovery import Discovery

@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 
 from comms.errors import ConfigError
+from comms.faults import fault_point
 from island.snapshot.errors import SnapshotWriteError
 from island.snapshot.flatten import NATIVE_NUMPY, Flattener
 from island.snapshot.format import (
@@ -258,6 +259,7 @@ class AsyncSnapshotter:
             safetensors.torch.save_file(job.tensors, tensors_file)
             if self.fsync:
                 fsync_path(tensors_file)
+            fault_point("island.mid_snapshot")
             digest, size = file_digest(tensors_file)
             manifest = {
                 "format": FORMAT,

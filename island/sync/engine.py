@@ -54,8 +54,10 @@ class SyncEngine(PushQueue, VersionStream, SnapshotJoiner):
         loop: LoopThread | None = None,
         shaper: LinkShaper | None = None,
         tls: ClientTLS | None = None,
+        ack_log: str = "",
     ):
         config.validate()
+        self.ack_log = ack_log  # JSON lines: every push the aggregator answered (pushes.py)
         self.config = config
         self.identity = identity
         self.roster = roster

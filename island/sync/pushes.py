@@ -12,8 +12,9 @@ crash); ``StaleError``, dropped and counted, the round's progress is lost; any o
 (``LinkError``, ``DeadlineExceededError``) keeps the push queued and retries later with backoff
 on a fresh channel. The queue holds at most ``max_pending_pushes`` waiting pushes; when it
 overflows the oldest waiting one is dropped, logged and counted (the one being transmitted is
-never dropped). ``state_dict`` keeps the next sequence, the residuals and the undelivered
-pushes for a restart.
+never dropped). With an ack log (``SyncEngine(ack_log=PATH)``; the daemon keeps it beside its
+snapshots, ``acks.jsonl``) every answered push is one JSON line there. ``state_dict`` keeps the
+next sequence, the residuals and the undelivered pushes for a restart.
 
 ``PushQueue`` is the push half of ``SyncEngine`` (a mixin: the engine owns the state, the lock
 and the clients). ``submit_delta`` and the state methods run in the training thread;
@@ -27,8 +28,10 @@ import collections
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from comms.errors import LinkError, RejectedError, ReplayError, StaleError
+from comms.faults import fault_point
 from comms.transport import RemoteError
 from comms.update import encode_update
 
@@ -103,6 +107,7 @@ class PushQueue:
     _stats: SyncStats
     _closed: bool
     _wake: asyncio.Event
+    ack_log: str
 
     def submit_delta(
         self, delta: Mapping[str, Any], base_version: int, meta: Mapping[str, Any] | None = None
@@ -195,6 +200,7 @@ class PushQueue:
             client = self._client("push")
             try:
                 ack = await client.push(item.data, upload_id=item.upload_id)
+                fault_point("island.after_ack")
             except (LinkError, OSError) as err:  # includes DeadlineExceededError
                 with self._lock:
                     item.in_flight = False
@@ -210,10 +216,34 @@ class PushQueue:
                 delay = min(2 * delay, self.config.max_retry_interval_s)
                 continue
             except Exception as err:  # typed rejections and anything unexpected: never retried
-                self._finish(item, self._rejected(item, err))
+                outcome = self._rejected(item, err)
+                self._record_ack(item, outcome)
+                self._finish(item, outcome)
             else:
-                self._finish(item, self._accepted(item, ack))
+                outcome = self._accepted(item, ack)
+                self._record_ack(item, outcome)
+                self._finish(item, outcome)
             delay = self.config.retry_interval_s
+
+    def _record_ack(self, item: PendingPush, outcome: PushOutcome) -> None:
+        """One JSON line in the ack log (if configured) per push the aggregator answered:
+        what this island saw acknowledged (``accepted``), or answered as delivered earlier
+        (``replayed``), stale or rejected. Written before the outcome is acted on; a line
+        survives the process's ``kill -9`` (the page cache holds it; no fsync)."""
+        if not self.ack_log:
+            return
+        record = {
+            "t": round(time.time(), 3), "sender": self.identity.peer_id, "model_id": self.model_id,
+            "sequence": item.sequence, "status": outcome.status, "base_version": item.base_version,
+            "steps": item.steps, "round": item.meta.get("round"), **outcome.ack,
+        }  # fmt: skip
+        if outcome.reason:
+            record["reason"] = outcome.reason[:200]
+        try:
+            with open(self.ack_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            log.warning("could not write the ack log %s: %s", self.ack_log, err)
 
     def _accepted(self, item: PendingPush, ack: dict[str, str]) -> PushOutcome:
         with self._lock:
