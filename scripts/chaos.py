@@ -1,34 +1,43 @@
-"""Chaos harness: a small real federation under kill -9, freezes and faults, then checked.
+"""Chaos harness: a small real federation under kill -9, freezes and cut links, then checked.
 
-    python scripts/chaos.py [--scenarios baseline,kills,aimed,freeze] [--seed 0]
-                            [--steps N] [--kills 15] [--out DIR] [--json PATH] [--doc]
+    python scripts/chaos.py [--scenarios baseline,kills,aimed,freeze,cut,lossy] [--seed 0]
+                            [--steps 300] [--every 20] [--slowdown 1] [--kills 16]
+                            [--small] [--out DIR] [--json PATH]
 
 A root (with a hivemind DHT, so p2pd runs too), two leaves and four islands training the
-reduced bytelm (22 k parameters, int8 pushes, overlapped sync) run as real processes through
-their CLIs (``aggregator serve``, ``island run``) on fixed loopback ports, under a supervisor
-that restarts a daemon that died the way systemd or a pod restart would: the rest of its
-process group is killed (p2pd included), and after ``--restart-delay`` seconds the same
-command starts again with the same config and state directory. Scenarios, each seeded:
+reduced bytelm of ``scripts/federation.py`` (0.12 M parameters; ``--small``: 22 k), int8
+pushes, synchronous DiLoCo rounds by default (``--mode``), run as real processes through
+their CLIs (``aggregator serve``, ``island run``) on fixed ports, under a supervisor that
+restarts a daemon that died the way systemd or a pod restart would: the rest of its process
+group is killed (p2pd included), and after ``--restart-delay`` seconds the same command starts
+again with the same config and state directory. Each scenario runs in a fresh process of this
+script; faults are timed from the moment all four islands train, from a seeded RNG:
 
 - ``baseline``: no faults; the reference for loss and goodput.
-- ``kills``: ``--kills`` kill -9 of a random island, leaf or the root at random times.
-- ``aimed``: kills at the moments that matter, by fault points (``comms.faults``): an island
-  right after its push was acknowledged and before it recorded it, an island mid-snapshot, a
-  leaf between its WAL append and the ack, a leaf mid-flush to the root (after its intent, and
-  after the root's ack before its mark), the root between its state and its mark, and after its
-  mark before publishing; plus random kills as in ``kills``.
-- ``freeze``: a leaf stopped (SIGSTOP) for ``--freeze-s`` seconds, then continued.
+- ``kills``: ``--kills`` kill -9 of a random island (p = 1/2), leaf or the root (1/4 each).
+- ``aimed``: kills at the moments that matter, by fault points (``comms.faults``) in the
+  daemons' first incarnations: an island right after its push was acknowledged and before it
+  recorded it, an island mid-snapshot, a leaf between its WAL append and the ack, a leaf
+  mid-flush to the root (after its intent; after the root's ack, before its mark), the root
+  between its state and its mark and after its mark before publishing; plus random kills.
+- ``freeze``: leaf0 stopped (SIGSTOP of its process group) for ``--freeze-s`` s, then SIGCONT.
+- ``cut``: island0's link cut for ``--freeze-s`` s (``comms.netns.cut``), then mended.
+- ``lossy``: every island's link with 1% loss and 20 +- 10 ms delay.
+
+``cut`` and ``lossy`` place each island in its own network namespace behind a shaped link
+(``comms.netns``; the aggregators and this script in the hub namespace): they need root, and
+report "not run" with the reason otherwise.
 
 After each scenario every daemon is stopped and the checks read their records
 (``chaos_checks``): acknowledged updates (the islands' ``acks.jsonl``) each in exactly one
 version's contributors (the root's model store); the root's theta equal to theta_0 plus every
-decoded u_v; the leaves' live replicas and the islands' anchors (snapshots and final
-summaries) equal to theta_v at their version; versions only increasing (store, root log,
-island records); the final validation loss within 3% of the baseline's; no process, p2pd or
-socket file left behind. Figures: goodput (island steps in a published version over island
-steps computed) and the time from a restart to an island's first accepted push, or to the
-root's first published version. Not here: link cuts and loss/jitter in network namespaces
-(``--netns`` is reported as not run), and a full disk.
+decoded u_v; the aggregators' live replicas (signed Fetch before the stop) and the islands'
+anchors (snapshots and final summaries) equal to theta_v at their version; versions only
+increasing (store, root log, island records); the final validation loss within 3% of the
+baseline's; no process, p2pd or socket file left behind. Figures (``chaos_report``): goodput
+(island steps in a published version over island steps computed), the time from a restart to
+an island's first accepted push and to the root's first published version, and from the end
+of a freeze or cut to the first accepted push behind it. A full disk is not a scenario here.
 """
 
 from __future__ import annotations
@@ -39,13 +48,9 @@ import json
 import os
 import random
 import signal
-import socket
-import statistics
 import sys
 import time
-import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +59,24 @@ REPO = SCRIPTS.parent
 sys.path[:0] = [p for p in (str(SCRIPTS), str(REPO)) if p not in sys.path]
 
 import chaos_checks as checks  # noqa: E402
+from chaos_procs import (  # noqa: E402
+    LEAVES,
+    N_ISLANDS,
+    RUN_ENV,
+    Daemon,
+    Incarnation,
+    file_size,
+    find_processes,
+    free_ports,
+    http_json,
+    resumed_step,
+    run_sockets,
+    setns,
+)
+from chaos_report import figures, kill_counts, print_table, recovery  # noqa: E402
 from federation_procs import Child, FederationError  # noqa: E402
 
 MODEL_ID = "global"
-N_ISLANDS = 4
-LEAVES = ("leaf0", "leaf1")
 QUICK_PACKAGES = ("asyncio", "email", "xml", "http", "urllib", "json", "logging", "concurrent")
 # the reduced bytelm of scripts/federation.py (0.12 M parameters; --small: its quick 22 k)
 MODEL = {"d_model": 64, "n_layer": 2, "n_head": 4, "context": 64, "batch_size": 16}
@@ -69,8 +87,6 @@ NETNS_SCENARIOS = {  # scenario -> the islands' links (comms.netns; islands in n
     "lossy": {"rate": "20mbit", "delay": "20ms", "jitter": "10ms", "loss": "1%"},
 }
 NETNS_PREFIX = "chaos"
-RUN_ENV = "ARCHIPELAGO_CHAOS_RUN"  # marks every process of a run, to find any left behind
-SOCKET_GLOB = "hivemind-*.sock"
 # fault point -> the daemon whose first incarnations carry it (name@n: at the n-th visit)
 AIMED = {
     "island0": ["island.after_ack@3"],
@@ -91,53 +107,6 @@ def corpus() -> list[str]:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return [str(stdlib / p) for p in QUICK_PACKAGES if (stdlib / p).is_dir()]
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-@dataclass
-class Incarnation:
-    start: float  # time.monotonic()
-    wall_start: float
-    fault: str = ""
-    ready: float | None = None
-    end: float | None = None
-    rc: int | None = None
-    killed: str = ""  # what the harness did to it: "kill", or "" (fault point or exit)
-    first_progress: float | None = None  # island: first accepted push; root: first version
-    resumed_step: int = 0
-    last_step: int = 0
-
-
-@dataclass
-class Daemon:
-    """One supervised daemon: a command, its config and state, its incarnations."""
-
-    name: str
-    role: str  # island, leaf, root
-    argv: list[str]
-    ready_line: str
-    faults: list[str] = field(default_factory=list)
-    child: Child | None = None
-    runs: list[Incarnation] = field(default_factory=list)
-    restart_at: float | None = None
-    done: bool = False  # an island that finished its steps
-    http: str = ""
-    log_offset: int = 0
-
-    @property
-    def running(self) -> bool:
-        return self.child is not None and self.child.proc.poll() is None
 
 
 class Run:
@@ -278,7 +247,7 @@ class Run:
     def start(self, d: Daemon) -> None:
         fault = d.faults.pop(0) if d.faults else ""
         if d.role == "root":
-            d.log_offset = _size(self.path("logs", "root.log"))
+            d.log_offset = file_size(self.path("logs", "root.log"))
         d.child = self._spawn(d.name, d.argv, fault)
         d.runs.append(Incarnation(time.monotonic(), time.time(), fault))
         d.restart_at = None
@@ -336,7 +305,7 @@ class Run:
             if run.ready is None and any(d.ready_line in x for x in list(d.child.stdout)):
                 run.ready = now
                 if d.role == "island":
-                    run.resumed_step = _resumed_step(d.child.log_path)
+                    run.resumed_step = resumed_step(d.child.log_path)
             if run.first_progress is None and len(d.runs) > 1:
                 self._progress(d, run)
             if d.role == "island" and run.ready is not None and d.running and now % 2 < 0.1:
@@ -387,9 +356,15 @@ class Run:
             for name in names:
                 self.daemons[name].child.wait_line("serving on", 120)
                 self.daemons[name].runs[-1].ready = time.monotonic()
-        for d in self.daemons.values():
-            if d.role == "island":
-                self.start(d)
+        islands = [d for d in self.daemons.values() if d.role == "island"]
+        for d in islands:
+            self.start(d)
+        ready_by = time.monotonic() + 300
+        while not all(d.runs[-1].ready for d in islands):  # faults are timed from here
+            if time.monotonic() > ready_by:
+                raise FederationError(f"{self.scenario}: islands not training after 300 s")
+            self.supervise_once()
+            time.sleep(0.1)
         self.t0 = time.monotonic()
         plan = self.schedule()
         deadline = self.t0 + self.args.timeout
@@ -418,12 +393,16 @@ class Run:
                     self.events.append({"t": round(self.now(), 2), "sigstop": d.name})
                 elif action == "cont":
                     os.killpg(d.child.proc.pid, signal.SIGCONT)
-                    self.events.append({"t": round(self.now(), 2), "sigcont": d.name})
+                    self.events.append(
+                        {"t": round(self.now(), 2), "sigcont": d.name, "wall": time.time()}
+                    )
                 elif action in ("cut", "mend"):
                     from comms import netns
 
                     netns.cut(int(name[6:]), NETNS_PREFIX, restore=action == "mend")
-                    self.events.append({"t": round(self.now(), 2), action: name})
+                    self.events.append(
+                        {"t": round(self.now(), 2), action: name, "wall": time.time()}
+                    )
                 plan.pop(0)
             time.sleep(0.1)
         self.train_seconds = self.now()
@@ -543,56 +522,14 @@ class Run:
                 {(a["sender"], a["sequence"]) for a in acks if a.get("status") in checks.DELIVERED}
             ),
             "replicas_checked": len(replicas) + len(anchors),
-            "kills": self.kill_counts(),
+            "kills": kill_counts(self),
             "faults_fired": [e for e in self.events if "fault" in e],
             "unexpected_exits": [e for e in self.events if "exit" in e],
             "sockets_left_by_kill_9": len(sockets & self.sockets_of_killed),
-            **self.figures(contributors, acks),
+            **figures(self, contributors, acks),
+            "recovery_s": recovery(self, acks),
             "train_seconds": round(self.train_seconds, 1),
             "events": self.events,
-        }
-
-    def kill_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for d in self.daemons.values():
-            n = sum(1 for r in d.runs if r.killed or (r.rc == -signal.SIGKILL))
-            if n:
-                counts[d.role] = counts.get(d.role, 0) + n
-        return counts
-
-    def figures(self, contributors: dict, acks: list[dict]) -> dict[str, Any]:
-        """Goodput and restart-to-progress times."""
-        steps = {}
-        for a in acks:
-            steps.setdefault((a["sender"], int(a["sequence"])), int(a.get("steps") or 0))
-        in_versions = sum(steps.get((str(s), int(q)), 0) for cs in contributors.values()
-                          for s, q in cs)  # fmt: skip
-        computed = 0
-        for d in self.daemons.values():
-            if d.role != "island":
-                continue
-            for k, r in enumerate(d.runs):
-                end = self.args.steps if (k == len(d.runs) - 1 and d.done) else r.last_step
-                computed += max(0, end - r.resumed_step)
-        island_restart = [r.first_progress - r.start for d in self.daemons.values()
-                          if d.role == "island" for r in d.runs[1:] if r.first_progress]  # fmt: skip
-        root_restart = [r.first_progress - r.start for r in self.daemons["root"].runs[1:]
-                        if r.first_progress]  # fmt: skip
-        ready = [r.ready - r.start for d in self.daemons.values() for r in d.runs[1:] if r.ready]
-
-        def summary(xs: list[float]) -> dict[str, Any]:
-            if not xs:
-                return {"n": 0}
-            return {"n": len(xs), "median_s": round(statistics.median(xs), 1),
-                    "max_s": round(max(xs), 1)}  # fmt: skip
-
-        return {
-            "goodput": round(in_versions / computed, 3) if computed else None,
-            "steps_in_versions": in_versions,
-            "steps_computed": computed,
-            "restart_to_first_push": summary(island_restart),
-            "restart_to_first_version": summary(root_restart),
-            "restart_to_ready": summary(ready),
         }
 
     def evaluate(self, theta: dict) -> float:
@@ -606,111 +543,6 @@ class Run:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def http_json(address: str, path: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def _resumed_step(log_path: Path) -> int:
-    """The step the island's newest run resumed from (its log), 0 for a fresh start."""
-    step = 0
-    with contextlib.suppress(OSError):
-        for line in log_path.read_text(errors="replace").splitlines():
-            if ": resumed from " in line and " at step " in line:
-                step = int(line.rsplit(" at step ", 1)[1].split()[0])
-            elif " training (" in line:
-                pass
-    return step
-
-
-def find_processes(run_id: str) -> list[str]:
-    """Processes whose environment carries this run's marker (its daemons and their p2pd)."""
-    needle = f"{RUN_ENV}={run_id}".encode()
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                found.append(f"{pid} {cmd[:120]}")
-        except OSError:
-            continue
-    return found
-
-
-def run_sockets(run_id: str) -> set[Path]:
-    """The hivemind socket files (p2pd's and its clients') that this run's processes hold open:
-    their fds' socket inodes looked up in /proc/net/unix."""
-    needle = f"{RUN_ENV}={run_id}".encode()
-    inodes: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if needle not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                continue
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inodes.add(target[8:-1])
-        except OSError:
-            continue
-    found = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-            parts = line.split()
-            if (
-                len(parts) >= 8
-                and parts[6] in inodes
-                and Path(parts[7]).match(f"/tmp/{SOCKET_GLOB}")
-            ):
-                found.add(Path(parts[7]))
-    return found
-
-
-def print_table(results: list[dict]) -> str:
-    head = ("| scenario | passed | kills (island/leaf/root) | aimed faults fired | versions | "
-            "loss | vs baseline | goodput | restart to first push (median/max s) | "
-            "restart to first version (median/max s) | s |")  # fmt: skip
-    lines = [head, "|---|---|---|---|--:|--:|--:|--:|---|---|--:|"]
-    for r in results:
-        if "not_run" in r or "kills" not in r:
-            why = r.get("not_run") or "; ".join(
-                p for ps in r.get("problems", {}).values() for p in ps
-            )
-            lines.append(f"| {r['scenario']} | {'not run' if 'not_run' in r else 'NO'}: {why} |")
-            continue
-        k = r["kills"]
-        vs = f"{r['loss_vs_baseline']:+.2%}" if r["loss_vs_baseline"] is not None else "-"
-        p, v = r["restart_to_first_push"], r["restart_to_first_version"]
-        lines.append(
-            f"| {r['scenario']} | {'yes' if r['passed'] else 'NO'} | "
-            f"{k.get('island', 0)}/{k.get('leaf', 0)}/{k.get('root', 0)} | "
-            f"{len(r['faults_fired'])} | {r['versions']} | {r['loss']:.4f} | {vs} | "
-            f"{r['goodput']} | {_fmt(p)} | {_fmt(v)} | {r['seconds']:.0f} |"
-        )
-    table = "\n".join(lines)
-    print(table, flush=True)
-    for r in results:
-        for what, ps in r.get("problems", {}).items():
-            for p in ps:
-                print(f"  {r['scenario']}: {what}: {p}", flush=True)
-    return table
-
-
-def _fmt(s: dict) -> str:
-    return f"{s['median_s']} / {s['max_s']} (n={s['n']})" if s.get("n") else "-"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -766,28 +598,14 @@ def run_scenario(scenario: str, args: argparse.Namespace, reference: dict | None
         return {"scenario": scenario, "seed": args.seed, "not_run": str(e)}
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        _setns(f"/run/netns/{cfg.hub}")
+        setns(f"/run/netns/{cfg.hub}")
         result = Run(run_dir, scenario, args).execute(reference)
         result["links"] = {**NETNS_SCENARIOS[scenario], "backend": cfg.backend}
         return result
     finally:
-        _setns(own)
+        setns(own)
         os.close(own)
         netns.down(NETNS_PREFIX)
-
-
-def _setns(target: str | int) -> None:
-    import ctypes
-
-    from comms.netns import CLONE_NEWNET
-
-    fd = os.open(target, os.O_RDONLY) if isinstance(target, str) else target
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {target}")
-    finally:
-        if isinstance(target, str):
-            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
