@@ -111,8 +111,10 @@ class Run:
 
     def aggregator_config(self, name: str, role: str, **kw: Any) -> str:
         a = self.args
-        clip: dict[str, Any] = {"clip": a.clip, "clip_action": a.clip_action}
-        if a.clip == "adaptive":
+        clip: dict[str, Any] = {"clip_action": a.clip_action}
+        if a.clip:  # unset: the aggregator's default
+            clip["clip"] = a.clip
+        if a.clip != "off":
             clip.update({k: v for k, v in (("clip_factor", a.clip_factor),
                         ("clip_warmup_ratio", a.clip_warmup_ratio)) if v is not None})  # fmt: skip
         merge = MergeConfig(buffer_k=N_ISLANDS, deadline_s=a.deadline, **clip)
@@ -193,7 +195,7 @@ class Run:
         honest = [i for i in range(N_ISLANDS) if i != ATTACKER or self.scenario == "honest"]
         return {
             "scenario": self.scenario,
-            "clip": self.args.clip,
+            "clip": status["models"][MODEL_ID].get("clip", {}).get("mode", self.args.clip),
             "clip_action": self.args.clip_action,
             "global_val_loss": loss,
             "version": version,
@@ -336,24 +338,27 @@ def theta_ratios(run: Run, records: list[dict]) -> dict:
 # --------------------------------------------------------------------------- the table
 
 
-def print_table(results: list[dict]) -> None:
-    ref = [r["global_val_loss"] for r in results if r["scenario"] == "honest"]
-    ref_loss = statistics.mean(ref) if ref else math.nan
+def print_table(results: list[dict], reference: list[dict] | None = None) -> None:
+    """The table; ratios are to the mean of the honest runs (``reference``: those of an earlier
+    ``--json``, else the honest runs among ``results``)."""
+    ref = [r for r in (reference or results) if r["scenario"] == "honest"]
+    ref_global = statistics.mean(r["global_val_loss"] for r in ref) if ref else math.nan
+    ref_honest = statistics.mean(r["honest_val_loss"] for r in ref) if ref else math.nan
     print(f"\n{'scenario':<10} {'clip':<9} {'global loss':>11} {'ratio':>7} {'honest isl.':>11} "
-          f"{'clipped':>7} {'rejected':<24} {'ver':>4} {'s':>6}")  # fmt: skip
+          f"{'ratio':>7} {'clipped':>7} {'rejected':<16} {'ver':>4} {'s':>6}")  # fmt: skip
     for r in results:
-        ratio = r["global_val_loss"] / ref_loss
         rej = ",".join(f"{k}:{int(v)}" for k, v in sorted(r["rejected"].items())) or "-"
-        print(f"{r['scenario']:<10} {r['clip']:<9} {r['global_val_loss']:>11.4f} {ratio:>7.4f} "
-              f"{r['honest_val_loss']:>11.4f} {r['clip_status'].get('clipped', 0):>7} {rej:<24} "
-              f"{r['version']:>4} {r['seconds']:>6.0f}", flush=True)  # fmt: skip
+        print(f"{r['scenario']:<10} {r['clip']:<9} {r['global_val_loss']:>11.4f} "
+              f"{r['global_val_loss'] / ref_global:>7.4f} {r['honest_val_loss']:>11.4f} "
+              f"{r['honest_val_loss'] / ref_honest:>7.4f} {r['clip_status'].get('clipped', 0):>7} "
+              f"{rej:<16} {r['version']:>4} {r['seconds']:>6.0f}", flush=True)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="One malicious island among four: the table.")
     p.add_argument("--quick", action="store_true", help="22 k parameters, 150 steps, H = 25")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--clip", choices=("adaptive", "off"), default="adaptive")
+    p.add_argument("--clip", choices=("adaptive", "off"), help="default: the aggregator's")
     p.add_argument("--clip-action", choices=("clip", "reject"), default="clip")
     p.add_argument("--clip-factor", type=float, help="default: the aggregator's default")
     p.add_argument("--clip-warmup-ratio", type=float, help="default: the aggregator's default")
@@ -375,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--island-timeout", type=float, default=1800)
     p.add_argument("--out", default="attack-out")
     p.add_argument("--json", default="", help="write the results here too")
+    p.add_argument("--reference", default="", help="ratios to the honest runs of this --json")
     return p
 
 
@@ -399,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in scenarios:
         for rep in range(args.repeat if scenario == "honest" else 1):
             clip = (
-                f"c{args.clip_factor:g}" if args.clip_factor and args.clip != "off" else args.clip
+                f"c{args.clip_factor:g}"
+                if args.clip_factor and args.clip != "off"
+                else args.clip or "default"
             )
             tag = f"{scenario}-{clip}" + (f"-{rep}" if rep else "")
             print(f"run {tag}: {args.steps} steps, H = {args.every}", flush=True)
@@ -414,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             spreads.append(spread)
             print(f"  {json.dumps({k: v for k, v in result.items() if k != 'attacker'})}",
                   flush=True)  # fmt: skip
-    print_table(results)
+    reference = json.loads(Path(args.reference).read_text())["results"] if args.reference else None
+    print_table(results, reference)
     print("\nhonest norm spreads (max / median over windows of 32):")
     for s in spreads:
         print("  " + json.dumps(s))
