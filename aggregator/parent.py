@@ -61,6 +61,21 @@ class ParentLink:
             deadline_s=self.config.push_deadline_s, identity=self.identity,
         )  # fmt: skip
 
+    async def _first_replica(self, line: ModelLine) -> None:
+        """At start, the parent's current theta; while the parent is unreachable (restarting
+        too, after a crash of both) wait for it, a WARNING at each try, instead of exiting."""
+        delay = 1.0
+        while True:
+            try:
+                return await self._open_replica(line)
+            except LinkError as e:
+                log.warning(
+                    "%s: parent %s unreachable for the replica of %s (%s); retrying in %.0f s",
+                    self.config.name, self.parent_address, line.model_id, e, delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 10.0)
+
     async def _open_replica(self, line: ModelLine) -> None:
         data = await self.parent.fetch(line.model_id, -1)
         env = await asyncio.to_thread(self._verified, data, "snapshot", line.model_id)

@@ -139,7 +139,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
                 line.config = next(c for c in self.config.models if c.model_id == model_id)
                 await asyncio.to_thread(self._open_root_line, line, line.config)
             else:
-                await self._open_replica(line)
+                await self._first_replica(line)
             if self.config.merge.engine == "pool":
                 line.pool = self._make_pool(line)
             await self._replay(line)

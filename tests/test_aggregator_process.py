@@ -272,3 +272,44 @@ def test_root_killed_with_wal_records_above_its_mark_counts_each_update_once(tmp
         _assert_theta(theta, hand_versions(fed.theta0, rounds)[-1], "version 2")
     finally:
         root.stop()
+
+
+def test_leaf_started_while_its_root_is_down_waits_for_it(tmp_path):
+    """A leaf restarted while its root is down (both restarted after a crash, in any order)
+    waits for the root instead of exiting after its fetch's retries (the chaos harness saw
+    leaves exit with LinkError until the root was back)."""
+    import socket
+    import threading
+
+    fed = make_federation(tmp_path, 1, aggregators=("root", "leaf0"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root_cfg = fed.config("root", "root", buffer_k=1)
+    root_cfg.listen = f"127.0.0.1:{port}"
+    save_config(root_cfg, tmp_path / "root.toml")
+    leaf_cfg = fed.config("leaf0", "leaf", parent=root_cfg.listen, buffer_k=1)
+    leaf_cfg.listen = "127.0.0.1:0"
+    save_config(leaf_cfg, tmp_path / "leaf.toml")
+    started: list = []
+    waiter = threading.Thread(
+        target=lambda: started.append(Proc(tmp_path / "leaf.toml", tmp_path / "leaf.log"))
+    )
+    waiter.start()
+    root = None
+    try:
+        time.sleep(8.0)  # longer than the fetch's own retries (about 4 s)
+        assert waiter.is_alive(), "the leaf exited (or came up) while its root was down"
+        root = Proc(tmp_path / "root.toml", tmp_path / "root.log")
+        waiter.join(60)
+        assert started, "the leaf exited instead of waiting for its root"
+        leaf = started[0]
+        blob = delta_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1)
+        assert _push(leaf.address, blob)["status"] == "accepted"
+        version, _ = asyncio.run(_theta_at(leaf.address, 1, fed.islands[0]))
+        assert version == 1
+    finally:
+        waiter.join(60)
+        for p in [*started, root]:
+            if p is not None:
+                p.stop()
