@@ -33,6 +33,7 @@ from comms.errors import (
     ReplayError,
 )
 from comms.placement import Candidate, choose_closest, eligible
+from comms.tls import TLSMismatchError
 from comms.transport import TransportClient
 from comms.update import Manifest, decode_update, encode_update
 
@@ -68,6 +69,8 @@ class ParentLink:
         while True:
             try:
                 return await self._open_replica(line)
+            except TLSMismatchError:
+                raise  # a config to fix (its message says what), not a parent to wait for
             except LinkError as e:
                 log.warning(
                     "%s: parent %s unreachable for the replica of %s (%s); retrying in %.0f s",

@@ -30,6 +30,8 @@ from comms.tls import TLSConfig, TLSMismatchError, init_federation, material_pat
 from comms.transport import ClientTLS, TransportClient
 from island.config import IslandConfig
 
+pytestmark = pytest.mark.timeout(60)
+
 HOSTS = ["127.0.0.1", "localhost"]
 ISLAND = {"name": "island0", "aggregator": "127.0.0.1:1", "sync": {"model_id": "g"}}
 
@@ -182,13 +184,15 @@ async def test_a_leaf_follows_a_tls_root_and_one_without_tls_is_told_why(pki, tm
     address = await root.start()
     try:
         plain = AggregatorService(fed.config("leaf0", "leaf", parent=address))
-        with (
-            caplog.at_level(logging.WARNING, logger="aggregator.service"),
-            pytest.raises(TLSMismatchError, match=r"set \[tls\] ca"),
-        ):
-            await asyncio.wait_for(plain.start(), 20)
+        try:
+            with (
+                caplog.at_level(logging.WARNING, logger="aggregator.service"),
+                pytest.raises(TLSMismatchError, match=r"set \[tls\] ca"),
+            ):
+                await asyncio.wait_for(plain.start(), 20)
+        finally:
+            await plain.stop()
         assert "aggregator leaf0: tls=off" in caplog.text
-        await plain.stop()
         leaf_cfg = fed.config("leaf0", "leaf", parent=address)
         leaf_cfg.tls = TLSConfig(**section(pki, "leaf0"))
         leaf = AggregatorService(leaf_cfg)
