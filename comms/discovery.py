@@ -19,15 +19,34 @@ later expiration takes the name back.
 Concurrency: hivemind runs the DHT node in its own process with its own event loop; the methods
 here are blocking, thread-safe, and each one takes a timeout. Async callers use
 ``asyncio.to_thread``. ``keep_announced`` re-announces from a daemon thread.
+
+Processes and files. The DHT node is a process forked from the caller's, and it starts hivemind's
+``p2pd`` (libp2p daemon), which listens on a unix socket ``/tmp/hivemind-p2pd-<id>.sock``
+(hivemind's client may add ``/tmp/hivemind-p2pclient-<id>.sock``; the directory is fixed in
+hivemind, ``TMPDIR`` does not move it). ``shutdown`` stops both and removes the socket. So does
+the node process on SIGTERM (multiprocessing sends it one at the caller's exit), and, within
+about ``PARENT_POLL_S``, when the process that started it dies, even by SIGKILL: hivemind's
+process alone would live on, orphaned, with its p2pd. What no code can clean is a node process
+or p2pd killed by SIGKILL itself (a whole process group killed, say): p2pd exits when its
+node process dies, but its socket file (empty) stays in /tmp. ``Discovery.start`` removes such
+files first: this user's hivemind sockets older than ``STALE_SOCKET_MIN_AGE_S`` on which
+nothing listens any more (``remove_stale_sockets``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import glob
 import logging
 import math
+import os
 import re
+import signal
+import socket
+import stat
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,6 +229,161 @@ def decode_record(
     return Record(kind, name, fields, owner, public_key, float(expiration))
 
 
+# ---------------------------------------------------------------- hivemind's processes and sockets
+
+HIVEMIND_SOCKETS = "/tmp/hivemind-*.sock"  # hivemind.p2p.P2P._UNIX_SOCKET_PREFIX + ...
+STALE_SOCKET_MIN_AGE_S = 60.0  # never judge a socket younger than this (it may be starting)
+PARENT_POLL_S = 0.5  # how often the DHT node process checks that its starter is alive
+P2PD_STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode(), int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+    found = _proc_stat(pid)
+    return found is not None and found[0] not in ("Z", "X")
+
+
+def p2pd_children(parent: int) -> list[tuple[int, str | None]]:
+    """``(pid, control socket path)`` of every live p2pd whose parent is ``parent`` (Linux
+    ``/proc``; empty elsewhere)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            info = _proc_stat(pid)
+            if info is None or info[1] != parent or info[0] in ("Z", "X"):
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if not argv or not argv[0].endswith(b"p2pd"):
+                continue
+            listen = next((a for a in argv if a.startswith(b"-listen=/unix")), b"")
+            found.append((pid, listen[len(b"-listen=/unix") :].decode() or None))
+    return found
+
+
+def _client_socket_of(daemon_socket: str) -> str:
+    """hivemind names a P2P's client socket after its daemon's (``p2pclient-<same id>``)."""
+    return daemon_socket.replace("/hivemind-p2pd-", "/hivemind-p2pclient-")
+
+
+def _remove_socket(path: str | None) -> bool:
+    if not path or not path.startswith("/tmp/hivemind-"):
+        return False
+    for p in (path, _client_socket_of(path)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    return True
+
+
+def stop_p2pd(
+    processes: Sequence[tuple[int, str | None]], grace_s: float = P2PD_STOP_GRACE_S
+) -> None:
+    """SIGTERM each p2pd, SIGKILL those alive after ``grace_s``; remove their sockets."""
+    for pid, _ in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid, _ in processes) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid, _ in processes:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for _, path in processes:
+        _remove_socket(path)
+
+
+def _listening(path: str) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` (in any network
+    namespace: ``/proc/net/unix`` lists this one's, a connect reaches all)."""
+    with contextlib.suppress(OSError), open("/proc/net/unix") as f:
+        if any(line.rstrip("\n").endswith(" " + path) for line in f):
+            return True
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:  # busy, timed out: not provably stale
+        return True
+    finally:
+        s.close()
+
+
+def remove_stale_sockets(min_age_s: float = STALE_SOCKET_MIN_AGE_S) -> list[str]:
+    """Remove this user's hivemind unix sockets in /tmp that nothing listens on any more and
+    that are older than ``min_age_s`` (left by a p2pd killed with SIGKILL); returns them."""
+    removed = []
+    now = time.time()
+    for path in sorted(glob.glob(HIVEMIND_SOCKETS)):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        if now - st.st_mtime < min_age_s or _listening(path):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d stale hivemind socket(s) from /tmp: %s", len(removed), removed)
+    return removed
+
+
+def _stop_node_process(reason: str) -> None:
+    """In the DHT node process: stop its p2pd, remove its sockets, exit."""
+    with contextlib.suppress(Exception):
+        logger.info("DHT node process %d: %s; stopping its p2pd", os.getpid(), reason)
+    try:
+        stop_p2pd(p2pd_children(os.getpid()))
+    finally:
+        os._exit(0)
+
+
+class _DHTProcess(hivemind.DHT):
+    """hivemind's DHT node process, cleaning up after itself: on SIGTERM, and when the process
+    that started it is gone (checked every ``PARENT_POLL_S``), it stops its p2pd and removes
+    the socket before it exits; after a normal shutdown it checks that p2pd is gone."""
+
+    def run(self) -> None:
+        starter = getattr(self, "_parent_pid", None) or os.getppid()
+        signal.signal(signal.SIGTERM, lambda signum, frame: _stop_node_process("SIGTERM"))
+        threading.Thread(
+            target=_watch_starter, args=(starter,), name="dht-starter-watch", daemon=True
+        ).start()
+        try:
+            super().run()
+        finally:
+            stop_p2pd(p2pd_children(os.getpid()))
+
+
+def _watch_starter(starter: int) -> None:
+    while os.getppid() == starter:
+        time.sleep(PARENT_POLL_S)
+    _stop_node_process(f"the process that started it (pid {starter}) is gone")
+
+
 # ---------------------------------------------------------------- the DHT shell
 
 
@@ -250,8 +424,10 @@ class Discovery:
         **dht_kwargs: Any,
     ) -> Discovery:
         """Start a DHT node listening on ``host:port`` (0: any free port) and join the peers."""
+        with contextlib.suppress(Exception):  # housekeeping must never stop a start
+            remove_stale_sockets()
         try:
-            dht = hivemind.DHT(
+            dht = _DHTProcess(
                 initial_peers=list(initial_peers) or None,
                 host_maddrs=[f"/ip4/{host}/tcp/{port}"],
                 start=True,
@@ -355,7 +531,15 @@ class Discovery:
         return self._wait(future, "address query", timeout)
 
     def shutdown(self) -> None:
+        """Stop the DHT node process and its p2pd, and remove p2pd's socket. Idempotent."""
+        children = p2pd_children(self.dht.pid) if self.dht.pid is not None else []
         self.dht.shutdown()
+        # the node process stops its p2pd; if it was killed instead, p2pd is orphaned or gone
+        leftover = [(pid, path) for pid, path in children if _alive(pid)]
+        stop_p2pd(leftover, grace_s=1.0)
+        for _, path in children:
+            if path and os.path.exists(path) and not _listening(path):
+                _remove_socket(path)
 
 
 class Announcer:
