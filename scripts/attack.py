@@ -2,13 +2,15 @@
 
     python scripts/attack.py [--quick] [--scenarios honest,scale,signflip,noise,nan,stale]
                              [--clip adaptive|off] [--clip-action clip|reject] [--leaf]
-                             [--steps N] [--every H] [--out DIR] [--json PATH]
+                             [--clip-factor C] [--repeat N] [--steps N] [--every H]
+                             [--out DIR] [--json PATH] [--reference EARLIER.json]
 
 Every participant is a separate OS process started through its command line, as in
 ``scripts/federation.py``: ``aggregator serve`` (a root; with ``--leaf`` the islands push to a
 leaf in front of it) and four ``island run`` islands training the reduced bytelm with int8
-pushes, overlapped sync, H inner steps per round. Honest islands run through
-``scripts/attack_island.py --attack none`` (the unmodified daemon; it logs each push's norm);
+pushes, H inner steps per round, in sync mode (``--mode overlapped`` for full overlap).
+Honest islands run through ``scripts/attack_island.py --attack none`` (the unmodified daemon;
+it logs each push's norm);
 in an attack scenario island 3 runs ``attack_island.py --attack NAME``, the same daemon with its
 pseudo-gradient transformed just before encoding.
 
@@ -17,6 +19,10 @@ Scenarios: ``honest`` (all four honest: the reference), ``scale`` (x1e6), ``sign
 (base version 64 behind). Each run starts from the same seeded theta_0, data shards and batch
 order; the runs differ only in island 3 (timing on a shared machine still varies, so
 ``--repeat N`` runs the honest reference N times to show the noise floor).
+
+``--clip`` unset leaves the aggregators' default (the table reports the mode the root ran);
+``--reference`` takes the honest runs of an earlier ``--json`` for the ratios (for a run of
+attack scenarios only). The results: ``docs/reliability.md``, "Attacker table".
 
 Reported per run: the global model's validation loss at the end (the root's final theta,
 ``--eval-batches`` held-out batches), its ratio to the honest run's, the honest islands'
