@@ -360,6 +360,17 @@ def print_table(results: list[dict], reference: list[dict] | None = None) -> Non
               f"{rej:<16} {r['version']:>4} {r['seconds']:>6.0f}", flush=True)  # fmt: skip
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (null: a model that diverged)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="One malicious island among four: the table.")
     p.add_argument("--quick", action="store_true", help="22 k parameters, 150 steps, H = 25")
@@ -429,12 +440,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {json.dumps({k: v for k, v in result.items() if k != 'attacker'})}",
                   flush=True)  # fmt: skip
     reference = json.loads(Path(args.reference).read_text())["results"] if args.reference else None
+    if reference:  # null: NaN
+        reference = [{k: math.nan if v is None else v for k, v in r.items()} for r in reference]
     print_table(results, reference)
     print("\nhonest norm spreads (max / median over windows of 32):")
     for s in spreads:
         print("  " + json.dumps(s))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        doc = strict_json({"args": vars(args), "results": results})
+        Path(args.json).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return 0
 
 
