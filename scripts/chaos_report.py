@@ -25,11 +25,12 @@ def print_table(results: list[dict]) -> str:
         k = r["kills"]
         vs = f"{r['loss_vs_baseline']:+.2%}" if r["loss_vs_baseline"] is not None else "-"
         p, v = r["restart_to_first_push"], r["restart_to_first_version"]
+        rec = "-" if r.get("recovery_s") is None else r["recovery_s"]
         lines.append(
             f"| {r['scenario']} | {'yes' if r['passed'] else 'NO'} | "
             f"{k.get('island', 0)}/{k.get('leaf', 0)}/{k.get('root', 0)} | "
             f"{len(r['faults_fired'])} | {r['versions']} | {r['loss']:.4f} | {vs} | "
-            f"{r['goodput']} | {_fmt(p)} | {_fmt(v)} | {r.get('recovery_s') or '-'} | "
+            f"{r['goodput']} | {_fmt(p)} | {_fmt(v)} | {rec} | "
             f"{r['seconds']:.0f} |"
         )
     table = "\n".join(lines)
