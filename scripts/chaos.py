@@ -61,22 +61,22 @@ sys.path[:0] = [p for p in (str(SCRIPTS), str(REPO)) if p not in sys.path]
 import chaos_checks as checks  # noqa: E402
 from chaos_procs import (  # noqa: E402
     LEAVES,
+    MODEL_ID,
     N_ISLANDS,
     RUN_ENV,
     Daemon,
     Incarnation,
     file_size,
-    find_processes,
     free_ports,
     http_json,
+    one_process,
     resumed_step,
     run_sockets,
     setns,
 )
-from chaos_report import figures, kill_counts, print_table, recovery  # noqa: E402
+from chaos_report import print_table, run_result  # noqa: E402
 from federation_procs import Child, FederationError  # noqa: E402
 
-MODEL_ID = "global"
 QUICK_PACKAGES = ("asyncio", "email", "xml", "http", "urllib", "json", "logging", "concurrent")
 # the reduced bytelm of scripts/federation.py (0.12 M parameters; --small: its quick 22 k)
 MODEL = {"d_model": 64, "n_layer": 2, "n_head": 4, "context": 64, "batch_size": 16}
@@ -430,22 +430,8 @@ class Run:
 
     def live_replicas(self) -> list[tuple[str, int, str]]:
         """Each aggregator's current theta through a signed Fetch: (name, version, digest)."""
-        import asyncio
-
-        from comms.envelope import Envelope
-        from comms.transport import TransportClient
-        from comms.update import decode_update
-
-        async def fetch(address: str) -> tuple[int, str]:
-            async with TransportClient(address, identity=self.reader) as c:
-                env = Envelope.from_bytes(await c.fetch(MODEL_ID, -1), max_bytes=1 << 32)
-            return env.header.base_version, checks.digest(decode_update(env))
-
-        out = []
-        for name, address in [("root", self.root_addr), *self.leaf_addr.items()]:
-            v, dig = asyncio.run(fetch(address))
-            out.append((f"{name} (live)", v, dig))
-        return out
+        addresses = [("root", self.root_addr), *self.leaf_addr.items()]
+        return checks.read_live_replicas(addresses, MODEL_ID, self.reader)
 
     def stop_all(self) -> None:
         for name in ("island0", "island1", "island2", "island3", *LEAVES, "root"):
@@ -467,70 +453,9 @@ class Run:
         finally:
             self.stop_all()
         time.sleep(1.0)
-        result = self.check(replicas, reference)
+        result = run_result(self, replicas, reference)
         result["seconds"] = round(time.perf_counter() - t_start, 1)
         return result
-
-    def check(self, replicas: list, reference: dict[str, Any] | None) -> dict[str, Any]:
-        from safetensors.numpy import load_file
-
-        headers, contributors, updates, root_version, root_theta = checks.read_store(
-            Path(self.path("state", "root", "store")), MODEL_ID
-        )
-        thetas = checks.rebuild_thetas(load_file(self.path("init.safetensors")), updates)
-        acks, summaries, anchors, island_version_problems = [], [], [], []
-        for i in range(N_ISLANDS):
-            name = f"island{i}"
-            acks += checks.read_jsonl(self.path("state", name, "acks.jsonl"))
-            anchors += checks.read_island_anchors(self.path("state", name), name)
-            child = self.daemons[name].child
-            s = child.json_summary() if child else {}
-            if "anchor_digest" in s:
-                anchors.append((f"{name} final", int(s["version"]), s["anchor_digest"]))
-            summaries.append(s)
-            island_version_problems += checks.check_island_versions(
-                checks.read_jsonl(self.path("state", name, "metrics.jsonl")), name
-            )
-        published = checks.read_published(self.path("logs", "root.log"), MODEL_ID)
-        leftover_procs = find_processes(self.run_id)
-        sockets = {p for p in self.sockets_seen | self.sockets_of_killed if p.exists()}
-        loss = self.evaluate(root_theta)
-        ref_loss = reference["loss"] if reference else None
-        problems = {
-            "acks_exactly_once": checks.check_acks_exactly_once(acks, contributors),
-            "root_theta": checks.check_root_theta(thetas, root_version, checks.digest(root_theta)),
-            "replicas": checks.check_replicas(thetas, replicas + anchors),
-            "versions_increase": checks.check_versions_increase(headers, published)
-            + island_version_problems,
-            "loss": checks.check_loss(loss, ref_loss, self.args.loss_tolerance),
-            "leftovers": checks.check_leftovers(
-                leftover_procs, sorted(str(s) for s in sockets - self.sockets_of_killed)
-            ),
-        }
-        for s in sockets:  # clean up what killed p2pd daemons left (reported above)
-            with contextlib.suppress(OSError):
-                s.unlink()
-        return {
-            "scenario": self.scenario,
-            "seed": self.args.seed,
-            "passed": not any(problems.values()),
-            "problems": problems,
-            "versions": root_version,
-            "loss": loss,
-            "loss_vs_baseline": loss / ref_loss - 1 if ref_loss else None,
-            "acked_updates": len(
-                {(a["sender"], a["sequence"]) for a in acks if a.get("status") in checks.DELIVERED}
-            ),
-            "replicas_checked": len(replicas) + len(anchors),
-            "kills": kill_counts(self),
-            "faults_fired": [e for e in self.events if "fault" in e],
-            "unexpected_exits": [e for e in self.events if "exit" in e],
-            "sockets_left_by_kill_9": len(sockets & self.sockets_of_killed),
-            **figures(self, contributors, acks),
-            "recovery_s": recovery(self, acks),
-            "train_seconds": round(self.train_seconds, 1),
-            "events": self.events,
-        }
 
     def evaluate(self, theta: dict) -> float:
         from island.pseudo import load_numpy_into
@@ -624,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in scenarios:
         print(f"chaos {scenario}-s{args.seed}: {N_ISLANDS} islands x {args.steps} steps, "
               f"H = {args.every}", flush=True)  # fmt: skip
-        result = one_process(scenario, argv if argv is not None else sys.argv[1:], reference)
+        result = one_process(
+            __file__, scenario, argv if argv is not None else sys.argv[1:], reference
+        )
         if scenario == "baseline" and "loss" in result:
             reference = result
         results.append(result)
@@ -635,23 +562,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"args": vars(args), "table": table,
                                                "results": results}, indent=1))  # fmt: skip
     return 0 if all(r.get("passed", True) for r in results) else 1
-
-
-def one_process(scenario: str, argv: list[str], reference: dict | None) -> dict:
-    """Run one scenario as ``chaos.py --one``; its result (or why it failed)."""
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result_path = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, *argv, "--scenarios", scenario, "--one", str(result_path)]
-        if reference:
-            cmd += ["--reference-loss", repr(reference["loss"])]
-        p = subprocess.run(cmd, cwd=REPO)
-        if result_path.exists():
-            return json.loads(result_path.read_text())
-        return {"scenario": scenario, "passed": False, "problems": {"harness": [
-            f"chaos.py --one {scenario} exited with {p.returncode}"]}}  # fmt: skip
 
 
 if __name__ == "__main__":

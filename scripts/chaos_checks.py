@@ -216,3 +216,20 @@ def read_island_anchors(snapshot_dir: str | os.PathLike, name: str) -> list[tupl
                       for k, v in state.anchor.items()}  # fmt: skip
             out.append((f"{name} snapshot@{step}", int(state.meta["base_version"]), digest(anchor)))
     return out
+
+
+def read_live_replicas(addresses, model_id: str, reader) -> list[tuple[str, int, str]]:
+    """(name, version, digest) of each aggregator's current theta, by a Fetch signed by
+    ``reader`` (an Identity in the roster); ``addresses``: (name, host:port) pairs."""
+    import asyncio
+
+    from comms.envelope import Envelope
+    from comms.transport import TransportClient
+    from comms.update import decode_update
+
+    async def fetch(address: str) -> tuple[int, str]:
+        async with TransportClient(address, identity=reader) as c:
+            env = Envelope.from_bytes(await c.fetch(model_id, -1), max_bytes=1 << 32)
+        return env.header.base_version, digest(decode_update(env))
+
+    return [(f"{name} (live)", *asyncio.run(fetch(address))) for name, address in addresses]

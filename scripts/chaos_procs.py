@@ -8,12 +8,14 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from federation_procs import Child
 
+MODEL_ID = "global"
 N_ISLANDS = 4  # the federation: a root, two leaves, four islands (island i on leaf i % 2)
 LEAVES = ("leaf0", "leaf1")
 RUN_ENV = "ARCHIPELAGO_CHAOS_RUN"  # marks every process of a run, to find any left behind
@@ -150,3 +152,20 @@ def setns(target: str | int) -> None:
     finally:
         if isinstance(target, str):
             os.close(fd)
+
+
+def one_process(script: str, scenario: str, argv: list[str], reference: dict | None) -> dict:
+    """Run one scenario as ``chaos.py --one``; its result (or why it failed)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, script, *argv, "--scenarios", scenario, "--one", str(result_path)]
+        if reference:
+            cmd += ["--reference-loss", repr(reference["loss"])]
+        p = subprocess.run(cmd, cwd=Path(script).resolve().parents[1])
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        return {"scenario": scenario, "passed": False, "problems": {"harness": [
+            f"chaos.py --one {scenario} exited with {p.returncode}"]}}  # fmt: skip

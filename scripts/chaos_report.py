@@ -1,13 +1,17 @@
-"""The chaos harness's figures (goodput, restart-to-progress, recovery after a freeze or a
-cut, kills by role) and its table: one row per scenario, and the problems under it."""
+"""The chaos harness's results: a stopped run's checks applied to its daemons' records
+(``run_result``), its figures (goodput, restart-to-progress, recovery after a freeze or a cut,
+kills by role) and the table: one row per scenario, and the problems under it."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import statistics
+from pathlib import Path
 from typing import Any
 
-from chaos_procs import LEAVES, N_ISLANDS
+import chaos_checks as checks
+from chaos_procs import LEAVES, MODEL_ID, N_ISLANDS, find_processes
 
 
 def print_table(results: list[dict]) -> str:
@@ -106,4 +110,67 @@ def figures(run, contributors: dict, acks: list[dict]) -> dict[str, Any]:
         "restart_to_first_push": summary(island_restart),
         "restart_to_first_version": summary(root_restart),
         "restart_to_ready": summary(ready),
+    }
+
+
+def run_result(run, replicas: list, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """A stopped run's checks (read from its daemons' records), figures and facts."""
+    from safetensors.numpy import load_file
+
+    headers, contributors, updates, root_version, root_theta = checks.read_store(
+        Path(run.path("state", "root", "store")), MODEL_ID
+    )
+    thetas = checks.rebuild_thetas(load_file(run.path("init.safetensors")), updates)
+    acks, summaries, anchors, island_version_problems = [], [], [], []
+    for i in range(N_ISLANDS):
+        name = f"island{i}"
+        acks += checks.read_jsonl(run.path("state", name, "acks.jsonl"))
+        anchors += checks.read_island_anchors(run.path("state", name), name)
+        child = run.daemons[name].child
+        s = child.json_summary() if child else {}
+        if "anchor_digest" in s:
+            anchors.append((f"{name} final", int(s["version"]), s["anchor_digest"]))
+        summaries.append(s)
+        island_version_problems += checks.check_island_versions(
+            checks.read_jsonl(run.path("state", name, "metrics.jsonl")), name
+        )
+    published = checks.read_published(run.path("logs", "root.log"), MODEL_ID)
+    leftover_procs = find_processes(run.run_id)
+    sockets = {p for p in run.sockets_seen | run.sockets_of_killed if p.exists()}
+    loss = run.evaluate(root_theta)
+    ref_loss = reference["loss"] if reference else None
+    problems = {
+        "acks_exactly_once": checks.check_acks_exactly_once(acks, contributors),
+        "root_theta": checks.check_root_theta(thetas, root_version, checks.digest(root_theta)),
+        "replicas": checks.check_replicas(thetas, replicas + anchors),
+        "versions_increase": checks.check_versions_increase(headers, published)
+        + island_version_problems,
+        "loss": checks.check_loss(loss, ref_loss, run.args.loss_tolerance),
+        "leftovers": checks.check_leftovers(
+            leftover_procs, sorted(str(s) for s in sockets - run.sockets_of_killed)
+        ),
+    }
+    for s in sockets:  # clean up what killed p2pd daemons left (reported above)
+        with contextlib.suppress(OSError):
+            s.unlink()
+    return {
+        "scenario": run.scenario,
+        "seed": run.args.seed,
+        "passed": not any(problems.values()),
+        "problems": problems,
+        "versions": root_version,
+        "loss": loss,
+        "loss_vs_baseline": loss / ref_loss - 1 if ref_loss else None,
+        "acked_updates": len(
+            {(a["sender"], a["sequence"]) for a in acks if a.get("status") in checks.DELIVERED}
+        ),
+        "replicas_checked": len(replicas) + len(anchors),
+        "kills": kill_counts(run),
+        "faults_fired": [e for e in run.events if "fault" in e],
+        "unexpected_exits": [e for e in run.events if "exit" in e],
+        "sockets_left_by_kill_9": len(sockets & run.sockets_of_killed),
+        **figures(run, contributors, acks),
+        "recovery_s": recovery(run, acks),
+        "train_seconds": round(run.train_seconds, 1),
+        "events": run.events,
     }
