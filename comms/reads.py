@@ -20,6 +20,12 @@ overall, ``max_nonces_per_sender`` per key). Over a cap the guard refuses the re
 (``TooManyReadsError``, RESOURCE_EXHAUSTED) rather than forget a nonce that could still be
 replayed. Models in ``public_models`` are served to anyone, signed or not.
 
+Nonces are forgotten by the latest time the server's clock has shown, and a request is too
+old when it lies more than ``window_s`` behind that time, even if the clock has since stepped
+back (an NTP correction): otherwise a request whose nonce was forgotten would be inside the
+window again and its replay admitted. The future side of the window follows the current
+clock.
+
 A read signature is not bound to one server: a request captured on the wire could be
 replayed once, within the window, at another server with the same roster. TLS
 (``comms.tls``) keeps requests from being captured.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import math
 import os
 import threading
 import time
@@ -118,6 +125,7 @@ class ReadGuard:
         self._seen: set[tuple[str, bytes]] = set()
         self._forget_at: list[tuple[float, str, bytes]] = []  # heap: when a nonce may go
         self._per_sender: collections.Counter[str] = collections.Counter()
+        self._latest = -math.inf  # the latest time the clock has shown; nonces go by it
 
     def __len__(self) -> int:
         """How many nonces are remembered now."""
@@ -127,6 +135,9 @@ class ReadGuard:
     def check(self, method: str, model_id: str, version: int, auth: ReadAuth | None) -> str | None:
         """Admit one request: return the reader's peer id (None for a public model), or raise
         ``ReadDeniedError`` (its ``reason`` says why) or ``TooManyReadsError``."""
+        now = self.clock()
+        with self._lock:
+            self._latest = max(self._latest, now)
         if model_id in self.public_models:
             return None
         what = f"{method} of model {model_id!r}"
@@ -145,7 +156,6 @@ class ReadGuard:
                 "operator to add its public key (any role: island, aggregator or admin)",
                 reason="unknown_reader",
             )
-        now = self.clock()
         self._check_window(what, auth.timestamp_ms / 1000 - now)
         body = read_signing_bytes(
             method, model_id, version, auth.sender, auth.timestamp_ms, auth.nonce
@@ -186,7 +196,16 @@ class ReadGuard:
         key = (auth.sender, bytes(auth.nonce))
         span = f"{2 * self.window_s:g} s"
         with self._lock:
-            self._forget_expired(now)
+            self._forget_expired(self._latest)
+            behind_s = self._latest - auth.timestamp_ms / 1000
+            if behind_s > self.window_s:  # its nonce may be forgotten: a replay would pass
+                raise ReadDeniedError(
+                    f"{what}: signed {behind_s:.0f} s before the latest time this server's "
+                    f"clock has shown, beyond the {self.window_s:g} s window (the clock "
+                    f"stepped back {self._latest - now:.0f} s since): sign each request when "
+                    "it is sent, and check the server's and the reader's clocks (NTP)",
+                    reason="read_expired",
+                )
             if key in self._seen:
                 raise ReadDeniedError(
                     f"{what}: replayed request: reader {auth.sender} already used nonce "

@@ -707,10 +707,15 @@ def reads_seeds() -> list[bytes]:
         ["Fetch", _read_request("Fetch", "global", -1), 0.0],
         valid[2],
     ]
+    stepped_back = [  # a read's nonce is forgotten, then the clock steps back and it returns
+        valid[0],
+        ["Fetch", _signed_read(ISLAND, "Fetch", "global", -1, t + 121, _nonce(rng)), 121.0],
+        [*valid[0][:2], -2.0],
+    ]
     flood = [["Fetch", _signed_read(ISLAND, "Fetch", "global", -1, t, _nonce(rng)), 0.0]
              for _ in range(READ_MAX_PER_SENDER + 1)]  # fmt: skip
     return [msgpack.packb(steps, use_bin_type=True)
-            for steps in (valid, valid[:1], public, later, refused, flood)]  # fmt: skip
+            for steps in (valid, valid[:1], public, later, refused, stepped_back, flood)]  # fmt: skip
 
 
 def _read_steps(data: bytes) -> list[tuple[str, bytes, float]]:
@@ -733,7 +738,8 @@ def _read_steps(data: bytes) -> list[tuple[str, bytes, float]]:
         if isinstance(advance, bool) or not isinstance(advance, int | float):
             advance = 0.0
         advance = float(advance) if math.isfinite(advance) else 0.0
-        out.append((method, request, min(max(advance, 0.0), 10 * READ_WINDOW_S)))
+        # the clock may step back too (an NTP correction)
+        out.append((method, request, min(max(advance, -10 * READ_WINDOW_S), 10 * READ_WINDOW_S)))
     return out
 
 
@@ -763,8 +769,9 @@ def _parse_read(method: str, raw: bytes) -> tuple[str, int, Any]:
     return msg.model_id, version, auth
 
 
-def _expected_read(method, model_id, version, auth, now, live, ever) -> str | None:
+def _expected_read(method, model_id, version, auth, now, latest, live) -> str | None:
     """What the guard's rules say of one request: None (admit) or the reason of a refusal.
+    ``latest``: the latest time the clock has shown (``now`` or later, if it stepped back);
     ``live``: (sender, nonce) -> timestamp of admitted reads still in the window."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -789,8 +796,10 @@ def _expected_read(method, model_id, version, auth, now, live, ever) -> str | No
         Ed25519PublicKey.from_public_bytes(entry.public_key).verify(auth.signature, body)
     except (InvalidSignature, ValueError):
         return "bad_read_signature"
+    if latest - auth.timestamp_ms / 1000 > READ_WINDOW_S:  # behind the latest clock
+        return "read_expired"
     key = (auth.sender, bytes(auth.nonce))
-    if key in live or key in ever:
+    if key in live:
         return "read_replay"
     if (
         len(live) >= READ_MAX_NONCES
@@ -802,22 +811,25 @@ def _expected_read(method, model_id, version, auth, now, live, ever) -> str | No
 
 def run_reads(data: bytes) -> None:
     """Each step through ``ReadGuard.check`` as the servicer admits a Fetch or Subscribe;
-    the guard must decide as the reference model does, never admit a (sender, nonce) twice,
-    and never remember more than its caps. The first refusal is reported."""
+    the guard must decide as the reference model does, never admit the same signed request
+    twice (a key may reuse a forgotten nonce in a request it signs anew), and never remember
+    more than its caps. The first refusal is reported."""
     from comms.reads import ReadGuard
 
     now = [READ_NOW]
+    latest = READ_NOW
     guard = ReadGuard(roster(), public_models=(READ_PUBLIC,), window_s=READ_WINDOW_S,
                       clock=lambda: now[0], max_nonces=READ_MAX_NONCES,
                       max_nonces_per_sender=READ_MAX_PER_SENDER)  # fmt: skip
     live: dict[tuple[str, bytes], float] = {}
-    ever: set[tuple[str, bytes]] = set()
+    ever: set[tuple[str, bytes, int]] = set()  # every admitted signed request
     first: RejectedError | None = None
     for i, (method, raw, advance) in enumerate(_read_steps(data)):
         now[0] += advance
-        live = {k: ts for k, ts in live.items() if not ts + READ_WINDOW_S < now[0]}
+        latest = max(latest, now[0])  # every check reads the clock
+        live = {k: ts for k, ts in live.items() if not ts + READ_WINDOW_S < latest}
         model_id, version, auth = _parse_read(method, raw)
-        want = _expected_read(method, model_id, version, auth, now[0], live, ever)
+        want = _expected_read(method, model_id, version, auth, now[0], latest, live)
         try:
             got = guard.check(method, model_id, version, auth)
         except (ReadDeniedError, TooManyReadsError) as e:
@@ -838,8 +850,10 @@ def run_reads(data: bytes) -> None:
                 if got != auth.sender:
                     raise InvariantError(f"step {i}: admitted {auth.sender} as {got!r}")
                 key = (auth.sender, bytes(auth.nonce))
+                if (*key, auth.timestamp_ms) in ever:
+                    raise InvariantError(f"step {i}: admitted the same signed request twice")
                 live[key] = auth.timestamp_ms / 1000
-                ever.add(key)
+                ever.add((*key, auth.timestamp_ms))
         if len(guard) > READ_MAX_NONCES:
             raise InvariantError(f"step {i}: the guard remembers {len(guard)} nonces")
     if first is not None:
@@ -868,6 +882,7 @@ def mutate_reads(rng: random.Random, data: bytes) -> bytes:
     elif op == 2:  # the server's clock
         step = rng.choice(steps)
         step[2] = rng.choice((0.0, 0.001, READ_WINDOW_S, READ_WINDOW_S + 0.001, 1e6, -5.0,
+                              -READ_WINDOW_S, -2 * READ_WINDOW_S - 0.001,
                               math.nan, math.inf, 2**64, True, "soon"))  # fmt: skip
     elif op == 3:  # steps reordered, dropped or sent as the other method
         if rng.random() < 0.5:

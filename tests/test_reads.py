@@ -141,6 +141,28 @@ def test_nonces_are_forgotten_once_the_window_refuses_their_replay(keys):
     assert len(guard) == 1  # the old nonce was dropped when the new one came in
 
 
+def test_a_clock_stepping_back_does_not_let_a_forgotten_nonce_be_replayed(keys):
+    """Nonces go by the latest time the clock has shown: after the clock steps back (an NTP
+    correction), a request whose nonce was forgotten is still refused, as expired."""
+    island, _, _, roster = keys
+    clock = Clock()
+    guard = ReadGuard(roster, window_s=120, clock=clock)
+    first = signed(island, at=T0)
+    guard.check("Fetch", "lm", -1, first)
+    clock.now = T0 + 121
+    guard.check("Fetch", "lm", -1, signed(island, at=clock.now))  # forgets the first nonce
+    assert len(guard) == 1
+    clock.now = T0 + 119  # stepped back 2 s: the first request is inside the current window
+    err = refused(guard, "Fetch", "lm", -1, first)
+    assert err.reason == "read_expired"
+    assert "stepped back 2 s" in str(err) and "NTP" in str(err)
+    # fresh requests are still admitted, on either clock's time within the window
+    assert guard.check("Fetch", "lm", -1, signed(island, at=clock.now)) == island.peer_id
+    assert guard.check("Fetch", "lm", -1, signed(island, at=T0 + 2)) == island.peer_id
+    # the future side follows the current clock
+    assert refused(guard, "Fetch", "lm", -1, signed(island, at=T0 + 240)).reason == "read_future"
+
+
 def test_full_nonce_tables_refuse_rather_than_forget(keys):
     island, admin, _, roster = keys
     clock = Clock()
