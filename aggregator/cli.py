@@ -72,6 +72,15 @@ def serve(args: argparse.Namespace) -> int:
     except CommsError as e:
         print(f"aggregator: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a state directory that cannot be made or written, a full disk
+        logging.getLogger("aggregator").debug("stopped by an OS error", exc_info=True)
+        print(
+            f"aggregator: {type(e).__name__}: {e} (check the paths in {args.config}: "
+            "state_dir, key, roster; and the free space where they lie; --log-level debug "
+            "shows where it happened)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _daemon_spec(text: str) -> tuple[str, list[str]]:

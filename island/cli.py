@@ -56,6 +56,14 @@ def _run(args: argparse.Namespace) -> int:
     except CommsError as e:
         print(f"island: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a state directory that cannot be made or written, a full disk
+        logging.getLogger("island").debug("stopped by an OS error", exc_info=True)
+        print(
+            f"island: {type(e).__name__}: {e} (check the paths in {args.config} and the free "
+            "space where they lie; --log-level debug shows where it happened)",
+            file=sys.stderr,
+        )
+        return 1
     if leader:
         print(json.dumps({k: v for k, v in summary.items() if k != "sync"}), flush=True)
     else:

@@ -284,3 +284,28 @@ async def test_a_leaf_whose_flush_intent_cannot_be_written_keeps_the_partial_and
     finally:
         await leaf.stop()
         await root.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_root_first_started_on_a_full_disk_exits_with_a_clear_error(tmp_path, tmpfs):
+    """``aggregator serve`` whose state directory has no room for the initial state, or is
+    not a directory at all, exits 1 with one line naming the error and where to look, not a
+    traceback."""
+    from comms.config import save_config
+
+    fed = make_federation(tmp_path, 1, aggregators=("root",), shapes=SHAPES)
+    cfg = fed.config("root", "root")
+    fill(tmpfs)
+    (tmp_path / "a-file").write_text("not a directory")
+    for state_dir, error in ((tmpfs / "root", "No space left on device"),
+                             (tmp_path / "a-file", "File exists")):  # fmt: skip
+        cfg.state_dir = str(state_dir)
+        save_config(cfg, tmp_path / "root.toml")
+        run = subprocess.run(
+            [sys.executable, "-m", "aggregator", "serve", str(tmp_path / "root.toml")],
+            capture_output=True, text=True, timeout=90, cwd=REPO,
+        )  # fmt: skip
+        assert run.returncode == 1, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr, run.stderr[-2000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith("aggregator: ") and error in last and "state_dir" in last, last
