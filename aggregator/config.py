@@ -26,6 +26,9 @@ Example (a root serving one model)::
     clip_action = "clip"              # scale an update down to the bound, or "reject" it
     # clip = "static"                 # or an absolute bound: clip_norm = 5.0
     # clip = "off"                    # or none at all (a warning at start)
+    direction = "reject"              # refuse an island update pointing against the last
+    direction_min_cos = 0.0           #   merged step: cosine with -u_v below this (the
+                                      #   default); "off": no check (a warning at start)
 
     [[models]]
     model_id = "global"
@@ -51,7 +54,9 @@ Every aggregator that admits island updates (kind ``delta``) bounds their norm
 (:mod:`aggregator.norm_bound`); child partials were bounded at their leaf. A clip scales the
 update's data, not its weight, and is logged in the WAL with the update, so a replay after a
 restart re-merges the same sum whatever the config says then. The measurements behind the
-defaults are in docs/reliability.md ("Adaptive norm bound").
+defaults are in docs/reliability.md ("Adaptive norm bound"). The same aggregators refuse an
+island update whose cosine with the last merged step ``-u_v`` is below ``direction_min_cos``
+(:mod:`aggregator.direction`; docs/reliability.md, "Direction check").
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from aggregator.direction import DEFAULT_MIN_COS
 from aggregator.norm_bound import (
     DEFAULT_FACTOR,
     DEFAULT_MIN_COUNT,
@@ -90,6 +96,11 @@ class MergeConfig:
     clip_min_count: int = DEFAULT_MIN_COUNT  # adaptive: fewer norms: the warm-up bound
     clip_warmup_ratio: float = DEFAULT_WARMUP_RATIO  # warm-up bound: this x ||theta||
     clip_action: Literal["clip", "reject"] = "clip"  # scale down to the bound, or refuse
+    # Island updates pointing against the last merged step (aggregator.direction): "reject"
+    # refuses one whose cosine with -u_v is below direction_min_cos (at most a minority of
+    # buffer_k per version); "off": no check (logged at start).
+    direction: Literal["reject", "off"] = "reject"
+    direction_min_cos: float = DEFAULT_MIN_COS  # honest: +0.09 and up; sign-flipped: below -0.07
     weight_by_samples: bool = False  # also weight an update by its meta "tokens"
     engine: Literal["inline", "pool"] = "inline"  # merge in the service, or in worker processes
     max_workers: int = 2  # pool: most merge worker processes (scaled with the queue)
@@ -110,6 +121,12 @@ class MergeConfig:
                 f"max_workers, got {self.max_workers} / {self.warm_workers}"
             )
         self._validate_clip()
+        if self.direction not in ("reject", "off"):
+            raise ConfigError(f'direction: must be "reject" or "off", got {self.direction!r}')
+        if not -1.0 <= self.direction_min_cos < 1.0:
+            raise ConfigError(
+                f"direction_min_cos: must be in [-1, 1), got {self.direction_min_cos}"
+            )
 
     @property
     def clip_mode(self) -> str:

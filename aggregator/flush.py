@@ -34,7 +34,8 @@ class Flushing:
     """Flushes of :class:`~aggregator.service.AggregatorService`'s model lines.
 
     Uses the service's ``config``, ``clock``, ``guard`` and ``metrics``, :meth:`_publish`
-    (:mod:`aggregator.publish`) and :meth:`_queue_partial` (:mod:`aggregator.parent`).
+    (:mod:`aggregator.publish`), :meth:`_queue_partial` (:mod:`aggregator.parent`) and
+    :meth:`_set_reference` (:mod:`aggregator.direction_check`).
     """
 
     async def _deadline_loop(self, line: ModelLine) -> None:
@@ -132,6 +133,7 @@ class Flushing:
                 if self._reload_root(line) != before + 1:
                     raise
                 # only the directory's fsync failed after the state's rename: it is on disk
+            self._set_reference(line, nv.version, nv.applied)  # the step is durable now
             fault_point("root.before_mark")
             line.wal.mark_done(index, msgpack.packb({"version": nv.version}))
             line.wal.compact()

@@ -16,6 +16,9 @@ wrong. In order, cheapest first:
    "adaptive" by default, "static" with ``clip_norm``, or "off"): above it the delta's data is
    scaled to the bound (its weight is not) or, with ``clip_action = "reject"``, refused
    (``NormBoundError``). Child partials are sums of updates bounded at their leaf.
+9. with a ``reference`` (the line's last published ``u_v``, :mod:`aggregator.direction`), an
+   island delta's agreement, its cosine with ``-u_v``, is measured and returned; the service
+   refuses one below ``direction_min_cos`` (``DirectionError``) under the line's lock.
 
 The weight is computed here (``staleness_fn(s)``, times the update's tokens, a number in
 [0, 2**53], when weighting by samples) and logged with the update in the WAL together with the
@@ -36,6 +39,7 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
+from aggregator.direction import Reference, agreement, dot, update_dot
 from aggregator.merge import PartialAggregate, accumulate, merge_into
 from aggregator.norm_bound import clipped_norm
 from aggregator.robust import clip_scale, sum_of_squares, update_norm
@@ -82,6 +86,8 @@ class Admitted:
     norm: float | None = None  # kind "delta": its L2 norm before clipping, when measured
     scale: float = 1.0  # kind "delta": min(1, bound / norm), applied to its data (not weight)
     bound: float | None = None  # the bound it was checked against (None: unbounded or replay)
+    agreement: float | None = None  # kind "delta": cosine with -u_v (None: not scored)
+    reference_version: int | None = None  # the v of that u_v
 
     @property
     def clipped(self) -> bool:
@@ -167,6 +173,7 @@ def admit(
     logged: WalHead | None = None,
     decode: bool = True,
     clip_bound: float | None = None,
+    reference: Reference | None = None,
 ) -> Admitted:
     """Check one pushed envelope; raise the typed rejection or return what to merge.
 
@@ -177,7 +184,8 @@ def admit(
     per model; None: no bound yet). With ``decode=False`` a delta is only validated
     (``Codec.validate``: the same refusals, without building the arrays) or, when its norm is
     needed, decoded one tensor at a time for it; ``Admitted.delta`` is None and merge workers
-    decode it, scaled by ``Admitted.scale``.
+    decode it, scaled by ``Admitted.scale``. ``reference`` (a fresh island delta only): its
+    agreement with ``-u_v`` is measured into ``Admitted.agreement``; the caller decides.
     """
     env = Envelope.from_bytes(data, max_bytes=policy.max_bytes, expected_nbytes=expected_nbytes)
     h = env.header
@@ -201,14 +209,19 @@ def admit(
         s, weight = _delta_weight(env, policy, v_now)
         bound = clip_bound if policy.clip == "adaptive" else policy.clip_norm
     measure = policy.clip != "off" and (logged is None or logged.scale is None)
+    score = reference is not None and logged is None
+    udot = None
     if decode:
         arrays = decode_update(env, manifest)
-        norm = update_norm(arrays) if measure else None
-    elif measure:
-        arrays, norm = None, encoded_norm(env, manifest)
+        norm = update_norm(arrays) if measure or score else None
+        udot = update_dot(arrays, reference) if score else None
+    elif measure or score:
+        arrays = None
+        norm, udot = encoded_norm_dot(env, manifest, reference if score else None)
     else:
         arrays, norm = None, None
         validate_update(env, manifest)
+    cos = agreement(udot, norm, reference.norm) if score else None
     if logged is not None:
         scale, norm = _logged_scale(logged, policy, norm)
     else:
@@ -222,7 +235,10 @@ def admit(
             )
     if arrays is not None and scale != 1.0:
         arrays = scale_update(arrays, scale)
-    return Admitted(env, s, weight, delta=arrays, norm=norm, scale=scale, bound=bound)
+    return Admitted(
+        env, s, weight, delta=arrays, norm=norm, scale=scale, bound=bound, agreement=cos,
+        reference_version=reference.version if score else None,
+    )  # fmt: skip
 
 
 def _admit_partial(env, arrays, policy, v_now, logged) -> Admitted:
@@ -274,17 +290,28 @@ def scale_update(delta: Mapping[str, np.ndarray], scale: float) -> dict[str, np.
 def encoded_norm(env: Envelope, manifest: Manifest) -> float:
     """The L2 norm of an envelope's decoded tensors, decoding one tensor at a time (what
     ``decode_update`` refuses is refused here too); memory: one tensor, not the update."""
+    return encoded_norm_dot(env, manifest)[0]
+
+
+def encoded_norm_dot(
+    env: Envelope, manifest: Manifest, reference: Reference | None = None
+) -> tuple[float, float | None]:
+    """``(||x||, <x, u_v>)`` of an envelope's decoded tensors ``x``, one tensor at a time
+    (the dot None without a ``reference``), as :func:`encoded_norm`."""
     manifest.check(env.header.tensors, env.header.model_id)
-    total = 0.0
+    total, udot = 0.0, (None if reference is None else 0.0)
     for spec, payload in env.tensors():
         try:
             codec = codec_from_spec(spec.codec)
         except ConfigError as e:
             raise MalformedError(f"tensor {spec.name!r}: {e}") from e
-        total += sum_of_squares(codec.decode(payload, tuple(spec.shape)))
+        x = codec.decode(payload, tuple(spec.shape))
+        total += sum_of_squares(x)
         if not math.isfinite(total):  # codecs refuse NaN/Inf already; never let one through
             raise NonFiniteError(f"tensor {spec.name!r} decodes to non-finite values")
-    return math.sqrt(total)
+        if reference is not None:
+            udot += dot(x, reference.update[spec.name])
+    return math.sqrt(total), udot
 
 
 def validate_update(env: Envelope, manifest: Manifest) -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 
 from aggregator.config import ModelConfig
+from aggregator.direction import Reference
 from aggregator.merge import PartialAggregate, merge_into
 from aggregator.norm_bound import NormBound
 from aggregator.root import RootModel
@@ -60,6 +61,12 @@ class ModelLine:
         self.theta_norm: tuple[int, float] | None = None  # (version, ||theta||), computed lazily
         self.clipped = 0  # island updates clipped since this process started
         self.norm_rejected = 0  # island updates refused for their norm (clip_action "reject")
+        self.reference: Reference | None = None  # merge.direction: the last u_v, decoded
+        self.agreements: deque[float] = deque(maxlen=64)  # recent deltas' cosines with -u_v
+        self.reference_asked = -1  # leaf/mid: the version whose u_v it last asked its parent for
+        self.refused_at = (0, 0)  # (version, deltas refused for their direction in it)
+        self.direction_refused = 0  # since this process started
+        self.direction_over_cap = 0  # below direction_min_cos, admitted past the cap
         self.flush_retry_at: float | None = None  # a flush failed (disk): not before this
         self.dropped = 0  # acknowledged updates dropped deliberately (a non-finite merge)
 

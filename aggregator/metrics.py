@@ -7,6 +7,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 # an update's norm / the median of the window: honest ones sit near 1 (docs/reliability.md)
+# an island update's cosine with -u_v (aggregator.direction): honest ones +0.09 and up
+AGREEMENT_BUCKETS = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 NORM_RATIO_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 10.0, 100.0)
 
 
@@ -79,6 +81,18 @@ class AggregatorMetrics:
             "archipelago_update_norm_ratio",
             "An accepted island update's L2 norm over the median of recent ones (before clipping)",
             buckets=NORM_RATIO_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.opposed = Counter(
+            "archipelago_updates_opposed",
+            "Island updates pointing against the last merged step (cosine with -u_v below "
+            "direction_min_cos), by model and decision (refused; over_cap: admitted, the "
+            "version had refused its share)",
+            ["model_id", "decision"], registry=r,
+        )  # fmt: skip
+        self.agreement = Histogram(
+            "archipelago_update_agreement",
+            "An island update's cosine with the last merged step -u_v, at admission",
+            buckets=AGREEMENT_BUCKETS, registry=r,
         )  # fmt: skip
         self.version = Gauge(
             "archipelago_model_version", "Current version", ["model_id"], registry=r

@@ -6,7 +6,9 @@ aggregates go up in order through one outbox: a flush *intent* is logged before 
 queued, and a *mark* once the parent acknowledged it (a parent that already holds it answers
 "replay", which counts as delivered). Versions come down through a subscription: each ``u_v``
 is verified, applied to the replica and re-published to this aggregator's own subscribers; a
-gap or a version the parent no longer has refetches the replica.
+gap or a version the parent no longer has refetches the replica. With the direction check on,
+the subscription starts one version early when the line lacks the current ``u_v`` (after a
+start or a refetch): that one only becomes the reference (:mod:`aggregator.direction_check`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class ParentLink:
     """The parent side of :class:`~aggregator.service.AggregatorService` (leaf and mid).
 
     Uses the service's ``config``, ``role``, ``discovery``, ``identity``, ``roster``, ``guard``,
-    ``metrics``, ``parent_address``, ``_outbox`` and :meth:`_publish`
-    (:mod:`aggregator.publish`); sets ``parent`` (and ``parent_address`` when discovery finds
+    ``metrics``, ``parent_address``, ``_outbox``, :meth:`_publish` (:mod:`aggregator.publish`)
+    and :meth:`_set_reference` (:mod:`aggregator.direction_check`); sets ``parent`` (and ``parent_address`` when discovery finds
     it).
     """
 
@@ -165,8 +167,15 @@ class ParentLink:
         """Apply each u_v the parent publishes to the replica and re-serve it to children."""
         while True:
             try:
-                async for version, data in self.parent.subscribe(line.model_id, line.version + 1):
+                start = line.version + 1
+                if self._lacks_reference(line):  # ask for the current u_v once per version
+                    start = line.reference_asked = line.version
+                async for version, data in self.parent.subscribe(line.model_id, start):
                     env = await asyncio.to_thread(self._verified, data, "version", line.model_id)
+                    if version == start == line.version and env.header.base_version == start - 1:
+                        u = await asyncio.to_thread(decode_update, env, line.manifest)
+                        await asyncio.to_thread(self._set_reference, line, version, u)
+                        continue
                     if version != line.version + 1 or env.header.base_version != line.version:
                         raise MalformedError(
                             f"version {version} does not follow {line.version}; refetching"
@@ -174,6 +183,7 @@ class ParentLink:
                     u = await asyncio.to_thread(decode_update, env, line.manifest)
                     async with line.lock:
                         await asyncio.to_thread(apply_update, line.theta, u)
+                        await asyncio.to_thread(self._set_reference, line, version, u)
                         line.remember(version, data)
                         await self._publish(line, version)
                     self.metrics.version.labels(line.model_id).set(version)
@@ -186,6 +196,15 @@ class ParentLink:
                     async with line.lock:
                         await self._open_replica(line)
                         line.cache.clear()
+
+    def _lacks_reference(self, line: ModelLine) -> bool:
+        ref = line.reference
+        return (
+            self._direction_on
+            and line.version >= 1
+            and (ref is None or ref.version != line.version)
+            and line.reference_asked != line.version
+        )
 
 
 def _mark(wal: WriteAheadLog, index: int, note: bytes) -> None:

@@ -43,6 +43,7 @@ class NewVersion:
     count: int
     weight_sum: float
     max_staleness: int
+    applied: dict[str, np.ndarray] | None = None  # decode(encode(u_v)), as replicas apply it
 
 
 class RootModel:
@@ -102,6 +103,7 @@ class RootModel:
             partial.count,
             float(partial.weight_sum),
             int(partial.max_staleness),
+            applied,
         )
 
     # ---------------------------------------------------------------- persistence

@@ -36,6 +36,7 @@ from safetensors.numpy import load_file
 
 from aggregator.clipping import NormClipping
 from aggregator.config import AggregatorConfig, ModelConfig
+from aggregator.direction_check import DirectionChecking
 from aggregator.faults import fault_point
 from aggregator.flush import Flushing
 from aggregator.gateway import AdmissionPolicy, Admitted, admit, wal_record
@@ -62,7 +63,9 @@ __all__ = ["ROOT_VERSION_CACHE", "VERSION_CACHE", "AggregatorService", "ModelLin
 log = logging.getLogger(__name__)
 
 
-class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipping):
+class AggregatorService(
+    Flushing, Publishing, ParentLink, WalRecovery, NormClipping, DirectionChecking
+):
     """A leaf, mid or root aggregator; ``await start()``, then serve until ``stop()``.
 
     The class conducts: lifecycle, opening the model lines and admitting pushes are here;
@@ -70,7 +73,8 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
     :class:`~aggregator.publish.Publishing`'s, the parent
     :class:`~aggregator.parent.ParentLink`'s, the WAL replay
     :class:`~aggregator.recovery.WalRecovery`'s and the norm bound of island updates
-    :class:`~aggregator.clipping.NormClipping`'s.
+    :class:`~aggregator.clipping.NormClipping`'s, the direction check
+    :class:`~aggregator.direction_check.DirectionChecking`'s.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
             clip_action=m.clip_action,
         )
         self._log_clip_mode()
+        self._log_direction_mode()
         self.lines: dict[str, ModelLine] = {}
         self.metrics = AggregatorMetrics(config.name, config.role, lines=self.lines)
         self.server: TransportServer | None = None
@@ -279,13 +284,14 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
             store.save_state(root.state_arrays(), self._root_meta(root, 0))
         line.root, line.store, line.manifest = root, store, root.manifest
         line.theta, line.version = root.theta, root.version
+        self._load_root_reference(line)
 
     def _root_meta(self, root: RootModel, wal_index: int) -> dict:
         return {"version": root.version, "wal_index": wal_index, "guard": self.guard.state()}
 
     # ================================================================== TransportHandler
 
-    def _admit(self, data, logged=None, decode=True, clip_bound=None) -> Admitted:
+    def _admit(self, data, logged=None, decode=True, clip_bound=None, reference=None) -> Admitted:
         return admit(
             data,
             policy=self.policy,
@@ -295,6 +301,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
             logged=logged,
             decode=decode,
             clip_bound=clip_bound,
+            reference=reference,
         )
 
     async def on_push(
@@ -309,9 +316,12 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
             if line is None:
                 raise NotFoundError(f"model {header.model_id!r} is not served here")
             bound = await self._clip_bound(line, header.kind)
-            admitted = await asyncio.to_thread(self._admit, data, None, line.pool is None, bound)
+            ref = self._reference(line, header.kind)
+            decode = line.pool is None
+            admitted = await asyncio.to_thread(self._admit, data, None, decode, bound, ref)
             async with line.lock:
                 self.guard.check(admitted.replay_key, admitted.sequence)  # a concurrent duplicate
+                self._check_direction(line, admitted)
                 body = wal_record(admitted, data)
                 index = await asyncio.to_thread(line.wal.append, body)
                 fault_point("leaf.after_wal_append")
@@ -382,6 +392,7 @@ class AggregatorService(Flushing, Publishing, ParentLink, WalRecovery, NormClipp
                     "wal_mark": line.wal.mark,
                     "partials_sent": line.partial_seq,
                     "clip": self._clip_status(line),
+                    "direction": self._direction_status(line),
                     "storage": line.storage_status(),
                     "dropped": line.dropped,
                 }

@@ -96,6 +96,13 @@ class NormBoundError(RejectedError):
     reason = "norm_bound"
 
 
+class DirectionError(RejectedError):
+    """An island update pointing against the model's last merged step (its cosine with it
+    below the aggregator's ``merge.direction_min_cos``), refused (``merge.direction``)."""
+
+    reason = "direction"
+
+
 class NotFoundError(RejectedError):
     """A model id or version that the server does not hold."""
 

@@ -2,7 +2,8 @@
 
     python scripts/attack.py [--quick] [--scenarios honest,scale,signflip,noise,nan,stale]
                              [--clip adaptive|off] [--clip-action clip|reject] [--leaf]
-                             [--clip-factor C] [--repeat N] [--steps N] [--every H]
+                             [--clip-factor C] [--direction reject|off] [--min-cos C]
+                             [--repeat N] [--steps N] [--every H] [--dump-deltas]
                              [--out DIR] [--json PATH] [--reference EARLIER.json]
 
 Every participant is a separate OS process started through its command line, as in
@@ -20,6 +21,10 @@ Scenarios: ``honest`` (all four honest: the reference), ``scale`` (x1e6), ``sign
 order; the runs differ only in island 3 (timing on a shared machine still varies, so
 ``--repeat N`` runs the honest reference N times to show the noise floor).
 
+``--direction`` / ``--min-cos`` set the direction check (``merge.direction``,
+``direction_min_cos``; unset: the aggregators' defaults). ``--dump-deltas`` saves every push
+as decoded (``deltas/islandI/SEQ-BASE.npz``) and reports each island's cosines with ``-u_v``
+of the version it was based on (``cosines``), the measurement behind ``direction_min_cos``.
 ``--clip`` unset leaves the aggregators' default (the table reports the mode the root ran);
 ``--reference`` takes the honest runs of an earlier ``--json`` for the ratios (for a run of
 attack scenarios only). The results: ``docs/reliability.md``, "Attacker table".
@@ -123,6 +128,10 @@ class Run:
         if a.clip != "off":
             clip.update({k: v for k, v in (("clip_factor", a.clip_factor),
                         ("clip_warmup_ratio", a.clip_warmup_ratio)) if v is not None})  # fmt: skip
+        if a.direction:
+            clip["direction"] = a.direction
+        if a.min_cos is not None:
+            clip["direction_min_cos"] = a.min_cos
         merge = MergeConfig(buffer_k=N_ISLANDS, deadline_s=a.deadline, **clip)
         cfg = AggregatorConfig(
             name=name, role=role, listen="127.0.0.1:0", http="127.0.0.1:0",
@@ -160,6 +169,8 @@ class Run:
             attack = self.scenario if i == ATTACKER and self.scenario != "honest" else "none"
             argv = ["--attack", attack, "--seed", str(self.args.seed + i),
                     "--norm-log", self.path("norms", f"island{i}.jsonl"), cfg_path]  # fmt: skip
+            if self.args.dump_deltas:
+                argv[-1:-1] = ["--delta-dir", self.path("deltas", f"island{i}")]
             children.append(
                 self.sup.start(f"island{i}", "attack_island", *argv, death_signal=signal.SIGKILL)
             )
@@ -209,6 +220,7 @@ class Run:
                 last_val_loss(self.path("metrics", f"island{i}.jsonl")) for i in honest
             ),
             "clip_status": status["models"][MODEL_ID].get("clip", {}),
+            "direction": status["models"][MODEL_ID].get("direction", {}),
             "rejected": rejected_by_reason(metrics),
             "islands_failed": failed,
             "attacker": summaries[ATTACKER].get("pushes") or summaries[ATTACKER],
@@ -344,17 +356,58 @@ def theta_ratios(run: Run, records: list[dict]) -> dict:
 # --------------------------------------------------------------------------- the table
 
 
+def direction_tag(args: argparse.Namespace) -> str:
+    tag = f"-dir-{args.direction}" if args.direction else ""
+    return tag + (f"-cos{args.min_cos:g}" if args.min_cos is not None else "")
+
+
+def direction_cosines(run: Run) -> dict:
+    """Each island's pushes' cosines with ``-u_b`` (b: the version it was based on, from the
+    stopped root's store), from ``deltas/`` (``--dump-deltas``): min, median, max per island."""
+    import numpy as np
+
+    from aggregator.store import ModelStore
+    from comms.envelope import Envelope
+    from comms.update import decode_update
+
+    def flat(arrays) -> np.ndarray:
+        return np.concatenate([arrays[k].reshape(-1).astype(np.float64) for k in sorted(arrays)])
+
+    store = ModelStore(Path(run.path("state", "root", "store")), MODEL_ID)
+    versions: dict[int, np.ndarray] = {}
+    out = {}
+    for i in range(N_ISLANDS):
+        cos = []
+        for f in sorted(Path(run.path("deltas", f"island{i}")).glob("*.npz")):
+            base = int(f.stem.split("-")[1])
+            if base < 1:
+                continue
+            if base not in versions:
+                env = Envelope.from_bytes(store.get_version(base), max_bytes=1 << 32)
+                versions[base] = flat(decode_update(env))
+            with np.load(f) as z:
+                d = flat({k: z[k] for k in z.files})
+            u = versions[base]
+            cos.append(float(-(d @ u) / (np.linalg.norm(d) * np.linalg.norm(u))))
+        if cos:
+            out[f"island{i}"] = {"min": round(min(cos), 3), "median": round(statistics.median(cos), 3),
+                                 "max": round(max(cos), 3), "n": len(cos)}  # fmt: skip
+    return out
+
+
 def print_table(results: list[dict], reference: list[dict] | None = None) -> None:
     """The table; ratios are to the mean of the honest runs (``reference``: those of an earlier
     ``--json``, else the honest runs among ``results``)."""
     ref = [r for r in (reference or results) if r["scenario"] == "honest"]
     ref_global = statistics.mean(r["global_val_loss"] for r in ref) if ref else math.nan
     ref_honest = statistics.mean(r["honest_val_loss"] for r in ref) if ref else math.nan
-    print(f"\n{'scenario':<10} {'clip':<9} {'global loss':>11} {'ratio':>7} {'honest isl.':>11} "
+    print(f"\n{'scenario':<10} {'clip':<9} {'direction':<13} {'global loss':>11} {'ratio':>7} {'honest isl.':>11} "
           f"{'ratio':>7} {'clipped':>7} {'rejected':<16} {'ver':>4} {'s':>6}")  # fmt: skip
     for r in results:
         rej = ",".join(f"{k}:{int(v)}" for k, v in sorted(r["rejected"].items())) or "-"
-        print(f"{r['scenario']:<10} {r['clip']:<9} {r['global_val_loss']:>11.4f} "
+        d = r.get("direction") or {}
+        direction = f"{d.get('mode', '-')} {d.get('min_cos', '')}".strip()
+        print(f"{r['scenario']:<10} {r['clip']:<9} {direction:<13} {r['global_val_loss']:>11.4f} "
               f"{r['global_val_loss'] / ref_global:>7.4f} {r['honest_val_loss']:>11.4f} "
               f"{r['honest_val_loss'] / ref_honest:>7.4f} {r['clip_status'].get('clipped', 0):>7} "
               f"{rej:<16} {r['version']:>4} {r['seconds']:>6.0f}", flush=True)  # fmt: skip
@@ -379,7 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-action", choices=("clip", "reject"), default="clip")
     p.add_argument("--clip-factor", type=float, help="default: the aggregator's default")
     p.add_argument("--clip-warmup-ratio", type=float, help="default: the aggregator's default")
+    p.add_argument("--direction", choices=("reject", "off"), help="default: the aggregator's")
+    p.add_argument("--min-cos", type=float, help="direction_min_cos; default: the aggregator's")
     p.add_argument("--leaf", action="store_true", help="islands push to a leaf before the root")
+    p.add_argument(
+        "--dump-deltas", action="store_true", help="save every push (deltas/) for direction figures"
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs of the honest reference")
     p.add_argument("--steps", type=int)
     p.add_argument("--every", type=int)
@@ -426,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.clip_factor and args.clip != "off"
                 else args.clip or "default"
             )
-            tag = f"{scenario}-{clip}" + (f"-{rep}" if rep else "")
+            tag = f"{scenario}-{clip}" + direction_tag(args) + (f"-{rep}" if rep else "")
             print(f"run {tag}: {args.steps} steps, H = {args.every}", flush=True)
             run = Run(out / tag, scenario, args)
             result = run.execute()
@@ -434,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             spread = {"run": tag, **norm_spread([r["norm"] for r in records])}
             if scenario == "honest":
                 spread.update(theta_ratios(run, records))
+            if args.dump_deltas:
+                result["cosines"] = direction_cosines(run)
             result["honest_norms"] = spread
             results.append(result)
             spreads.append(spread)

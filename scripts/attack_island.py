@@ -17,7 +17,8 @@ Attacks (``--attack``):
 - ``nan``: the delta with one NaN, sent with the ``none`` codec (int8's encoder refuses NaN);
 - ``stale``: the honest delta claiming a base version ``lag`` (default 64) versions behind.
 
-``--norm-log FILE`` appends one JSON line per push: ``sequence``, ``base_version`` (as sent),
+``--delta-dir DIR`` saves each push as the aggregator decodes it (``SEQUENCE-BASE.npz``), for
+offline measurements of directions. ``--norm-log FILE`` appends one JSON line per push: ``sequence``, ``base_version`` (as sent),
 ``norm`` (L2 of what the aggregator decodes), ``raw_norm`` (L2 of the honest delta), ``t``.
 """
 
@@ -63,7 +64,9 @@ def transform(delta: dict, attack: str, factor: float, rng: np.random.Generator)
     return {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
 
 
-def install(attack: str, factor: float, lag: int, seed: int, norm_log: str) -> None:
+def install(
+    attack: str, factor: float, lag: int, seed: int, norm_log: str, delta_dir: str = ""
+) -> None:
     """Replace the push queue's ``encode_update`` with the attacker's."""
     import island.sync.pushes as pushes
     from comms.envelope import Envelope
@@ -86,7 +89,12 @@ def install(attack: str, factor: float, lag: int, seed: int, norm_log: str) -> N
             norm = math.nan
         else:
             env = honest_encode(bad, **kw)
-            norm = l2(decode_update(env)) if norm_log else math.nan
+            decoded = decode_update(env) if norm_log or delta_dir else None
+            norm = l2(decoded) if decoded is not None else math.nan
+            if delta_dir:  # what the aggregator decodes, for offline direction measurements
+                Path(delta_dir).mkdir(parents=True, exist_ok=True)
+                np.savez(Path(delta_dir) / f"{kw['sequence']:06d}-{kw['base_version']}.npz",
+                         **decoded)  # fmt: skip
         if norm_log:
             with open(norm_log, "a") as f:
                 f.write(json.dumps({"t": time.time(), "sequence": kw["sequence"],
@@ -104,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lag", type=int, default=64, help="stale: versions behind")
     p.add_argument("--seed", type=int, default=0, help="noise: the generator's seed")
     p.add_argument("--norm-log", default="", help="append one JSON line per push here")
+    p.add_argument("--delta-dir", default="", help="save each decoded push here (.npz)")
     p.add_argument("--log-level", default="info")
     p.add_argument("config")
     args = p.parse_args(argv)
     factor = args.factor if args.factor is not None else DEFAULT_FACTOR.get(args.attack, 1.0)
-    install(args.attack, factor, args.lag, args.seed, args.norm_log)
+    install(args.attack, factor, args.lag, args.seed, args.norm_log, args.delta_dir)
     from island.cli import main as island_main
 
     return island_main(["run", args.config, "--log-level", args.log_level])

@@ -367,7 +367,8 @@ class Soak:
             name=name, role=role, listen="127.0.0.1:0", http="127.0.0.1:0",
             key=str(self.work / "keys" / f"{name}.pem"), roster=str(self.work / "roster.json"),
             state_dir=str(self.work / "state" / name), parent=parent,
-            merge=MergeConfig(buffer_k=k, deadline_s=self.args.deadline_s),
+            # random deltas point nowhere in particular: the direction check would refuse half
+            merge=MergeConfig(buffer_k=k, deadline_s=self.args.deadline_s, direction="off"),
             models=[ModelConfig(model_id=MODEL_ID, codec="int8",
                                 init=str(self.work / "theta0.safetensors") if role == "root" else "")],
         )  # fmt: skip

@@ -34,7 +34,8 @@ class Federation:
 
     def config(self, name: str, role: str, parent: str = "", **merge) -> AggregatorConfig:
         """A config for aggregator ``name``; ``merge`` overrides MergeConfig fields (and
-        ``codec``, the root's codec of published versions)."""
+        ``codec``, the root's codec of published versions). The direction check is off unless
+        asked for (``direction="reject"``): random deltas are not aligned with the last step."""
         models = [ModelConfig(model_id="global", init=str(self.init_path) if role == "root" else "",
                               codec=merge.pop("codec", "none"))]  # fmt: skip
         return AggregatorConfig(
@@ -45,7 +46,7 @@ class Federation:
             state_dir=str(self.root / "state" / name),
             parent=parent,
             http="",
-            merge=MergeConfig(**{"buffer_k": 4, "deadline_s": 60.0, **merge}),
+            merge=MergeConfig(**{"buffer_k": 4, "deadline_s": 60.0, "direction": "off", **merge}),
             models=models,
         )
 
