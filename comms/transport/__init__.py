@@ -31,7 +31,8 @@ A synchronous caller reaches a client through ``comms.aio.LoopThread``.
 Modules: ``server`` (servicer, ``TransportServer``, ``TransportHandler``), ``client``
 (``TransportClient``, retries and resumption), ``errors`` (remote errors, status mapping),
 ``messages`` (chunk messages and their cache), ``options`` (``ServerTLS``, ``ClientTLS``,
-message limits). Import from ``comms.transport``; the names below are its interface.
+message limits, ``Keepalive``: pings that find a silent connection dead). Import from
+``comms.transport``; the names below are its interface.
 """
 
 from comms.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_UPLOAD_BYTES
@@ -48,15 +49,18 @@ from comms.transport.errors import (
 )
 from comms.transport.messages import OFF_LOOP_BYTES, ChunkMessageCache, build_chunk_messages
 from comms.transport.options import (
+    DEFAULT_KEEPALIVE,
     DEFAULT_MAX_MESSAGE_BYTES,
     MESSAGE_OVERHEAD_BYTES,
     ClientTLS,
+    Keepalive,
     ServerTLS,
 )
 from comms.transport.server import ServerStats, TransportHandler, TransportServer
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_KEEPALIVE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "ERROR_TYPE_KEY",
@@ -68,6 +72,7 @@ __all__ = [
     "ClientStats",
     "ClientTLS",
     "DeadlineExceededError",
+    "Keepalive",
     "LinkShaper",
     "RemoteError",
     "RemoteRejected",

@@ -34,8 +34,10 @@ from comms.tls import TLSMismatchError, diagnose
 from comms.transport.errors import DeadlineExceededError, remote_error
 from comms.transport.messages import _crc_of, _off_loop
 from comms.transport.options import (
+    DEFAULT_KEEPALIVE,
     DEFAULT_MAX_MESSAGE_BYTES,
     ClientTLS,
+    Keepalive,
     _check_chunk_size,
     _message_options,
 )
@@ -77,6 +79,9 @@ class TransportClient:
     LinkError it raises is handled like a dropped connection. ``max_message_bytes`` must exceed
     the server's chunk size (and the server's, this client's ``chunk_size``). ``identity``
     signs every Fetch and Subscribe; without one only public models can be read.
+    ``keepalive`` (``comms.transport.options.Keepalive``) drops a connection that went silent,
+    so a call on a cut link fails and is retried instead of waiting for TCP; the server
+    must permit its pings (the same ``Keepalive`` at both ends).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class TransportClient:
         max_download_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         protocol_version: int = PROTOCOL_VERSION,
         identity: Identity | None = None,
+        keepalive: Keepalive = DEFAULT_KEEPALIVE,
     ):
         _check_chunk_size(chunk_size, max_message_bytes)
         self.address, self.tls = address, tls
@@ -108,6 +114,7 @@ class TransportClient:
         self.max_download_bytes = max_download_bytes
         self.protocol_version = protocol_version
         self.identity = identity
+        self.keepalive = keepalive
         self.stats = ClientStats()
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TransportStub | None = None
@@ -117,6 +124,7 @@ class TransportClient:
         """The stub, opening the channel on first use (inside the running loop)."""
         if self._stub is None:
             options = _message_options(self.max_message_bytes)
+            options += self.keepalive.client_options()
             if self.tls is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=options)
             else:

@@ -48,7 +48,9 @@ from comms.transport.errors import (
 )
 from comms.transport.messages import ChunkMessageCache, _crc_of, _off_loop
 from comms.transport.options import (
+    DEFAULT_KEEPALIVE,
     DEFAULT_MAX_MESSAGE_BYTES,
+    Keepalive,
     ServerTLS,
     _check_chunk_size,
     _message_options,
@@ -303,6 +305,9 @@ class TransportServer:
 
     With a ``read_guard`` (``comms.reads.ReadGuard``) every Subscribe and Fetch must carry a
     read signature it admits; without one, reads are open to anyone who reaches the port.
+    ``keepalive`` (``comms.transport.options.Keepalive``): the server pings its clients
+    (a reader behind a dead link is dropped) and permits the pings of clients with the same
+    ``Keepalive``; a client pinging more often gets GOAWAY ``too_many_pings``.
     """
 
     def __init__(
@@ -317,10 +322,12 @@ class TransportServer:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         uploads: UploadTable | None = None,
         read_guard: ReadGuard | None = None,
+        keepalive: Keepalive = DEFAULT_KEEPALIVE,
     ):
         _check_chunk_size(chunk_size, max_message_bytes)
         self.host, self.port, self.tls = host, port, tls
         self.max_message_bytes = max_message_bytes
+        self.keepalive = keepalive
         self.uploads = uploads or UploadTable(max_upload_bytes=max_upload_bytes)
         self._servicer = _Servicer(handler, self.uploads, chunk_size, read_guard)
         self._server: grpc.aio.Server | None = None
@@ -334,7 +341,8 @@ class TransportServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> int:
-        server = grpc.aio.server(options=_message_options(self.max_message_bytes))
+        options = _message_options(self.max_message_bytes) + self.keepalive.server_options()
+        server = grpc.aio.server(options=options)
         pb_grpc.add_TransportServicer_to_server(self._servicer, server)
         address = f"{self.host}:{self.port}"
         try:
