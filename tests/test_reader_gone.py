@@ -1,4 +1,5 @@
-"""A reader that goes away in the middle of a version: one INFO line, no error, and the
+"""A reader that goes away in the middle of a version (a failed write, or the handler
+cancelled when gRPC saw the reset first): one INFO line, no error, and the
 server keeps serving (comms/transport/server.py)."""
 
 import asyncio

@@ -108,6 +108,7 @@ class _Servicer(pb_grpc.TransportServicer):
         self.chunk_size = chunk_size
         self.stats = ServerStats()
         self.sent_chunks = ChunkMessageCache(chunk_size)
+        self.stopping = False  # set by TransportServer.stop: cancellations are then its own
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str):
         code, details, trailing = _status_of(exc, method)
@@ -163,8 +164,13 @@ class _Servicer(pb_grpc.TransportServicer):
         for i, (msg, nbytes) in enumerate(messages):
             try:
                 await context.write(msg)
-            except Exception as exc:
-                if not (isinstance(exc, cygrpc.BaseError) or context.done()):
+            except (Exception, asyncio.CancelledError) as exc:
+                # the reader's departure shows either as a failed write or, when gRPC
+                # saw the stream reset first, as this task being cancelled
+                if isinstance(exc, asyncio.CancelledError):
+                    if self.stopping:
+                        raise  # the server stopping, not the reader leaving
+                elif not (isinstance(exc, cygrpc.BaseError) or context.done()):
                     raise
                 self.stats.readers_gone += 1
                 log.info(
@@ -343,6 +349,7 @@ class TransportServer:
     async def start(self) -> int:
         options = _message_options(self.max_message_bytes) + self.keepalive.server_options()
         server = grpc.aio.server(options=options)
+        self._servicer.stopping = False
         pb_grpc.add_TransportServicer_to_server(self._servicer, server)
         address = f"{self.host}:{self.port}"
         try:
@@ -363,6 +370,7 @@ class TransportServer:
         return self.port
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        self._servicer.stopping = True
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
