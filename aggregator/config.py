@@ -29,6 +29,8 @@ Example (a root serving one model)::
     direction = "reject"              # refuse an island update pointing against the last
     direction_min_cos = 0.0           #   merged step: cosine with -u_v below this (the
                                       #   default); "off": no check (a warning at start)
+    partial_step = "scaled"           # root: a version of fewer than buffer_k updates takes
+                                      #   that share of an outer step; "full": a whole one
 
     [[models]]
     model_id = "global"
@@ -102,6 +104,11 @@ class MergeConfig:
     direction: Literal["reject", "off"] = "reject"
     direction_min_cos: float = DEFAULT_MIN_COS  # honest: +0.09 and up; sign-flipped: below -0.07
     weight_by_samples: bool = False  # also weight an update by its meta "tokens"
+    # Root: a version merged from fewer than buffer_k updates (a deadline flush, a slow
+    # island's lone last round) takes count / buffer_k of an outer step ("scaled"), momentum
+    # decaying by the same share (aggregator.outer, "A partial step"); "full": every version
+    # a full step, DiLoCo's plain rule.
+    partial_step: Literal["scaled", "full"] = "scaled"
     engine: Literal["inline", "pool"] = "inline"  # merge in the service, or in worker processes
     max_workers: int = 2  # pool: most merge worker processes (scaled with the queue)
     warm_workers: int = 0  # pool: workers kept alive when idle (0: scale to zero)
@@ -121,6 +128,10 @@ class MergeConfig:
                 f"max_workers, got {self.max_workers} / {self.warm_workers}"
             )
         self._validate_clip()
+        if self.partial_step not in ("scaled", "full"):
+            raise ConfigError(
+                f'partial_step: must be "scaled" or "full", got {self.partial_step!r}'
+            )
         if self.direction not in ("reject", "off"):
             raise ConfigError(f'direction: must be "reject" or "off", got {self.direction!r}')
         if not -1.0 <= self.direction_min_cos < 1.0:

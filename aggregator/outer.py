@@ -30,6 +30,21 @@ every island does; a float32 add per element in a fixed order gives the same bit
       m <- clamp(m, -phi, +phi)   (in place; applied for real)
       u  = -alpha * m
 
+**A partial step.** A version merged from fewer island updates than the root's ``buffer_k``
+(its deadline closed it, or a slow island's last short round came alone) carries a share
+``f = count / buffer_k`` of a full round's evidence. With the default ``merge.partial_step =
+"scaled"`` the root calls ``step(theta, g, fraction=f)`` and each optimizer takes ``f`` of a
+step, as if time advanced by ``f``: Nesterov ``m <- mu^f * m + f * g``,
+``u = -lr * f * (g + mu * m)``; SGD ``u = -lr * f * g``; CO2 ``m <- beta^f * m + f * g /
+Lambda`` (clamped), ``u = -alpha * f * m``. ``f = 1`` is the plain step above, bit for bit.
+Without it every version moves by a full momentum step however little it merged: a lone
+20-step round at the end of a run moved the model by ~0.9 of the accumulated momentum
+and undid the last version's progress (docs/architecture.md, "Outer step"). This is the
+problem Delayed Nesterov addresses in asynchronous Local-SGD (Liu et al., "Asynchronous
+Local-SGD Training for Language Modeling", 2024: momentum applied once per N worker updates,
+plain gradient steps between); the fractional step spreads it smoothly over versions of any
+size instead of counting to N.
+
 All arithmetic is float32 with float32 scalars. State (momentum, step count) round-trips
 through :meth:`~OuterOptimizer.state_dict` / :meth:`~OuterOptimizer.load_state_dict` as plain
 numpy arrays, for the root's checkpoints. No I/O, no threads (one instance per model, driven
@@ -76,14 +91,26 @@ class OuterOptimizer:
         """Advance the state on float32 ``g`` and return ``u``."""
         raise NotImplementedError
 
+    def _partial_update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        """``_update`` for a step standing for the share ``0 < f < 1`` of a full one."""
+        raise NotImplementedError
+
     def step(
-        self, theta: Mapping[str, np.ndarray], pseudo_grad: Mapping[str, np.ndarray]
+        self,
+        theta: Mapping[str, np.ndarray],
+        pseudo_grad: Mapping[str, np.ndarray],
+        fraction: float = 1.0,
     ) -> Params:
         """Advance one outer step on ``pseudo_grad`` and return ``u = theta_new - theta_old``.
 
-        ``theta`` is not modified. A pseudo-gradient holding NaN or Inf raises
-        :class:`~comms.errors.NonFiniteError` before any state changes.
+        ``fraction`` in (0, 1] is the share of a full outer step this one stands for (a
+        version merged from fewer updates than the root's ``buffer_k``; see the module doc);
+        1 is the optimizer's plain step, bit for bit. ``theta`` is not modified. A
+        pseudo-gradient holding NaN or Inf raises :class:`~comms.errors.NonFiniteError`
+        before any state changes.
         """
+        if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         check_same_layout(theta, pseudo_grad, "pseudo-gradient")
         g = {name: np.asarray(x, dtype=np.float32) for name, x in pseudo_grad.items()}
         for name, x in g.items():
@@ -91,7 +118,7 @@ class OuterOptimizer:
                 raise NonFiniteError(f"pseudo-gradient tensor {name!r} holds NaN or Inf")
         if self.momentum:
             check_same_layout(self.momentum, g, "pseudo-gradient (vs momentum)")
-        u = self._update(g)
+        u = self._update(g) if fraction == 1.0 else self._partial_update(g, float(fraction))
         self.steps += 1
         return u
 
@@ -147,6 +174,10 @@ class SGD(OuterOptimizer):
         neg_lr = np.float32(-self.lr)
         return {name: np.multiply(x, neg_lr, dtype=np.float32) for name, x in g.items()}
 
+    def _partial_update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        neg = np.float32(-self.lr * f)
+        return {name: np.multiply(x, neg, dtype=np.float32) for name, x in g.items()}
+
 
 class NesterovSGD(OuterOptimizer):
     """DiLoCo's outer step, matching ``torch.optim.SGD(nesterov=True)``; see the module doc."""
@@ -175,6 +206,21 @@ class NesterovSGD(OuterOptimizer):
             u = np.multiply(m, mu)  #     u  = mu * m
             np.add(x, u, out=u)  #        u  = g + mu * m
             np.multiply(u, neg_lr, out=u)  # u = -lr * (g + mu * m)
+            out[name] = u
+        return out
+
+    def _partial_update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        decay, mu = np.float32(self.mu**f), np.float32(self.mu)
+        ff, neg = np.float32(f), np.float32(-self.lr * f)
+        out = {}
+        for name, x in g.items():
+            m = self._momentum_buffer(name, x)
+            fg = np.multiply(x, ff)  #          f * g
+            np.multiply(m, decay, out=m)  #     m <- mu^f * m
+            np.add(m, fg, out=m)  #             m <- mu^f * m + f * g
+            u = np.multiply(m, mu)  #           u  = mu * m
+            np.add(x, u, out=u)  #              u  = g + mu * m
+            np.multiply(u, neg, out=u)  #       u  = -lr * f * (g + mu * m)
             out[name] = u
         return out
 
@@ -229,6 +275,22 @@ class CO2(OuterOptimizer):
             if phi is not None:
                 np.clip(m, -phi, phi, out=m)  # m <- clamp(m, -phi, phi), kept
             np.multiply(m, neg_alpha, out=u)  # u = -alpha * m
+            out[name] = u
+        return out
+
+    def _partial_update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        decay, scale = np.float32(self.beta**f), np.float32(f / self.gap_penalty)
+        neg = np.float32(-self.alpha * f)
+        phi = None if self.clip is None else np.float32(self.clip)
+        out = {}
+        for name, x in g.items():
+            m = self._momentum_buffer(name, x)
+            u = np.multiply(x, scale, dtype=np.float32)  # f * g / Lambda
+            np.multiply(m, decay, out=m)
+            np.add(m, u, out=m)  # m <- beta^f * m + f * g / Lambda
+            if phi is not None:
+                np.clip(m, -phi, phi, out=m)
+            np.multiply(m, neg, out=u)  # u = -alpha * f * m
             out[name] = u
         return out
 

@@ -4,9 +4,14 @@ At each flush the root turns the merged pseudo-gradient into a new version (DiLo
 Douillard et al. 2023, Algorithm 1, outer loop; CO2, Sun et al. 2024)::
 
     g      = sum_i w_i delta_i / sum_i w_i          (aggregator.merge.finalize)
-    u_v    = outer.step(theta_{v-1}, g)             (Nesterov SGD by default)
+    f      = min(1, count / buffer_k)               (step_fraction; 1 with partial_step "full")
+    u_v    = outer.step(theta_{v-1}, g, f)          (Nesterov SGD by default)
     wire   = encode(u_v)                            (the configured codec)
     theta_v = theta_{v-1} + decode(wire)            (aggregator.outer.apply_update)
+
+A version merged from fewer updates than ``buffer_k`` takes that share of an outer step
+(aggregator.outer, "A partial step"), so a deadline flush or a slow island's lone last round
+does not move the model by a full step of momentum.
 
 A merge or outer step that is not finite (a float32 overflow of large-but-finite updates)
 raises :class:`~aggregator.merge.NonFiniteMergeError`: a non-finite ``u_v`` or ``theta_v`` is
@@ -43,7 +48,21 @@ class NewVersion:
     count: int
     weight_sum: float
     max_staleness: int
-    applied: dict[str, np.ndarray] | None = None  # decode(encode(u_v)), as replicas apply it
+    applied: dict[str, np.ndarray] | None = None
+    fraction: float = 1.0  # the share of a full outer step it took (step_fraction)  # decode(encode(u_v)), as replicas apply it
+
+
+PARTIAL_STEPS = ("scaled", "full")
+
+
+def step_fraction(count: int, buffer_k: int | None) -> float:
+    """The share of a full outer step a version merged from ``count`` island updates stands
+    for: ``count / buffer_k``, at most 1 (``buffer_k`` None: always 1)."""
+    if buffer_k is None or count >= buffer_k:
+        return 1.0
+    if count < 1:
+        raise ValueError(f"a version merges at least one update, got count {count}")
+    return count / buffer_k
 
 
 class RootModel:
@@ -57,8 +76,12 @@ class RootModel:
         codec: Codec,
         identity: Identity,
         version: int = 0,
+        buffer_k: int | None = None,
     ):
+        """``buffer_k``: the updates a full version merges; a version of fewer takes that
+        share of an outer step (None: every version a full step, "partial_step = full")."""
         self.model_id = model_id
+        self.buffer_k = buffer_k
         self.theta = {k: np.array(v, dtype=np.float32, order="C") for k, v in theta.items()}
         self.manifest = Manifest.from_arrays(self.theta)
         self.outer = outer
@@ -70,7 +93,8 @@ class RootModel:
     def step(self, partial: PartialAggregate) -> NewVersion:
         """Apply the outer step for one flushed aggregate; returns the published version."""
         g = finalize(partial)  # NonFiniteMergeError before any state moves
-        u = self.outer.step(self.theta, g)
+        fraction = step_fraction(partial.count, self.buffer_k)
+        u = self.outer.step(self.theta, g, fraction)
         check_finite(u, f"the outer step to version {self.version + 1}")
         env = encode_update(
             u,
@@ -84,6 +108,7 @@ class RootModel:
                 "count": partial.count,
                 "weight_sum": float(partial.weight_sum),
                 "max_staleness": int(partial.max_staleness),
+                "fraction": fraction,
                 # which island updates this version holds: an island that applied its own
                 # in-flight delta locally (eager rebase) drops it once it is in a version
                 "contributors": sorted([s, q] for s, q in partial.contributors),
@@ -104,6 +129,7 @@ class RootModel:
             float(partial.weight_sum),
             int(partial.max_staleness),
             applied,
+            fraction,
         )
 
     # ---------------------------------------------------------------- persistence

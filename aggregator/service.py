@@ -269,7 +269,9 @@ class AggregatorService(
             raise ConfigError(f"models.init: {cfg.init} is not a safetensors file: {e}") from e
         outer = make_outer_optimizer(cfg.outer, **cfg.outer_params)
         codec = get_codec(cfg.codec, **cfg.codec_params)
-        root = RootModel(line.model_id, theta0, outer, codec, self.identity)
+        merge = self.config.merge
+        buffer_k = merge.buffer_k if merge.partial_step == "scaled" else None
+        root = RootModel(line.model_id, theta0, outer, codec, self.identity, buffer_k=buffer_k)
         saved = store.load_state()
         if saved is not None:
             arrays, meta = saved

@@ -1,0 +1,166 @@
+"""A version merged from fewer updates than the root's buffer_k takes that share of an outer
+step (aggregator/outer.py, "A partial step"; aggregator/root.py step_fraction).
+
+Without it, a lone short round at the end of a run (the slow island's last 20 steps, alone at
+the deadline) moved the model by a full step of accumulated momentum and the run's last
+version was worse than the one before it."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from aggtools import delta_bytes, hand_versions, make_federation, random_delta
+
+from aggregator.config import MergeConfig
+from aggregator.merge import PartialAggregate, accumulate
+from aggregator.outer import CO2, SGD, NesterovSGD
+from aggregator.root import RootModel, step_fraction
+from aggregator.service import AggregatorService
+from comms.codecs import get_codec
+from comms.envelope import Envelope
+from comms.errors import ConfigError
+from comms.identity import Identity
+from comms.transport import TransportClient
+
+SHAPES = {"w": (64,), "b": (8,)}
+
+
+def _norm(u):
+    return float(np.sqrt(sum(float(np.dot(x.ravel(), x.ravel())) for x in u.values())))
+
+
+def _g(scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def test_step_fraction_is_the_share_of_buffer_k_at_most_one():
+    assert step_fraction(1, 4) == 0.25
+    assert step_fraction(3, 4) == 0.75
+    assert step_fraction(4, 4) == step_fraction(9, 4) == 1.0
+    assert step_fraction(1, None) == 1.0
+    with pytest.raises(ValueError, match="at least one update"):
+        step_fraction(0, 4)
+
+
+@pytest.mark.parametrize("make", [NesterovSGD, SGD, CO2])
+def test_a_fraction_near_one_is_the_plain_step(make):
+    theta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    plain, partial = make(), make()
+    for seed in range(3):
+        g = _g(seed=seed)
+        u, v = plain.step(theta, g), partial.step(theta, g, fraction=1 - 1e-7)
+        for k in u:
+            np.testing.assert_allclose(v[k], u[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan"), float("inf")])
+def test_a_fraction_outside_zero_one_is_refused_before_any_state_moves(bad):
+    opt = NesterovSGD()
+    theta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    with pytest.raises(ValueError, match="fraction"):
+        opt.step(theta, _g(), fraction=bad)
+    assert opt.steps == 0 and not opt.momentum
+
+
+def test_two_half_steps_move_as_far_as_one_full_step_where_two_full_ones_move_twice():
+    """Steady momentum, the same g: two versions of half a buffer each move the model within
+    1% of one full version; with every version a full step they move it twice as far."""
+    theta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    g = _g()
+
+    def warmed():
+        opt = NesterovSGD()
+        for _ in range(60):  # m reaches g / (1 - mu)
+            opt.step(theta, g)
+        return opt
+
+    full = warmed().step(theta, g)
+    halves, plain = warmed(), warmed()
+    two_halves = [halves.step(theta, g, fraction=0.5) for _ in range(2)]
+    two_full = [plain.step(theta, g) for _ in range(2)]
+    moved = {k: two_halves[0][k] + two_halves[1][k] for k in g}
+    assert _norm(moved) == pytest.approx(_norm(full), rel=0.01)
+    assert _norm({k: two_full[0][k] + two_full[1][k] for k in g}) == pytest.approx(
+        2 * _norm(full), rel=0.01
+    )
+
+
+def _version_meta(data: bytes) -> dict:
+    return Envelope.from_bytes(data, max_bytes=len(data)).header.meta
+
+
+def _partial(deltas):
+    p = PartialAggregate()
+    for i, d in enumerate(deltas):
+        accumulate(p, d, 1.0, update_id=(f"island{i}", 1))
+    return p
+
+
+@pytest.mark.parametrize("buffer_k", [4, None], ids=["scaled", "full"])
+def test_a_lone_short_last_round_does_not_move_the_model_by_a_full_momentum_step(buffer_k):
+    """The demo's last version: after full versions of four islands pulling one way, the slow
+    island's last round of 20 of 50 steps arrives alone. Scaled, that version moves the model
+    by about a quarter of the step before it; as a full step, by about as much again."""
+    theta0 = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    root = RootModel("m", theta0, NesterovSGD(), get_codec("none"), Identity.generate(),
+                     buffer_k=buffer_k)  # fmt: skip
+    pull = _g()
+    for v in range(8):  # full versions: four islands' deltas around the same direction
+        nv = root.step(_partial([{k: pull[k] + _g(0.3, 10 * v + i)[k] for k in pull}
+                                 for i in range(4)]))  # fmt: skip
+        assert nv.fraction == 1.0
+    before = _norm(nv.applied)
+    last = root.step(_partial([{k: 0.4 * pull[k] for k in pull}]))  # 20 of 50 steps
+    moved = _norm(last.applied)
+    if buffer_k is None:
+        assert last.fraction == 1.0 and moved > 0.8 * before
+    else:
+        assert last.fraction == 0.25 and moved < 0.3 * before
+        assert _version_meta(last.envelope)["fraction"] == 0.25
+
+
+async def _wait_for(cond, timeout=20.0):
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("partial_step", ["scaled", "full"])
+async def test_a_deadline_flush_takes_its_share_of_an_outer_step_at_the_root(
+    tmp_path, partial_step
+):
+    """A real root, buffer_k 4: version 1 from four updates, version 2 from one update that
+    the deadline flushed. theta_2 is the hand-computed Nesterov trajectory with the partial
+    step (f = 1/4) by default, and DiLoCo's plain step with partial_step = "full"."""
+    fed = make_federation(tmp_path, 4, aggregators=("root",))
+    cfg = fed.config("root", "root", buffer_k=4, deadline_s=0.5, clip="off",
+                     partial_step=partial_step)  # fmt: skip
+    root = AggregatorService(cfg)
+    await root.start()
+    d = [random_delta(fed.theta0, i) for i in range(5)]
+    try:
+        async with TransportClient(root.address, retries=0) as c:
+            for i, ident in enumerate(fed.islands):
+                assert (await c.push(delta_bytes(ident, d[i], 1)))["status"] == "accepted"
+            line = root.lines["global"]
+            await _wait_for(lambda: line.version == 1)
+            ack = await c.push(delta_bytes(fed.islands[0], d[4], 2, base_version=1))
+            assert ack["status"] == "accepted"
+            await _wait_for(lambda: line.version == 2)
+    finally:
+        await root.stop()
+    rounds = [[(d[i], 0) for i in range(4)], [(d[4], 0)]]
+    want = hand_versions(fed.theta0, rounds, buffer_k=4 if partial_step == "scaled" else None)[-1]
+    other = hand_versions(fed.theta0, rounds, buffer_k=None if partial_step == "scaled" else 4)[-1]
+    for k in want:
+        np.testing.assert_allclose(line.theta[k], want[k], rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(line.theta[k], other[k], rtol=1e-5, atol=1e-6) for k in want)
+
+
+def test_partial_step_is_checked_in_the_config_and_scaled_by_default():
+    with pytest.raises(ConfigError, match="partial_step"):
+        MergeConfig(partial_step="half").validate()
+    assert MergeConfig().partial_step == "scaled"
