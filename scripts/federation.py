@@ -252,7 +252,8 @@ class Federation:
             cfg = AggregatorConfig(
                 name=name, role=role, listen=listen, key=self.path("keys", f"{name}.pem"),
                 roster=self.path("roster.json"), state_dir=self.path("state", name),
-                merge=MergeConfig(buffer_k=self.n if role == "root" else per_leaf, deadline_s=self.plan.deadline_s),
+                merge=MergeConfig(buffer_k=self.n if role == "root" else per_leaf, deadline_s=self.plan.deadline_s,
+                                  partial_step=self.args.partial_step),
                 tls=self.tls(name), **kw,
             )  # fmt: skip
             save_config(cfg, self.path("configs", f"{name}.toml"))
@@ -638,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="root only: islands in network namespaces behind tc-shaped links")  # fmt: skip
     p.add_argument("--tls", action="store_true",
                    help="mutual TLS on every gRPC link (material from `aggregator tls init`)")  # fmt: skip
+    p.add_argument("--partial-step", choices=["scaled", "full"], default="scaled",
+                   help="the root's merge.partial_step: a version of fewer than buffer_k updates "
+                        "takes that share of an outer step (scaled, the default) or a whole one")  # fmt: skip
     p.add_argument("--eval-global", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
     return p
 

@@ -109,6 +109,7 @@ def local_update_figures(facts: dict[str, Any]) -> dict[str, Any]:
         "val_loss_end": lu["global"]["val_loss_end"],
         "global_versions": lu["global"]["version"],
         "global_curve": lu["global"]["curve"],
+        "global_best": best_version(lu["global"]["curve"]),
         "bytes_sent": int(sum(sent)),
         "bytes_sent_per_island": sent,
         "bytes_received": int(sum(summaries[x]["bytes_received"] for x in names)),
@@ -178,8 +179,7 @@ def phase_summary(facts: dict[str, Any], phase: str) -> str:
         f = local_update_figures(facts)
         st = f["staleness"]
         return (
-            f"local-update done: global val loss {loss(f['val_loss_start'])} -> "
-            f"{loss(f['val_loss_end'])} over {f['global_versions']} versions; "
+            f"local-update done: global val loss {global_loss_text(f)}; "
             f"{megabytes(f['bytes_sent'])} sent (sync data-parallel: "
             f"{megabytes(f['ddp_equivalent_bytes'])}); staleness mean "
             f"{st['mean'] if st['mean'] is None else round(st['mean'], 2)} max {st['max']}; "
@@ -208,6 +208,24 @@ def loss(x: Any) -> str:
     return f"{x:.3f}" if finite(x) else "-"
 
 
+def best_version(curve: list) -> list | None:
+    """``[version, val_loss]`` of the curve's lowest finite loss (the earliest on a tie)."""
+    finite_points = [(v, x) for v, x in curve if finite(x)]
+    return list(min(finite_points, key=lambda p: p[1])) if finite_points else None
+
+
+def global_loss_text(lu: dict[str, Any]) -> str:
+    """``start -> final (N versions)``, and the best version where it is lower than the final."""
+    text = (
+        f"{loss(lu['val_loss_start'])} -> {loss(lu['val_loss_end'])} "
+        f"({lu['global_versions']} versions)"
+    )
+    best = lu.get("global_best")
+    if best and finite(lu["val_loss_end"]) and loss(best[1]) != loss(lu["val_loss_end"]):
+        text += f"; best {loss(best[1])} at version {best[0]}"
+    return text
+
+
 def headline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     lu, ex, en = r["local_update"], r["experts"], r["ensemble"]
     util = lu["utilization"]
@@ -215,11 +233,7 @@ def headline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     ratio = lu["ddp_equivalent_bytes"] / max(1, lu["bytes_sent"])
     return [
         ("islands", f"{r['islands']} ({r['workload']}, {lu['params']:,} parameters)"),
-        (
-            "global val loss",
-            f"{loss(lu['val_loss_start'])} -> {loss(lu['val_loss_end'])} "
-            f"({lu['global_versions']} versions)",
-        ),
+        ("global val loss", global_loss_text(lu)),
         ("bytes sent (all islands)", megabytes(lu["bytes_sent"])),
         (
             "sync data-parallel would send",

@@ -48,6 +48,10 @@ def test_quick_federation_writes_a_sane_report(tmp_path):
     assert len(lu["utilization"]) == 4 and all(0 < u <= 1 for u in lu["utilization"])
     assert lu["steps"][-1] < lu["steps"][0]  # the slow island did fewer steps
     assert sum(len(v) for v in lu["staleness"]["per_island"].values()) >= 4
+    best = min(lu["global_curve"], key=lambda p: p[1])
+    assert lu["global_best"] == best and lu["global_curve"][-1][1] == lu["val_loss_end"]
+    shown = f"best {best[1]:.3f} at version {best[0]}" in proc.stdout
+    assert shown == (f"{best[1]:.3f}" != f"{lu['val_loss_end']:.3f}")  # only where they differ
 
     ex = report["experts"]
     assert len(ex["cluster_sizes"]) == 4 and all(s > 0 for s in ex["cluster_sizes"])
