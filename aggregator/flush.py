@@ -150,9 +150,10 @@ class Flushing:
         self.metrics.merge_seconds.observe(time.perf_counter() - t0)
         self.metrics.version.labels(line.model_id).set(nv.version)
         log.info(
-            "%s: version %d of %s from %d updates (weight %.3g, max staleness %d, |u| %.3g)",
+            "%s: version %d of %s from %d updates (weight %.3g, max staleness %d, |u| %.3g, "
+            "step %.3g)",
             self.config.name, nv.version, line.model_id, nv.count, nv.weight_sum,
-            nv.max_staleness, nv.update_norm,
+            nv.max_staleness, nv.update_norm, nv.fraction,
         )  # fmt: skip
 
     @staticmethod

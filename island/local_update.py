@@ -286,7 +286,7 @@ class LocalUpdate:
                 apply_version(self._anchor, u)
                 self._version = version
                 if self.lookahead is not None:
-                    self.lookahead.observe(u)
+                    self.lookahead.observe(u, self.engine.step_fraction(version))
         self._set_start()
 
     def _set_start(self) -> None:

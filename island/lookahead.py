@@ -18,6 +18,11 @@ so from each published ``u_v`` and the previous momentum::
 
     g_v = (-u_v / lr - mu^2 * m_{v-1}) / (1 + mu),    m_v = mu * m_{v-1} + g_v.
 
+A version the root took as the share ``f < 1`` of a step (fewer updates than its
+``buffer_k``; meta ``fraction``) has ``m_v = mu^f m_{v-1} + f g_v`` and
+``u_v = -lr f (g_v + mu m_v)``, so ``m_v = (-u_v / lr + mu^f m_{v-1}) / (1 + f mu)``
+(``f = 1`` is the line above).
+
 An error in ``m`` (the codec's rounding of ``u_v``, or a momentum unknown after a snapshot
 download, taken as zero) shrinks by ``mu / (1 + mu)`` (0.47 at mu = 0.9) at every version, so
 the replica is exact up to codec noise a few versions after any join (or a restart: the
@@ -53,9 +58,13 @@ class NesterovReplay:
         """Forget the momentum (after a snapshot download: unknown, taken as zero)."""
         self.momentum.clear()
 
-    def observe(self, u: Mapping[str, np.ndarray]) -> None:
-        """Advance the replica by one adopted version's update ``u_v``."""
+    def observe(self, u: Mapping[str, np.ndarray], fraction: float = 1.0) -> None:
+        """Advance the replica by one adopted version's update ``u_v``, which the root took
+        as the share ``fraction`` of an outer step (its meta ``fraction``)."""
         if self.mu == 0:
+            return
+        if fraction != 1.0:
+            self._observe_partial(u, float(fraction))
             return
         scale = np.float32(1) / (np.float32(1) + self.mu)
         for name, x in u.items():
@@ -69,6 +78,17 @@ class NesterovReplay:
             else:
                 m *= self.mu
                 m += g
+
+    def _observe_partial(self, u: Mapping[str, np.ndarray], f: float) -> None:
+        decay = np.float32(float(self.mu) ** f)
+        scale = np.float32(1) / (np.float32(1) + np.float32(f) * self.mu)
+        for name, x in u.items():
+            m = np.multiply(x, -1 / self.lr, dtype=np.float32)  # -u / lr
+            old = self.momentum.get(name)
+            if old is not None:
+                m += decay * old
+            m *= scale
+            self.momentum[name] = m
 
     def predict(self, anchor: Mapping[str, np.ndarray], proxies: Iterable[Params]) -> Params:
         """``anchor`` moved by one outer step per proxy pseudo-gradient, in order (the replica

@@ -27,6 +27,22 @@ def test_replay_rebuilds_the_roots_momentum_from_its_updates():
     )
 
 
+def test_replay_follows_versions_the_root_took_as_part_of_a_step():
+    """Versions of fewer updates than buffer_k (meta "fraction" < 1) among full ones: the
+    replica still holds the root's momentum."""
+    rng = np.random.default_rng(1)
+    root = NesterovSGD(lr=0.7, momentum=0.9)
+    theta = {"w": rng.standard_normal((5, 3)).astype(np.float32)}
+    replay = NesterovReplay(0.7, 0.9)
+    for g, f in zip(grads(rng, 7), [1.0, 0.25, 0.5, 1.0, 0.75, 0.25, 1.0], strict=True):
+        u = root.step(theta, g, fraction=f)
+        theta = {"w": theta["w"] + u["w"]}
+        replay.observe(u, fraction=f)
+    np.testing.assert_allclose(
+        replay.momentum["w"], root.state_dict()["momentum/w"], rtol=1e-4, atol=1e-5
+    )
+
+
 def test_predict_is_the_roots_next_step_when_the_proxy_is_the_mean():
     rng = np.random.default_rng(1)
     root = NesterovSGD(lr=0.7, momentum=0.9)

@@ -87,6 +87,7 @@ class SyncEngine(PushQueue, VersionStream, SnapshotJoiner):
         self._next_sequence = 1
         self._versions: collections.OrderedDict[int, Envelope] = collections.OrderedDict()
         self._merged_own: set[int] | None = set()
+        self._fractions: dict[int, float] = {}
         self._arrivals: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._received: int | None = None  # newest version received in order; None: not following
         self._first_available: int = 0  # versions below this one are gone from the buffer

@@ -116,6 +116,7 @@ class VersionStream:
     _changed: threading.Condition
     _versions: collections.OrderedDict[int, Envelope]
     _merged_own: set[int] | None
+    _fractions: dict[int, float]  # version -> share of an outer step it took (meta "fraction")
     _arrivals: collections.OrderedDict[int, float]
     _received: int | None
     _first_available: int
@@ -299,6 +300,11 @@ class VersionStream:
 
     def _note_contributors(self, version: int, env: Envelope) -> None:
         """Remember which of this island's sequences ``version`` holds (``None``: unknown)."""
+        fraction = env.header.meta.get("fraction", 1.0)
+        ok = isinstance(fraction, int | float) and 0.0 < fraction <= 1.0
+        self._fractions[version] = float(fraction) if ok else 1.0
+        while len(self._fractions) > 64:  # read at the boundary that adopts them
+            self._fractions.pop(next(iter(self._fractions)))
         listed = env.header.meta.get("contributors")
         if listed is None:
             self._merged_own = None
@@ -307,6 +313,11 @@ class VersionStream:
         own = {int(q) for s, q in listed if s == me}
         if self._merged_own is not None:
             self._merged_own |= own
+
+    def step_fraction(self, version: int) -> float:
+        """The share of a full outer step the root took for ``version`` (its meta
+        ``fraction``; 1 when not listed: a full version, or an older root)."""
+        return self._fractions.get(version, 1.0)
 
     def merged_sequences(self) -> set[int] | None:
         """This island's sequences held by the versions taken since the last call; ``None``
