@@ -63,10 +63,24 @@ class SnapshotJoiner:
         start = time.perf_counter()
         deadline = start + timeout
         delay = self.config.retry_interval_s
+        refused: RejectedError | None = None  # the last refusal, once one was retried
+
+        def give_up(err: RejectedError, why: str = "") -> SnapshotRefusedError:
+            return SnapshotRefusedError(
+                f"model {self.model_id}: refused the snapshot from {self.address}: {err}{why}",
+                reason=err.reason,
+            )
+
         try:
             while True:
                 remaining = max(deadline - time.perf_counter(), 0.001)
-                data = self._loop.run(self._fetch(), remaining)
+                try:
+                    data = self._loop.run(self._fetch(), remaining)
+                except TimeoutError:
+                    if refused is None:
+                        raise
+                    # the retry after a refusal ran out of the time left: say what was refused
+                    raise give_up(refused, " (the try after it ran out of time)") from refused
                 try:
                     env = self._open(data, "snapshot")
                     params = decode_update(env, self._manifest)
@@ -80,11 +94,8 @@ class SnapshotJoiner:
                     )  # fmt: skip
                     left = deadline - time.perf_counter()
                     if not retry_refused or self._closed or left <= delay:
-                        raise SnapshotRefusedError(
-                            f"model {self.model_id}: refused the snapshot from {self.address}: "
-                            f"{err}",
-                            reason=err.reason,
-                        ) from err
+                        raise give_up(err) from err
+                    refused = err
                     time.sleep(delay)
                     delay = min(2 * delay, self.config.max_retry_interval_s)
             version = env.header.base_version
