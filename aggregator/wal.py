@@ -27,7 +27,11 @@ followed by a valid one. A mark that cannot be written is not recorded (``mark_d
 False and nothing is compacted): a mark only lets a restart skip work, the next one covers it.
 The log's :class:`StorageHealth` logs a failing disk once and its recovery once.
 
-Concurrency: one writer (the gateway's event loop thread); ``append`` blocks for the fsync, so
+Concurrency: every write (``append``, ``intent``, ``mark_done``, ``compact``) holds the log's
+lock, so threads may share it: a leaf appends pushes from its gateway while its partial
+sender marks and compacts (unserialized, a mark could cut an append in flight as a torn write
+or a roll close its file). ``last_location`` is set by ``append`` only; read it under the
+same lock as the append (the gateway holds its line's). Each write blocks for the fsync, so
 call it through ``asyncio.to_thread`` from async code. Not safe for several processes at once.
 """
 
@@ -40,6 +44,7 @@ import itertools
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,6 +220,7 @@ class WriteAheadLog:
         self.mark = 0
         self.health = StorageHealth(f"write-ahead log {self.dir}")
         self._torn = False  # a failed write may have left bytes after _file_size
+        self._lock = threading.RLock()  # one write at a time, whatever the thread
         segments = self._segments()
         for seg in segments:
             data = seg.read_bytes()
@@ -258,8 +264,12 @@ class WriteAheadLog:
         os.fsync(fd)
         self._torn = False
 
+    @staticmethod
+    def _segment_name(first_index: int) -> str:
+        return f"{first_index:020d}.wal"
+
     def _roll(self, index: int) -> None:
-        path = self.dir / f"{index:020d}.wal"
+        path = self.dir / self._segment_name(index)
         new = open(path, "ab", buffering=0)
         try:
             fsync_dir(self.dir)
@@ -270,12 +280,20 @@ class WriteAheadLog:
         self._file.close()
         self._file, self._file_size = new, 0
 
-    def _write(self, rtype: int, index: int, body: bytes | memoryview) -> None:
-        """Append one record durably, or raise StorageError leaving no part of it behind."""
+    def _write(self, rtype: int, index: int, body: bytes | memoryview) -> tuple[str, int, int]:
+        """Append one record durably, or raise StorageError leaving no part of it behind;
+        returns where its body lies (path, offset, length). Call with the lock held."""
         try:
             self._cut_torn()
-            if self._file_size >= self.segment_bytes:
-                self._roll(index)
+            # a new segment is named by the next *update's* index, whatever record rolls it: a
+            # mark or intent carries an older index, and a segment named by it would claim
+            # updates above the mark and be deleted by compact() with them
+            first = self.last_index + 1
+            if (
+                self._file_size >= self.segment_bytes
+                and self._segment_name(first) != Path(self._file.name).name
+            ):
+                self._roll(first)
         except OSError as err:
             raise self.health.failed(err, f"writing to {self.dir}") from err
         head = _HEAD.pack(MAGIC, rtype, index, len(body), _digest(rtype, index, body))
@@ -293,17 +311,19 @@ class WriteAheadLog:
                 self._cut_torn()
             raise exc from err
         self._torn = False
-        self.last_location = (self._file.name, self._file_size + len(head), len(body))
+        location = (self._file.name, self._file_size + len(head), len(body))
         self._file_size += len(head) + len(body)
         self.health.succeeded()
+        return location
 
     def append(self, body: bytes | memoryview) -> int:
         """Durably append one update; returns its index (1, 2, ...). ``last_location`` then
         says where its body lies, so a merge worker can read it from the file."""
-        index = self.last_index + 1
-        self._write(UPDATE, index, body)
-        self.last_index = index
-        return index
+        with self._lock:
+            index = self.last_index + 1
+            self.last_location = self._write(UPDATE, index, body)
+            self.last_index = index
+            return index
 
     def mark_done(self, index: int, note: bytes = b"") -> bool:
         """Record that every update with an index <= ``index`` is merged and handed on.
@@ -311,14 +331,15 @@ class WriteAheadLog:
         Returns False if the mark could not be written (a full disk): the mark stays where it
         was, nothing is compacted, and a restart re-does the work above it (which the parent's
         or the root's state recognises); the next mark covers this one."""
-        if index < self.mark:
-            raise ValueError(f"mark {index} is below the current mark {self.mark}")
-        try:
-            self._write(MARK, index, note)
-        except StorageError:
-            return False
-        self.mark = index
-        return True
+        with self._lock:
+            if index < self.mark:
+                raise ValueError(f"mark {index} is below the current mark {self.mark}")
+            try:
+                self._write(MARK, index, note)
+            except StorageError:
+                return False
+            self.mark = index
+            return True
 
     @staticmethod
     def _read(loc: _Loc) -> WalRecord:
@@ -329,7 +350,8 @@ class WriteAheadLog:
 
     def intent(self, index: int, note: bytes) -> None:
         """Record that the updates up to ``index`` (above the previous intent) form one flush."""
-        self._write(INTENT, index, note)
+        with self._lock:
+            self._write(INTENT, index, note)
 
     def pending_intents(self) -> list[WalRecord]:
         """Intents found on open above the newest mark, in order: flushes to re-send."""
@@ -348,21 +370,23 @@ class WriteAheadLog:
 
     def compact(self) -> int:
         """Delete segments whose records are all at or below the mark; returns how many."""
-        segs = self._segments()
-        removed = 0
-        for seg, nxt in itertools.pairwise(segs):
-            first_of_next = int(nxt.stem)
-            if first_of_next - 1 <= self.mark:
-                seg.unlink()
-                removed += 1
-        if removed:
-            fsync_dir(self.dir)
-        return removed
+        with self._lock:
+            segs = self._segments()
+            removed = 0
+            for seg, nxt in itertools.pairwise(segs):
+                first_of_next = int(nxt.stem)
+                if first_of_next - 1 <= self.mark:
+                    seg.unlink()
+                    removed += 1
+            if removed:
+                fsync_dir(self.dir)
+            return removed
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def fsync_dir(path: Path) -> None:
