@@ -69,6 +69,10 @@ class Flushing:
         await line.collect_pool()
         oldest_at = line.oldest_at
         partial, index = line.take_buffer()
+        if partial.empty:  # the merge workers refused every update (logged there): nothing to
+            # publish or send; they stay above the WAL mark, so a restart merges them again
+            line.recycle(partial)
+            return
         try:
             if line.root is not None:
                 await self._root_step(line, partial, index)
