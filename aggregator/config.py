@@ -29,8 +29,8 @@ Example (a root serving one model)::
     direction = "reject"              # refuse an island update pointing against the last
     direction_min_cos = 0.0           #   merged step: cosine with -u_v below this (the
                                       #   default); "off": no check (a warning at start)
-    partial_step = "scaled"           # root: a version of fewer than buffer_k updates takes
-                                      #   that share of an outer step; "full": a whole one
+    partial_step = "scaled"           # root: a version of less work than buffer_k full rounds
+                                      #   takes that share of an outer step; "full": whole
 
     [[models]]
     model_id = "global"
@@ -104,10 +104,10 @@ class MergeConfig:
     direction: Literal["reject", "off"] = "reject"
     direction_min_cos: float = DEFAULT_MIN_COS  # honest: +0.09 and up; sign-flipped: below -0.07
     weight_by_samples: bool = False  # also weight an update by its meta "tokens"
-    # Root: a version merged from fewer than buffer_k updates (a deadline flush, a slow
-    # island's lone last round) takes count / buffer_k of an outer step ("scaled"), momentum
-    # decaying by the same share (aggregator.outer, "A partial step"); "full": every version
-    # a full step, DiLoCo's plain rule.
+    # Root: a version merging less island work than buffer_k full rounds (a deadline flush, a
+    # slow island's lone short last round; each update counts min(1, steps / every)) takes
+    # work / buffer_k of an outer step ("scaled"), momentum decaying by the same share
+    # (aggregator.outer, "A partial step"); "full": every version a full step, DiLoCo's rule.
     partial_step: Literal["scaled", "full"] = "scaled"
     engine: Literal["inline", "pool"] = "inline"  # merge in the service, or in worker processes
     max_workers: int = 2  # pool: most merge worker processes (scaled with the queue)

@@ -88,6 +88,7 @@ class Admitted:
     bound: float | None = None  # the bound it was checked against (None: unbounded or replay)
     agreement: float | None = None  # kind "delta": cosine with -u_v (None: not scored)
     reference_version: int | None = None  # the v of that u_v
+    work: float = 1.0  # kind "delta": its share of a full round (update_work)
 
     @property
     def clipped(self) -> bool:
@@ -104,7 +105,8 @@ class Admitted:
             merge_into(buffer, self.partial)
         else:
             uid = (self.sender, self.sequence)
-            accumulate(buffer, self.delta, self.weight, update_id=uid, staleness=self.staleness)
+            accumulate(buffer, self.delta, self.weight, update_id=uid, staleness=self.staleness,
+                       work=self.work)  # fmt: skip
 
     @property
     def sender(self) -> str:
@@ -160,7 +162,24 @@ def _partial_from_child(env: Envelope, arrays: dict[str, np.ndarray]) -> Partial
             f"partial aggregate from {env.header.sender}: weight_sum {weight_sum} and count "
             f"{count} must be positive"
         )
-    return PartialAggregate(weight_sum, arrays, count, max_staleness, contributors)
+    work = meta.get("work", count)  # a child from before work was counted: whole rounds
+    if not (isinstance(work, int | float) and 0 < work <= count):
+        raise MalformedError(
+            f"partial aggregate from {env.header.sender}: work {work!r} must be in (0, count "
+            f"{count}]"
+        )
+    return PartialAggregate(weight_sum, arrays, count, max_staleness, contributors,
+                            work=float(work))  # fmt: skip
+
+
+def update_work(meta: dict) -> float:
+    """An island delta's share of a full round: ``min(1, steps / every)`` from its meta (the
+    inner steps it holds, the island's steps per round), 1 when either is missing or not a
+    positive integer (an island that does not say, or a round not counted in steps)."""
+    steps, every = meta.get("steps"), meta.get("every")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (steps, every)):
+        return 1.0
+    return min(1.0, steps / every)
 
 
 def admit(
@@ -237,7 +256,7 @@ def admit(
         arrays = scale_update(arrays, scale)
     return Admitted(
         env, s, weight, delta=arrays, norm=norm, scale=scale, bound=bound, agreement=cos,
-        reference_version=reference.version if score else None,
+        reference_version=reference.version if score else None, work=update_work(h.meta),
     )  # fmt: skip
 
 

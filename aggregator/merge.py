@@ -92,6 +92,9 @@ class PartialAggregate:
     count: int = 0
     max_staleness: int = 0
     contributors: set[UpdateId] = field(default_factory=set)
+    # island work merged: each update min(1, steps / every) of a full round (1 when its meta
+    # does not say); the root takes work / buffer_k of an outer step (aggregator.root)
+    work: float = 0.0
     # Buffers of a finished partial, reused by the first delta merged here (no page faults on
     # a fresh model-sized buffer at every flush); not part of the value.
     spare: Params = field(default_factory=dict, repr=False, compare=False)
@@ -202,6 +205,7 @@ def accumulate(
     *,
     update_id: UpdateId | None = None,
     staleness: int = 0,
+    work: float = 1.0,
 ) -> PartialAggregate:
     """Add ``weight * delta`` into ``partial`` in place (float32) and return ``partial``.
 
@@ -225,6 +229,7 @@ def accumulate(
     # Sum the weights as rounded to float32, the factor each delta was really scaled by.
     partial.weight_sum += float(w)
     partial.count += 1
+    partial.work += float(work)
     partial.max_staleness = max(partial.max_staleness, int(staleness))
     if update_id is not None:
         partial.contributors.add(update_id)
@@ -258,6 +263,7 @@ def merge_into(target: PartialAggregate, source: PartialAggregate) -> PartialAgg
             np.add(target.weighted_sum[name], x, out=target.weighted_sum[name])
     target.weight_sum += source.weight_sum
     target.count += source.count
+    target.work += source.work
     target.max_staleness = max(target.max_staleness, source.max_staleness)
     target.contributors |= source.contributors
     return target

@@ -30,9 +30,10 @@ every island does; a float32 add per element in a fixed order gives the same bit
       m <- clamp(m, -phi, +phi)   (in place; applied for real)
       u  = -alpha * m
 
-**A partial step.** A version merged from fewer island updates than the root's ``buffer_k``
-(its deadline closed it, or a slow island's last short round came alone) carries a share
-``f = count / buffer_k`` of a full round's evidence. With the default ``merge.partial_step =
+**A partial step.** A version merging less island work than the root's ``buffer_k`` full
+rounds (its deadline closed it, or a slow island's last short round came alone) carries a
+share ``f = work / buffer_k`` of a full step's evidence, each island update counting
+``min(1, steps / every)`` of a round (its meta; ``aggregator.gateway.update_work``). With the default ``merge.partial_step =
 "scaled"`` the root calls ``step(theta, g, fraction=f)`` and each optimizer takes ``f`` of a
 step, as if time advanced by ``f``: Nesterov ``m <- mu^f * m + f * g``,
 ``u = -lr * f * (g + mu * m)``; SGD ``u = -lr * f * g``; CO2 ``m <- beta^f * m + f * g /

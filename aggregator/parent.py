@@ -119,6 +119,7 @@ class ParentLink:
             meta={
                 "weight_sum": float(partial.weight_sum),
                 "count": int(partial.count),
+                "work": float(partial.work),
                 "max_staleness": int(partial.max_staleness),
                 "contributors": contributors,
             },

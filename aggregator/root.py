@@ -4,14 +4,15 @@ At each flush the root turns the merged pseudo-gradient into a new version (DiLo
 Douillard et al. 2023, Algorithm 1, outer loop; CO2, Sun et al. 2024)::
 
     g      = sum_i w_i delta_i / sum_i w_i          (aggregator.merge.finalize)
-    f      = min(1, count / buffer_k)               (step_fraction; 1 with partial_step "full")
+    f      = min(1, work / buffer_k)                (step_fraction; 1 with partial_step "full")
     u_v    = outer.step(theta_{v-1}, g, f)          (Nesterov SGD by default)
     wire   = encode(u_v)                            (the configured codec)
     theta_v = theta_{v-1} + decode(wire)            (aggregator.outer.apply_update)
 
-A version merged from fewer updates than ``buffer_k`` takes that share of an outer step
-(aggregator.outer, "A partial step"), so a deadline flush or a slow island's lone last round
-does not move the model by a full step of momentum.
+A version merging less island work than ``buffer_k`` full rounds takes that share of an outer
+step (aggregator.outer, "A partial step"): ``work`` counts each island update as
+``min(1, steps / every)`` of a round (its meta), so a deadline flush or a slow island's lone
+short last round does not move the model by a full step of momentum.
 
 A merge or outer step that is not finite (a float32 overflow of large-but-finite updates)
 raises :class:`~aggregator.merge.NonFiniteMergeError`: a non-finite ``u_v`` or ``theta_v`` is
@@ -55,14 +56,15 @@ class NewVersion:
 PARTIAL_STEPS = ("scaled", "full")
 
 
-def step_fraction(count: int, buffer_k: int | None) -> float:
-    """The share of a full outer step a version merged from ``count`` island updates stands
-    for: ``count / buffer_k``, at most 1 (``buffer_k`` None: always 1)."""
-    if buffer_k is None or count >= buffer_k:
+def step_fraction(work: float, buffer_k: int | None) -> float:
+    """The share of a full outer step a version merging ``work`` rounds of island work (each
+    update ``min(1, steps / every)``) stands for: ``work / buffer_k``, at most 1
+    (``buffer_k`` None: always 1)."""
+    if buffer_k is None or work >= buffer_k:
         return 1.0
-    if count < 1:
-        raise ValueError(f"a version merges at least one update, got count {count}")
-    return count / buffer_k
+    if not work > 0:
+        raise ValueError(f"a version merges some island work, got {work}")
+    return work / buffer_k
 
 
 class RootModel:
@@ -93,7 +95,7 @@ class RootModel:
     def step(self, partial: PartialAggregate) -> NewVersion:
         """Apply the outer step for one flushed aggregate; returns the published version."""
         g = finalize(partial)  # NonFiniteMergeError before any state moves
-        fraction = step_fraction(partial.count, self.buffer_k)
+        fraction = step_fraction(partial.work, self.buffer_k)
         u = self.outer.step(self.theta, g, fraction)
         check_finite(u, f"the outer step to version {self.version + 1}")
         env = encode_update(
@@ -108,6 +110,7 @@ class RootModel:
                 "count": partial.count,
                 "weight_sum": float(partial.weight_sum),
                 "max_staleness": int(partial.max_staleness),
+                "work": float(partial.work),
                 "fraction": fraction,
                 # which island updates this version holds: an island that applied its own
                 # in-flight delta locally (eager rebase) drops it once it is in a version

@@ -369,8 +369,9 @@ class AggregatorService(
 
         uid = (admitted.sender, admitted.sequence)
         event = MergeEvent(
-            FileRef(*where), admitted.weight, uid, admitted.staleness, admitted.scale
-        )
+            FileRef(*where), admitted.weight, uid, admitted.staleness, admitted.scale,
+            admitted.work,
+        )  # fmt: skip
         line.pool.submit(event)
         line.pooled += 1
 

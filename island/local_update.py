@@ -218,6 +218,7 @@ class LocalUpdate:
         delta = pseudo_gradient(self._start, params_to_numpy(self.model))
         meta = {
             "steps": self._steps_in_round,
+            "every": self.every,  # the root counts a short round as steps / every of one
             "tokens": self._tokens_in_round,
             "round": self._round,
         }

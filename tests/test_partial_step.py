@@ -12,6 +12,7 @@ import pytest
 from aggtools import delta_bytes, hand_versions, make_federation, random_delta
 
 from aggregator.config import MergeConfig
+from aggregator.gateway import update_work
 from aggregator.merge import PartialAggregate, accumulate
 from aggregator.outer import CO2, SGD, NesterovSGD
 from aggregator.root import RootModel, step_fraction
@@ -21,6 +22,7 @@ from comms.envelope import Envelope
 from comms.errors import ConfigError
 from comms.identity import Identity
 from comms.transport import TransportClient
+from comms.update import encode_update
 
 SHAPES = {"w": (64,), "b": (8,)}
 
@@ -36,11 +38,22 @@ def _g(scale=1.0, seed=0):
 
 def test_step_fraction_is_the_share_of_buffer_k_at_most_one():
     assert step_fraction(1, 4) == 0.25
-    assert step_fraction(3, 4) == 0.75
+    assert step_fraction(3.4, 4) == pytest.approx(0.85)
     assert step_fraction(4, 4) == step_fraction(9, 4) == 1.0
     assert step_fraction(1, None) == 1.0
-    with pytest.raises(ValueError, match="at least one update"):
+    with pytest.raises(ValueError, match="some island work"):
         step_fraction(0, 4)
+
+
+@pytest.mark.parametrize(
+    "meta, work",
+    [({"steps": 20, "every": 50}, 0.4), ({"steps": 50, "every": 50}, 1.0),
+     ({"steps": 80, "every": 50}, 1.0), ({"steps": 20}, 1.0), ({}, 1.0),
+     ({"steps": 0, "every": 50}, 1.0), ({"steps": 20, "every": -5}, 1.0),
+     ({"steps": "20", "every": 50}, 1.0), ({"steps": True, "every": 2}, 1.0)],
+)  # fmt: skip
+def test_an_island_updates_work_is_its_share_of_a_round(meta, work):
+    assert update_work(meta) == pytest.approx(work)
 
 
 @pytest.mark.parametrize("make", [NesterovSGD, SGD, CO2])
@@ -158,6 +171,62 @@ async def test_a_deadline_flush_takes_its_share_of_an_outer_step_at_the_root(
     for k in want:
         np.testing.assert_allclose(line.theta[k], want[k], rtol=1e-5, atol=1e-6)
     assert not all(np.allclose(line.theta[k], other[k], rtol=1e-5, atol=1e-6) for k in want)
+
+
+def _delta_with_meta(ident, delta, sequence, base_version, meta):
+    env = encode_update(delta, codec="none", model_id="global", kind="delta",
+                        sender=ident.peer_id, sequence=sequence, base_version=base_version,
+                        meta=meta, identity=ident)  # fmt: skip
+    return env.to_bytes()
+
+
+@pytest.mark.parametrize("engine", ["inline", "pool"])
+async def test_a_short_round_counts_as_its_steps_through_a_leaf_to_the_root(tmp_path, engine):
+    """Islands push through a leaf (buffer 2) to a root (buffer_k 4). Version 1: four full
+    rounds. Version 2: one full round and a 20-of-50-step round, flushed by the deadlines:
+    work 1.4, so the root takes 1.4 / 4 of a step; its version meta says so."""
+    fed = make_federation(tmp_path, 4, aggregators=("root", "leaf0"))
+    merge = {"engine": engine, "max_workers": 1} if engine == "pool" else {}
+    root = AggregatorService(fed.config("root", "root", buffer_k=4, deadline_s=0.5, clip="off"))
+    await root.start()
+    leaf = AggregatorService(fed.config("leaf0", "leaf", parent=root.address, buffer_k=2,
+                                        deadline_s=0.5, clip="off", **merge))  # fmt: skip
+    await leaf.start()
+    d = [random_delta(fed.theta0, i) for i in range(6)]
+    full, short = {"steps": 50, "every": 50}, {"steps": 20, "every": 50}
+    try:
+        async with TransportClient(leaf.address, retries=0) as c:
+            for i, ident in enumerate(fed.islands):
+                ack = await c.push(_delta_with_meta(ident, d[i], 1, 0, full))
+                assert ack["status"] == "accepted"
+            line = root.lines["global"]
+            await _wait_for(lambda: line.version == 1)
+            for i, meta in ((0, full), (1, short)):
+                ack = await c.push(_delta_with_meta(fed.islands[i], d[4 + i], 2, 1, meta))
+                assert ack["status"] == "accepted"
+            await _wait_for(lambda: line.version == 2)
+            store = line.store
+    finally:
+        await leaf.stop()
+        await root.stop()
+    metas = [_version_meta(store.get_version(v)) for v in (1, 2)]
+    assert [(m["work"], m["fraction"]) for m in metas] == [(4.0, 1.0), (1.4, 0.35)]
+
+
+def test_a_childs_partial_with_impossible_work_is_malformed(tmp_path):
+    from aggregator.gateway import _partial_from_child
+    from comms.errors import MalformedError
+
+    ident = Identity.generate()
+    arrays = {"w": np.ones(3, np.float32)}
+    for work in (0, -1.0, 3.5, "x"):
+        env = Envelope.from_bytes(
+            encode_update(arrays, codec="none", model_id="m", kind="partial",
+                          sender=ident.peer_id, sequence=1, base_version=0, identity=ident,
+                          meta={"weight_sum": 2.0, "count": 2, "max_staleness": 0,
+                                "work": work}).to_bytes(), max_bytes=1 << 20)  # fmt: skip
+        with pytest.raises(MalformedError, match="work"):
+            _partial_from_child(env, arrays)
 
 
 def test_partial_step_is_checked_in_the_config_and_scaled_by_default():

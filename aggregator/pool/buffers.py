@@ -36,6 +36,7 @@ class _Buffer:
     def reset_tally(self) -> None:
         self.gen += 1
         self.weight_sum = 0.0
+        self.work = 0.0
         self.max_staleness = 0
         self.merged: list[_Record] = []
 
@@ -45,6 +46,7 @@ class _Buffer:
 
     def credit(self, record: _Record) -> None:
         self.weight_sum += float(np.float32(record.event.weight))  # as merge.accumulate does
+        self.work += float(record.event.work)
         self.max_staleness = max(self.max_staleness, int(record.event.staleness))
         self.merged.append(record)
 
@@ -61,6 +63,7 @@ def _sum_buffers(buffers: list[_Buffer], layout: ParamLayout) -> PartialAggregat
     out.weighted_sum = layout.views(flat)
     for buf in buffers:
         out.weight_sum += buf.weight_sum
+        out.work += buf.work
         out.max_staleness = max(out.max_staleness, buf.max_staleness)
         out.contributors.update(r.event.update_id for r in buf.merged)
         out.count += buf.count

@@ -51,6 +51,7 @@ class MergeEvent:
     update_id: UpdateId  # (sender, sequence); must match the envelope's header
     staleness: int = 0
     scale: float = 1.0  # the gateway's clip of the update's data (weight unchanged): S += w*(s*x)
+    work: float = 1.0  # the update's share of a full round (aggregator.gateway.update_work)
 
 
 def decode_with_codec(codec_spec: dict, payload: memoryview, shape: tuple[int, ...]) -> np.ndarray:
