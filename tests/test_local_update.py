@@ -82,7 +82,7 @@ def test_a_late_joiner_starts_from_the_snapshot_and_each_boundary_pushes_then_ad
         assert lu.last_outcome(timeout=10).status == "accepted"
         push = harness.handler.pushes[0]
         assert (push.header.sequence, push.header.base_version) == (1, 5)
-        assert push.header.meta == {"steps": 3, "tokens": 48, "round": 0}
+        assert push.header.meta == {"steps": 3, "every": 3, "tokens": 48, "round": 0}
         sent = decode_update(push)
         for name in theta0:
             assert sent[name].tobytes() == progress[name].tobytes()  # codec none: exact
@@ -100,7 +100,12 @@ def test_a_late_joiner_starts_from_the_snapshot_and_each_boundary_pushes_then_ad
         inner_step(model, optimizer, 20)
         lu.step()
     assert lu.last_outcome(timeout=10).status == "accepted"  # the partial round, on exit
-    assert harness.handler.pushes[-1].header.meta == {"steps": 1, "tokens": 0, "round": 2}
+    assert harness.handler.pushes[-1].header.meta == {
+        "steps": 1,
+        "every": 3,
+        "tokens": 0,
+        "round": 2,
+    }
     assert lu.stats["rounds"] == 3 and lu.stats["steps"] == 7
 
 
