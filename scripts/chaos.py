@@ -306,7 +306,7 @@ class Run:
                 run.ready = now
                 if d.role == "island":
                     run.resumed_step = resumed_step(d.child.log_path)
-            if run.first_progress is None and len(d.runs) > 1:
+            if (run.first_progress is None or run.first_ack is None) and len(d.runs) > 1:
                 self._progress(d, run)
             if d.role == "island" and run.ready is not None and d.running and now % 2 < 0.1:
                 self._note_step(d)
@@ -319,7 +319,13 @@ class Run:
     def _progress(self, d: Daemon, run: Incarnation) -> None:
         if d.role == "island":
             for a in checks.read_jsonl(Path(self.path("state", d.name, "acks.jsonl"))):
-                if a.get("status") == "accepted" and a["t"] >= run.wall_start:
+                if a["t"] < run.wall_start:
+                    continue
+                # "replayed": the push resent after the restart was held already (delivered
+                # before the kill); the island's work is in, its next round goes on
+                if a.get("status") in ("accepted", "replayed") and run.first_ack is None:
+                    run.first_ack = time.monotonic()
+                if a.get("status") == "accepted":
                     run.first_progress = time.monotonic()
                     return
         elif d.role == "root":

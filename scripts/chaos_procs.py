@@ -44,6 +44,7 @@ class Incarnation:
     rc: int | None = None
     killed: str = ""  # what the harness did to it: "kill", or "" (fault point or exit)
     first_progress: float | None = None  # island: first accepted push; root: first version
+    first_ack: float | None = None  # island: first push answered accepted or replayed
     resumed_step: int = 0
     last_step: int = 0
 

@@ -16,9 +16,9 @@ from chaos_procs import LEAVES, MODEL_ID, N_ISLANDS, find_processes
 
 def print_table(results: list[dict]) -> str:
     head = ("| scenario | passed | kills (island/leaf/root) | aimed faults fired | versions | "
-            "loss | vs baseline | goodput | restart to first push (median/max s) | "
-            "restart to first version (median/max s) | recovery after freeze/cut (s) | s |")  # fmt: skip
-    lines = [head, "|---|---|---|---|--:|--:|--:|--:|---|---|--:|--:|"]
+            "loss | vs baseline | goodput | restart to first accepted push (median/max s) | "
+            "restart to first ack, accepted or replayed (median/max s) | restart to first version (median/max s) | recovery after freeze/cut (s) | s |")  # fmt: skip
+    lines = [head, "|---|---|---|---|--:|--:|--:|--:|---|---|---|--:|--:|"]
     for r in results:
         if "not_run" in r or "kills" not in r:
             why = r.get("not_run") or "; ".join(
@@ -29,12 +29,13 @@ def print_table(results: list[dict]) -> str:
         k = r["kills"]
         vs = f"{r['loss_vs_baseline']:+.2%}" if r["loss_vs_baseline"] is not None else "-"
         p, v = r["restart_to_first_push"], r["restart_to_first_version"]
+        a = r.get("restart_to_first_ack", {"n": 0})
         rec = "-" if r.get("recovery_s") is None else r["recovery_s"]
         lines.append(
             f"| {r['scenario']} | {'yes' if r['passed'] else 'NO'} | "
             f"{k.get('island', 0)}/{k.get('leaf', 0)}/{k.get('root', 0)} | "
             f"{len(r['faults_fired'])} | {r['versions']} | {r['loss']:.4f} | {vs} | "
-            f"{r['goodput']} | {_fmt(p)} | {_fmt(v)} | {rec} | "
+            f"{r['goodput']} | {_fmt(p)} | {_fmt(a)} | {_fmt(v)} | {rec} | "
             f"{r['seconds']:.0f} |"
         )
     table = "\n".join(lines)
@@ -93,6 +94,8 @@ def figures(run, contributors: dict, acks: list[dict]) -> dict[str, Any]:
             computed += max(0, end - r.resumed_step)
     island_restart = [r.first_progress - r.start for d in run.daemons.values()
                       if d.role == "island" for r in d.runs[1:] if r.first_progress]  # fmt: skip
+    island_ack = [r.first_ack - r.start for d in run.daemons.values()
+                  if d.role == "island" for r in d.runs[1:] if r.first_ack]  # fmt: skip
     root_restart = [r.first_progress - r.start for r in run.daemons["root"].runs[1:]
                     if r.first_progress]  # fmt: skip
     ready = [r.ready - r.start for d in run.daemons.values() for r in d.runs[1:] if r.ready]
@@ -108,6 +111,7 @@ def figures(run, contributors: dict, acks: list[dict]) -> dict[str, Any]:
         "steps_in_versions": in_versions,
         "steps_computed": computed,
         "restart_to_first_push": summary(island_restart),
+        "restart_to_first_ack": summary(island_ack),
         "restart_to_first_version": summary(root_restart),
         "restart_to_ready": summary(ready),
     }
