@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import format_table, write_json  # noqa: E402
 from ensemble_training import Trained, train_compute_matched  # noqa: E402
-from frechet import frechet_distance, train_digit_classifier  # noqa: E402
+from frechet import DigitFrechet  # noqa: E402
 
 from island.workloads import Workload, get_workload  # noqa: E402
 from island.workloads.flow import model_velocity  # noqa: E402
@@ -362,20 +362,14 @@ def frechet_figures(
 ) -> dict[str, Any]:
     """Sample every method from the same noise and score it against the held-out digits; the
     floor scores as many training digits (drawn once) against the same held-out set."""
-    classifier = train_digit_classifier(
-        eval_wl.train_images, eval_wl.train_labels, plan.classifier_steps, seed
-    )
-    with torch.no_grad():
-        predicted = classifier(torch.from_numpy(eval_wl.val_images)).argmax(dim=1).numpy()
-    held_out = classifier.features(eval_wl.val_images)
+    scorer = DigitFrechet(eval_wl, plan.classifier_steps, seed)
     n = min(plan.samples or len(eval_wl.train_images), len(eval_wl.train_images))
-    floor_rows = np.random.default_rng([seed, 19]).permutation(len(eval_wl.train_images))[:n]
     shares: dict[str, list[float]] = {}
 
     def score(key: str, images: np.ndarray) -> float:
-        images = np.clip(images.reshape(len(images), -1), -1.0, 1.0)
-        shares[key] = (np.bincount(partition.assign(images), minlength=partition.k) / n).tolist()
-        return frechet_distance(classifier.features(images), held_out)
+        flat = np.clip(images.reshape(len(images), -1), -1.0, 1.0)
+        shares[key] = (np.bincount(partition.assign(flat), minlength=partition.k) / n).tolist()
+        return scorer.score(flat)
 
     def sample_model(model: nn.Module) -> np.ndarray:
         return flow_sample(model_velocity(model), n, plan.sample_steps, seed)
@@ -386,7 +380,7 @@ def frechet_figures(
         ensemble = ensemble_of("flow", trained.experts, router, rule)
         frechet[key] = score(key, ensemble.sample(n, plan.sample_steps, seed))
         calls[key] = ensemble.expert_calls / plan.sample_steps
-    frechet["floor"] = score("floor", eval_wl.train_images[floor_rows])
+    frechet["floor"] = score("floor", scorer.floor_images(n))
     experts_alone = [score(f"expert{i}", sample_model(m)) for i, m in enumerate(trained.experts)]
     return {
         "frechet": frechet,
@@ -395,7 +389,7 @@ def frechet_figures(
             "samples": n,
             "euler_steps": plan.sample_steps,
             "held_out_images": len(eval_wl.val_images),
-            "classifier_held_out_accuracy": float((predicted == eval_wl.val_labels).mean()),
+            "classifier_held_out_accuracy": scorer.held_out_accuracy(),
             "features": "penultimate layer (32 SiLU units) of a 64-128-32-10 MLP",
             "expert_calls_per_step": calls,
             "cluster_shares": shares,  # nearest-centroid cluster of each sample set

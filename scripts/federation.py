@@ -1,7 +1,8 @@
 """The main job: one command runs a whole local federation and ends with a report.
 
     python scripts/federation.py [--quick] [--islands N] [--workload bytelm|flow]
-                                 [--data PATH] [--out DIR] [--netns] [--tls]
+                                 [--experts-workload flow|bytelm] [--data PATH] [--out DIR]
+                                 [--netns] [--tls]
 
 Every participant is a separate OS process started through its own command line with a
 generated TOML config and Ed25519 key, exactly as on separate machines:
@@ -17,16 +18,21 @@ With ``--tls`` every gRPC link of the run (island to leaf, leaf to root, the lau
 reads of the root) is mutual TLS: ``aggregator tls init`` writes a CA and a certificate per
 aggregator and island into OUT/run/tls, and each daemon's config gets its ``[tls]`` section.
 
-Phases: (1) local-update: N islands train one model with overlapped, staleness-aware sync
-(DiLoCo, Douillard et al. 2023; CO2, Sun et al. 2024), one island ``slowdown`` times slower so
-staleness is real; (2) experts: the corpus is clustered into N partitions (c-BTM, Gururangan et
-al. 2023), N islands each train an expert alone (Decentralized Diffusion Models, McAllister et
-al. 2025), the router is trained, and a monolith is trained on all data with the same total
-FLOPs (one more expert-mode island on a one-cluster partition); the experts and the monolith
-all branch from phase 1's global model (``expert.init``; Branch-Train-Merge's seed phase);
-(3) ensemble: the ensemble is
-served and queried through ``router.Client`` and evaluated against the monolith. The report
-(``federation_report``) is written to OUT/report.{md,html,json}.
+Phases: (1) local-update: N islands train one model (``--workload``, default bytelm) with
+overlapped, staleness-aware sync (DiLoCo, Douillard et al. 2023; CO2, Sun et al. 2024), one
+island ``slowdown`` times slower so staleness is real; (2) experts (``--experts-workload``,
+default flow, the digits: Decentralized Diffusion Models' setting, McAllister et al. 2025,
+where the experts beat the monolith; bytelm's lose to it at this size): the data is
+clustered into N partitions (c-BTM, Gururangan et al. 2023), N islands each train an expert
+alone, the router is trained, and a monolith is trained on all data with the same total FLOPs
+(one more expert-mode island on a one-cluster partition; flow: the monolith's batch split
+across the experts by cluster size, as in DDM). Experts of phase 1's workload and their
+monolith branch from its global model (``expert.init``; Branch-Train-Merge's seed phase);
+others start from their workload's theta_0; (3) ensemble: the ensemble is served and queried
+through ``router.Client`` and evaluated against the monolith: flow samples every method from
+the same noise and scores it by Frechet distance (``federation_experts``); bytelm completes
+prompts cut from the run's held-out text. The report (``federation_report``) is written to
+OUT/report.{md,html,json}.
 
 Processes: each child runs in its own process group with ``PR_SET_PDEATHSIG`` = SIGTERM, so
 children die with the launcher even after ``kill -9``; at the end, on Ctrl+C or SIGTERM, they
@@ -48,11 +54,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from federation_plan import ExpertsPlan, make_plan
 from federation_procs import Child, FederationError, Supervisor, tail
 from federation_report import Progress, phase_summary, write_report
 
@@ -69,71 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = ".federation"
 NETNS_PREFIX = "fed"
 GLOBAL_CURVE_POINTS = 16  # versions of the global model evaluated for the report
-# --quick without --data trains on these standard-library packages only (about 1.5 MB).
-QUICK_PACKAGES = ("asyncio", "email", "xml", "http", "urllib", "json", "logging", "concurrent")
 MODEL_ID = "global"
-PROMPTS = ("import asyncio\n\nasync def ", "class HTTPServer(", "def __init__(self, ")
-
-
-@dataclass
-class Plan:
-    """Sizes of one run. The federation's bytelm is smaller than the workload's default
-    (0.8 M parameters) so that N islands and the aggregators share two cores."""
-
-    workload: str
-    model: dict[str, Any]
-    steps: int  # local-update inner steps of a full-speed island
-    every: int  # H: inner steps per round
-    slowdown: float  # the last island is this many times slower (and does steps / slowdown)
-    warmup: int
-    lr: float
-    expert_steps: int  # per expert; the monolith gets islands * expert_steps
-    router_steps: int
-    router_model: dict[str, Any]
-    partition: dict[str, Any]
-    eval_batches: int  # held-out batches of every validation loss in the run
-    deadline_s: float  # aggregator merge deadline
-    max_bytes: int  # bytes generated per prompt
-    codec: str = "int8"  # of the islands' pushes (the root publishes u_v in int8 too)
-    outer: str = "nesterov"  # the root's outer optimizer, with DiLoCo's lr and momentum
-    outer_params: dict[str, float] = field(default_factory=lambda: {"lr": 0.7, "momentum": 0.9})
-    rate_mbit: float = 10.0
-    latency_ms: float = 50.0
-    data: list[str] = field(default_factory=list)
-
-
-def quick_corpus() -> list[str]:
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [str(stdlib / p) for p in QUICK_PACKAGES if (stdlib / p).is_dir()]
-
-
-def make_plan(workload: str, quick: bool, data: list[str]) -> Plan:
-    if workload == "bytelm":
-        model = (
-            {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 8}
-            if quick
-            else {"d_model": 64, "n_layer": 2, "n_head": 4, "context": 64, "batch_size": 16}
-        )
-        model["data"] = data or (quick_corpus() if quick else [])
-        ctx = model["context"]
-        router_model = {
-            "d_model": 16 if quick else 32,
-            "n_layers": 1 if quick else 2,
-            "context": ctx,
-        }
-        part = {"svd_dims": 32, "n_init": 2, "max_features": 5000} if quick else {"n_init": 4}
-    else:
-        model = {"hidden": 64, "n_blocks": 1, "time_dim": 16} if quick else {"hidden": 128}
-        router_model, part = {}, {"n_init": 2 if quick else 4}
-    if quick:
-        return Plan(workload, model, steps=150, every=25, slowdown=2.5, warmup=20, lr=3e-3,
-                    expert_steps=150, router_steps=80, router_model=router_model,
-                    partition=part, eval_batches=2, deadline_s=1.5, max_bytes=32, data=data)  # fmt: skip
-    return Plan(workload, model, steps=800, every=50, slowdown=2.5, warmup=50, lr=3e-3,
-                expert_steps=500, router_steps=400, router_model=router_model, partition=part,
-                eval_batches=4, deadline_s=4.0, max_bytes=96, data=data)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the federation
@@ -144,13 +86,13 @@ class Federation:
         self.args, self.n = args, args.islands
         self.out = Path(args.out).resolve()
         self.run_dir = self.out / "run"
-        self.plan = make_plan(
-            args.workload, args.quick, [str(Path(args.data).resolve())] if args.data else []
-        )
+        data = [str(Path(args.data).resolve())] if args.data else []
+        self.plan = make_plan(args.workload, args.quick, data, args.experts_workload)
         self.sup = Supervisor(self.out, REPO, NETNS_PREFIX)
         self.facts: dict[str, Any] = {
             "islands": self.n,
             "workload": args.workload,
+            "experts_workload": args.experts_workload,
             "quick": args.quick,
             "tls": args.tls,
         }
@@ -366,16 +308,17 @@ class Federation:
     # ------------------------------------------------------------------ phase 2
 
     def router_config(self, k: int, name: str) -> str:
-        p = self.plan
+        ex = self.plan.experts
         experts = [self.path("experts", f"expert{i}") for i in range(self.n)]
         cfg = RouterConfig(
-            workload=WorkloadSection(p.workload, p.model),
-            partition=PartitionSection(dir=self.path(name), k=k, **p.partition),
-            router=RouterSection(dir=self.path("router"), config=p.router_model,
-                                 expert_ids=[f"expert{i}" for i in range(k)], steps=p.router_steps,
-                                 batch_size=64, eval_samples=512, key=self.path("keys", "router.pem")),
+            workload=WorkloadSection(ex.workload, ex.model),
+            partition=PartitionSection(dir=self.path(name), k=k, **ex.partition),
+            router=RouterSection(dir=self.path("router"), config=ex.router_model,
+                                 expert_ids=[f"expert{i}" for i in range(k)], steps=ex.router_steps,
+                                 batch_size=ex.router_batch, lr=ex.router_lr, eval_samples=512,
+                                 key=self.path("keys", "router.pem")),
             eval=EvalSection(experts=experts, monolith=self.path("experts", "monolith"),
-                             max_batches=p.eval_batches, output=self.path("eval.json")),
+                             max_batches=ex.eval_batches, output=self.path("eval.json")),
         )  # fmt: skip
         path = self.path("configs", f"{name}.toml")
         save_config(cfg, path)
@@ -390,22 +333,41 @@ class Federation:
         ]
         self.partitions = (configs, runs)
 
+    def expert_batches(self) -> list[int]:
+        """Each expert's batch: its cluster's share of the monolith's (flow), else the model's."""
+        from safetensors.numpy import load_file
+
+        ex = self.plan.experts
+        if not ex.batch:
+            return [ex.model["batch_size"]] * (self.n + 1)
+        from ensemble_training import split_batch
+
+        labels = load_file(str(Path(self.path("partition")) / "partition.safetensors"))["labels"]
+        return [*split_batch(ex.batch, np.bincount(labels, minlength=self.n)), ex.batch]
+
     def experts(self) -> None:
         t0 = time.perf_counter()
-        p = self.plan
+        ex = self.plan.experts
         partitions, runs = self.partitions
         for child in runs:
             child.finish(600)
         router = self.sup.start("router-train", "router", "train", partitions[0])
-        self.finish_local_update()  # writes the global model, which the experts branch from
-        seed = self.path("global.safetensors")
+        self.finish_local_update()  # writes the global model, which the experts may branch from
+        # experts of phase 1's workload branch from its global model (Branch-Train-Merge's
+        # seed phase); others start from their workload's theta_0 (seed 0)
+        branch = ex.workload == self.plan.workload
+        seed = self.path("global.safetensors") if branch else ""
+        batches = self.expert_batches()
+        mono_steps = ex.steps if ex.batch else ex.steps * self.n
         configs = []
         for i in range(self.n + 1):
             mono = i == self.n
             name = "monolith" if mono else f"expert{i}"
             cfg = self.island_config(
                 0, name=name, mode="expert", key=self.path("keys", f"{'monolith' if mono else f'island{i}'}.pem"),
-                steps=p.expert_steps * (self.n if mono else 1), slowdown=1.0, shard=0, num_shards=1,
+                workload=ex.workload, workload_config={**ex.model, "batch_size": batches[i]},
+                optim=ex.optim, eval_batches=ex.eval_batches,
+                steps=mono_steps if mono else ex.steps, slowdown=1.0, shard=0, num_shards=1,
                 metrics_file=self.path("metrics", f"{name}.jsonl"), snapshot=SnapshotConfig(),
                 expert=ExpertConfig(partition=self.path("partition_all" if mono else "partition"),
                                     cluster=0 if mono else i, output=self.path("experts", name), expert_id=name,
@@ -424,9 +386,13 @@ class Federation:
             )
             for c in configs
         ]
-        print(f"\n[2/3] experts: {self.n} clusters, {self.n} experts of {p.expert_steps} steps in "
-              f"isolation, a router, and a monolith of {self.n * p.expert_steps} steps on all data, "
-              "all branched from the global model", flush=True)  # fmt: skip
+        origin = (
+            "all branched from the global model" if branch else f"all from {ex.workload}'s theta_0"
+        )
+        print(f"\n[2/3] experts ({ex.workload}): {self.n} clusters, {self.n} experts of {ex.steps} "
+              f"steps in isolation at batches {batches[:-1]}, a router, and a monolith of "
+              f"{mono_steps} steps at batch {batches[-1]} on all data (the same FLOPs), {origin}",
+              flush=True)  # fmt: skip
         for line in runs[0].stdout:
             if line.startswith("cluster "):
                 print(f"  {line}", flush=True)
@@ -438,6 +404,10 @@ class Federation:
         labels = load_file(str(Path(self.path("partition")) / "partition.safetensors"))["labels"]
         manifest = json.loads((Path(self.path("router")) / "manifest.json").read_text())
         self.facts["experts"] = {
+            "workload": ex.workload,
+            "model": {k: v for k, v in ex.model.items() if k != "data"},
+            "branched": branch,
+            "batches": {c.name: b for c, b in zip(configs, batches, strict=True)},
             "cluster_sizes": [int(x) for x in np.bincount(labels, minlength=self.n)],
             "partition_report": [ln for ln in runs[0].stdout if ln.startswith("cluster ")],
             "router": manifest.get("extra", {}),
@@ -453,12 +423,14 @@ class Federation:
 
     def ensemble(self) -> None:
         t0 = time.perf_counter()
+        ex = self.plan.experts
         print(f"\n[3/3] ensemble: serve {self.n} experts with the router, query it, evaluate against "
               "the monolith", flush=True)  # fmt: skip
         serve = ServeConfig(
             listen="127.0.0.1:0", experts=[self.path("experts", f"expert{i}") for i in range(self.n)],
             router=self.path("router"), rule="top1", roster=self.path("roster.json"),
-            limits=LimitsConfig(request_timeout=300.0),
+            limits=LimitsConfig(request_timeout=300.0, max_samples=max(64, ex.samples),
+                                max_steps=max(200, ex.sample_steps)),
         )  # fmt: skip
         save_config(serve, self.path("configs", "serve.toml"))
         server = self.sup.start(
@@ -466,16 +438,40 @@ class Federation:
         )
         evaluation = self.sup.start("router-eval", "router", "eval", self.router_config_path)
         url = server.wait_line("router serving", 300).rsplit(" ", 1)[1]
-        samples = query_ensemble(url, self.plan, self.out)
+        facts: dict[str, Any] = {"url": url}
+        if ex.workload == "flow":
+            facts.update(self.flow_samples(url))
+        else:
+            facts["samples"] = query_prompts(url, ex)
         evaluation.finish(900)
         server.stop(20)
-        self.facts["ensemble"] = {
-            "url": url,
-            "samples": samples,
-            "eval": json.loads(Path(self.path("eval.json")).read_text()),
-            "seconds": time.perf_counter() - t0,
-        }
+        facts["eval"] = json.loads(Path(self.path("eval.json")).read_text())
+        facts["seconds"] = time.perf_counter() - t0
+        self.facts["ensemble"] = facts
         print(phase_summary(self.facts, "ensemble"), flush=True)
+
+    def flow_samples(self, url: str) -> dict[str, Any]:
+        """Every method's samples from the same noise (the ensemble's through ``router.Client``),
+        their Frechet distances, and the router's accuracy by noise level."""
+        from federation_experts import flow_quality, sample_all, save_grid
+
+        from router import Client
+
+        ex = self.plan.experts
+        roster = Roster.load(self.path("roster.json"))
+        experts = [self.path("experts", f"expert{i}") for i in range(self.n)]
+        sets = sample_all(Client(url, timeout=300), experts, self.path("experts", "monolith"),
+                          ex.samples, ex.sample_steps, seed=0, roster=roster)  # fmt: skip
+        rows = save_grid(sets, self.out / "samples.npz")
+        quality = flow_quality(sets, ex.model, self.path("router"), self.path("partition"),
+                               ex.classifier_steps, samples_per_band=max(256, ex.samples // 2),
+                               seed=0, roster=roster)  # fmt: skip
+        fd = quality["frechet"]
+        print(f"  {quality['samples']} samples per method ({ex.sample_steps} Euler steps, the same "
+              f"noise); Frechet distance to the held-out digits: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in fd.items()), flush=True)  # fmt: skip
+        return {"flow": quality, "samples": [{"grid": "samples.npz", "rows": rows,
+                                              "steps": ex.sample_steps, "seed": 0}]}  # fmt: skip
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -536,22 +532,18 @@ def watch(children: list[Child], metrics: list[str], total: int, label: str) -> 
     bar.close()
 
 
-def query_ensemble(url: str, plan: Plan, out: Path) -> list[dict[str, Any]]:
-    """Prompts (bytelm) or a sample grid (flow) through ``router.Client``; printed as they come."""
+def query_prompts(url: str, ex: ExpertsPlan) -> list[dict[str, Any]]:
+    """bytelm: prompts cut from the run's held-out text, completed through ``router.Client``
+    and printed as they come."""
+    from federation_experts import held_out_prompts
+
     from router import Client
 
     client = Client(url, timeout=300)
-    if plan.workload == "flow":
-        png = client.sample(n=16, steps=30, seed=0, format="png")
-        images = client.sample(n=16, steps=30, seed=0)
-        (out / "samples.png").write_bytes(png)
-        print(f"  16 samples (30 Euler steps, top1 re-routed per step) -> {out / 'samples.png'}")
-        return [{"grid_png": "samples.png", "n": 16, "steps": 30, "mean": float(images.mean()),
-                 "std": float(images.std())}]  # fmt: skip
     samples = []
-    for prompt in PROMPTS:
+    for prompt in held_out_prompts(ex.model):
         print(f"  prompt {prompt!r}:", flush=True)
-        with client.generate_stream(prompt, max_bytes=plan.max_bytes, temperature=0.8, seed=0) as s:
+        with client.generate_stream(prompt, max_bytes=ex.max_bytes, temperature=0.8, seed=0) as s:
             text = "".join(piece.text for piece in s)
             result = s.result
         print("  " + (prompt + text).replace("\n", "\n  "), flush=True)
@@ -633,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model, few steps (about a minute)")
     p.add_argument("--islands", type=int, default=4, help="islands (and experts); default 4")
     p.add_argument("--workload", choices=["bytelm", "flow"], default="bytelm")
+    p.add_argument("--experts-workload", choices=["flow", "bytelm"], default="flow",
+                   help="phase 2's experts, router and monolith: flow (the digits, where the "
+                        "experts beat the monolith; the default) or bytelm")  # fmt: skip
     p.add_argument("--data", help="bytelm: a text file or folder (default: the Python stdlib)")
     p.add_argument("--out", default="runs/federation", help="output directory (cleared first)")
     p.add_argument("--netns", action="store_true",
@@ -654,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.islands < 2:
         print("federation: --islands must be at least 2", file=sys.stderr)
         return 2
-    if args.workload == "flow" and args.data:
+    if args.data and "bytelm" not in (args.workload, args.experts_workload):
         print("federation: --data is for bytelm (flow uses the bundled digits)", file=sys.stderr)
         return 2
     if args.netns:

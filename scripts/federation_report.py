@@ -132,6 +132,10 @@ def experts_figures(facts: dict[str, Any]) -> dict[str, Any]:
     ex = facts["experts"]
     router = ex["router"]
     return {
+        "workload": ex.get("workload", facts["workload"]),
+        "model": ex.get("model"),
+        "branched_from_global": ex.get("branched", True),
+        "batches": ex.get("batches"),
         "cluster_sizes": ex["cluster_sizes"],
         "partition": ex["partition_report"],
         "router_accuracy": router.get("held_out_accuracy"),
@@ -146,7 +150,9 @@ def experts_figures(facts: dict[str, Any]) -> dict[str, Any]:
 def ensemble_figures(facts: dict[str, Any]) -> dict[str, Any]:
     en = facts["ensemble"]
     losses = en["eval"]["losses"]
-    return {
+    figures = {
+        "loss_unit": "flow-matching MSE per pixel" if en["eval"].get("workload") == "flow"
+        else "nats per byte",
         "monolith_loss": losses.get("monolith"),
         "full_loss": losses.get("ensemble full"),
         "top2_loss": losses.get("ensemble top_k:2"),
@@ -156,7 +162,49 @@ def ensemble_figures(facts: dict[str, Any]) -> dict[str, Any]:
         },
         "samples": en["samples"],
         "seconds": en["seconds"],
-    }
+    }  # fmt: skip
+    if "flow" in en:
+        flow = en["flow"]
+        figures["frechet"] = flow["frechet"]
+        figures["frechet_detail"] = {
+            k: v for k, v in flow.items() if k not in ("frechet", "router_accuracy_by_noise")
+        }
+        figures["router_accuracy_by_noise"] = flow["router_accuracy_by_noise"]
+    figures["verdict"] = experts_verdict(figures)
+    return figures
+
+
+RULE_NAMES = {"full": "full", "top2": "top-2", "top1": "top-1"}
+
+
+def experts_verdict(en: dict[str, Any]) -> dict[str, Any] | None:
+    """Which is better, the ensemble's best sparse rule (top-1 or top-2) or the monolith:
+    by Frechet distance where there are samples (flow), else by held-out loss (lower wins)."""
+    if "frechet" in en:
+        measure, scores, digits = "FD", en["frechet"], 1
+    else:
+        measure, digits = "loss", 3
+        scores = {k: en[f"{k}_loss"] for k in ("monolith", "full", "top2", "top1")}
+    sparse = [k for k in ("top2", "top1") if finite(scores.get(k))]
+    if not sparse or not finite(scores.get("monolith")):
+        return None
+    rule = min(sparse, key=scores.get)
+    best, mono = scores[rule], scores["monolith"]
+    sign, outcome = (
+        ("<", "the ensemble wins")
+        if best < mono
+        else (">", "the monolith wins")
+        if best > mono
+        else ("=", "a tie")
+    )
+    others = [f"{RULE_NAMES[k]} {scores[k]:.{digits}f}" for k in ("full", "top2", "top1")
+              if k != rule and finite(scores.get(k))]  # fmt: skip
+    text = (
+        f"ensemble {RULE_NAMES[rule]} {measure} {best:.{digits}f} {sign} monolith "
+        f"{mono:.{digits}f}: {outcome}" + (f" ({', '.join(others)})" if others else "")
+    )
+    return {"measure": measure, "rule": rule, "ensemble": best, "monolith": mono,
+            "ensemble_wins": bool(best < mono), "text": text}  # fmt: skip
 
 
 def summarize(facts: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +212,7 @@ def summarize(facts: dict[str, Any]) -> dict[str, Any]:
     return {
         "islands": facts["islands"],
         "workload": facts["workload"],
+        "experts_workload": facts.get("experts_workload", facts["workload"]),
         "quick": facts["quick"],
         "model": facts["plan"]["model"],
         "local_update": local_update_figures(facts),
@@ -194,9 +243,11 @@ def phase_summary(facts: dict[str, Any], phase: str) -> str:
             f"{f['seconds']:.0f} s"
         )
     f = ensemble_figures(facts)
+    verdict = f"; {f['verdict']['text']}" if f["verdict"] else ""
     return (
         f"ensemble done: held-out loss full {loss(f['full_loss'])}, top2 {loss(f['top2_loss'])}, "
-        f"top1 {loss(f['top1_loss'])} vs monolith {loss(f['monolith_loss'])}; {f['seconds']:.0f} s"
+        f"top1 {loss(f['top1_loss'])} vs monolith {loss(f['monolith_loss'])}{verdict}; "
+        f"{f['seconds']:.0f} s"
     )
 
 
@@ -244,6 +295,7 @@ def headline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             "staleness mean / max",
             f"{st['mean']:.2f} / {st['max']}" if st["mean"] is not None else "-",
         ),
+        ("experts", experts_text(r)),
         ("expert cluster sizes", " ".join(str(s) for s in ex["cluster_sizes"])),
         (
             "router held-out accuracy",
@@ -252,16 +304,47 @@ def headline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             else "-",
         ),
         (
-            "ensemble loss full / top2 / top1",
+            f"ensemble loss full / top2 / top1 ({en['loss_unit']})",
             f"{loss(en['full_loss'])} / {loss(en['top2_loss'])} / {loss(en['top1_loss'])}",
         ),
         ("monolith loss (same FLOPs)", loss(en["monolith_loss"])),
+        *frechet_rows(en),
+        ("experts vs monolith", en["verdict"]["text"] if en["verdict"] else "-"),
         (
             "wall time",
             f"{r['wall_seconds']:.0f} s (phases {lu['seconds']:.0f} / "
             f"{ex['seconds']:.0f} / {en['seconds']:.0f} s)",
         ),
     ]
+
+
+def experts_text(r: dict[str, Any]) -> str:
+    ex = r["experts"]
+    origin = "branched from the global model" if ex["branched_from_global"] else "from theta_0"
+    return f"{len(ex['cluster_sizes'])} x {ex['workload']}, trained alone, {origin}"
+
+
+def batches_text(batches: dict[str, int] | None) -> str:
+    """``experts 13 18 16 17, monolith 64``: per-step batches (the monolith sees all data)."""
+    if not batches:
+        return "-"
+    experts = " ".join(str(b) for name, b in batches.items() if name != "monolith")
+    return f"experts {experts}, monolith {batches.get('monolith')}"
+
+
+def frechet_rows(en: dict[str, Any]) -> list[tuple[str, str]]:
+    if "frechet" not in en:
+        return []
+    fd = en["frechet"]
+    keys = ("monolith", "full", "top2", "top1")
+    return [
+        (
+            "Frechet distance monolith / full / top2 / top1",
+            " / ".join(f"{fd[k]:.1f}" for k in keys) + f" (floor {fd['floor']:.1f})",
+        ),
+        ("Frechet distance of each expert alone",
+         " ".join(f"{v:.1f}" for k, v in fd.items() if k.startswith("expert"))),
+    ]  # fmt: skip
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:
@@ -366,10 +449,77 @@ def plot_staleness(r: dict[str, Any]) -> bytes:
     return _png(plt, fig)
 
 
-def make_plots(facts: dict[str, Any], r: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+SAMPLE_ROW_NAMES = {"monolith": "monolith", "full": "ensemble full", "top2": "ensemble top-2",
+                    "top1": "ensemble top-1"}  # fmt: skip
+
+
+def plot_sample_grid(grid: dict[str, np.ndarray], frechet: dict[str, float]) -> bytes:
+    """One row of samples per method (the same noise in every column), its FD at the left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(grid)
+    cols, pad = max(len(v) for v in grid.values()), 1
+    cell = 8 + pad
+    canvas = np.full((len(names) * cell + pad, cols * cell + pad), -1.0, np.float32)
+    for r, name in enumerate(names):
+        for c, image in enumerate(np.clip(np.nan_to_num(grid[name]), -1, 1)):
+            canvas[pad + r * cell : pad + r * cell + 8, pad + c * cell : pad + c * cell + 8] = image
+    fig, ax = plt.subplots(figsize=(8.0, 6.4 * canvas.shape[0] / canvas.shape[1] + 0.5), dpi=100)
+    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    labels = [f"{SAMPLE_ROW_NAMES.get(n, n + ' alone')}  FD {frechet[n]:.1f}" for n in names]
+    ax.set_yticks([pad + r * cell + 3.5 for r in range(len(names))], labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title("Samples at the same seeds (each column: one initial noise)", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")  # room for the row labels
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_frechet(en: dict[str, Any]) -> bytes:
+    fd = en["frechet"]
+    names = [n for n in fd if n != "floor"]
+    return plot_bars([SAMPLE_ROW_NAMES.get(n, n).replace("ensemble ", "") for n in names],
+                     [fd[n] for n in names], f"Frechet distance, lower is better (dashed: floor "
+                     f"{fd['floor']:.1f})", "Frechet distance to held-out digits",
+                     hline=fd["floor"])  # fmt: skip
+
+
+def plot_router_noise(en: dict[str, Any], k: int) -> bytes:
+    plt, fig, ax = _figure()
+    bands = en["router_accuracy_by_noise"]
+    ax.plot([(lo + hi) / 2 for lo, hi, _ in bands], [a for _, _, a in bands], marker="o")
+    ax.axhline(1 / k, color="gray", linestyle="--", linewidth=1, label=f"chance 1/{k}")
+    ax.set(xlabel="t (0: pure noise, 1: data)", ylabel="held-out accuracy", ylim=(0, 1.05),
+           title="Router accuracy by noise level of x_t")  # fmt: skip
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def load_grid(out: Path, en: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    grids = [s["grid"] for s in en["samples"] if "grid" in s]
+    if not grids or not (out / grids[0]).exists():
+        return None
+    with np.load(out / grids[0]) as data:
+        return {name: data[name] for name in data.files}
+
+
+def make_plots(
+    facts: dict[str, Any], r: dict[str, Any], out: Path | None = None
+) -> dict[str, tuple[str, bytes]]:
     lu, ex, en = r["local_update"], r["experts"], r["ensemble"]
     k = len(ex["cluster_sizes"])
-    plots = {
+    plots: dict[str, tuple[str, bytes]] = {}
+    grid = load_grid(out, en) if out is not None and "frechet" in en else None
+    if grid:
+        plots["samples"] = (SAMPLES_TITLE, plot_sample_grid(grid, en["frechet"]))
+    if "frechet" in en:
+        plots["frechet"] = ("Frechet distance of each method", plot_frechet(en))
+        plots["router_noise"] = ("Router accuracy by noise level", plot_router_noise(en, k))
+    plots |= {
         "val_loss": ("Validation loss over time", plot_val_loss(facts)),
         "bytes": ("Bytes sent vs synchronous data-parallel", plot_bytes(r)),
         "utilization": ("Compute utilization per island", plot_bars(
@@ -404,7 +554,7 @@ def make_plots(facts: dict[str, Any], r: dict[str, Any]) -> dict[str, tuple[str,
             [n for n, _ in names],
             [v for _, v in names],
             "Held-out loss: monolith, ensemble rules, single experts",
-            "loss",
+            f"loss ({en['loss_unit']})",
         ),
     )
     return plots
@@ -412,7 +562,18 @@ def make_plots(facts: dict[str, Any], r: dict[str, Any]) -> dict[str, tuple[str,
 
 # --------------------------------------------------------------------------- documents
 
+SAMPLES_TITLE = "Samples: monolith, ensemble under each rule, each expert alone"
 CAPTIONS = {
+    "samples": "Each row samples from the same initial noise per column, with the same Euler "
+    "steps: the compute-matched monolith, the served ensemble under each rule (through "
+    "router.Client, the router re-applied at every step), and each expert alone. FD: Frechet "
+    "distance of the row's full sample set to the held-out digits.",
+    "frechet": "Frechet distance (the FID formula) to the held-out digits in the features of a "
+    "small digit classifier trained on the training digits; the floor is as many training "
+    "digits scored the same way, what a perfect sampler would reach.",
+    "router_noise": "Share of held-out (x_t, t) whose most likely expert is the image's cluster, "
+    "per band of t. Near t = 0 x_t is mostly noise, so the router falls to chance there and "
+    "the ensemble mixes its experts.",
     "val_loss": "Black: the global model theta_v, rebuilt from theta_0 and the versions the root "
     "published, at the time the root published it. Colours: each island's model at its round "
     "boundaries (the newest version it holds, plus its own deltas still in flight).",
@@ -421,7 +582,8 @@ CAPTIONS = {
     "utilization": "Time in forward, backward and optimizer over wall time (evaluation "
     "excluded); the slow island's emulated slowness counts as compute.",
     "staleness": "s = v_now - base version of every accepted push, from the islands' logs.",
-    "ensemble": "Held-out loss (router eval): the monolith trained on all data with the same "
+    "ensemble": "Held-out loss (router eval; flow: flow-matching MSE per pixel at fixed noise "
+    "draws, bytelm: nats per byte): the monolith trained on all data with the same "
     "total FLOPs as the experts together; the ensemble under each rule; each expert alone.",
 }
 
@@ -429,12 +591,13 @@ CAPTIONS = {
 def samples_markdown(r: dict[str, Any]) -> list[str]:
     lines = []
     for s in r["ensemble"]["samples"]:
-        if "grid_png" in s:
-            lines += [f"![samples]({s['grid_png']})", ""]
+        if "grid" in s:
+            lines += [f"The first figure (seed {s['seed']}, {s['steps']} Euler steps; rows "
+                      f"{', '.join(s['rows'])}).", ""]  # fmt: skip
             continue
         counts = ", ".join(f"{k}: {v}" for k, v in s["expert_counts"].items())
-        lines += [f"Prompt `{s['prompt']!r}` (bytes per top expert: {counts}):", "", "```",
-                  s["prompt"] + s["completion"], "```", ""]  # fmt: skip
+        lines += [f"Prompt `{s['prompt']!r}`, cut from the held-out text (bytes per top expert: "
+                  f"{counts}):", "", "```", s["prompt"] + s["completion"], "```", ""]  # fmt: skip
     return lines
 
 
@@ -451,7 +614,9 @@ def render_markdown(r: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> s
         f"Links: {lu['link']['rate_mbit']:g} Mbit/s, {lu['link']['latency_ms']:g} ms "
         f"({lu['link']['shaper']}); H = {lu['every']} inner steps per round; outer optimizer "
         f"{lu['outer']}; island slowdowns "
-        f"{lu['slowdown']}. Every figure below was measured in this run.", "",
+        f"{lu['slowdown']}. Experts: {experts_text(r)}, model config "
+        f"`{json.dumps(r['experts']['model'])}`, batches {batches_text(r['experts']['batches'])}. Every figure below was measured "
+        "in this run.", "",
         "## Headline", "", "| figure | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in headline_rows(r)), "",
     ]  # fmt: skip
@@ -460,7 +625,7 @@ def render_markdown(r: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> s
         if key in CAPTIONS:
             lines += [CAPTIONS[key], ""]
     lines += ["## Partition", "", "```", *r["experts"]["partition"], "```", ""]
-    lines += ["## Samples from the served ensemble (top1, re-routed per step)", ""]
+    lines += ["## Samples from the served ensemble", ""]
     lines += samples_markdown(r)
     return "\n".join(lines)
 
@@ -519,7 +684,7 @@ def write_report(out: Path, facts: dict[str, Any]) -> dict[str, Any]:
     printed headline table under ``headline``."""
     out = Path(out)
     r = summarize(facts)
-    plots = make_plots(facts, r)
+    plots = make_plots(facts, r, out)
     (out / "plots").mkdir(exist_ok=True)
     for key, (_, data) in plots.items():
         (out / "plots" / f"{key}.png").write_bytes(data)

@@ -56,3 +56,32 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         root = scipy.linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     root = np.real(root)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * root))
+
+
+class DigitFrechet:
+    """Frechet distances to a flow workload's held-out digits, in the features of a
+    ``DigitClassifier`` trained on its training digits; ``floor_images(n)`` draws ``n``
+    training digits (once, from ``seed``), whose distance is the floor a perfect sampler
+    would reach with as many samples."""
+
+    def __init__(self, workload, classifier_steps: int, seed: int):
+        self.workload, self.seed = workload, seed
+        self.classifier = train_digit_classifier(
+            workload.train_images, workload.train_labels, classifier_steps, seed
+        )
+        self.held_out = self.classifier.features(workload.val_images)
+
+    def held_out_accuracy(self) -> float:
+        with torch.no_grad():
+            logits = self.classifier(torch.from_numpy(self.workload.val_images))
+        return float((logits.argmax(dim=1).numpy() == self.workload.val_labels).mean())
+
+    def score(self, images: np.ndarray) -> float:
+        """The distance of ``images`` (n, 8, 8) or (n, 64), clipped to [-1, 1]."""
+        images = np.clip(np.asarray(images).reshape(len(images), -1), -1.0, 1.0)
+        return frechet_distance(self.classifier.features(images), self.held_out)
+
+    def floor_images(self, n: int) -> np.ndarray:
+        train = self.workload.train_images
+        rows = np.random.default_rng([self.seed, 19]).permutation(len(train))[:n]
+        return train[rows]
