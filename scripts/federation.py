@@ -464,7 +464,7 @@ class Federation:
                           ex.samples, ex.sample_steps, seed=0, roster=roster)  # fmt: skip
         rows = save_grid(sets, self.out / "samples.npz")
         quality = flow_quality(sets, ex.model, self.path("router"), self.path("partition"),
-                               ex.classifier_steps, samples_per_band=max(256, ex.samples // 2),
+                               ex.classifier_steps, samples_per_band=max(128, ex.samples // 2),
                                seed=0, roster=roster)  # fmt: skip
         fd = quality["frechet"]
         print(f"  {quality['samples']} samples per method ({ex.sample_steps} Euler steps, the same "

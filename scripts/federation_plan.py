@@ -103,14 +103,14 @@ def experts_plan(workload: str, quick: bool, model: dict[str, Any], lr: float) -
                            router_batch=64, router_lr=1e-3, partition=part,
                            eval_batches=2 if quick else 4, max_bytes=32 if quick else 96)  # fmt: skip
     # flow: bench_ensemble's flow plan (AdamW 1e-3, weight decay 0.01, 5% warmup, cosine to 10%)
-    steps = 200 if quick else 800
+    steps = 120 if quick else 800
     optim = OptimConfig(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.999], schedule="cosine",
                         warmup_steps=max(1, steps // 20), min_lr_ratio=0.1)  # fmt: skip
     if quick:
         return ExpertsPlan("flow", model, steps=steps, batch=64, optim=optim,
                            router_model={"hidden": 32, "depth": 2}, router_steps=40,
                            router_batch=64, router_lr=2e-3, partition={"n_init": 2},
-                           eval_batches=2, samples=200, sample_steps=10, classifier_steps=150)  # fmt: skip
+                           eval_batches=2, samples=200, sample_steps=10, classifier_steps=100)  # fmt: skip
     return ExpertsPlan("flow", model, steps=steps, batch=256, optim=optim,
                        router_model={"hidden": 128, "depth": 3}, router_steps=2500,
                        router_batch=256, router_lr=2e-3, partition={"n_init": 4},

@@ -2,13 +2,17 @@
 
 ``write_report(out, facts)`` turns the facts ``scripts/federation.py`` collected (island round
 records, exit summaries and logs, the root's final model, the partition, the router's
-manifest, ``router eval``'s losses, the ensemble's answers) into:
+manifest, ``router eval``'s losses, the ensemble's answers; for flow experts the samples of
+every method at the same seeds, in ``OUT/samples.npz``, their Frechet distances and the
+router's accuracy by noise level) into:
 
 - ``OUT/report.json``: the headline figures (``islands``, ``local_update``, ``experts``,
   ``ensemble``, ``wall_seconds``) for other tools;
 - ``OUT/report.md`` with the plots as PNG files in ``OUT/plots/``, and ``OUT/report.html``,
   self-contained (the same PNGs embedded as base64);
-- a short headline table (returned as text; the launcher prints it).
+- a short headline table (returned as text; the launcher prints it), whose "experts vs
+  monolith" row says which is better (``experts_verdict``: the ensemble's best sparse rule
+  against the monolith, by Frechet distance for flow, by held-out loss for bytelm).
 
 What synchronous data-parallel training would have sent: a ring all-reduce of fp32 gradients
 every step moves ``2 (N - 1) / N * 4 * params`` bytes per island per step (Patarasuk & Yuan
