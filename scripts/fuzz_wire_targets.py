@@ -50,7 +50,8 @@ def _delta(seed: int) -> dict[str, np.ndarray]:
 
 
 CODEC_SPECS = ("none", "fp16", "bf16", {"name": "int8", "block": 8}, {"name": "int4", "block": 4},
-               {"name": "topk", "fraction": 0.25})  # fmt: skip
+               {"name": "topk", "fraction": 0.25},
+               {"name": "sparse2", "density": 0.25, "chunk": 8})  # fmt: skip
 PARTIAL_META = {"weight_sum": 2.5, "count": 3, "max_staleness": 1,
                 "contributors": [["island-a", 1], ["island-b", 7]]}  # fmt: skip
 
@@ -128,10 +129,12 @@ def _tensor_edit(rng: random.Random, spec: dict) -> None:
             spec["shape"] = rng.choice(([], [0], [10**12], [2**32, 2**32], [1] * 65))
     elif key == "codec" and isinstance(spec.get("codec"), dict):
         codec = spec["codec"]
-        param = rng.choice(("name", "block", "fraction", "extra"))
+        param = rng.choice(("name", "block", "fraction", "density", "chunk", "extra"))
         codec[param] = interesting_value(rng, "msgpack")
         if rng.random() < 0.5:  # a plausible one, to reach the codec's own checks
-            codec[param] = rng.choice(("int8", "int4", "topk", 2, 3, 2**20, 1e-12, 1.0))
+            codec[param] = rng.choice(
+                ("int8", "int4", "topk", "sparse2", 1, 2, 3, 2**16, 2**20, 1e-12, 1.0)
+            )
     else:
         spec[key] = interesting_value(rng, "msgpack")
 
@@ -232,7 +235,7 @@ def wal_record_seeds() -> list[bytes]:
     from aggregator.gateway import wal_record
 
     out = []
-    for i, env in enumerate(envelope_seeds()[:7]):
+    for i, env in enumerate(envelope_seeds()[:-1]):  # the signed ones
         # every other record clipped (scale < 1, norm logged), as the norm bound logs them
         admitted = SimpleNamespace(staleness=i % 3, weight=1.0 / math.sqrt(1 + i % 3),
                                    partial=None, norm=2.0 + i, scale=(1.0, 0.25)[i % 2])  # fmt: skip
@@ -360,7 +363,7 @@ def codec_seeds() -> list[bytes]:
     out = []
     for i, spec in enumerate(CODEC_SPECS):
         codec = get_codec(spec)
-        shape = [(5,), (3, 7), (64,), (2, 2, 9), (0,), ()][i]
+        shape = [(5,), (3, 7), (64,), (2, 2, 9), (0,), (), (5, 7)][i]
         x = np.random.default_rng(i).standard_normal(shape).astype(np.float32)
         out.append(msgpack.packb([codec.spec(), list(shape), codec.encode(x)], use_bin_type=True))
     return out

@@ -30,8 +30,11 @@ ALL_CODECS = [get_codec(name) for name in REQUIRED_CODECS] + [
     get_codec("int4", block=256),
     get_codec("topk", fraction=0.25),
     get_codec("topk", fraction=1.0),
+    get_codec("sparse2", density=0.3, chunk=64),
+    get_codec("sparse2", density=1.0, chunk=7),
 ]
-LOSSY_FOR_EF = ["int8", "int4", "topk"]
+LOSSY_FOR_EF = ["int8", "int4", "topk", "sparse2"]
+EF_PARAMS = {"topk": {"fraction": 0.05}, "sparse2": {"density": 0.05, "chunk": 128}}
 
 
 def codec_id(codec: Codec) -> str:
@@ -130,6 +133,7 @@ def test_relative_errors_on_gaussian_data() -> None:
     assert 0.004 < rel("int8") < 0.01
     assert 0.05 < rel("int4") < 0.13
     assert rel("topk", fraction=1.0) == 0.0
+    assert 0.9 < rel("sparse2") < 0.95  # 2% of the entries, 2 bits each
 
 
 def test_payload_sizes() -> None:
@@ -143,6 +147,8 @@ def test_payload_sizes() -> None:
     assert get_codec("topk").encoded_nbytes(n) == 8 * 10
     assert get_codec("topk").encoded_nbytes(10) == 8  # at least one element
     assert get_codec("topk").encoded_nbytes(0) == 0
+    assert get_codec("sparse2").encoded_nbytes(n) == 8 + 2 * 20 + 5  # one chunk, 20 kept
+    assert get_codec("sparse2").encoded_nbytes(1 << 20) == 256 * 8 + 256 * 82 * 9 // 4
 
 
 def test_int8_hand_computed_block() -> None:
@@ -237,7 +243,7 @@ def test_wrong_payload_size_rejected(codec: Codec) -> None:
 def crafted(codec: Codec, numel: int, scale: float) -> bytes:
     """A payload of the right size whose first scale (or value) is ``scale``."""
     raw = bytearray(codec.encode(np.ones(numel, dtype=np.float32)))
-    if codec.name in ("none", "topk", "int8", "int4"):
+    if codec.name in ("none", "topk", "int8", "int4", "sparse2"):
         offset = 4 * codec.num_kept(numel) if codec.name == "topk" else 0
         raw[offset : offset + 4] = np.float32(scale).tobytes()
     else:  # fp16 / bf16: overwrite the first value with the format's own NaN/Inf
@@ -377,7 +383,7 @@ def test_top_k_indices_exact_when_the_sample_misleads() -> None:
 
 @pytest.mark.parametrize("name", LOSSY_FOR_EF)
 def test_error_feedback_conserves_the_sum(name: str) -> None:
-    codec = get_codec(name, fraction=0.05) if name == "topk" else get_codec(name, block=32)
+    codec = get_codec(name, **EF_PARAMS.get(name, {"block": 32}))
     rng = np.random.default_rng(7)
     ef = ErrorFeedback()
     shapes = {"w": (20, 30), "b": (30,), "s": ()}
@@ -430,7 +436,7 @@ def test_error_feedback_state_unchanged_on_bad_input() -> None:
         ef.compress("p", np.ones(99, dtype=np.float32), codec)
 
 
-@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8", "int4", "topk"])
+@pytest.mark.parametrize("name", REQUIRED_CODECS)
 def test_validate_agrees_with_decode(name):
     from comms.codecs import get_codec as _get
 
@@ -440,7 +446,7 @@ def test_validate_agrees_with_decode(name):
     codec.validate(payload, x.shape)  # a valid payload passes
     with pytest.raises(MalformedError):
         codec.validate(payload[:-1], x.shape)
-    if name in ("none", "fp16", "int8", "int4"):
+    if name in ("none", "fp16", "int8", "int4", "sparse2"):
         bad = bytearray(payload)
         nan = {"none": np.float32(np.nan).tobytes(), "fp16": np.float16(np.nan).tobytes()}
         bad[: 4 if name != "fp16" else 2] = nan.get(name, np.float32(np.inf).tobytes())

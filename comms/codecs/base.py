@@ -25,7 +25,7 @@ _FLT_MAX = float(np.finfo(np.float32).max)
 _CHUNK_ELEMS = 1 << 17
 
 
-REQUIRED_CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk")
+REQUIRED_CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk", "sparse2")
 
 
 def as_float_array(x: Any, codec_name: str = "codec") -> np.ndarray:
