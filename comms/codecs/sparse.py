@@ -4,10 +4,10 @@ The pseudo-gradient compressor of SparseLoCo (Sarfi, Thérien, Lidin, Belilovsky
 "Communication Efficient LLM Pre-training with SparseLoCo", arXiv:2508.15706, 2025): top-k
 chosen per chunk of the flattened tensor (so an index is an offset within its chunk and stays
 small), each kept value quantized to 2 bits, and error feedback on the sender so what is not
-sent this round is sent later. What is taken from the paper: chunk-wise top-k with chunks of
-4096 entries, density 1-3%, 2-bit values, a residual kept by each sender. The paper's error
-feedback decays its residual (``e <- beta * e + delta``); here ``ErrorFeedback`` keeps it
-whole (``beta = 1``). The 2-bit scheme below is this codec's own.
+sent this round is sent later. What is taken from the paper: top-k chosen per chunk, density
+1-3%, 2-bit values, a residual kept by each sender. The paper's error feedback decays its
+residual (``e <- beta * e + delta``); here ``ErrorFeedback`` keeps it whole (``beta = 1``).
+The chunk of 4096 entries is this codec's default, and the 2-bit scheme below is its own.
 
 Selection. The flattened tensor is cut into chunks of ``chunk`` entries (the last may be
 short). A chunk of ``L`` entries keeps its ``k(L) = ceil(density * L)`` largest ``|x|``
@@ -25,19 +25,18 @@ hi / 3``. On Gaussian chunks at density 0.02 (``lo`` about 2.3 sigma, ``hi`` abo
 that is about 0.37 sigma against 0.95 and 1.27 sigma; the relative L2 error on the kept
 entries is about 9%. Decoding is a table lookup, with no arithmetic, so it is exact.
 
-Error bound per element: kept entries ``(hi - lo) / 4 + 2**-23 * hi + 2**-149`` (the rounding
-of ``m0`` and ``m1`` to float32); dropped entries decode to 0 and are no larger than ``lo`` (the chunk's
-k-th largest ``|x|``); plus the float32 conversion of float64 input.
+Error bound per element: kept entries ``(hi - lo) / 4 + 2**-23 * hi + 2**-149`` (the
+rounding of ``m0`` and ``m1`` to float32); dropped entries decode to 0 and are no larger than
+``lo`` (the chunk's k-th largest ``|x|``); plus the float32 conversion of float64 input.
 
 Error feedback. ``ErrorFeedback`` sends ``d = Q(c)`` for ``c = x + e`` and keeps
 ``e' = c - d``. That subtraction is exact for every dropped entry (``d = 0``) and, by
 Sterbenz's lemma, for every kept entry with ``m / 2 <= |c| <= 2 m``, which holds for all kept
 entries of a chunk whose ``hi <= 5 lo`` (Gaussian chunks: ``hi / lo`` about 1.6, at most 2.2
-in 256 chunks). So the
-residual plus everything sent equals the sum of the corrected inputs exactly, and differs from
-the sum of the inputs only by the float32 rounding of ``x + e``: at most ``2**-24 * sum_t
-|c_t|`` per element over the rounds (plus ``2**-24 * |e_{t+1}|`` in rounds where a chunk's
-kept values span more than 5x).
+in 256 chunks). So the residual plus everything sent equals the sum of the corrected inputs
+``c_t - e_t`` exactly, and differs from the sum of the inputs only by the float32 rounding of
+``x + e``: at most ``2**-24 * sum_t |c_t|`` per element over the rounds (plus ``2**-24 *
+|e_{t+1}|`` in rounds where a chunk's kept values span more than 5x).
 
 Payload, little-endian: ``2 * n_chunks`` float32 magnitudes (``m0, m1`` per chunk), then
 ``K`` uint16 offsets (each chunk's ``k`` offsets, strictly increasing, below the chunk's
