@@ -22,7 +22,9 @@ Example (one island of a local-update run)::
 
     [sync]
     model_id = "global"
-    every = 100                      # H inner steps per round
+    every = 100                      # H inner steps per round (the default)...
+    # every_s = 30.0                 # ...or T seconds of compute per round (not both): a
+                                     # slow island does fewer steps and pushes as often
     codec = "int8"
     mode = "overlapped"              # or "sync" (synchronous DiLoCo)
 
@@ -43,6 +45,7 @@ Example (one island of a local-update run)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -123,7 +126,9 @@ class IslandConfig:
     num_shards: int = 1
     steps: int = 1000
     threads: int = 0  # torch threads; 0 leaves torch's default
-    slowdown: float = 1.0  # >1 makes this island that many times slower (heterogeneity tests)
+    # >1 makes this island that many times slower (heterogeneity tests): each inner step is
+    # followed by a sleep of (slowdown - 1) times its duration, counted as compute (every_s)
+    slowdown: float = 1.0
     eval_every: int = 1  # rounds (expert mode: every_steps of the snapshot) between evaluations
     eval_batches: int = 4
     http: str = "127.0.0.1:0"  # status endpoint; "" turns it off
@@ -145,8 +150,8 @@ class IslandConfig:
             )
         if self.steps < 0:
             raise ConfigError(f"steps: must be >= 0, got {self.steps}")
-        if self.slowdown < 1:
-            raise ConfigError(f"slowdown: must be >= 1, got {self.slowdown}")
+        if not 1 <= self.slowdown < math.inf:  # NaN fails this too
+            raise ConfigError(f"slowdown: must be a finite number >= 1, got {self.slowdown}")
         if self.mode == "local_update" and not self.sync.model_id:
             raise ConfigError("sync.model_id: required in local_update mode")
         if self.mode == "expert" and (not self.expert.partition or self.expert.cluster < 0):

@@ -2,7 +2,8 @@
 
 ``Island(config).run()`` trains the configured workload. In ``local_update`` mode it wraps
 its own loop in ``LocalUpdate`` (the same object a user with their own ``train.py`` uses):
-every ``sync.every`` inner steps the round's pseudo-gradient is pushed to the leaf aggregator
+every ``sync.every`` inner steps (or ``sync.every_s`` seconds of compute, which ``slowdown``
+stretches like a slower machine) the round's pseudo-gradient is pushed to the leaf aggregator
 and the newest global version adopted (DiLoCo, Douillard et al. 2023; overlapped as in CO2,
 Sun et al. 2024). In ``expert`` mode it trains alone on one cluster of a saved partition
 (Decentralized Diffusion Models; c-BTM) and writes a signed expert checkpoint at the end.
@@ -38,6 +39,7 @@ from island.config import IslandConfig
 from island.distributed import (
     FollowerLocalUpdate,
     RankGroup,
+    check_round_size,
     collective_timeout_s,
     make_local_update,
     rank_group_from_env,
@@ -85,6 +87,8 @@ class Island:
         self.group = group or rank_group_from_env(
             collective_timeout_s(config.sync.sync_timeout_s, config.sync.snapshot_timeout_s)
         )
+        if config.mode == "local_update":
+            check_round_size(self.group, config.sync.every_s)
         self.identity = identity or (
             Identity.load_or_create(config.key)
             if config.key and self.group.is_leader
@@ -280,7 +284,7 @@ class Island:
             anchor_version = int(resumed.meta["base_version"])
         self.lu = make_local_update(
             self.group, model, optimizer, engine=self.engine, every=cfg.sync.every,
-            anchor=anchor, anchor_version=anchor_version,
+            every_s=cfg.sync.every_s, anchor=anchor, anchor_version=anchor_version,
         )  # fmt: skip
         self.lu.start()
         if resumed is not None and self.group.is_leader:
@@ -293,12 +297,12 @@ class Island:
         losses: list[float] = []
         # every rank stops after the same step (one all-reduce a step under torchrun)
         while (cfg.steps == 0 or self.step < cfg.steps) and not self.group.any_rank(self.stopping):
-            tokens = self._inner_step(model, train_model, optimizer, batches)
+            tokens, seconds = self._inner_step(model, train_model, optimizer, batches)
             losses.append(self.last_loss)
             if progress is not None:
                 progress.update(1)
             if self.lu is not None:
-                if self.lu.step(tokens=tokens):
+                if self.lu.step(tokens=tokens, seconds=seconds):
                     self._end_of_round(model, optimizer, batches, snapshotter, losses)
                     losses = []
             elif self.step % cfg.snapshot.every_steps == 0 or self.step == cfg.steps:
@@ -308,9 +312,10 @@ class Island:
             self.lu.end_round()  # push the partial round: its progress is not lost
             self._end_of_round(model, optimizer, batches, snapshotter, losses, final=True)
 
-    def _inner_step(self, model, train_model, optimizer, batches) -> int:
+    def _inner_step(self, model, train_model, optimizer, batches) -> tuple[int, float]:
         """One optimizer step on the next batch; counts time, loss and tokens; returns the
-        batch's tokens."""
+        batch's tokens and the step's seconds (with ``slowdown``'s sleep: what sizes a round
+        by ``sync.every_s``)."""
         cfg, opt_cfg = self.config, self.config.optim
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -326,12 +331,13 @@ class Island:
         spent = time.perf_counter() - t0
         if cfg.slowdown > 1:
             time.sleep(spent * (cfg.slowdown - 1))
-        self.compute_s += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.compute_s += spent
         self.step += 1
         self.last_loss = loss.item()
         tokens = _batch_tokens(batch)
         self.tokens += tokens
-        return tokens
+        return tokens, spent
 
     def _autocast(self):
         """bf16 autocast on CUDA (weights, optimizer and pseudo-gradients stay fp32)."""

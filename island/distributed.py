@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from comms.errors import ConfigError
 from island.local_update import LocalUpdate
 from island.pseudo import copy_arrays, load_numpy_into
 
@@ -314,21 +315,35 @@ class FollowerLocalUpdate:
         return self._anchor
 
 
+def check_round_size(group: RankGroup, every_s: float | None) -> None:
+    """ConfigError for ``sync.every_s`` on more than one rank (see ``make_local_update``)."""
+    if every_s is not None and group.world_size > 1:
+        raise ConfigError(
+            f"sync.every_s: rounds sized by time are not supported on a multi-rank island "
+            f"({group.world_size} ranks under torchrun); set sync.every (inner steps) instead"
+        )
+
+
 def make_local_update(
     group: RankGroup,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
     engine: Any,
-    every: int,
+    every: int | None,
+    every_s: float | None = None,
     anchor: Arrays | None = None,
     anchor_version: int | None = None,
 ) -> LocalUpdate | FollowerLocalUpdate:
     """The local-update object of this rank: the plain ``LocalUpdate`` for one process, the
-    leader's broadcasting one on rank 0, a follower elsewhere (``engine`` None there)."""
+    leader's broadcasting one on rank 0, a follower elsewhere (``engine`` None there).
+
+    Rounds sized by time (``every_s``) need one process: every rank of a multi-rank island
+    would have to agree on each boundary, where their clocks differ (ConfigError)."""
     kwargs = {"anchor": anchor, "anchor_version": anchor_version}
     if group.world_size == 1:
         return LocalUpdate(model, optimizer, engine=engine, **kwargs)
+    check_round_size(group, every_s)
     if group.is_leader:
         return LeaderLocalUpdate(model, optimizer, engine=engine, group=group, **kwargs)
     return FollowerLocalUpdate(model, every, group=group)  # the anchor comes from the leader

@@ -11,7 +11,13 @@ Usage (the daemon is built from the same pieces)::
     engine.close()
 
 A **round** is ``every`` (``H``) inner steps from the anchor ``theta_b`` (global version
-``b``). At the round boundary (DiLoCo, Douillard et al. 2023, Algorithm 1; CO2, Sun et al.,
+``b``), or, with ``every_s`` (``T``), as many inner steps as the island computes in ``T``
+seconds: the round ends at the first ``step()`` after which the time spent computing since
+the round began reaches ``T``. That time is what ``step(seconds=...)`` reports, else the
+wall time between one ``step()`` returning and the next call (so the boundaries themselves,
+adoption and sync-mode waits are not counted). A slow island then does fewer inner steps per
+round and pushes as often as a fast one (dynamic local updates, as in Asynchronous
+Local-SGD, Liu et al. 2024). At the round boundary (DiLoCo, Douillard et al. 2023, Algorithm 1; CO2, Sun et al.,
 ICLR 2024, for the overlap):
 
 1. ``delta = start - params`` (float32), the progress of this round only, is handed to the
@@ -127,8 +133,10 @@ class LocalUpdate:
         self.model = model
         self.inner_optimizer = inner_optimizer  # kept as is across rounds, as in DiLoCo
         self.engine = engine
+        # rounds of every inner steps, or (every None) of every_s seconds of compute
+        self.every_s = engine.config.every_s if every is None else None
         self.every = engine.config.every if every is None else int(every)
-        if self.every < 1:
+        if self.every_s is None and not (self.every is not None and self.every >= 1):
             raise ValueError(f"every must be >= 1 inner step, got {every}")
         self.sync_mode = engine.config.mode == "sync"
         self.flush_on_exit = flush_on_exit
@@ -149,6 +157,8 @@ class LocalUpdate:
         self._round = 0
         self._steps_in_round = 0
         self._tokens_in_round = 0
+        self._compute_in_round = 0.0  # seconds of compute in this round (every_s)
+        self._step_returned: float | None = None  # when step() last returned
         self._total_steps = 0
         self._boundary_s = 0.0
         self._started_at: float | None = None
@@ -177,6 +187,7 @@ class LocalUpdate:
             self._start = copy_arrays(self._anchor)
             load_numpy_into(self.model, self._anchor)
         log.info("model %s: training from global version %d", self.engine.model_id, self._version)
+        self._step_returned = time.perf_counter()
         return self
 
     def __enter__(self) -> LocalUpdate:
@@ -188,24 +199,38 @@ class LocalUpdate:
 
     # ------------------------------------------------------------------ the loop
 
-    def step(self, tokens: int = 0) -> bool:
-        """Count one inner step; at the ``every``-th step of a round, end the round (push,
-        adopt, reset). ``tokens``: samples or tokens this step consumed, summed into the
-        delta's meta (aggregators may weight updates by it). Returns True when a round ended.
+    def step(self, tokens: int = 0, seconds: float | None = None) -> bool:
+        """Count one inner step; at the end of a round (the ``every``-th step, or ``every_s``
+        seconds of compute), push, adopt and reset. ``tokens``: samples or tokens this step
+        consumed, summed into the delta's meta (aggregators may weight updates by it).
+        ``seconds``: how long this step computed (``every_s`` only; default: the wall time
+        since the last ``step()`` returned). Returns True when a round ended.
         """
         if self._anchor is None:
             raise RuntimeError("call lu.step() inside `with LocalUpdate(...)` or after start()")
+        now = time.perf_counter()
+        if seconds is None:
+            seconds = now - (self._step_returned if self._step_returned is not None else now)
+        self._compute_in_round += max(0.0, float(seconds))
         self._steps_in_round += 1
         self._tokens_in_round += int(tokens)
         self._total_steps += 1
-        if self._steps_in_round >= self.every:
-            self.end_round()
-            return True
-        if self.adopt_on_arrival:
-            newest = self.engine.newest_version()
-            if newest is not None and newest > self._version:
-                self._adopt_mid_round()
-        return False
+        try:
+            if self._round_is_done():
+                self.end_round()
+                return True
+            if self.adopt_on_arrival:
+                newest = self.engine.newest_version()
+                if newest is not None and newest > self._version:
+                    self._adopt_mid_round()
+            return False
+        finally:
+            self._step_returned = time.perf_counter()
+
+    def _round_is_done(self) -> bool:
+        if self.every_s is not None:
+            return self._compute_in_round >= self.every_s
+        return self._steps_in_round >= self.every
 
     def end_round(self) -> None:
         """Push this round's delta, adopt the newest global version, reset params to it.
@@ -218,10 +243,15 @@ class LocalUpdate:
         delta = pseudo_gradient(self._start, params_to_numpy(self.model))
         meta = {
             "steps": self._steps_in_round,
-            "every": self.every,  # the root counts a short round as steps / every of one
             "tokens": self._tokens_in_round,
             "round": self._round,
         }
+        if self.every_s is None:
+            meta["every"] = self.every  # the root counts a short round as steps / every of one
+        else:  # no "every": the root counts the round as one whole round of work
+            meta["compute_s"] = round(self._compute_in_round, 6)
+            if not self._tokens_in_round:  # weight_by_samples then weighs by steps
+                meta["tokens"] = self._steps_in_round
         self.last_push = self.engine.submit_delta(delta, base_version=self._version, meta=meta)
         if self.eager:
             seq = self.last_push.sequence
@@ -232,6 +262,7 @@ class LocalUpdate:
         load_numpy_into(self.model, self._start)
         self._round += 1
         self._steps_in_round = self._tokens_in_round = 0
+        self._compute_in_round = 0.0
         self._boundary_s += time.perf_counter() - start
 
     def catch_up(self) -> int:
@@ -360,6 +391,7 @@ class LocalUpdate:
             "rounds": self._round,
             "steps": self._total_steps,
             "steps_in_round": self._steps_in_round,
+            "compute_s_in_round": self._compute_in_round,
             "version": self._version,
             "boundary_s": self._boundary_s,
             "blocked_s": blocked,

@@ -3,19 +3,40 @@ validated at load) and the counters the engine keeps (``SyncStats``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from comms.codecs import get_codec
 from comms.errors import ConfigError
 
+DEFAULT_EVERY = 100  # H when neither ``every`` nor ``every_s`` is given
+
 
 @dataclass
 class SyncConfig:
-    """How an island syncs one model with its aggregator (the ``[sync]`` table)."""
+    """How an island syncs one model with its aggregator (the ``[sync]`` table).
+
+    A round is sized in inner steps (``every``, H; DiLoCo) or in seconds of compute
+    (``every_s``, T): set one of them, not both; with neither, ``every`` is 100. With
+    ``every_s`` a round ends at the first inner step after which the island has computed for T
+    seconds since the round began (time inside inner steps, not waiting on the network), so
+    a slow island does fewer inner steps per round and pushes as often as a fast one: the
+    dynamic local updates of Asynchronous Local-SGD (Liu et al. 2024, "Asynchronous Local-SGD
+    Training for Language Modeling", where each worker's local steps per round follow its
+    speed). The push's meta then carries the round's ``steps`` and ``tokens`` but no
+    ``every``: the root counts each such delta as one whole round of work
+    (``aggregator.gateway.update_work``), and a federation that wants a delta to weigh by the
+    work in it sets ``[merge] weight_by_samples = true`` on its aggregators (tokens; a
+    ``LocalUpdate`` told no tokens sends its step count instead). ``every_s`` is for
+    single-process islands: a multi-rank island (``island.distributed``) refuses it.
+    """
 
     model_id: str = ""  # the model this island trains (an aggregator serves many); required
-    every: int = 100  # H: inner steps per round (DiLoCo uses 500; smaller syncs more often)
+    # H: inner steps per round (DiLoCo uses 500; smaller syncs more often); None: 100 unless
+    # every_s is set
+    every: int | None = None
+    every_s: float | None = None  # T: seconds of compute per round, instead of every
     codec: str = "int8"  # codec of pushed deltas: none, fp16, bf16, int8, int4, topk
     codec_params: dict[str, Any] = field(default_factory=dict)  # e.g. {block = 128}
     mode: Literal["overlapped", "sync"] = "overlapped"  # overlapped never waits at a boundary
@@ -41,8 +62,13 @@ class SyncConfig:
     retry_interval_s: float = 1.0  # first wait before retrying a failed link (then doubles)
     max_retry_interval_s: float = 30.0  # cap of that backoff
 
+    def __post_init__(self) -> None:
+        if self.every is None and self.every_s is None:
+            self.every = DEFAULT_EVERY
+
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
+        self._validate_round_size()
         if not self.model_id:
             raise ConfigError("model_id: set the id of the model this island trains")
         if self.mode not in ("overlapped", "sync"):
@@ -58,13 +84,33 @@ class SyncConfig:
                 f"outer_lr/outer_momentum: need lr > 0 and momentum in [0, 1), got "
                 f"{self.outer_lr!r}, {self.outer_momentum!r}"
             )
-        for key in ("every", "max_pending_pushes", "max_buffered_versions", "sync_timeout_s",
+        for key in ("max_pending_pushes", "max_buffered_versions", "sync_timeout_s",
                     "snapshot_timeout_s", "retry_interval_s"):  # fmt: skip
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)!r}")
         if self.max_retry_interval_s < self.retry_interval_s:
             raise ConfigError("max_retry_interval_s: must be >= retry_interval_s")
         get_codec(self.codec, **self.codec_params)  # ConfigError for a bad codec
+
+    def _validate_round_size(self) -> None:
+        if self.every is not None and self.every_s is not None:
+            raise ConfigError(
+                f"every_s: set either every (inner steps per round) or every_s (seconds of "
+                f"compute per round), not both; got every={self.every!r}, "
+                f"every_s={self.every_s!r}"
+            )
+        if self.every_s is not None:
+            if not (math.isfinite(self.every_s) and self.every_s > 0):
+                raise ConfigError(
+                    f"every_s: must be a positive number of seconds, got {self.every_s!r}"
+                )
+        elif not self.every > 0:
+            raise ConfigError(f"every: must be positive, got {self.every!r}")
+
+    @property
+    def by_time(self) -> bool:
+        """True when rounds are sized in seconds of compute (``every_s``)."""
+        return self.every_s is not None
 
 
 @dataclass
