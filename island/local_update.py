@@ -16,8 +16,9 @@ seconds: the round ends at the first ``step()`` after which the time spent compu
 the round began reaches ``T``. That time is what ``step(seconds=...)`` reports, else the
 wall time between one ``step()`` returning and the next call (so the boundaries themselves,
 adoption and sync-mode waits are not counted). A slow island then does fewer inner steps per
-round and pushes as often as a fast one (dynamic local updates, as in Asynchronous
-Local-SGD, Liu et al. 2024). At the round boundary (DiLoCo, Douillard et al. 2023, Algorithm 1; CO2, Sun et al.,
+round and pushes as often as a fast one (the Dynamic Local Updates of Asynchronous
+Local-SGD, Liu et al. 2024, arXiv:2401.09135, with the clock setting each island's steps).
+At the round boundary (DiLoCo, Douillard et al. 2023, Algorithm 1; CO2, Sun et al.,
 ICLR 2024, for the overlap):
 
 1. ``delta = start - params`` (float32), the progress of this round only, is handed to the
@@ -114,7 +115,8 @@ class LocalUpdate:
 
     ``anchor`` and ``anchor_version`` resume from a known global version (a restart from a
     snapshot): the model is left as it is. Without them the newest snapshot is downloaded
-    when the context is entered.
+    when the context is entered. ``every`` overrides the engine's round size (``sync.every``
+    or ``sync.every_s``) with rounds of that many inner steps.
     """
 
     def __init__(

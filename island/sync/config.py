@@ -21,10 +21,12 @@ class SyncConfig:
     (``every_s``, T): set one of them, not both; with neither, ``every`` is 100. With
     ``every_s`` a round ends at the first inner step after which the island has computed for T
     seconds since the round began (time inside inner steps, not waiting on the network), so
-    a slow island does fewer inner steps per round and pushes as often as a fast one: the
-    dynamic local updates of Asynchronous Local-SGD (Liu et al. 2024, "Asynchronous Local-SGD
-    Training for Language Modeling", where each worker's local steps per round follow its
-    speed). The push's meta then carries the round's ``steps`` and ``tokens`` but no
+    a slow island does fewer inner steps per round and pushes as often as a fast one. This is
+    the Dynamic Local Updates (DyLU) of Liu et al. 2024 ("Asynchronous Local-SGD Training for
+    Language Modeling", arXiv:2401.09135), which give each worker local steps in proportion
+    to its speed so that workers finish their rounds together; here the clock sets that
+    proportion as the island trains, instead of a speed measured beforehand (the paper's
+    Delayed Nesterov outer step is not part of this). The push's meta then carries the round's ``steps`` and ``tokens`` but no
     ``every``: the root counts each such delta as one whole round of work
     (``aggregator.gateway.update_work``), and a federation that wants a delta to weigh by the
     work in it sets ``[merge] weight_by_samples = true`` on its aggregators (tokens; a
