@@ -281,8 +281,9 @@ class FollowerLocalUpdate:
                 load_numpy_into(self.model, self._anchor)
         return self
 
-    def step(self, tokens: int = 0) -> bool:
-        """Count one inner step; at the ``every``-th, end the round. True when one ended."""
+    def step(self, tokens: int = 0, seconds: float | None = None) -> bool:
+        """Count one inner step; at the ``every``-th, end the round. True when one ended.
+        (``tokens`` and ``seconds``, as ``LocalUpdate.step`` takes them, are not used here.)"""
         if self._version is None:
             raise RuntimeError("call start() before step()")
         self._steps_in_round += 1
