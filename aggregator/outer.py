@@ -88,12 +88,9 @@ class OuterOptimizer:
     def hyperparams(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _update(self, g: Mapping[str, np.ndarray]) -> Params:
-        """Advance the state on float32 ``g`` and return ``u``."""
-        raise NotImplementedError
-
-    def _partial_update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
-        """``_update`` for a step standing for the share ``0 < f < 1`` of a full one."""
+    def _update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        """Advance the state on float32 ``g`` by the share ``0 < f <= 1`` of a step and
+        return ``u``; ``f = 1`` must run exactly the plain step's float32 operations."""
         raise NotImplementedError
 
     def step(
@@ -119,7 +116,7 @@ class OuterOptimizer:
                 raise NonFiniteError(f"pseudo-gradient tensor {name!r} holds NaN or Inf")
         if self.momentum:
             check_same_layout(self.momentum, g, "pseudo-gradient (vs momentum)")
-        u = self._update(g) if fraction == 1.0 else self._partial_update(g, float(fraction))
+        u = self._update(g, float(fraction))
         self.steps += 1
         return u
 
@@ -171,12 +168,8 @@ class SGD(OuterOptimizer):
     def hyperparams(self) -> dict[str, Any]:
         return {"lr": self.lr}
 
-    def _update(self, g: Mapping[str, np.ndarray]) -> Params:
-        neg_lr = np.float32(-self.lr)
-        return {name: np.multiply(x, neg_lr, dtype=np.float32) for name, x in g.items()}
-
-    def _partial_update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
-        neg = np.float32(-self.lr * f)
+    def _update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        neg = np.float32(-self.lr * f)  # -lr itself when f = 1
         return {name: np.multiply(x, neg, dtype=np.float32) for name, x in g.items()}
 
 
@@ -197,31 +190,17 @@ class NesterovSGD(OuterOptimizer):
     def hyperparams(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.mu}
 
-    def _update(self, g: Mapping[str, np.ndarray]) -> Params:
-        mu, neg_lr = np.float32(self.mu), np.float32(-self.lr)
+    def _update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        mu, neg = np.float32(self.mu), np.float32(-self.lr * f)  # -lr itself when f = 1
+        decay = mu if f == 1.0 else np.float32(self.mu**f)
         out = {}
         for name, x in g.items():
             m = self._momentum_buffer(name, x)
-            np.multiply(m, mu, out=m)  # m <- mu * m
-            np.add(m, x, out=m)  #        m <- mu * m + g
+            np.multiply(m, decay, out=m)  # m <- mu^f * m
+            np.add(m, x if f == 1.0 else np.multiply(x, np.float32(f)), out=m)  # + f * g
             u = np.multiply(m, mu)  #     u  = mu * m
             np.add(x, u, out=u)  #        u  = g + mu * m
-            np.multiply(u, neg_lr, out=u)  # u = -lr * (g + mu * m)
-            out[name] = u
-        return out
-
-    def _partial_update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
-        decay, mu = np.float32(self.mu**f), np.float32(self.mu)
-        ff, neg = np.float32(f), np.float32(-self.lr * f)
-        out = {}
-        for name, x in g.items():
-            m = self._momentum_buffer(name, x)
-            fg = np.multiply(x, ff)  #          f * g
-            np.multiply(m, decay, out=m)  #     m <- mu^f * m
-            np.add(m, fg, out=m)  #             m <- mu^f * m + f * g
-            u = np.multiply(m, mu)  #           u  = mu * m
-            np.add(x, u, out=u)  #              u  = g + mu * m
-            np.multiply(u, neg, out=u)  #       u  = -lr * f * (g + mu * m)
+            np.multiply(u, neg, out=u)  # u = -lr * f * (g + mu * m)
             out[name] = u
         return out
 
@@ -263,35 +242,20 @@ class CO2(OuterOptimizer):
             "clip": self.clip,
         }
 
-    def _update(self, g: Mapping[str, np.ndarray]) -> Params:
-        beta, lam = np.float32(self.beta), np.float32(self.gap_penalty)
-        neg_alpha = np.float32(-self.alpha)
+    def _update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        # f = 1: exactly beta, Lambda and -alpha (beta**1.0, gap / 1.0 and alpha * 1.0 are exact)
+        beta, lam = np.float32(self.beta**f), np.float32(self.gap_penalty / f)
+        neg_alpha = np.float32(-self.alpha * f)
         phi = None if self.clip is None else np.float32(self.clip)
         out = {}
         for name, x in g.items():
             m = self._momentum_buffer(name, x)
-            u = np.divide(x, lam, dtype=np.float32)  # g / Lambda (u doubles as scratch)
+            u = np.divide(x, lam, dtype=np.float32)  # f * g / Lambda (u doubles as scratch)
             np.multiply(m, beta, out=m)
-            np.add(m, u, out=m)  # m <- beta * m + g / Lambda
-            if phi is not None:
-                np.clip(m, -phi, phi, out=m)  # m <- clamp(m, -phi, phi), kept
-            np.multiply(m, neg_alpha, out=u)  # u = -alpha * m
-            out[name] = u
-        return out
-
-    def _partial_update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
-        decay, scale = np.float32(self.beta**f), np.float32(f / self.gap_penalty)
-        neg = np.float32(-self.alpha * f)
-        phi = None if self.clip is None else np.float32(self.clip)
-        out = {}
-        for name, x in g.items():
-            m = self._momentum_buffer(name, x)
-            u = np.multiply(x, scale, dtype=np.float32)  # f * g / Lambda
-            np.multiply(m, decay, out=m)
             np.add(m, u, out=m)  # m <- beta^f * m + f * g / Lambda
             if phi is not None:
-                np.clip(m, -phi, phi, out=m)
-            np.multiply(m, neg, out=u)  # u = -alpha * f * m
+                np.clip(m, -phi, phi, out=m)  # m <- clamp(m, -phi, phi), kept
+            np.multiply(m, neg_alpha, out=u)  # u = -alpha * f * m
             out[name] = u
         return out
 

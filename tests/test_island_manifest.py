@@ -13,20 +13,12 @@ import logging
 import numpy as np
 import pytest
 from test_local_update import assert_model_holds, inner_step, random_params, tiny_model
-from test_sync import ProtocolHarness, wait_until
+from test_sync import wait_until
 
 from aggregator.outer import apply_update
 from island.local_update import LocalUpdate, model_manifest
 from island.pseudo import copy_arrays, params_to_numpy
 from island.sync import SnapshotRefusedError
-
-
-@pytest.fixture
-def harness():
-    h = ProtocolHarness()
-    h.start_server()
-    yield h
-    h.close()
 
 
 def foreign(rng, what: str) -> dict[str, np.ndarray]:

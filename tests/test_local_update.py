@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from aggtools import make_federation
-from test_sync import ProtocolHarness, wait_until
+from test_sync import run_in_threads, wait_until
 
 from aggregator.outer import NesterovSGD, apply_update
 from aggregator.service import AggregatorService
@@ -24,14 +24,6 @@ from comms.update import decode_update
 from island.local_update import LocalUpdate
 from island.pseudo import copy_arrays, params_to_numpy, pseudo_gradient
 from island.sync import SyncConfig, SyncEngine, SyncTimeoutError
-
-
-@pytest.fixture
-def harness():
-    h = ProtocolHarness()
-    h.start_server()
-    yield h
-    h.close()
 
 
 def tiny_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -366,32 +358,24 @@ def test_two_islands_and_a_real_root_aggregator_end_with_identical_bits(tmp_path
     with LoopThread("aggregator") as aggregator_loop:
         root = AggregatorService(config)
         address = aggregator_loop.run(root.start(), 30)
-        engines, updates, errors = [], [], []
+        engines, updates = [], []
 
         def island(i: int) -> None:
-            try:
-                sync = SyncConfig(model_id="global", every=every, codec="int8",
-                                  retry_interval_s=0.05)  # fmt: skip
-                engine = SyncEngine(sync, fed.islands[i], address, roster=fed.roster)
-                engines.append(engine)
-                model, optimizer = tiny_model(10 + i)
-                with LocalUpdate(model, optimizer, engine=engine) as lu:
-                    assert lu.version == 0
-                    for step in range(rounds * every):
-                        inner_step(model, optimizer, 1000 * i + step)
-                        lu.step(tokens=16)
-                    assert lu.last_outcome(timeout=10).status == "accepted"
-                updates.append((lu, model))
-            except BaseException as err:  # surfaces in the main thread
-                errors.append(err)
+            sync = SyncConfig(model_id="global", every=every, codec="int8",
+                              retry_interval_s=0.05)  # fmt: skip
+            engine = SyncEngine(sync, fed.islands[i], address, roster=fed.roster)
+            engines.append(engine)
+            model, optimizer = tiny_model(10 + i)
+            with LocalUpdate(model, optimizer, engine=engine) as lu:
+                assert lu.version == 0
+                for step in range(rounds * every):
+                    inner_step(model, optimizer, 1000 * i + step)
+                    lu.step(tokens=16)
+                assert lu.last_outcome(timeout=10).status == "accepted"
+            updates.append((lu, model))
 
-        threads = [threading.Thread(target=island, args=(i,)) for i in range(2)]
         try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            assert not errors, errors
+            run_in_threads(island, 2)
             line = root.lines["global"]
             wait_until(lambda: line.version == rounds, timeout=20)  # 2 islands x 3 rounds / K=2
             for lu, model in updates:

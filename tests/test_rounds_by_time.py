@@ -17,7 +17,7 @@ import pytest
 from aggtools import make_federation
 from test_island_daemon import _federation
 from test_local_update import inner_step, random_params, tiny_model
-from test_sync import ProtocolHarness, wait_until
+from test_sync import run_in_threads, wait_until
 
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
@@ -32,14 +32,6 @@ from island.local_update import LocalUpdate
 from island.sync import SyncConfig, SyncEngine
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def harness():
-    h = ProtocolHarness()
-    h.start_server()
-    yield h
-    h.close()
 
 
 def _island_doc(**sync) -> dict:
@@ -180,40 +172,31 @@ def test_islands_of_different_speeds_push_equally_often_weighted_by_their_steps(
                         staleness="constant", clip="off")  # fmt: skip
     step_s, period_s = (0.02, 0.04), 0.25
     rounds: dict[int, list] = {0: [], 1: []}  # (steps, push future) per round
-    errors: list[BaseException] = []
     with LoopThread("aggregator") as aggregator_loop:
         root = AggregatorService(config)
         address = aggregator_loop.run(root.start(), 30)
         engines = []
 
         def island(i: int) -> None:
-            try:
-                sync = SyncConfig(model_id="global", every_s=period_s, codec="none",
-                                  retry_interval_s=0.05)  # fmt: skip
-                engine = SyncEngine(sync, fed.islands[i], address, roster=fed.roster)
-                engines.append(engine)
-                model, optimizer = tiny_model(10 + i)
-                with LocalUpdate(model, optimizer, engine=engine, flush_on_exit=False) as lu:
-                    t_end, k, in_round = time.perf_counter() + 1.3, 0, 0
-                    while time.perf_counter() < t_end:
-                        inner_step(model, optimizer, 1000 * i + k)
-                        time.sleep(step_s[i])
-                        k, in_round = k + 1, in_round + 1
-                        if lu.step(tokens=16):
-                            rounds[i].append((in_round, lu.last_push))
-                            in_round = 0
-                    for _, future in rounds[i]:
-                        assert future.result(10).status == "accepted"
-            except BaseException as err:  # surfaces in the main thread
-                errors.append(err)
+            sync = SyncConfig(model_id="global", every_s=period_s, codec="none",
+                              retry_interval_s=0.05)  # fmt: skip
+            engine = SyncEngine(sync, fed.islands[i], address, roster=fed.roster)
+            engines.append(engine)
+            model, optimizer = tiny_model(10 + i)
+            with LocalUpdate(model, optimizer, engine=engine, flush_on_exit=False) as lu:
+                t_end, k, in_round = time.perf_counter() + 1.3, 0, 0
+                while time.perf_counter() < t_end:
+                    inner_step(model, optimizer, 1000 * i + k)
+                    time.sleep(step_s[i])
+                    k, in_round = k + 1, in_round + 1
+                    if lu.step(tokens=16):
+                        rounds[i].append((in_round, lu.last_push))
+                        in_round = 0
+                for _, future in rounds[i]:
+                    assert future.result(10).status == "accepted"
 
-        threads = [threading.Thread(target=island, args=(i,)) for i in range(2)]
         try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            assert not errors, errors
+            run_in_threads(island, 2)
             line = root.lines["global"]
             versions = (len(rounds[0]) + len(rounds[1])) // 2
             wait_until(lambda: line.version == versions, timeout=10)

@@ -187,19 +187,29 @@ class ProtocolHarness:
         self.server_loop.stop()
 
 
-@pytest.fixture
-def harness():
-    h = ProtocolHarness()
-    h.start_server()
-    yield h
-    h.close()
-
-
 def random_delta(rng, scale=1e-2) -> dict[str, np.ndarray]:
     return {
         "w": (rng.standard_normal((4, 300)) * scale).astype(np.float32),
         "b": (rng.standard_normal(3) * scale).astype(np.float32),
     }
+
+
+def run_in_threads(fn, n: int, timeout: float = 60.0) -> None:
+    """Run ``fn(0) ... fn(n - 1)`` in threads, join them, and fail with what any raised."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as err:  # surfaces in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not errors, errors
 
 
 def wait_until(predicate, timeout=5.0):
