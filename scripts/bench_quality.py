@@ -329,6 +329,8 @@ def base_spec(args, method: str, run_dir: Path, steps: int) -> dict[str, Any]:
         "min_steps": args.steps, "target": None, "workload": args.workload, "seed": args.seed,
         "data_seed": args.seed, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
         "warmup_steps": args.warmup, "timeout_s": args.timeout, **OPTIM,
+        "drain_s": args.deadline + 10.0,  # Archipelago's wait for its last rounds' versions
+        "step_floor_s": args.step_floor,
     }  # fmt: skip
 
 
@@ -611,6 +613,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="links to also time for real in network namespaces (default: 10 100; quick or "
         "--no-netns: none)",
     )  # fmt: skip
+    p.add_argument(
+        "--step-floor", type=float,
+        help="shortest inner step of every method, s (quick: 0.05, else 0): the quick model's "
+        "6-ms steps end a round of H = 10 before a push reaches the root, so overlapped rounds "
+        "would merge deltas several versions stale, unlike any real run",
+    )  # fmt: skip
     p.add_argument("--shaped-ddp-steps", type=int, default=20, help="DDP steps timed per link")
     args = p.parse_args(argv)
     quick = args.quick
@@ -624,6 +632,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, (q, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, q if quick else full)
+    if args.step_floor is None:
+        args.step_floor = 0.05 if quick else 0.0
     if args.eval_every is None:
         args.eval_every = min([*args.H, args.baseline_H])
     if args.shaped is None:
@@ -641,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{compute_s * 1e3:.1f} ms", flush=True)  # fmt: skip
     hivemind_settings = dict(HIVEMIND_STANDARD)
     if args.quick:  # epochs would be shorter than matchmaking: slow the steps, match fast
-        hivemind_settings.update(matchmaking_time=0.5, averaging_timeout=10.0, step_floor_s=0.05)
+        hivemind_settings.update(matchmaking_time=0.5, averaging_timeout=10.0)
     doc: dict[str, Any] = {"target_loss": None, "archipelago": {}}
     with contextlib.ExitStack() as stack:
         if args.workdir:  # kept afterwards, for the workers' logs

@@ -21,6 +21,10 @@ per step. Rank 0 evaluates the model it holds on the held-out windows at every r
   parts of equal size and the peer receives as much as it sends, so sent + received is four
   times that figure. DHT and libp2p framing are not counted.
 
+Final point (DiLoCo): a worker that ran all its steps waits, for at most ``drain_s``, until
+the global model holds every round it pushed (overlapped rounds are still in flight at the
+last boundary), and rank 0 evaluates that final model too (``drained: true``).
+
 Early stop: once rank 0 has run at least ``min_steps`` and reached ``target`` it creates
 ``run_dir/stop``; every worker checks for that file before each step and stops.
 
@@ -135,7 +139,7 @@ def timed_step(rec: Recorder, step: int, model, optimizer, batch, lr_groups, spe
     optimizer.zero_grad(set_to_none=True)
     spent = time.perf_counter() - t0
     rec.step_s.append(spent)
-    if spec.get("step_floor_s", 0) > spent:  # --quick: lets hivemind's averaging finish
+    if spec.get("step_floor_s", 0) > spent:  # --quick: rounds outlast a push, as in real runs
         time.sleep(spec["step_floor_s"] - spent)
     return float(loss.detach())
 
@@ -225,12 +229,42 @@ def diloco_worker(spec: dict[str, Any]) -> None:
                     bytes_sent=sync["bytes_sent"], bytes_received=sync["bytes_received"],
                     staleness=sync["last_staleness"],
                 )  # fmt: skip
-        stats = lu.stats
+        stats = lu.stats  # the training's figures, before the drain below waits
+        if not rec.stopped() and drain(lu, engine, spec["drain_s"]) and rank == 0:
+            # every round is in the global model: the federation's final model, holding all
+            # the steps (without this the last point is whichever version was newest at the
+            # last boundary, rounds behind when the root lags: 4.6 against 3.2 in one run)
+            load_numpy_into(global_model, lu.anchor)
+            sync = engine.stats
+            rec.evaluate(
+                step, global_model, version=lu.version, holds_steps=step, drained=True,
+                bytes_sent=sync["bytes_sent"], bytes_received=sync["bytes_received"],
+                staleness=sync["last_staleness"],
+            )  # fmt: skip
         rec.write(step, lu=stats, boundary_s=stats["boundary_s"], blocked_s=stats["blocked_s"],
                   rounds=stats["rounds"], bytes_sent=stats["sync"]["bytes_sent"],
                   bytes_received=stats["sync"]["bytes_received"])  # fmt: skip
     finally:
         engine.close(timeout=5)
+
+
+def drain(lu, engine, timeout_s: float) -> bool:
+    """After the last round: adopt versions until every delta this island pushed is in the
+    global model (or refused), for at most ``timeout_s``. True when nothing is left in
+    flight. Every rank drains, so each keeps its engine up until its pushes are delivered."""
+    from island.sync import SyncTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while lu.state_dict()["in_flight"]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            engine.wait_for_version(lu.version, left)
+        except SyncTimeoutError:
+            return False
+        lu.catch_up()
+    return True
 
 
 # ============================================================================ hivemind

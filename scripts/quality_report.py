@@ -111,9 +111,16 @@ def notes(args, hivemind_settings: dict) -> list[str]:
         "download); hivemind: 4x the serialized reduce-scatter "
         "parts each peer sent, plus state it served (DHT and libp2p framing not counted)",
         "evaluation: rank 0's model every round (DiLoCo: the global anchor just adopted; "
-        "hivemind: its local parameters after background averaging) on fixed held-out windows",
+        "hivemind: its local parameters after background averaging) on fixed held-out windows; "
+        "DiLoCo/Archipelago add a last point, the global model once it holds every round "
+        "pushed (drained: true)",
         f"hivemind: use_local_updates=True, target_batch_size = world*batch*H, "
         f"{hivemind_settings}; default delay_state_averaging (background averaging)",
+        *(
+            [f"every method's inner steps last at least {args.step_floor:g} s (--step-floor)"]
+            if args.step_floor
+            else []
+        ),
         "all workers of a method share one machine's cores; the loopback runs' wall times "
         "are in measured.run_s (no link at all, so not a measure of time on a slow link)",
     ]
