@@ -45,7 +45,7 @@ async def _serve(config: AggregatorConfig) -> int:
     try:
         address = await service.start()
         dht = ",".join(discovery.bootstrap_addresses()) if discovery else "-"
-        http = getattr(service, "http_address", "-")
+        http = getattr(service, "http_url", "-")
         print(
             f"aggregator {config.name} ({config.role}) serving on {address} http {http} dht {dht}",
             flush=True,

@@ -2,7 +2,9 @@
 
 ``status_app`` is the ``/healthz``, ``/status`` (JSON) and ``/metrics`` (Prometheus text)
 trio of an island or an aggregator; ``start_app`` binds any app to ``host:port`` (port 0
-picks a free one) and returns the address it really got.
+picks a free one) and returns the address it really got. A daemon whose ``[tls]`` section has
+a certificate serves these endpoints over HTTPS with it (``https_context``; ``tls.http =
+false`` keeps plain HTTP, e.g. behind a proxy that terminates TLS).
 
 With a ``token`` (config key ``http_token``, else the ``ARCHIPELAGO_HTTP_TOKEN`` environment
 variable: ``http_token``), ``/status`` requires ``Authorization: Bearer <token>`` and answers
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from comms.tls import TLSConfig, load_pair, server_ssl_context
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -27,14 +32,39 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port or 0)
 
 
-async def start_app(app: web.Application, listen: str) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` on ``listen``; returns its runner (``cleanup()`` stops it) and the bound
-    ``host:port``."""
+async def start_app(
+    app: web.Application, listen: str, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on ``listen`` (HTTPS with ``ssl_context``); returns its runner
+    (``cleanup()`` stops it) and the bound ``host:port``."""
     host, port = split_listen(listen)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     return runner, f"{host}:{runner.addresses[0][1]}"
+
+
+def https_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The context a daemon serves its HTTP endpoints with: HTTPS with the certificate and
+    key of its ``[tls]`` section when it has them (and ``tls.http`` is on), else None (plain
+    HTTP). Scrapers and browsers hold no federation certificate, so no client certificate
+    is asked for even with ``tls.mutual``; the bearer token (``http_token``) guards what it
+    protects. ``router serve`` asks for one with ``mutual`` (``router_https_context``)."""
+    if not (tls.cert and tls.http):
+        return None
+    cert_pem, key_pem = load_pair(tls.cert, tls.key)
+    return server_ssl_context(cert_pem, key_pem)
+
+
+def http_url(address: str, ssl_context: ssl.SSLContext | None) -> str:
+    """``https://host:port`` when served with TLS, else ``http://host:port``."""
+    return f"{'https' if ssl_context is not None else 'http'}://{address}"
+
+
+def url_of(address: str) -> str:
+    """The base URL of a daemon's printed HTTP address: a URL (``http://`` or ``https://``,
+    kept) or a bare ``host:port`` (plain HTTP)."""
+    return address if "://" in address else f"http://{address}"
 
 
 HTTP_TOKEN_ENV = "ARCHIPELAGO_HTTP_TOKEN"

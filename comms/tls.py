@@ -341,8 +341,10 @@ class TLSConfig:
     and, with ``mutual``, the client certificates of those who dial it. ``mutual``: require a
     CA-signed client certificate from every client (and present one when dialing).
     ``server_name``: the name to verify in the server's certificate when the address dialled
-    is not one of its names (e.g. dialing by an IP address missing from its SANs). Paths are
-    relative to the working directory, as ``key`` and ``roster`` are.
+    is not one of its names (e.g. dialing by an IP address missing from its SANs). ``http``:
+    with ``cert``, the daemon's HTTP endpoints (``/status``, ``/metrics``) are served over
+    HTTPS with the same certificate (``comms.http.https_context``); ``false`` leaves them plain
+    HTTP. Paths are relative to the working directory, as ``key`` and ``roster`` are.
     """
 
     cert: str = ""
@@ -350,6 +352,7 @@ class TLSConfig:
     ca: str = ""
     mutual: bool = False
     server_name: str = ""
+    http: bool = True  # with cert: the HTTP endpoints are HTTPS too (false: plain HTTP)
 
     @property
     def enabled(self) -> bool:

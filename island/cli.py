@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def announce():
         island.ready.wait()
-        status = f"http://{island.http_address}" if island.http_address else "-"
+        status = island.http_url or "-"
         print(f"island {config.name} training ({config.mode}) status {status}", flush=True)
 
     leader = island.group.is_leader  # under torchrun only rank 0 prints (island.distributed)
@@ -97,19 +97,26 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from comms.errors import ConfigError
     from comms.http import http_token
 
     url = args.url.rstrip("/") + "/status"
     token = http_token(args.token or "")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+        context = None
+        if args.ca:  # an island serving HTTPS with a certificate of the federation's CA
+            from comms.tls import client_ssl_context, read_pem
+
+            context = client_ssl_context(read_pem(args.ca))
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=10, context=context) as r:
             print(json.dumps(json.loads(r.read()), indent=2))
     except urllib.error.HTTPError as e:
         hint = " (give --token or ARCHIPELAGO_HTTP_TOKEN: the island's http_token)"
         print(f"island status: {url}: {e}{hint if e.code == 401 else ''}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, ConfigError) as e:
         print(f"island status: cannot read {url}: {e}", file=sys.stderr)
         return 1
     return 0
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init)
     p = sub.add_parser("status", help="print the status of a running island")
     p.add_argument("url", help="the island's status URL, e.g. http://127.0.0.1:8470")
+    p.add_argument(
+        "--ca", help="the federation CA (PEM) that verifies an https:// URL's certificate"
+    )
     p.add_argument(
         "--token", help="bearer token of a protected /status (default: $ARCHIPELAGO_HTTP_TOKEN)"
     )

@@ -109,6 +109,7 @@ class Island:
         self.engine: SyncEngine | None = None
         self.loop: LoopThread | None = None
         self.http_address = ""
+        self.http_url = ""  # http:// or https:// (when [tls] has a certificate)
         self.ready = threading.Event()
 
     # ------------------------------------------------------------------ control

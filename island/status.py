@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from comms.http import http_token, start_app, status_app
+from comms.http import http_token, http_url, https_context, start_app, status_app
 
 _GAUGES = {
     "step": "Inner steps done",
@@ -59,5 +59,7 @@ async def start_status_server(island, listen: str) -> str:
         token=http_token(island.config.http_token),
         protect_metrics=island.config.http_token_metrics,
     )
-    island._status_runner, address = await start_app(app, listen)
+    context = https_context(island.config.tls)  # HTTPS with the [tls] certificate, if any
+    island._status_runner, address = await start_app(app, listen, context)
+    island.http_url = http_url(address, context)
     return address

@@ -12,6 +12,10 @@ Usage::
     print(stream.result.expert_counts)        # totals, once the stream is exhausted
     images = client.sample(n=16, steps=50)    # (16, 8, 8) float32 on a flow server
 
+A server with ``[tls]`` serves ``https://``: pass ``ca=`` (the PEM file of the CA that signed
+its certificate, e.g. ``tls/ca.pem`` from ``aggregator tls init``), and ``cert=``/``key=`` when
+it requires client certificates (``mutual``).
+
 Errors are typed: ``BadRequestError`` (4xx, with the server's message and the offending
 ``field``), ``ServerError`` (5xx), ``ConnectionFailed`` (unreachable, reset or timed out); all
 derive from ``RouterClientError``.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -176,6 +181,23 @@ class _StreamDecoder:
             raise ConnectionFailed("the stream ended before the server's final event")
 
 
+def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The client context of an ``https://`` server whose certificate ``ca`` (a PEM file, the
+    federation CA) signed; ``cert`` and ``key`` are presented to a server that asks for a
+    client certificate (``[tls] mutual``). None without ``ca``: the system's trust store
+    verifies an https:// URL."""
+    if (cert is None) != (key is None):
+        raise ValueError("give both cert and key (the client certificate and its key), or none")
+    if ca is None:
+        if cert is not None:
+            raise ValueError("a client certificate needs ca too (the server's CA)")
+        return None
+    from comms.tls import client_ssl_context, load_pair, read_pem
+
+    pair = load_pair(cert, key) if cert is not None and key is not None else (None, None)
+    return client_ssl_context(read_pem(ca), *pair)
+
+
 def sample_result(fmt: str, content_type: str, body: bytes) -> np.ndarray | bytes:
     if fmt == "png":
         if not content_type.startswith("image/png"):
@@ -232,11 +254,24 @@ class GenerateStream(Iterator[GeneratePiece]):
 class Client:
     """Blocking client of one ``router serve`` URL; see the module docstring."""
 
-    def __init__(self, url: str, timeout: float = 60.0, token: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 60.0,
+        token: str | None = None,
+        *,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        context = tls_context(ca, cert, key)
+        if context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def _open(self, method: str, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
@@ -366,10 +401,20 @@ class AsyncGenerateStream(AsyncIterator[GeneratePiece]):
 class AsyncClient:
     """asyncio client of one ``router serve`` URL; use ``async with`` or call ``close()``."""
 
-    def __init__(self, url: str, timeout: float = 60.0, token: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 60.0,
+        token: str | None = None,
+        *,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._ssl = tls_context(ca, cert, key)
         self._session = None
 
     def _get_session(self):
@@ -379,7 +424,10 @@ class AsyncClient:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.timeout, sock_read=self.timeout
             )
-            self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
+            connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, headers=self._headers, connector=connector
+            )
         return self._session
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from comms.errors import ConfigError
+from comms.tls import TLSConfig
 
 if TYPE_CHECKING:
     from router.checkpoint import LoadedEnsemble
@@ -46,8 +47,13 @@ class ServeConfig:
     http_token: str = ""  # bearer token of /v1/*; "": $ARCHIPELAGO_HTTP_TOKEN, else open
     http_token_metrics: bool = False  # the token also guards /metrics (/healthz stays open)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    # [tls] cert + key: serve HTTPS; with mutual (and ca) clients must present a certificate
+    # the CA signed (router.Client(url, ca=..., cert=..., key=...)). Empty: plain HTTP
+    tls: TLSConfig = dataclasses.field(default_factory=TLSConfig)
 
     def validate(self) -> None:
+        if self.tls.enabled:
+            self.tls.require("cert", who="router serve serves HTTPS with its certificate and key")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")

@@ -38,6 +38,7 @@ import codecs
 import dataclasses
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -53,7 +54,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from comms.http import bearer_middleware, http_token, start_app
+from comms.http import bearer_middleware, http_token, http_url, start_app
+from comms.tls import TLSConfig, load_pair, read_pem, server_ssl_context
 from router.images import encode_png_gray, image_grid
 from router.requests import (
     SAMPLE_FIELDS,
@@ -126,9 +128,12 @@ class RouterServer:
         *,
         token: str | None = None,
         protect_metrics: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         """With ``token``, ``/v1/*`` (and ``/metrics`` if ``protect_metrics``) requires
-        ``Authorization: Bearer <token>``; ``/healthz`` stays open."""
+        ``Authorization: Bearer <token>``; ``/healthz`` stays open. With ``ssl_context`` it
+        serves HTTPS (``router_https_context``)."""
+        self.ssl_context = ssl_context
         self.served = served
         self.ensemble = served.ensemble
         self.limits = limits or LimitsConfig()
@@ -152,10 +157,10 @@ class RouterServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return http_url(self.address, self.ssl_context)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner, self.address = await start_app(self.app, f"{host}:{port}")
+        self._runner, self.address = await start_app(self.app, f"{host}:{port}", self.ssl_context)
         return self.address
 
     async def stop(self) -> None:
@@ -389,6 +394,15 @@ def _timeout_message(seconds: float) -> str:
     return f"the request ran past the server's limit of {seconds:g} s; ask for less work"
 
 
+def router_https_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """HTTPS for ``router serve`` from its ``[tls]`` section: its certificate and key; with
+    ``mutual``, clients must present a certificate signed by ``ca``. None: plain HTTP."""
+    if not tls.cert:
+        return None
+    cert_pem, key_pem = load_pair(tls.cert, tls.key)
+    return server_ssl_context(cert_pem, key_pem, read_pem(tls.ca) if tls.mutual else None)
+
+
 def _timeout_response(seconds: float) -> web.Response:
     return _json_error(504, "timeout", _timeout_message(seconds))
 
@@ -403,6 +417,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         config.limits,
         token=http_token(config.http_token),
         protect_metrics=config.http_token_metrics,
+        ssl_context=router_https_context(config.tls),
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -59,6 +59,7 @@ from federation_procs import FederationError, Supervisor  # noqa: E402
 
 from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig  # noqa: E402
 from comms.config import save_config  # noqa: E402
+from comms.http import url_of  # noqa: E402
 from comms.identity import Identity, Roster  # noqa: E402
 from island.config import IslandConfig, OptimConfig, SnapshotConfig  # noqa: E402
 from island.sync import SyncConfig  # noqa: E402
@@ -253,12 +254,12 @@ class Run:
 
 
 def http_json(address: str, path: str) -> dict:
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as r:
+    with urllib.request.urlopen(url_of(address) + path, timeout=10) as r:
         return json.loads(r.read())
 
 
 def http_text(address: str, path: str) -> str:
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as r:
+    with urllib.request.urlopen(url_of(address) + path, timeout=10) as r:
         return r.read().decode()
 
 

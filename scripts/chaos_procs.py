@@ -71,7 +71,9 @@ class Daemon:
 
 
 def http_json(address: str, path: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as r:
+    from comms.http import url_of
+
+    with urllib.request.urlopen(url_of(address) + path, timeout=timeout) as r:
         return json.loads(r.read())
 
 

@@ -142,8 +142,9 @@ class Federation:
             from comms import netns
 
             hosts += ["0.0.0.0", *(netns.hub_address(i) for i in range(self.n))]
-        daemons = [f"--daemon={name}={','.join(hosts)}" for name in ("root", "leaf0", "leaf1")]
-        islands = [f"--island=island{i}" for i in range(self.n)]
+        names = ("root", "leaf0", "leaf1", "router")  # router: router serve's HTTPS
+        daemons = [f"--daemon={name}={','.join(hosts)}" for name in names]
+        islands = [f"--island=island{i}" for i in range(self.n)] + ["--island=client"]
         self.sup.run("tls-init", "aggregator", "tls", "init", self.path("tls"),
                      "--ca-name", "federation.py CA", *daemons, *islands, timeout=60)  # fmt: skip
 
@@ -154,6 +155,12 @@ class Federation:
         cert, key = material_paths(self.path("tls"), name)
         ca = self.path("tls", CA_CERT_FILE)
         return TLSConfig(cert=str(cert), key=str(key), ca=ca, mutual=True)
+
+    def client_tls(self) -> dict[str, str]:
+        """``router.Client``'s TLS arguments for the launcher's queries to router serve: the
+        run's CA and the client certificate ``client`` (none without --tls)."""
+        tls = self.tls("client")
+        return {"ca": tls.ca, "cert": tls.cert, "key": tls.key} if tls.enabled else {}
 
     def island_config(self, i: int, **overrides: Any) -> IslandConfig:
         p = self.plan
@@ -422,6 +429,8 @@ class Federation:
     # ------------------------------------------------------------------ phase 3
 
     def ensemble(self) -> None:
+        from router import Client
+
         t0 = time.perf_counter()
         ex = self.plan.experts
         print(f"\n[3/3] ensemble: serve {self.n} experts with the router, query it, evaluate against "
@@ -429,6 +438,7 @@ class Federation:
         serve = ServeConfig(
             listen="127.0.0.1:0", experts=[self.path("experts", f"expert{i}") for i in range(self.n)],
             router=self.path("router"), rule="top1", roster=self.path("roster.json"),
+            tls=self.tls("router"),
             limits=LimitsConfig(request_timeout=300.0, max_samples=max(64, ex.samples),
                                 max_steps=max(200, ex.sample_steps)),
         )  # fmt: skip
@@ -442,7 +452,7 @@ class Federation:
         if ex.workload == "flow":
             facts.update(self.flow_samples(url))
         else:
-            facts["samples"] = query_prompts(url, ex)
+            facts["samples"] = query_prompts(Client(url, timeout=300, **self.client_tls()), ex)
         evaluation.finish(900)
         server.stop(20)
         facts["eval"] = json.loads(Path(self.path("eval.json")).read_text())
@@ -460,7 +470,7 @@ class Federation:
         ex = self.plan.experts
         roster = Roster.load(self.path("roster.json"))
         experts = [self.path("experts", f"expert{i}") for i in range(self.n)]
-        sets = sample_all(Client(url, timeout=300), experts, self.path("experts", "monolith"),
+        sets = sample_all(Client(url, timeout=300, **self.client_tls()), experts, self.path("experts", "monolith"),
                           ex.samples, ex.sample_steps, seed=0, roster=roster)  # fmt: skip
         rows = save_grid(sets, self.out / "samples.npz")
         quality = flow_quality(sets, ex.model, self.path("router"), self.path("partition"),
@@ -532,14 +542,11 @@ def watch(children: list[Child], metrics: list[str], total: int, label: str) -> 
     bar.close()
 
 
-def query_prompts(url: str, ex: ExpertsPlan) -> list[dict[str, Any]]:
-    """bytelm: prompts cut from the run's held-out text, completed through ``router.Client``
-    and printed as they come."""
+def query_prompts(client, ex: ExpertsPlan) -> list[dict[str, Any]]:
+    """bytelm: prompts cut from the run's held-out text, completed through ``client`` (a
+    ``router.Client``) and printed as they come."""
     from federation_experts import held_out_prompts
 
-    from router import Client
-
-    client = Client(url, timeout=300)
     samples = []
     for prompt in held_out_prompts(ex.model):
         print(f"  prompt {prompt!r}:", flush=True)
@@ -566,13 +573,19 @@ def eval_global(agg_http: str, root: str, island_config: str, init: str, out: st
     from aggregator.outer import apply_update
     from comms.config import load_config
     from comms.envelope import Envelope
+    from comms.http import url_of
+    from comms.tls import client_ssl_context, read_pem
     from comms.transport import TransportClient
     from comms.update import decode_update
     from island.pseudo import load_numpy_into
     from island.workloads import get_workload
 
+    cfg = load_config(IslandConfig, island_config)
+    # with --tls the aggregators serve HTTPS with certificates of the run's CA
+    context = client_ssl_context(read_pem(cfg.tls.ca)) if cfg.tls.ca else None
+
     def status(address: str) -> dict:
-        with urllib.request.urlopen(f"http://{address}/status", timeout=10) as r:
+        with urllib.request.urlopen(url_of(address) + "/status", timeout=10, context=context) as r:
             return json.loads(r.read())
 
     addresses, last, deadline = json.loads(agg_http), None, time.monotonic() + timeout
@@ -588,7 +601,6 @@ def eval_global(agg_http: str, root: str, island_config: str, init: str, out: st
     version = status(addresses["root"])["models"][MODEL_ID]["version"]
     theta = load_file(init)
     versions = [*range(0, version, max(1, math.ceil(version / GLOBAL_CURVE_POINTS))), version]
-    cfg = load_config(IslandConfig, island_config)
     reader = Identity.load(cfg.key)  # an island's key: reads are signed by roster keys
 
     async def replay() -> dict[int, dict]:

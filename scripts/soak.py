@@ -265,7 +265,9 @@ def machine_busy() -> tuple[float, float]:
 
 
 def http_get(address: str, path: str) -> bytes:
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=STATUS_TIMEOUT_S) as r:
+    from comms.http import url_of
+
+    with urllib.request.urlopen(url_of(address) + path, timeout=STATUS_TIMEOUT_S) as r:
         return r.read()
 
 

@@ -60,11 +60,11 @@ class Proc:
         return code == -signal.SIGKILL
 
     def status(self) -> dict:
-        with urllib.request.urlopen(f"http://{self.http}/status", timeout=10) as r:
+        with urllib.request.urlopen(f"{self.http}/status", timeout=10) as r:
             return json.loads(r.read())["models"]["global"]
 
     def rejected(self, reason: str) -> float:
-        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=10) as r:
             text = r.read().decode()
         prefix = f'archipelago_updates_rejected_total{{reason="{reason}"}} '
         return sum(float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix))

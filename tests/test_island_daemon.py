@@ -17,6 +17,7 @@ from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
 from aggregator.outer import apply_update
 from comms.config import save_config
 from comms.envelope import Envelope
+from comms.http import url_of
 from comms.identity import Identity, Roster
 from comms.transport import TransportClient
 from comms.update import decode_update
@@ -118,7 +119,7 @@ async def _theta_at(address, theta0, version, reader):
 
 def _accepted_updates(http_address: str) -> float:
     """The root's count of the island updates it accepted (its /metrics)."""
-    with urllib.request.urlopen(f"http://{http_address}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(url_of(http_address) + "/metrics", timeout=10) as r:
         text = r.read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])

@@ -389,3 +389,68 @@ def test_token_guards_the_api_and_healthz_stays_open(loop, checkpoints):
         assert loop.run(with_async_client(), 30)["experts"]
     finally:
         loop.run(server.stop(), 10)
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+def test_tls_serves_https_and_mutual_tls_requires_a_client_certificate(loop, checkpoints, tmp_path):
+    from comms.tls import CA_CERT_FILE, TLSConfig, init_federation, material_paths
+    from router.server import router_https_context
+
+    init_federation(tmp_path, {"router": ["127.0.0.1"], "user": ["user"]})
+    init_federation(tmp_path / "other", {"stranger": ["stranger"]}, ca_name="Another CA")
+    ca = str(tmp_path / CA_CERT_FILE)
+    cert, key = map(str, material_paths(tmp_path, "router"))
+    user_cert, user_key = map(str, material_paths(tmp_path, "user"))
+    stranger = tuple(map(str, material_paths(tmp_path / "other", "stranger")))
+    tls = TLSConfig(cert=cert, key=key, ca=ca, mutual=True)
+    served = load_served_ensemble(checkpoints["bytelm"])
+    server = RouterServer(served, LIMITS, ssl_context=router_https_context(tls))
+    loop.run(server.start(), 30)
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        client = Client(server.url, timeout=30, ca=ca, cert=user_cert, key=user_key)
+        assert client.experts()["experts"]
+        assert client.generate("a", max_bytes=4, seed=0).text is not None
+
+        async def async_experts(**tls_args):
+            async with AsyncClient(server.url, timeout=30, **tls_args) as c:
+                return await c.experts()
+
+        assert loop.run(async_experts(ca=ca, cert=user_cert, key=user_key), 30)["experts"]
+        refused = [
+            {"ca": ca},  # no client certificate
+            {"ca": ca, "cert": stranger[0], "key": stranger[1]},  # one another CA signed
+            {},  # the system trust store does not know the federation CA
+        ]
+        for tls_args in refused:
+            with pytest.raises(ConnectionFailed):
+                Client(server.url, timeout=30, **tls_args).experts()
+        with pytest.raises(ConnectionFailed):
+            Client(server.url.replace("https://", "http://"), timeout=30).experts()
+        with pytest.raises(ValueError, match="both cert and key"):
+            Client(server.url, ca=ca, cert=user_cert)
+    finally:
+        loop.run(server.stop(), 10)
+    # one-way TLS (no mutual): any client that trusts the CA
+    server = RouterServer(served, LIMITS, ssl_context=router_https_context(
+        TLSConfig(cert=cert, key=key)))  # fmt: skip
+    loop.run(server.start(), 30)
+    try:
+        assert Client(server.url, timeout=30, ca=ca).experts()["experts"]
+    finally:
+        loop.run(server.stop(), 10)
+
+
+def test_a_tls_section_without_a_certificate_is_refused_at_load(checkpoints, tmp_path):
+    from comms.config import load_config
+    from comms.tls import init_federation
+
+    init_federation(tmp_path, {"router": ["127.0.0.1"]})
+    config = checkpoints["bytelm"]
+    path = tmp_path / "serve.toml"
+    lines = [f"experts = {json.dumps(config.experts)}", f"router = {json.dumps(config.router)}"]
+    path.write_text("\n".join([*lines, "[tls]", f'ca = "{tmp_path}/ca.pem"', ""]))
+    with pytest.raises(ConfigError, match=r"tls\.cert: router serve serves HTTPS"):
+        load_config(ServeConfig, path)

@@ -52,4 +52,8 @@ def test_quick_federation_over_mutual_tls(tmp_path):
         assert f"{name}: tls=on (mutual)" in text, name
         assert "tls=off" not in text, name
     for name in ("root", "leaf0", "leaf1"):
-        assert "(tls=True)" in (logs / f"{name}.log").read_text()  # the gRPC server's own line
+        text = (logs / f"{name}.log").read_text()
+        assert "(tls=True)" in text  # the gRPC server's own line
+        assert " http https://" in text  # /status and /metrics over HTTPS too
+    # router serve answered the launcher's queries over mutual TLS
+    assert " on https://127.0.0.1:" in (logs / "router-serve.log").read_text()
