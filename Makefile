@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # CPU build of torch by default. On a GPU machine: make TORCH_SPEC="torch" (or a CUDA wheel of your choice).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo demo-comms test lint format venv bench clean
+.PHONY: demo demo-comms test lint format venv bench clean chromium
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,18 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The dashboard's browser test drives Debian's chromium through chromium-driver: installed
+# when missing and apt-get can (root, or sudo without a password); elsewhere the test skips.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
+	  || echo "make: could not install chromium (the dashboard's browser test will skip)"; \
+	else echo "make: no apt-get: the dashboard's browser test skips unless chromium is there"; fi
+
+test: lint chromium
 	$(BIN)/python -m pytest -q
 
 format: venv

@@ -1,9 +1,11 @@
-"""The aggregator's HTTP status endpoint: ``/healthz``, ``/status``, ``/metrics``."""
+"""The aggregator's HTTP status endpoint: ``/healthz``, ``/status``, ``/metrics``, and the
+dashboard (``/dashboard``, :mod:`aggregator.dashboard`)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from aggregator.dashboard.app import add_dashboard
 from comms.http import http_token, http_url, https_context, start_app, status_app
 
 
@@ -18,6 +20,8 @@ async def start_status_server(service, listen: str) -> web.AppRunner:
         token=http_token(service.config.http_token),
         protect_metrics=service.config.http_token_metrics,
     )
+    if getattr(service, "view", None) is not None:  # the dashboard (aggregator.dashboard)
+        add_dashboard(app, service.view, service, http_token(service.config.http_token))
     context = https_context(service.config.tls)  # HTTPS with the [tls] certificate, if any
     runner, service.http_address = await start_app(app, listen, context)
     service.http_url = http_url(service.http_address, context)

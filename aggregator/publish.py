@@ -19,7 +19,7 @@ from comms.errors import NotFoundError
 class Publishing:
     """The ``subscribe``, ``fetch`` and ``on_read_refused`` of
     :class:`~aggregator.service.AggregatorService` (its transport handler) and
-    :meth:`_publish`. Uses the service's ``lines``, ``identity`` and ``metrics``.
+    :meth:`_publish`. Uses the service's ``lines``, ``identity``, ``metrics`` and ``view``.
     """
 
     async def subscribe(self, model_id: str, from_version: int) -> AsyncIterator[tuple[int, bytes]]:
@@ -64,5 +64,6 @@ class Publishing:
 
     async def _publish(self, line: ModelLine, version: int) -> None:
         line.version = version
+        self.view.versioned(line.model_id, version)
         async with line.changed:
             line.changed.notify_all()

@@ -36,6 +36,7 @@ from safetensors.numpy import load_file
 
 from aggregator.clipping import NormClipping
 from aggregator.config import AggregatorConfig, ModelConfig
+from aggregator.dashboard.view import FederationView
 from aggregator.direction_check import DirectionChecking
 from aggregator.faults import fault_point
 from aggregator.flush import Flushing
@@ -115,6 +116,7 @@ class AggregatorService(
         self._log_direction_mode()
         self.lines: dict[str, ModelLine] = {}
         self.metrics = AggregatorMetrics(config.name, config.role, lines=self.lines)
+        self.view = FederationView(config.name, config.role, roster)  # the dashboard's data
         self.server: TransportServer | None = None
         self.http = None
         self.parent: TransportClient | None = None
@@ -341,11 +343,13 @@ class AggregatorService(
                     line.wakeup.set()
                 self.children[admitted.sender] = time.time()
                 self.metrics.accepted(admitted)
+                self.view.admitted(admitted, len(data))
                 await self._maybe_flush(line)
                 v_now = line.version
         except RejectedError as e:
             self.metrics.rejected.labels(e.reason).inc()
             self._count_rejection(line, e)
+            self.view.rejected(data, e)
             # a full disk is logged once, by the WAL's StorageHealth, not at every retry
             quiet = isinstance(e, StorageError)
             (log.debug if quiet else log.info)(

@@ -111,6 +111,9 @@ class Island:
         self.http_address = ""
         self.http_url = ""  # http:// or https:// (when [tls] has a certificate)
         self.ready = threading.Event()
+        self._report_mark = (time.perf_counter(), 0)  # (when, step) of the last push report
+        self._loss_sum, self._loss_n = 0.0, 0  # training losses since the last push report
+        self._last_val: tuple[float, int] | None = None  # (val_loss, version it evaluated)
 
     # ------------------------------------------------------------------ control
 
@@ -239,6 +242,7 @@ class Island:
         self.ready.set()
         cfg.optim.total_steps = cfg.steps  # for the cosine schedule
         self.started = time.perf_counter()
+        self._report_mark = (self.started, self.step)
         progress = _progress(cfg, self.step)
         try:
             self._train_steps(model, train_model, optimizer, batches, snapshotter, progress)
@@ -287,6 +291,7 @@ class Island:
             self.group, model, optimizer, engine=self.engine, every=cfg.sync.every,
             every_s=cfg.sync.every_s, anchor=anchor, anchor_version=anchor_version,
         )  # fmt: skip
+        self.lu.report = self._push_report
         self.lu.start()
         if resumed is not None and self.group.is_leader:
             self.lu.load_state_dict(resumed.data.get("local_update", {}))
@@ -336,6 +341,7 @@ class Island:
         self.compute_s += spent
         self.step += 1
         self.last_loss = loss.item()
+        self._loss_sum, self._loss_n = self._loss_sum + self.last_loss, self._loss_n + 1
         tokens = _batch_tokens(batch)
         self.tokens += tokens
         return tokens, spent
@@ -404,6 +410,8 @@ class Island:
         rnd = lu.round
         evaluate = self.config.eval_every and (rnd % self.config.eval_every == 0 or final)
         val = self._evaluate(model) if evaluate else None  # params == anchor: the global model
+        if val is not None:
+            self._last_val = (val, lu.version)
         sync = self.engine.stats
         record = {
             "t": round(time.perf_counter() - self.started, 3),
@@ -458,6 +466,28 @@ class Island:
             partition=partition_id(e.partition), train_steps=self.step,
             train_flops=float(self.workload.flops_per_step() * self.step),
         )  # fmt: skip
+
+    def _push_report(self) -> dict[str, Any]:
+        """What this island tells its aggregator's dashboard with each push (a few numbers in
+        the push's meta, checked there): steps done, steps per second since the last push,
+        utilization, mean training loss since then, the last validation loss of the global
+        model and its version, bytes received."""
+        now, (then, step_then) = time.perf_counter(), self._report_mark
+        self._report_mark = (now, self.step)
+        report: dict[str, Any] = {
+            "step": self.step,
+            "steps_per_s": round((self.step - step_then) / max(now - then, 1e-6), 3),
+            "utilization": round(self.utilization(), 4),
+        }
+        if self._loss_n and math.isfinite(self._loss_sum):
+            report["train_loss"] = round(self._loss_sum / self._loss_n, 5)
+        self._loss_sum, self._loss_n = 0.0, 0
+        if self._last_val is not None and math.isfinite(self._last_val[0]):
+            val, version = self._last_val
+            report["val_loss"], report["val_version"] = round(val, 5), version
+        if self.engine is not None:
+            report["bytes_down"] = int(self.engine.stats["bytes_received"])
+        return report
 
     # ------------------------------------------------------------------ status
 

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -165,6 +165,9 @@ class LocalUpdate:
         self._boundary_s = 0.0
         self._started_at: float | None = None
         self.last_push: Any = None  # future of the last round's PushOutcome
+        # () -> a small dict of figures (loss, steps/s, ...) sent as the push meta's "report";
+        # aggregators show it on their dashboard (aggregator.dashboard) and drop a bad one
+        self.report: Callable[[], dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ lifetime
 
@@ -254,6 +257,8 @@ class LocalUpdate:
             meta["compute_s"] = round(self._compute_in_round, 6)
             if not self._tokens_in_round:  # weight_by_samples then weighs by steps
                 meta["tokens"] = self._steps_in_round
+        if self.report is not None:
+            meta["report"] = self.report()
         self.last_push = self.engine.submit_delta(delta, base_version=self._version, meta=meta)
         if self.eager:
             seq = self.last_push.sequence

@@ -1,0 +1,302 @@
+"""What one aggregator knows of the federation below it, for its dashboard and its parent.
+
+Every aggregator keeps a :class:`FederationView`: a record per island that pushed to it
+(from the pushes themselves: when, how many bytes, base version, staleness, inner steps; and
+from the island's ``report`` in the push meta: steps per second, utilization, losses), the
+recent rejections with their reasons, the times of its versions, and the last ``summary``
+each child aggregator sent with a partial. ``summary()`` is what it sends its own parent in
+the meta of each partial: its own record, its children's and all their islands, flattened
+(so the depth of the tree does not deepen the meta), so the root's view holds the whole
+tree. Times travel as ages (``age_s``, seconds before the summary left), never as clock
+readings, so a skewed clock elsewhere does not move them; the receiver adds the time the
+summary has waited since. ``snapshot()`` is the dashboard's data.
+
+Bytes against data-parallel training: a synchronous data-parallel run with a ring all-reduce
+of fp32 gradients moves ``2 (N - 1) / N * 4 * P`` bytes per worker per step (``N`` workers,
+``P`` parameters; Patarasuk & Yuan 2009), the figure ``scripts/federation_report.py`` uses;
+the dashboard multiplies it by the inner steps each island reports and compares the sum with
+the bytes the islands really pushed (measured at their aggregators) and received (as they
+report).
+
+Runs on the aggregator's event loop; nothing here blocks or raises on a peer's bad input
+(:mod:`aggregator.dashboard.reports` checks it; a bad report is logged, counted and dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from typing import Any
+
+from aggregator.dashboard.reports import (
+    MAX_AGGREGATORS,
+    MAX_ISLANDS,
+    MAX_REASONS,
+    MAX_REJECTIONS,
+    REPORT_FIELDS,
+    child_summary,
+    island_report,
+    text,
+)
+from comms.envelope import parse_header
+from comms.errors import MalformedError
+
+log = logging.getLogger("aggregator.service")
+
+ALIVE_MIN_S = 30.0  # an island is alive if it pushed within this...
+ALIVE_INTERVALS = 3.0  # ...or within this many of its own mean intervals between pushes
+KEEP_REJECTIONS = 64
+KEEP_VERSIONS = 1024  # (time, version) pairs per model
+KEEP_LOSS_POINTS = 2000
+
+
+def ddp_bytes_per_step(params: int, islands: int) -> float:
+    """Bytes one worker sends per step in a ring all-reduce of fp32 gradients."""
+    return 2.0 * (islands - 1) / islands * 4.0 * params if islands > 0 else 0.0
+
+
+class FederationView:
+    """One aggregator's view of the federation below it (see the module docstring)."""
+
+    def __init__(self, name: str, role: str, roster=None, clock=time.time):
+        self.name, self.role, self.roster, self.clock = name, role, roster, clock
+        self.started = clock()
+        self.islands: dict[str, dict[str, Any]] = {}  # "model_id/peer" -> record
+        self.children: dict[str, tuple[float, dict]] = {}  # peer -> (received at, summary)
+        self.rejections: deque[dict] = deque(maxlen=KEEP_REJECTIONS)
+        self.versions: dict[str, deque[tuple[float, int]]] = {}
+        self.loss: deque[dict] = deque(maxlen=KEEP_LOSS_POINTS)
+        self._loss_steps: dict[str, int] = {}  # island key -> newest step with a point
+        self.bad_reports = 0
+
+    # ------------------------------------------------------------------ events
+
+    def admitted(self, admitted, nbytes: int) -> None:
+        """A push passed admission: an island's delta updates its record, a child's partial
+        replaces the child's summary."""
+        h = admitted.envelope.header
+        try:
+            if h.kind == "partial":
+                self._child(h.sender, h.meta.get("summary"))
+            else:
+                self._island_push(admitted, nbytes)
+        except MalformedError as e:
+            self.bad_reports += 1
+            log.warning("%s: dashboard report of %s dropped (the update is kept): %s",
+                        self.name, self._name_of(h.sender), e)  # fmt: skip
+        except Exception:  # the dashboard must never fail a push that is already logged
+            self.bad_reports += 1
+            log.exception("%s: dashboard report of %s dropped", self.name, h.sender)
+
+    def rejected(self, data: bytes, error: Exception) -> None:
+        """A push was refused: remember when, whose (as its header claims), and why."""
+        sender = model_id = ""
+        try:
+            h = parse_header(data)
+            sender, model_id = str(h.sender)[:64], str(h.model_id)[:64]
+        except Exception:  # an unreadable header: the rejection is still shown
+            pass
+        reason = str(getattr(error, "reason", type(error).__name__))[:64]
+        now = self.clock()
+        self.rejections.append({
+            "t": now, "at": self.name, "sender": self._name_of(sender) if sender else "?",
+            "model_id": model_id, "reason": reason, "message": str(error)[:200],
+        })  # fmt: skip
+        if sender and self.roster is not None and self.roster.get(sender) is not None:
+            rec = self._island_record(model_id, sender, now)  # a known island: count it
+            if reason in rec["rejected"] or len(rec["rejected"]) < MAX_REASONS:
+                rec["rejected"][reason] = rec["rejected"].get(reason, 0) + 1
+
+    def versioned(self, model_id: str, version: int) -> None:
+        """A version was published (root) or followed (leaf, mid)."""
+        times = self.versions.setdefault(model_id, deque(maxlen=KEEP_VERSIONS))
+        times.append((self.clock(), int(version)))
+
+    # ------------------------------------------------------------------ islands and children
+
+    def _name_of(self, peer: str) -> str:
+        entry = self.roster.get(peer) if self.roster is not None and peer else None
+        return (entry.name if entry is not None and entry.name else peer[:12]) or "?"
+
+    def _island_record(self, model_id: str, peer: str, now: float) -> dict[str, Any]:
+        key = f"{model_id}/{peer}"
+        rec = self.islands.get(key)
+        if rec is None:
+            rec = self.islands[key] = {
+                "name": self._name_of(peer), "peer": peer[:64], "leaf": self.name,
+                "model_id": model_id[:64], "first_seen": now, "last_seen": None,
+                "pushes": 0, "bytes_up": 0, "steps_pushed": 0, "rejected": {},
+            }  # fmt: skip
+        return rec
+
+    def _island_push(self, admitted, nbytes: int) -> None:
+        h = admitted.envelope.header
+        now = self.clock()
+        report = island_report(h.meta)  # raises before anything is changed
+        rec = self._island_record(h.model_id, h.sender, now)
+        rec["last_seen"] = now
+        rec["pushes"] += 1
+        rec["bytes_up"] += int(nbytes)
+        steps = h.meta.get("steps")
+        if isinstance(steps, int) and not isinstance(steps, bool) and 0 < steps < 2**31:
+            rec["steps_pushed"] += steps
+        rec["base_version"], rec["staleness"] = h.base_version, admitted.staleness
+        rec.update(report)
+        self._note_loss(f"{h.model_id}/{h.sender}", rec, now)
+
+    def _child(self, sender: str, summary: Any) -> None:
+        if summary is None:
+            return
+        checked = child_summary(summary)
+        for rec in checked["aggregators"]:
+            if rec["peer"] == sender:  # who feeds whom: the child's parent is this aggregator
+                rec["parent"] = self.name
+        now = self.clock()
+        self.children[sender] = (now, checked)
+        for rec in checked["islands"]:
+            key = f"{rec.get('model_id', '')}/{rec.get('peer', rec['name'])}"
+            self._note_loss(key, rec, now - rec["age_s"])
+
+    def _note_loss(self, key: str, rec: dict, t: float) -> None:
+        """A point of the loss history when the island's reported step moved."""
+        step = rec.get("step")
+        if step is None or step <= self._loss_steps.get(key, -1):
+            return
+        if rec.get("train_loss") is None and rec.get("val_loss") is None:
+            return
+        self._loss_steps[key] = step
+        point = {"t": t, "island": rec["name"], "step": step}
+        for k in ("train_loss", "val_loss", "val_version"):
+            if rec.get(k) is not None:
+                point[k] = rec[k]
+        self.loss.append(point)
+
+    # ------------------------------------------------------------------ the views
+
+    def _versions_per_min(self, now: float) -> float:
+        recent = sum(1 for times in self.versions.values() for t, _ in times if t > now - 60)
+        return float(recent) * 60.0 / max(5.0, min(60.0, now - self.started))
+
+    def _own_record(self, service, now: float) -> dict[str, Any]:
+        lines = list(service.lines.values())
+        wal_bytes = 0
+        for line in lines:
+            with contextlib.suppress(OSError):
+                wal_bytes += sum(p.stat().st_size for p in line.wal._segments())
+        return {
+            "name": text(self.name, "name"), "role": self.role,
+            "peer": service.identity.peer_id, "address": text(service.address or "", "address"),
+            "age_s": 0.0, "uptime_s": round(now - self.started, 1),
+            "version": max((line.version for line in lines), default=0),
+            "buffered": sum(line.buffered for line in lines), "outbox": service._outbox.qsize(),
+            "workers": sum(line.pool.stats().workers_alive for line in lines if line.pool),
+            "wal_bytes": wal_bytes,
+            "wal_records": sum(max(0, line.wal.last_index - line.wal.mark) for line in lines),
+            "versions_per_min": round(self._versions_per_min(now), 2),
+            "children": len(service.children),
+            "partials_sent": sum(line.partial_seq for line in lines),
+        }  # fmt: skip
+
+    def _merged(self, service, now: float) -> dict[str, list]:
+        """Own record and islands, and every child's, with ages as of ``now``."""
+        aggregators = [self._own_record(service, now)]
+        islands: dict[str, dict] = {}
+        for key, rec in self.islands.items():
+            seen = rec["last_seen"]
+            if seen is None:  # known only from rejections
+                seen = rec["first_seen"]
+            out = {k: v for k, v in rec.items() if k not in ("first_seen", "last_seen")}
+            out["age_s"] = round(max(0.0, now - seen), 3)
+            if rec["pushes"] > 1 and rec["last_seen"] is not None:
+                out["interval_s"] = round((seen - rec["first_seen"]) / (rec["pushes"] - 1), 3)
+            islands[key] = out
+        rejections = [
+            {**{k: v for k, v in r.items() if k != "t"}, "age_s": round(max(0.0, now - r["t"]), 3)}
+            for r in self.rejections
+        ]
+        for received, summary in self.children.values():
+            waited = max(0.0, now - received)
+            for rec in summary["aggregators"]:
+                aggregators.append({**rec, "age_s": rec.get("age_s", 0.0) + waited})
+            for rec in summary["islands"]:
+                key = f"{rec.get('model_id', '')}/{rec.get('peer', rec['name'])}"
+                aged = {**rec, "age_s": rec["age_s"] + waited}
+                if key not in islands or aged["age_s"] < islands[key]["age_s"]:
+                    islands[key] = aged  # an island that moved: its newest record
+            for rec in summary["rejections"]:
+                rejections.append({**rec, "age_s": rec.get("age_s", 0.0) + waited})
+        rejections.sort(key=lambda r: r["age_s"])
+        return {
+            "aggregators": aggregators[:MAX_AGGREGATORS],
+            "islands": sorted(islands.values(), key=lambda r: r["age_s"])[:MAX_ISLANDS],
+            "rejections": rejections,
+        }
+
+    def summary(self, service) -> dict[str, list]:
+        """What this aggregator tells its parent (``meta["summary"]`` of each partial)."""
+        try:
+            merged = self._merged(service, self.clock())
+        except Exception:  # never hold a partial back for the dashboard's sake
+            log.exception("%s: no dashboard summary for the parent this time", self.name)
+            return {}
+        merged["rejections"] = merged["rejections"][:MAX_REJECTIONS]
+        return merged
+
+    def snapshot(self, service) -> dict[str, Any]:
+        """The dashboard's data: this aggregator and everything below it."""
+        now = self.clock()
+        merged = self._merged(service, now)
+        for rec in merged["islands"]:
+            window = max(ALIVE_MIN_S, ALIVE_INTERVALS * rec.get("interval_s", 0.0))
+            rec["alive"] = rec["age_s"] < window
+        models = []
+        for model_id, line in service.lines.items():
+            params = (
+                sum(math.prod(shape) for _, shape, _ in line.manifest.tensors)
+                if line.manifest is not None
+                else 0
+            )
+            times = list(self.versions.get(model_id, ()))
+            models.append({
+                "model_id": model_id, "version": line.version, "params": params,
+                "versions": [[round(t, 3), v] for t, v in times[-240:]],
+            })  # fmt: skip
+        return {
+            "at": now,
+            "name": self.name,
+            "role": self.role,
+            "versions_per_min": merged["aggregators"][0]["versions_per_min"],
+            "models": models,
+            "aggregators": merged["aggregators"],
+            "islands": merged["islands"],
+            "rejections": merged["rejections"][:KEEP_REJECTIONS],
+            "loss": list(self.loss)[-600:],
+            "bytes": self._bytes(merged["islands"], models),
+            "bad_reports": self.bad_reports,
+            "report_fields": sorted(REPORT_FIELDS),
+        }
+
+    @staticmethod
+    def _bytes(islands: list[dict], models: list[dict]) -> dict[str, Any]:
+        """Bytes the islands moved against a data-parallel run's (module docstring)."""
+        params = {m["model_id"]: m["params"] for m in models}
+        up = sum(r.get("bytes_up", 0) for r in islands)
+        down = sum(r.get("bytes_down", 0) for r in islands)
+        ddp = 0.0
+        for model_id, p in params.items():
+            mine = [r for r in islands if r.get("model_id") == model_id]
+            for r in mine:
+                steps = r.get("step", r.get("steps_pushed", 0))
+                ddp += steps * ddp_bytes_per_step(p, len(mine))
+        return {
+            "up": up,
+            "down": down,
+            "ddp": round(ddp),
+            "how": "data-parallel: a ring all-reduce of fp32 gradients every inner step, "
+            "2 (N-1)/N x 4 x params bytes per island per step, times the steps each island "
+            "reports; up: push bytes measured at the aggregators; down: bytes the islands "
+            "report receiving",
+        }

@@ -1,0 +1,228 @@
+"""The federation dashboard: its routes behind the token, its live stream, a leaf's summary
+reaching the root, and peers' bad reports dropped without losing their updates. Real
+aggregator services on loopback (port 0); islands are signed pushes from test identities."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import aiohttp
+import pytest
+from aggtools import make_federation, random_delta
+from test_aggregator_service import wait_for
+
+from aggregator.dashboard.app import COOKIE, session_value
+from aggregator.dashboard.reports import MAX_ISLANDS, child_summary, island_report
+from aggregator.dashboard.view import ddp_bytes_per_step
+from aggregator.service import AggregatorService
+from comms.errors import MalformedError, ReplayError
+from comms.transport import TransportClient
+from comms.update import encode_update
+
+TOKEN = "dashboard-t0ken"
+ROUTES = ("/dashboard", "/dashboard/static/dashboard.js", "/dashboard/static/dashboard.css",
+          "/dashboard/data", "/dashboard/events")  # fmt: skip
+
+
+def push_bytes(ident, delta, sequence, meta=None, base_version=0) -> bytes:
+    env = encode_update(delta, codec="none", model_id="global", kind="delta",
+                        sender=ident.peer_id, sequence=sequence, base_version=base_version,
+                        meta=meta or {}, identity=ident)  # fmt: skip
+    return env.to_bytes()
+
+
+async def fetch(session, url, token=None, **kw):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with session.get(url, headers=headers, **kw) as r:
+        if r.content_type == "text/event-stream":
+            first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
+            return r.status, r.headers, first.decode()
+        return r.status, r.headers, await r.text()
+
+
+async def test_page_assets_data_and_events_need_the_token(tmp_path):
+    fed = make_federation(tmp_path, 1, aggregators=("root",))
+    cfg = fed.config("root", "root")
+    cfg.http, cfg.http_token = "127.0.0.1:0", TOKEN
+    root = AggregatorService(cfg)
+    await root.start()
+    base = f"http://{root.http_address}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path in ROUTES:
+                for token in (None, "wrong"):
+                    status, headers, body = await fetch(s, base + path, token)
+                    assert status == 401, (path, token)
+                    assert headers["WWW-Authenticate"] == "Bearer" and TOKEN not in body
+            status, _, body = await fetch(s, base + "/dashboard")
+            assert "?token=" in body  # the 401 page says what to do
+            status, headers, page = await fetch(s, base + "/dashboard", TOKEN)
+            assert status == 200 and headers["Content-Type"].startswith("text/html")
+            assert "/dashboard/static/dashboard.js" in page
+            assert "http" not in page.split("<body>")[1]  # no CDN: every asset is served here
+            status, headers, _ = await fetch(s, base + "/dashboard/static/dashboard.js", TOKEN)
+            assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+            assert (await fetch(s, base + "/dashboard/static/../http.py", TOKEN))[0] == 404
+            assert (await fetch(s, base + "/dashboard/static/index.py", TOKEN))[0] == 404
+            status, headers, event = await fetch(s, base + "/dashboard/events", TOKEN)
+            assert status == 200 and headers["Content-Type"] == "text/event-stream"
+            assert event.startswith("event: snapshot\ndata: ")
+            snap = json.loads(event.split("data: ", 1)[1])
+            assert snap["name"] == "root" and snap["models"][0]["model_id"] == "global"
+            assert snap["models"][0]["params"] == 32 * 16 + 16
+        # a browser: ?token= once, then the cookie (which is not the token)
+        jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP address
+        async with aiohttp.ClientSession(cookie_jar=jar) as s:
+            assert (await fetch(s, base + "/dashboard?token=wrong"))[0] == 401
+            async with s.get(base + f"/dashboard?token={TOKEN}", allow_redirects=False) as r:
+                assert r.status == 303 and r.headers["Location"] == "/dashboard"
+                cookie = r.headers["Set-Cookie"]
+            assert TOKEN not in cookie and session_value(TOKEN) in cookie
+            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            for path in ROUTES:
+                assert (await fetch(s, base + path))[0] == 200, path
+            assert {c.key for c in jar} == {COOKIE}
+    finally:
+        await root.stop()
+
+
+async def test_without_a_token_the_dashboard_is_open(tmp_path, monkeypatch):
+    monkeypatch.delenv("ARCHIPELAGO_HTTP_TOKEN", raising=False)
+    fed = make_federation(tmp_path, 1, aggregators=("root",))
+    cfg = fed.config("root", "root")
+    cfg.http = "127.0.0.1:0"
+    root = AggregatorService(cfg)
+    await root.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path in ROUTES:
+                assert (await fetch(s, f"http://{root.http_address}{path}"))[0] == 200, path
+    finally:
+        await root.stop()
+
+
+async def test_a_leafs_summary_of_its_islands_reaches_the_roots_dashboard(tmp_path):
+    """Two islands push to a leaf (K = 2) with reports in their meta; the leaf's partial
+    carries its summary to the root, whose dashboard data then lists both islands, the leaf
+    feeding the root, the loss points, the bytes, and a replay refused at the leaf."""
+    fed = make_federation(tmp_path, 3)
+    root_cfg = fed.config("root", "root", buffer_k=1)
+    root_cfg.http = "127.0.0.1:0"
+    root = AggregatorService(root_cfg)
+    root_address = await root.start()
+    leaf = AggregatorService(fed.config("leaf0", "leaf", parent=root_address, buffer_k=2))
+    await leaf.start()
+    try:
+        datas = []
+        for i in range(2):
+            report = {"step": 10 + i, "steps_per_s": 2.5 + i, "utilization": 0.75,
+                      "train_loss": 3.0 - i, "val_loss": 2.9, "val_version": 0,
+                      "bytes_down": 1000 + i}  # fmt: skip
+            meta = {"steps": 10, "every": 10, "report": report}
+            datas.append(push_bytes(fed.islands[i], random_delta(fed.theta0, i), 1, meta))
+        async with TransportClient(leaf.address, identity=fed.islands[0]) as c:
+            for data in datas:
+                await c.push(data)
+            with pytest.raises(ReplayError):
+                await c.push(datas[0], retries=0)
+            await wait_for(lambda: root.lines["global"].version >= 1)
+            # the refusal happened after the partial left: the next partial carries it
+            more = [push_bytes(fed.islands[i], random_delta(fed.theta0, 5 + i), 2,
+                               {"steps": 10, "every": 10}, base_version=1) for i in range(2)]  # fmt: skip
+            await wait_for(lambda: leaf.lines["global"].version >= 1)
+            for data in more:
+                await c.push(data)
+            await wait_for(lambda: root.lines["global"].version >= 2)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://{root.http_address}/dashboard/data") as r,
+        ):
+            snap = await r.json()
+    finally:
+        await leaf.stop()
+        await root.stop()
+    islands = {r["name"]: r for r in snap["islands"]}
+    assert set(islands) == {"island0", "island1"}
+    for i, name in enumerate(("island0", "island1")):
+        rec = islands[name]
+        assert rec["leaf"] == "leaf0" and rec["alive"] and rec["pushes"] == 2
+        assert rec["steps_per_s"] == 2.5 + i and rec["utilization"] == 0.75  # the first report
+        assert rec["bytes_up"] == len(datas[i]) + len(more[i]) and rec["bytes_down"] == 1000 + i
+        assert rec["steps_pushed"] == 20 and rec["base_version"] == 1 and rec["staleness"] == 0
+    assert islands["island0"]["rejected"] == {"replay": 1}
+    aggs = {a["name"]: a for a in snap["aggregators"]}
+    assert aggs["leaf0"]["parent"] == "root" and aggs["leaf0"]["role"] == "leaf"
+    assert aggs["leaf0"]["partials_sent"] == 2 and aggs["root"]["version"] == 2
+    assert aggs["root"]["wal_bytes"] > 0
+    assert [r["reason"] for r in snap["rejections"]] == ["replay"]
+    assert snap["rejections"][0]["at"] == "leaf0" and snap["rejections"][0]["sender"] == "island0"
+    points = sorted((p["island"], p["step"], p["train_loss"]) for p in snap["loss"])
+    assert points == [("island0", 10, 3.0), ("island1", 11, 2.0)]
+    assert [v for _, v in snap["models"][0]["versions"]] == [1, 2]
+    params = 32 * 16 + 16
+    assert snap["bytes"]["ddp"] == round((10 + 11) * ddp_bytes_per_step(params, 2))
+    assert snap["bytes"]["up"] == sum(map(len, datas + more))
+
+
+async def test_a_bad_report_is_dropped_and_its_update_kept(tmp_path):
+    fed = make_federation(tmp_path, 2, aggregators=("root",))
+    root = AggregatorService(fed.config("root", "root", buffer_k=2))
+    await root.start()
+    try:
+        bad = {"steps": 10, "every": 10, "report": {"utilization": 7.0, "step": 3}}
+        async with TransportClient(root.address, identity=fed.islands[0]) as c:
+            await c.push(push_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1, bad))
+            await c.push(push_bytes(fed.islands[1], random_delta(fed.theta0, 1), 1,
+                                    {"report": {"step": 4, "utilization": 0.5}}))  # fmt: skip
+            await wait_for(lambda: root.lines["global"].version == 1)  # both merged
+    finally:
+        await root.stop()
+    snap = root.view.snapshot(root)
+    assert snap["bad_reports"] == 1
+    islands = {r["name"]: r for r in snap["islands"]}
+    assert "island0" not in islands  # its report was dropped whole, before any change
+    assert islands["island1"]["utilization"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "report, field",
+    [
+        ({"utilization": 1.5}, "report.utilization"),
+        ({"step": -1}, "report.step"),
+        ({"step": 2.5}, "report.step"),
+        ({"step": True}, "report.step"),
+        ({"train_loss": math.nan}, "report.train_loss"),
+        ({"train_loss": "low"}, "report.train_loss"),
+        ({"bytes_down": 2**60}, "report.bytes_down"),
+        ([1, 2], "report"),
+    ],
+)
+def test_island_report_refuses_bad_values_naming_the_field(report, field):
+    with pytest.raises(MalformedError, match=field.replace(".", r"\.")):
+        island_report({"report": report})
+
+
+def test_island_report_keeps_known_fields_only():
+    got = island_report({"report": {"step": 5, "utilization": 1, "secret": "x" * 10**6}})
+    assert got == {"step": 5, "utilization": 1.0}
+    assert island_report({"steps": 3}) == {}
+
+
+def test_child_summary_bounds_sizes_and_cuts_strings():
+    island = {"name": "n" * 1000 + "\x1b[2J", "age_s": 1.0, "rejected": {"replay": 2}}
+    got = child_summary({"islands": [island], "aggregators": [{"name": "a", "peer": "p"}]})
+    assert len(got["islands"][0]["name"]) == 64 and got["islands"][0]["rejected"] == {"replay": 2}
+    escaped = child_summary({"islands": [{**island, "name": "a\x1bb"}]})["islands"][0]["name"]
+    assert escaped == "a?b"
+    with pytest.raises(MalformedError, match="more than"):
+        child_summary({"islands": [island] * (MAX_ISLANDS + 1)})
+    with pytest.raises(MalformedError, match="needs a name and a peer"):
+        child_summary({"aggregators": [{"name": "a"}]})
+    with pytest.raises(MalformedError, match="age_s"):
+        child_summary({"islands": [{"name": "x", "age_s": -1.0}]})
+    with pytest.raises(MalformedError, match="rejected"):
+        child_summary({"islands": [{**island, "rejected": {str(i): 1 for i in range(99)}}]})
+    with pytest.raises(MalformedError, match="expected a map"):
+        child_summary([1])
