@@ -211,3 +211,17 @@ def test_bad_ttl_is_a_config_error(pair):
             10.0,
             now=1.0,
         )
+
+
+def test_dht_links_run_libp2p_tls(pair):
+    """The DHT's p2pd (hivemind's libp2p daemon) is started with TLS 1.3 channel security
+    (hivemind.P2P's default, ``-tls=1``): records and lookups between nodes are encrypted, and
+    each end is authenticated by its libp2p peer ID; records are signed by roster keys on top."""
+    from comms.discovery import p2pd_children
+
+    for node in pair:
+        daemons = p2pd_children(node.dht.pid)
+        assert len(daemons) == 1, daemons
+        with open(f"/proc/{daemons[0][0]}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"-tls=1" in argv, argv
