@@ -3,9 +3,10 @@
     router partition CONFIG.toml   cluster a workload's training documents into K partitions
     router train CONFIG.toml       train a router to predict the partition, save it signed
     router eval CONFIG.toml        held-out loss of each expert and of the ensemble per rule
+    router distill CONFIG.toml     train one dense student on the ensemble's outputs, save it
     router serve SERVE.toml        serve the ensemble over HTTP (see ``router.server``)
 
-``partition``, ``train`` and ``eval`` read one experiment config (``RouterConfig``)::
+``partition``, ``train``, ``eval`` and ``distill`` read one experiment config (``RouterConfig``)::
 
     [workload]
     name = "bytelm"
@@ -22,6 +23,14 @@
     [eval]
     experts = ["runs/expert0", "runs/expert1", "runs/expert2", "runs/expert3"]
     output = "runs/eval.json"
+
+    [distill]                      # experts and router default to [eval]'s
+    rule = "top_k:2"
+    steps = 600
+    output = "runs/student"
+
+``distill``'s ``--steps``, ``--batch-size``, ``--lr``, ``--seed``, ``--rule`` and ``--output``
+override the ``[distill]`` keys of the same names.
 
 Configs are typed (``comms.config.load_config``); paths are taken from the working directory.
 A bad config or input prints ``router: <file>: <key>: <message>`` and exits 2, with no
@@ -127,11 +136,46 @@ class EvalSection:
 
 
 @dataclasses.dataclass
+class DistillSection:
+    experts: list[str] = dataclasses.field(default_factory=list)  # [] = eval.experts
+    router: str = ""  # router checkpoint dir; "" = eval.router, else router.dir
+    rule: str = "top_k:2"  # the teacher: the ensemble under this rule
+    # model keys over the experts' (e.g. hidden = 256); {} = the experts' architecture
+    student: dict[str, Any] = dataclasses.field(default_factory=dict)
+    steps: int = 600
+    batch_size: int = 256  # images (flow) or windows (bytelm) per step
+    lr: float = 2e-3  # AdamW peak; 5% warmup, cosine to 10%
+    seed: int = 0  # the student's initialisation and the drawn inputs
+    gap_batches: int = 4  # fresh batches on which the student's gap to the teacher is measured
+    output: str = "student"  # where the student checkpoint is saved
+    expert_id: str = "student"
+    key: str = ""  # Ed25519 key file to sign with (created if absent); "" = a fresh key
+
+    def validate(self) -> None:
+        from router.rules import parse_rule
+
+        try:
+            parse_rule(self.rule)
+        except ValueError as e:
+            raise ConfigError(f"rule: {e}") from e
+        for key in ("steps", "batch_size", "gap_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be non-negative, got {self.seed}")
+        if not self.expert_id or "." in self.expert_id:
+            raise ConfigError(f"expert_id: must be non-empty without '.', got {self.expert_id!r}")
+
+
+@dataclasses.dataclass
 class RouterConfig:
     workload: WorkloadSection = dataclasses.field(default_factory=WorkloadSection)
     partition: PartitionSection = dataclasses.field(default_factory=PartitionSection)
     router: RouterSection = dataclasses.field(default_factory=RouterSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    distill: DistillSection = dataclasses.field(default_factory=DistillSection)
 
 
 def build_workload(config: RouterConfig, source: str):
@@ -302,6 +346,109 @@ def run_eval(config: RouterConfig, source: str) -> int:
     return 0
 
 
+# --- distill --------------------------------------------------------------------------------
+
+
+def _same_architecture(models: dict[str, Any]) -> str:
+    """'' when every model has the same parameter names and shapes, else what differs."""
+    (first, reference), *others = models.items()
+    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    for name, model in others:
+        theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if theirs != shapes:
+            diff = sorted(set(shapes.items()) ^ set(theirs.items()))[0][0]
+            return (
+                f"{name} and {first} differ at {diff} ({shapes.get(diff, 'absent')} in {first}, "
+                f"{theirs.get(diff, 'absent')} in {name})"
+            )
+    return ""
+
+
+def distill_ensemble(config: RouterConfig, source: str) -> dict[str, Any]:
+    """Load the ensemble, check every input, train the student, save it signed as an expert."""
+    from router.checkpoint import build_workload_model, load_ensemble, save_expert
+    from router.distill import distill, teacher_gap
+
+    d = config.distill
+    experts = d.experts or config.eval.experts
+    if not experts:
+        raise ConfigError(f"{source}: distill.experts: list the expert checkpoints")
+    router = d.router or config.eval.router or config.router.dir
+    inputs = WorkloadSection(
+        config.workload.name, {**config.workload.config, "batch_size": d.batch_size}
+    )
+    workload = build_workload(dataclasses.replace(config, workload=inputs), source)
+    try:
+        served = load_ensemble(experts, router, rule=d.rule, device=str(workload.device))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: distill: {e}") from e
+    if served.workload != workload.name:
+        raise ConfigError(
+            f"{source}: workload.name: {workload.name!r}, but the experts are {served.workload}"
+        )
+    ensemble = served.ensemble
+    different = _same_architecture(dict(ensemble.experts.items()))
+    if different and not d.student:
+        raise ConfigError(
+            f"{source}: distill.experts: the experts' architectures differ ({different}); set "
+            "distill.student to the student's model keys"
+        )
+    student_config = {**served.experts[0]["workload_config"], **d.student}
+    student_config["batch_size"] = d.batch_size
+    student_config.pop("device", None)
+    try:
+        student = build_workload_model(workload.name, student_config, str(workload.device), d.seed)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: distill.student: {e}") from e
+    window = getattr(workload.config, "context", None)
+    if window is not None and getattr(student, "context", window) < window:
+        raise ConfigError(
+            f"{source}: distill.student: context {student.context} is shorter than the "
+            f"workload's windows of {window} bytes"
+        )
+    gap_before = teacher_gap(student, ensemble, workload.train_batches(d.seed + 1), d.gap_batches)
+    metrics = distill(student, ensemble, workload.train_batches(d.seed), d.steps, d.lr)
+    gap_after = teacher_gap(student, ensemble, workload.train_batches(d.seed + 1), d.gap_batches)
+    summary = {
+        "workload": workload.name,
+        "experts": [m["expert_id"] for m in served.experts],
+        "rule": d.rule,
+        "steps": d.steps,
+        "batch_size": d.batch_size,
+        "lr": d.lr,
+        "seed": d.seed,
+        "final_loss": metrics.final_loss,
+        "gap_before": gap_before,
+        "gap_after": gap_after,
+        "validation_loss": workload.validation_loss(student, config.eval.max_batches),
+        "flops": metrics.flops,
+        "student_flops": metrics.student_flops,
+        "teacher_flops": metrics.teacher_flops,
+        "seconds": metrics.seconds,
+        "output": d.output,
+    }
+    save_expert(
+        d.output, student.cpu(), workload=workload.name, workload_config=student_config,
+        expert_id=d.expert_id, cluster=None, identity=load_identity(d.key),
+        partition=None, train_steps=d.steps, train_flops=metrics.flops,
+        extra={"distilled": summary},
+    )  # fmt: skip
+    return summary
+
+
+def run_distill(config: RouterConfig, source: str) -> int:
+    summary = distill_ensemble(config, source)
+    print(
+        f"distilled {summary['experts']} under {summary['rule']} into one {summary['workload']} "
+        f"model: {summary['steps']} steps at batch {summary['batch_size']}, "
+        f"{summary['seconds']:.1f} s, {summary['flops']:.3g} FLOPs "
+        f"(student {summary['student_flops']:.3g}, teacher {summary['teacher_flops']:.3g}); "
+        f"gap to the ensemble {summary['gap_before']:.4f} untrained -> "
+        f"{summary['gap_after']:.4f}; saved to {summary['output']}"
+    )
+    return 0
+
+
 # --- serve ----------------------------------------------------------------------------------
 
 
@@ -318,14 +465,36 @@ def run_serve(path: str) -> int:
 
 # --- entry point ----------------------------------------------------------------------------
 
-COMMANDS = {"partition": run_partition, "train": run_train, "eval": run_eval}
+COMMANDS = {
+    "partition": run_partition,
+    "train": run_train,
+    "eval": run_eval,
+    "distill": run_distill,
+}
+DISTILL_FLAGS = ("steps", "batch_size", "lr", "seed", "rule", "output")
 
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return run_serve(args.config)
     config = load_config(RouterConfig, args.config)
+    if args.command == "distill":
+        flags = {k: getattr(args, k) for k in DISTILL_FLAGS if getattr(args, k) is not None}
+        config.distill = dataclasses.replace(config.distill, **flags)
+        try:
+            config.distill.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{args.config}: distill (or its flag): {e}") from e
     return COMMANDS[args.command](config, args.config)
+
+
+def add_distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="training steps (distill.steps)")
+    p.add_argument("--batch-size", type=int, help="inputs per step (distill.batch_size)")
+    p.add_argument("--lr", type=float, help="AdamW peak learning rate (distill.lr)")
+    p.add_argument("--seed", type=int, help="student init and input draws (distill.seed)")
+    p.add_argument("--rule", help="the teacher's rule: full, top1, top_k:K or threshold:TAU")
+    p.add_argument("--output", help="student checkpoint directory (distill.output)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,10 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("partition", "cluster the training data into K partitions"),
         ("train", "train the router on the partition labels"),
         ("eval", "evaluate experts and ensembles on held-out data"),
+        ("distill", "train one dense student on the ensemble's outputs"),
         ("serve", "serve the ensemble over HTTP"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="path to a TOML config")
+        if name == "distill":
+            add_distill_flags(p)
     return parser
 
 
