@@ -22,12 +22,14 @@ from pathlib import Path
 from aggregator.config import AggregatorConfig
 from comms.config import load_config
 from comms.errors import CommsError, ConfigError
+from comms.logs import add_log_arguments, bind, setup_from_args
 
 
 async def _serve(config: AggregatorConfig) -> int:
     from aggregator.service import AggregatorService
     from comms.identity import Identity
 
+    bind(aggregator=config.name, role=config.role)  # on every line this process logs
     identity = Identity.load_or_create(config.key) if config.key else Identity.generate()
     discovery = None
     if config.dht or config.dht_peers:
@@ -59,10 +61,6 @@ async def _serve(config: AggregatorConfig) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         config = load_config(AggregatorConfig, args.config)
         return asyncio.run(_serve(config))
@@ -138,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run an aggregator (leaf, mid or root) from a TOML config")
     p.add_argument("config", help="path to the aggregator's TOML config")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve)
     tls = sub.add_parser("tls", help="TLS material for a federation").add_subparsers(
         dest="tls_command", required=True
@@ -163,9 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mutual", action="store_true",
                    help="print mutual = false (servers do not require client certificates)")  # fmt: skip
     p.set_defaults(func=tls_init)
+    for command in (*sub.choices.values(), *tls.choices.values()):
+        add_log_arguments(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     return args.func(args)

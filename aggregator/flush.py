@@ -108,6 +108,7 @@ class Flushing:
             "%s: %s of %s: dropped %d acknowledged update(s) %s (weight %.3g) instead of "
             "publishing a non-finite version; their senders' updates are too large",
             self.config.name, err, line.model_id, partial.count, ids[:16], partial.weight_sum,
+            extra={"model_id": line.model_id},
         )  # fmt: skip
         if line.root is not None:
             note = msgpack.packb(
@@ -158,6 +159,7 @@ class Flushing:
             "step %.3g)",
             self.config.name, nv.version, line.model_id, nv.count, nv.weight_sum,
             nv.max_staleness, nv.update_norm, nv.fraction,
+            extra={"model_id": line.model_id, "version": nv.version},
         )  # fmt: skip
 
     @staticmethod

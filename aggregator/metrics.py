@@ -48,7 +48,7 @@ class AggregatorMetrics:
             "archipelago_updates_replayed", "Updates replayed from the WAL", registry=r
         )
         self.staleness = Histogram(
-            "archipelago_update_staleness", "Staleness of accepted updates (versions)",
+            "archipelago_update_staleness_versions", "Staleness of accepted updates, in versions",
             buckets=STALENESS_BUCKETS, registry=r,
         )  # fmt: skip
         self.push_seconds = Histogram(
@@ -57,9 +57,11 @@ class AggregatorMetrics:
         self.merge_seconds = Histogram(
             "archipelago_merge_seconds", "Time of one flush (outer step at the root)", registry=r
         )
-        self.bytes_in = Counter("archipelago_bytes_in", "Bytes received in updates", registry=r)
+        self.bytes_in = Counter(
+            "archipelago_received_bytes", "Bytes received in updates", registry=r
+        )
         self.bytes_out = Counter(
-            "archipelago_bytes_out", "Bytes sent (versions, partials)", registry=r
+            "archipelago_sent_bytes", "Bytes sent (versions, partials)", registry=r
         )
         self.partials_sent = Counter(
             "archipelago_partials_sent", "Partial aggregates pushed to the parent", registry=r

@@ -87,7 +87,8 @@ class ParentLink:
         line.theta = decode_update(env)
         line.manifest = Manifest.from_arrays(line.theta)
         line.version = env.header.base_version
-        log.info("%s: replica of %s at version %d", self.config.name, line.model_id, line.version)
+        log.info("%s: replica of %s at version %d", self.config.name, line.model_id, line.version,
+                 extra={"model_id": line.model_id, "version": line.version})  # fmt: skip
 
     def _verified(self, data: bytes, kind: str, model_id: str) -> Envelope:
         env = Envelope.from_bytes(data, max_bytes=1 << 40)
@@ -149,6 +150,7 @@ class ParentLink:
                     log.error(
                         "%s: parent refused partial %d of %s (%d updates lost): %s",
                         self.config.name, seq, line.model_id, count, e,
+                        extra={"model_id": line.model_id},
                     )  # fmt: skip
                     self.metrics.partials_dropped.labels(e.reason).inc()
                     break

@@ -56,6 +56,7 @@ from comms.envelope import parse_header
 from comms.errors import ConfigError, NotFoundError, RejectedError, StorageError
 from comms.http import split_listen
 from comms.identity import Identity, ReplayGuard, Roster
+from comms.logs import bind
 from comms.reads import ReadGuard
 from comms.transport import TransportClient, TransportServer
 
@@ -319,6 +320,7 @@ class AggregatorService(
             line = self.lines.get(header.model_id)
             if line is None:
                 raise NotFoundError(f"model {header.model_id!r} is not served here")
+            bind(model_id=line.model_id, version=line.version)  # this push's lines (its task)
             bound = await self._clip_bound(line, header.kind)
             ref = self._reference(line, header.kind)
             decode = line.pool is None

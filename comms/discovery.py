@@ -55,6 +55,7 @@ from typing import Any
 import hivemind
 import msgpack
 from hivemind.utils import get_dht_time
+from hivemind.utils.logging import use_hivemind_log_handler
 
 from comms import PROTOCOL_VERSION
 from comms.errors import (
@@ -78,6 +79,8 @@ from comms.identity import (
 )
 
 logger = logging.getLogger(__name__)
+# hivemind's lines go to the root logger, in the process's format (comms.logs), not its own
+use_hivemind_log_handler("nowhere")
 
 KEY_PREFIX = f"archipelago/v{PROTOCOL_VERSION}/"
 MAX_FIELDS_BYTES = 8 * 1024  # one record's encoded fields

@@ -7,6 +7,9 @@ starts it prints one line a launcher can wait for::
 
 ``torchrun --nproc-per-node N -m island run CONFIG.toml`` runs one island on N processes
 (``island.distributed``); only rank 0 prints these lines.
+
+``island plot RUN_DIR`` draws a run's plots from the JSON lines below RUN_DIR (``island.plots``).
+Every command takes ``--log-level`` and ``--log-format`` (``comms.logs``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+from comms.logs import add_log_arguments, setup_from_args
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -26,10 +32,6 @@ def _run(args: argparse.Namespace) -> int:
     from comms.errors import CommsError, ConfigError
     from island.config import IslandConfig
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         config = load_config(IslandConfig, args.config)
         from island.daemon import Island
@@ -122,6 +124,21 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from island.plots import TITLES, render_run
+
+    out = args.out or str(Path(args.run_dir) / "plots")
+    try:
+        figures = render_run(args.run_dir, out, params=args.params)
+    except (ValueError, OSError) as e:
+        print(f"island plot: {e}", file=sys.stderr)
+        return 2
+    for key, path in figures["plots"].items():
+        print(f"{TITLES[key]}: {path}")
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="island",
@@ -130,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the island daemon from a TOML config")
     p.add_argument("config", help="path to the island's TOML config")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_run)
     p = sub.add_parser("keygen", help="create (or show) an Ed25519 identity key file")
     p.add_argument("path", help="the private key file (PEM); created if missing")
@@ -148,9 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", help="bearer token of a protected /status (default: $ARCHIPELAGO_HTTP_TOKEN)"
     )
     p.set_defaults(func=_status)
+    p = sub.add_parser(
+        "plot",
+        help="draw a run's plots (validation loss, bytes, utilization, staleness) from its "
+        "JSON-lines records",
+    )
+    p.add_argument("run_dir", help="a run directory: island round records, acks.jsonl, logs")
+    p.add_argument("--out", help="where the PNG files go (default: RUN_DIR/plots)")
+    p.add_argument(
+        "--params", type=int,
+        help="the model's parameter count, for the data-parallel comparison (default: read "
+        "from an init.safetensors in the run directory, if any)",
+    )  # fmt: skip
+    p.set_defaults(func=_plot)
+    for command in sub.choices.values():
+        add_log_arguments(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     return args.func(args)

@@ -35,6 +35,7 @@ import torch
 
 from comms.aio import LoopThread
 from comms.identity import Identity, Roster
+from comms.logs import log_context
 from island.config import IslandConfig
 from island.distributed import (
     FollowerLocalUpdate,
@@ -212,6 +213,26 @@ class Island:
 
     def run(self) -> dict[str, Any]:
         """Train; returns a summary. Blocks until ``steps`` are done or ``stop()``."""
+        with log_context(**self._log_fields()):
+            return self._run()
+
+    def _log_fields(self) -> dict[str, Any]:
+        """What every line logged while this island runs carries (``comms.logs``): its name,
+        model (the model id, or the expert id), version and step, the last two read when a
+        line is written."""
+        cfg = self.config
+        fields: dict[str, Any] = {"island": cfg.name}
+        if cfg.mode == "local_update":
+            fields["model_id"] = cfg.sync.model_id
+            fields["version"] = lambda: self.lu.version if self.lu is not None else None
+        else:
+            fields["model_id"] = cfg.expert.expert_id or cfg.name
+        if self.group.world_size > 1:
+            fields["rank"] = self.group.rank
+        fields["step"] = lambda: self.step
+        return fields
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

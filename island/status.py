@@ -11,16 +11,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from comms.http import http_token, http_url, https_context, start_app, status_app
 
+# summary key -> (metric name after archipelago_island_, help); units in the names
 _GAUGES = {
-    "step": "Inner steps done",
-    "version": "Global version of the anchor",
-    "staleness": "Staleness of the last accepted push",
-    "utilization": "Fraction of wall time in forward, backward and optimizer",
-    "tokens_per_s": "Training throughput",
-    "queue_depth": "Pushes waiting for the link",
-    "loss": "Last training loss",
+    "step": ("step", "Inner steps done"),
+    "version": ("version", "Global version of the anchor"),
+    "staleness": ("staleness_versions", "Staleness of the last accepted push, in versions"),
+    "utilization": (
+        "utilization_ratio",
+        "Fraction of wall time in forward, backward and optimizer",
+    ),
+    "tokens_per_s": ("tokens_per_second", "Training throughput since the island started"),
+    "queue_depth": ("queued_pushes", "Pushes waiting for the link"),
+    "loss": ("train_loss", "Last training loss"),
 }
-_COUNTERS = {"bytes_sent": "Bytes pushed", "bytes_received": "Bytes received", "tokens": "Tokens"}
+_COUNTERS = {  # exposed with _total
+    "bytes_sent": ("sent_bytes", "Bytes pushed"),
+    "bytes_received": ("received_bytes", "Bytes received"),
+    "tokens": ("tokens", "Tokens trained on"),
+}
 
 
 class _IslandCollector:
@@ -29,14 +37,14 @@ class _IslandCollector:
 
     def collect(self):
         s = self.island.summary()
-        for key, text in _GAUGES.items():
+        for key, (name, text) in _GAUGES.items():
             if s.get(key) is not None:
-                g = GaugeMetricFamily(f"archipelago_island_{key}", text, labels=["island"])
+                g = GaugeMetricFamily(f"archipelago_island_{name}", text, labels=["island"])
                 g.add_metric([s["name"]], float(s[key]))
                 yield g
-        for key, text in _COUNTERS.items():
+        for key, (name, text) in _COUNTERS.items():
             if s.get(key) is not None:
-                c = CounterMetricFamily(f"archipelago_island_{key}", text, labels=["island"])
+                c = CounterMetricFamily(f"archipelago_island_{name}", text, labels=["island"])
                 c.add_metric([s["name"]], float(s[key]))
                 yield c
 

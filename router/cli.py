@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 from comms.config import config_from_dict, load_config
 from comms.errors import CommsError, ConfigError
+from comms.logs import add_log_arguments, setup_from_args
 
 # --- configs --------------------------------------------------------------------------------
 
@@ -514,11 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="path to a TOML config")
         if name == "distill":
             add_distill_flags(p)
+        add_log_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     try:
         return dispatch(args)
     except ConfigError as e:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from federation_procs import Child
 
+from comms.logs import read_log
+
 MODEL_ID = "global"
 N_ISLANDS = 4  # the federation: a root, two leaves, four islands (island i on leaf i % 2)
 LEAVES = ("leaf0", "leaf1")
@@ -88,11 +90,10 @@ def resumed_step(log_path: Path) -> int:
     """The step the island's newest run resumed from (its log), 0 for a fresh start."""
     step = 0
     with contextlib.suppress(OSError):
-        for line in log_path.read_text(errors="replace").splitlines():
-            if ": resumed from " in line and " at step " in line:
-                step = int(line.rsplit(" at step ", 1)[1].split()[0])
-            elif " training (" in line:
-                pass
+        for line in read_log(log_path.read_text(errors="replace")):
+            text = line["message"]
+            if ": resumed from " in text and " at step " in text:
+                step = int(text.rsplit(" at step ", 1)[1].split()[0])
     return step
 
 

@@ -29,7 +29,6 @@ import base64
 import html
 import io
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -37,11 +36,19 @@ from typing import Any
 
 import numpy as np
 
-STALENESS_LINE = re.compile(r"push of sequence \d+ accepted \(staleness (-?\d+)")
-ROOT_VERSION_LINE = re.compile(
-    r"^(\S+ \S+) INFO aggregator\.service: root: version (\d+) of ", re.M
+from island.plots import (
+    _figure,
+    _png,
+    ddp_bytes_per_step,
+    finite,
+    plot_bars,
+    plot_bytes,
+    plot_staleness,
+    plot_utilization,
+    plot_val_loss,
+    staleness_from_log,
+    version_times,
 )
-
 
 # --------------------------------------------------------------------------- progress
 
@@ -74,20 +81,6 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- pure figures
-
-
-def ddp_bytes_per_step(params: int, islands: int) -> float:
-    """Bytes one island sends per step in a ring all-reduce of fp32 gradients."""
-    return 2.0 * (islands - 1) / islands * 4.0 * params
-
-
-def staleness_from_log(text: str) -> list[int]:
-    """The staleness of every accepted push, from an island's log lines."""
-    return [int(m.group(1)) for m in STALENESS_LINE.finditer(text)]
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
 
 
 def local_update_figures(facts: dict[str, Any]) -> dict[str, Any]:
@@ -360,97 +353,14 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    return plt, fig, ax
-
-
-def _png(plt, fig) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def version_times(root_log: str, wall_start: float) -> dict[int, float]:
-    """Seconds after ``wall_start`` at which the root published each version (its log)."""
-    import datetime
-
-    times = {0: 0.0}
-    try:
-        text = Path(root_log).read_text(errors="replace")
-    except OSError:
-        return times
-    for m in ROOT_VERSION_LINE.finditer(text):
-        stamp = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        times[int(m.group(2))] = stamp - wall_start
-    return times
-
-
-def plot_val_loss(facts: dict[str, Any]) -> bytes:
-    plt, fig, ax = _figure()
+def report_val_loss(facts: dict[str, Any]) -> bytes:
+    """Islands on the launcher's clock, and the global model where the root published it."""
     lu = facts["local_update"]
-    offsets = lu.get("started_at", {})
-    for name, records in lu["records"].items():
-        rs = [x for x in records if finite(x.get("val_loss"))]
-        ts = [x["t"] + offsets.get(name, 0.0) for x in rs]  # on the launcher's clock
-        ax.plot(ts, [x["val_loss"] for x in rs], marker=".", label=name, alpha=0.6)
-    when = version_times(lu.get("root_log", ""), lu.get("wall_start", 0.0))
+    when = version_times(Path(lu["root_log"]).read_text(errors="replace")
+                         if Path(lu.get("root_log", "")).is_file() else "",
+                         lu.get("wall_start", 0.0))  # fmt: skip
     curve = [(when[v], val) for v, val in lu["global"]["curve"] if v in when]
-    ax.plot(*zip(*curve, strict=True), color="black", marker="o", linewidth=2,
-            label="global model (root)")  # fmt: skip
-    ax.set(xlabel="seconds since the islands started", ylabel="validation loss",
-           title="Local-update: validation loss, islands and global model")  # fmt: skip
-    ax.legend(fontsize=8)
-    return _png(plt, fig)
-
-
-def plot_bytes(r: dict[str, Any]) -> bytes:
-    plt, fig, ax = _figure()
-    lu = r["local_update"]
-    x = np.arange(len(lu["steps"]))
-    ax.bar(x - 0.2, lu["bytes_sent_per_island"], 0.4, label="sent (int8 pseudo-gradients)")
-    ax.bar(x + 0.2, lu["ddp_equivalent_per_island"], 0.4, label="sync data-parallel, fp32 ring")
-    ax.set_yscale("log")
-    ax.set_xticks(x, [f"island{i}\n{s} steps" for i, s in enumerate(lu["steps"])])
-    ax.set(ylabel="bytes", title="Bytes sent per island vs synchronous data-parallel")
-    ax.legend(fontsize=8)
-    return _png(plt, fig)
-
-
-def plot_bars(labels, values, title, ylabel, hline=None, ylim=None) -> bytes:
-    plt, fig, ax = _figure()
-    ax.bar(range(len(values)), values, color="tab:blue")
-    ax.set_xticks(range(len(values)), labels)
-    for i, v in enumerate(values):
-        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
-    if hline is not None:
-        ax.axhline(hline, color="gray", linestyle="--", linewidth=1)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set(title=title, ylabel=ylabel)
-    return _png(plt, fig)
-
-
-def plot_staleness(r: dict[str, Any]) -> bytes:
-    plt, fig, ax = _figure()
-    per = r["local_update"]["staleness"]["per_island"]
-    top = max([0, *(x for v in per.values() for x in v)])
-    bins = np.arange(-0.5, top + 1.5)
-    ax.hist(list(per.values()), bins=bins, stacked=True, label=list(per))
-    ax.set(
-        xlabel="staleness s = v_now - base version",
-        ylabel="accepted pushes",
-        title="Staleness of accepted pushes",
-    )
-    ax.legend(fontsize=8)
-    return _png(plt, fig)
+    return plot_val_loss(lu["records"], lu.get("started_at", {}), curve)
 
 
 SAMPLE_ROW_NAMES = {"monolith": "monolith", "full": "ensemble full", "top2": "ensemble top-2",
@@ -516,6 +426,7 @@ def make_plots(
 ) -> dict[str, tuple[str, bytes]]:
     lu, ex, en = r["local_update"], r["experts"], r["ensemble"]
     k = len(ex["cluster_sizes"])
+    names = [f"island{i}" for i in range(len(lu["steps"]))]
     plots: dict[str, tuple[str, bytes]] = {}
     grid = load_grid(out, en) if out is not None and "frechet" in en else None
     if grid:
@@ -524,12 +435,12 @@ def make_plots(
         plots["frechet"] = ("Frechet distance of each method", plot_frechet(en))
         plots["router_noise"] = ("Router accuracy by noise level", plot_router_noise(en, k))
     plots |= {
-        "val_loss": ("Validation loss over time", plot_val_loss(facts)),
-        "bytes": ("Bytes sent vs synchronous data-parallel", plot_bytes(r)),
-        "utilization": ("Compute utilization per island", plot_bars(
-            [f"island{i}" for i in range(len(lu["utilization"]))], lu["utilization"],
-            "Compute utilization (training time / wall time)", "fraction", ylim=(0, 1.1))),
-        "staleness": ("Staleness histogram", plot_staleness(r)),
+        "val_loss": ("Validation loss over time", report_val_loss(facts)),
+        "bytes": ("Bytes sent vs synchronous data-parallel", plot_bytes(
+            names, lu["steps"], lu["bytes_sent_per_island"], lu["ddp_equivalent_per_island"])),
+        "utilization": ("Compute utilization per island",
+                        plot_utilization(names, lu["utilization"])),
+        "staleness": ("Staleness histogram", plot_staleness(lu["staleness"]["per_island"])),
         "clusters": ("Expert cluster sizes", plot_bars(
             [f"cluster {i}" for i in range(k)], ex["cluster_sizes"], "Documents per cluster",
             "documents")),

@@ -89,7 +89,6 @@ START_TIMEOUT_S = 120.0
 STATUS_TIMEOUT_S = 10.0
 SLOPE_MIN_WINDOW_S = 300.0  # judge the slope only over a window after warm-up this long
 REPORT_EVERY_S = 2.0  # a worker prints its records this often
-LOG_ERROR = re.compile(r" (ERROR|CRITICAL) |^Traceback")
 METRIC = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
 
 
@@ -553,9 +552,20 @@ class Soak:
         """Every ERROR line or traceback a daemon logged, until it stopped, is an error."""
         for name, d in self.daemons.items():
             text = d.child.log_path.read_text(errors="replace")
-            bad = [ln for ln in text.splitlines() if LOG_ERROR.search(ln)]
+            bad = [ln for ln in text.splitlines() if error_line(ln)]
             if bad:
                 self.error(f"log_error@{name}", bad[0], n=len(bad))
+
+
+def error_line(line: str) -> bool:
+    """An ERROR or CRITICAL line, or one with a traceback, in either log format (comms.logs);
+    a bare traceback a crashing process printed."""
+    from comms.logs import parse_line
+
+    doc = parse_line(line)
+    if doc is None:
+        return line.startswith("Traceback")
+    return doc["level"] in ("ERROR", "CRITICAL") or "exc" in doc
 
 
 # ============================================================================ the report

@@ -258,7 +258,7 @@ def test_status_endpoint_reports_progress_while_training(tmp_path):
         assert 0 < status["utilization"] <= 1 and status["tokens_per_s"] > 0
         metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
         assert 'archipelago_island_step{island="island0"}' in metrics
-        assert "archipelago_island_bytes_sent_total" in metrics
+        assert "archipelago_island_sent_bytes_total" in metrics
     finally:
         island.stop()
         thread.join(60)
