@@ -31,7 +31,9 @@ monolith branch from its global model (``expert.init``; Branch-Train-Merge's see
 others start from their workload's theta_0; (3) ensemble: the ensemble is served and queried
 through ``router.Client`` and evaluated against the monolith: flow samples every method from
 the same noise and scores it by Frechet distance (``federation_experts``); bytelm completes
-prompts cut from the run's held-out text. The report (``federation_report``) is written to
+prompts cut from the run's held-out text; then ``router distill`` trains one dense student of
+the experts' size on the top-2 ensemble's outputs (the DDM paper's way to serve one model),
+scored the same way with its compute. The report (``federation_report``) is written to
 OUT/report.{md,html,json}.
 
 Processes: each child runs in its own process group with ``PR_SET_PDEATHSIG`` = SIGTERM, so
@@ -68,7 +70,14 @@ from comms.identity import Identity, Roster
 from comms.tls import CA_CERT_FILE, TLSConfig, material_paths
 from island.config import ExpertConfig, IslandConfig, LinkConfig, OptimConfig, SnapshotConfig
 from island.sync import SyncConfig
-from router.cli import EvalSection, PartitionSection, RouterConfig, RouterSection, WorkloadSection
+from router.cli import (
+    DistillSection,
+    EvalSection,
+    PartitionSection,
+    RouterConfig,
+    RouterSection,
+    WorkloadSection,
+)
 from router.server import LimitsConfig, ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,6 +335,10 @@ class Federation:
                                  key=self.path("keys", "router.pem")),
             eval=EvalSection(experts=experts, monolith=self.path("experts", "monolith"),
                              max_batches=ex.eval_batches, output=self.path("eval.json")),
+            distill=DistillSection(rule=ex.distill_rule, steps=max(1, ex.distill_steps),
+                                   batch_size=max(1, ex.distill_batch), lr=ex.distill_lr,
+                                   output=self.path("experts", "student"),
+                                   key=self.path("keys", "router.pem")),
         )  # fmt: skip
         path = self.path("configs", f"{name}.toml")
         save_config(cfg, path)
@@ -453,6 +466,7 @@ class Federation:
             facts.update(self.flow_samples(url))
         else:
             facts["samples"] = query_prompts(Client(url, timeout=300, **self.client_tls()), ex)
+            facts["distill"] = self.distill()
         evaluation.finish(900)
         server.stop(20)
         facts["eval"] = json.loads(Path(self.path("eval.json")).read_text())
@@ -460,10 +474,33 @@ class Federation:
         self.facts["ensemble"] = facts
         print(phase_summary(self.facts, "ensemble"), flush=True)
 
+    def distill(self) -> dict[str, Any] | None:
+        """``router distill``: one dense student of the experts' size trained on the ensemble's
+        outputs under ``distill_rule``, signed with the router's key (it is in the roster); its
+        summary, with the command's wall time. Runs alone, after the ensemble's samples."""
+        ex = self.plan.experts
+        if not ex.distill_steps:
+            return None
+        t0 = time.perf_counter()
+        self.sup.start("router-distill", "router", "distill", self.router_config_path).finish(900)
+
+        def manifest(name: str) -> dict[str, Any]:
+            return json.loads(Path(self.path("experts", name, "manifest.json")).read_text())
+
+        summary = {**manifest("student")["extra"]["distilled"],
+                   "wall_seconds": time.perf_counter() - t0,
+                   "experts_train_flops": sum(manifest(f"expert{i}")["train_flops"]
+                                              for i in range(self.n)),
+                   "monolith_train_flops": manifest("monolith")["train_flops"]}  # fmt: skip
+        print(f"  distilled one student from the ensemble ({summary['rule']}): {summary['steps']} "
+              f"steps at batch {summary['batch_size']}, {summary['flops']:.3g} FLOPs, "
+              f"{summary['wall_seconds']:.0f} s", flush=True)  # fmt: skip
+        return summary
+
     def flow_samples(self, url: str) -> dict[str, Any]:
         """Every method's samples from the same noise (the ensemble's through ``router.Client``),
         their Frechet distances, and the router's accuracy by noise level."""
-        from federation_experts import flow_quality, sample_all, save_grid
+        from federation_experts import flow_quality, sample_all, sample_alone, save_grid
 
         from router import Client
 
@@ -472,6 +509,12 @@ class Federation:
         experts = [self.path("experts", f"expert{i}") for i in range(self.n)]
         sets = sample_all(Client(url, timeout=300, **self.client_tls()), experts, self.path("experts", "monolith"),
                           ex.samples, ex.sample_steps, seed=0, roster=roster)  # fmt: skip
+        distilled = self.distill()
+        if distilled:  # its row goes next to the ensemble's, before the experts alone
+            student = sample_alone(self.path("experts", "student"), ex.samples, ex.sample_steps,
+                                   seed=0, roster=roster)  # fmt: skip
+            alone = {k: sets.pop(k) for k in list(sets) if k.startswith("expert")}
+            sets = {**sets, "student": student, **alone}
         rows = save_grid(sets, self.out / "samples.npz")
         quality = flow_quality(sets, ex.model, self.path("router"), self.path("partition"),
                                ex.classifier_steps, samples_per_band=max(128, ex.samples // 2),
@@ -480,8 +523,9 @@ class Federation:
         print(f"  {quality['samples']} samples per method ({ex.sample_steps} Euler steps, the same "
               f"noise); Frechet distance to the held-out digits: "
               + ", ".join(f"{k} {v:.1f}" for k, v in fd.items()), flush=True)  # fmt: skip
-        return {"flow": quality, "samples": [{"grid": "samples.npz", "rows": rows,
-                                              "steps": ex.sample_steps, "seed": 0}]}  # fmt: skip
+        return {"flow": quality, "distill": distilled,
+                "samples": [{"grid": "samples.npz", "rows": rows, "steps": ex.sample_steps,
+                             "seed": 0}]}  # fmt: skip
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -7,6 +7,7 @@ compute-matched monolith and each expert alone from their signed checkpoints. Ea
 scored by its Frechet distance to the held-out digits (``frechet.DigitFrechet``, as in
 ``scripts/bench_ensemble.py``; the floor is as many training digits). The router's held-out
 accuracy is measured per band of the noise level t (``router.training.accuracy_by_noise``).
+The student distilled from the ensemble (``router distill``) samples the same noise too.
 
 bytelm: the prompts are cut from the held-out documents of the run's data, so a run on a
 user's own text is prompted with that text.
@@ -26,16 +27,22 @@ GRID_COLUMNS = 12  # samples per row of the report's grid (the first seeds of ev
 NOISE_BANDS = 10
 
 
+def sample_alone(directory: str, n: int, steps: int, seed: int, roster=None) -> np.ndarray:
+    """(n, 8, 8) samples of one signed flow checkpoint (an expert, the monolith, the student)."""
+    from island.checkpoint import load_expert
+    from island.workloads.flow import model_velocity, sample
+
+    model, _ = load_expert(directory, roster)
+    return sample(model_velocity(model), n, steps, seed)
+
+
 def sample_all(client, experts: list[str], monolith: str, n: int, steps: int, seed: int,
                roster=None) -> dict[str, np.ndarray]:  # fmt: skip
     """(n, 8, 8) samples of the monolith, the ensemble under each rule (served) and each
     expert alone, all from the same initial noise."""
-    from island.checkpoint import load_expert
-    from island.workloads.flow import model_velocity, sample
 
     def alone(directory: str) -> np.ndarray:
-        model, _ = load_expert(directory, roster)
-        return sample(model_velocity(model), n, steps, seed)
+        return sample_alone(directory, n, steps, seed, roster)
 
     sets = {"monolith": alone(monolith)}
     for key, rule in RULES.items():

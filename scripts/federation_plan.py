@@ -1,5 +1,6 @@
 """Sizes of the main job's runs (``scripts/federation.py``): phase 1's model and schedule,
-and phase 2's experts, router and monolith (``ExpertsPlan``), for ``--quick`` and the default.
+and phase 2's experts, router and monolith (``ExpertsPlan``), for ``--quick`` and the default;
+phase 3 distils the ensemble into one dense student (``router distill``) of the experts' size.
 
 The flow experts use ``scripts/bench_ensemble.py``'s flow plan, where the experts beat a
 compute-matched monolith (Decentralized Diffusion Models, McAllister et al. 2025). Pure data.
@@ -41,6 +42,10 @@ class ExpertsPlan:
     sample_steps: int = 0  # flow: Euler steps per sample
     classifier_steps: int = 0  # flow: steps of the digit classifier behind the distances
     max_bytes: int = 0  # bytelm: bytes generated per prompt
+    distill_steps: int = 0  # the dense student distilled from the ensemble (0: none)
+    distill_batch: int = 0  # its images or windows per step
+    distill_lr: float = 2e-3
+    distill_rule: str = "top_k:2"  # the teacher: the ensemble under this rule
 
 
 @dataclass
@@ -101,7 +106,8 @@ def experts_plan(workload: str, quick: bool, model: dict[str, Any], lr: float) -
                            optim=OptimConfig(lr=lr, warmup_steps=20 if quick else 50),
                            router_model=router, router_steps=80 if quick else 400,
                            router_batch=64, router_lr=1e-3, partition=part,
-                           eval_batches=2 if quick else 4, max_bytes=32 if quick else 96)  # fmt: skip
+                           eval_batches=2 if quick else 4, max_bytes=32 if quick else 96,
+                           distill_steps=40 if quick else 300, distill_batch=model["batch_size"])  # fmt: skip
     # flow: bench_ensemble's flow plan (AdamW 1e-3, weight decay 0.01, 5% warmup, cosine to 10%)
     steps = 120 if quick else 800
     optim = OptimConfig(lr=1e-3, weight_decay=0.01, betas=[0.9, 0.999], schedule="cosine",
@@ -110,11 +116,13 @@ def experts_plan(workload: str, quick: bool, model: dict[str, Any], lr: float) -
         return ExpertsPlan("flow", model, steps=steps, batch=64, optim=optim,
                            router_model={"hidden": 32, "depth": 2}, router_steps=40,
                            router_batch=64, router_lr=2e-3, partition={"n_init": 2},
-                           eval_batches=2, samples=200, sample_steps=10, classifier_steps=100)  # fmt: skip
+                           eval_batches=2, samples=200, sample_steps=10, classifier_steps=100,
+                           distill_steps=60, distill_batch=64)  # fmt: skip
     return ExpertsPlan("flow", model, steps=steps, batch=256, optim=optim,
                        router_model={"hidden": 128, "depth": 3}, router_steps=2500,
                        router_batch=256, router_lr=2e-3, partition={"n_init": 4},
-                       eval_batches=8, samples=1000, sample_steps=40, classifier_steps=1500)  # fmt: skip
+                       eval_batches=8, samples=1000, sample_steps=40, classifier_steps=1500,
+                       distill_steps=600, distill_batch=256)  # fmt: skip
 
 
 def make_plan(workload: str, quick: bool, data: list[str], experts: str = "flow") -> Plan:

@@ -168,6 +168,22 @@ def ensemble_figures(facts: dict[str, Any]) -> dict[str, Any]:
         }
         figures["router_accuracy_by_noise"] = flow["router_accuracy_by_noise"]
     figures["verdict"] = experts_verdict(figures)
+    figures["student"] = student_figures(en)
+    return figures
+
+
+def student_figures(en: dict[str, Any]) -> dict[str, Any] | None:
+    """The dense student distilled from the ensemble (``router distill``): its Frechet
+    distance (flow) or held-out loss (bytelm, the same batches as ``router eval``'s) and the
+    compute its distillation took."""
+    d = en.get("distill")
+    if not d:
+        return None
+    keys = ("rule", "steps", "batch_size", "flops", "student_flops", "teacher_flops", "seconds",
+            "wall_seconds", "validation_loss", "gap_before", "gap_after", "experts_train_flops",
+            "monolith_train_flops")  # fmt: skip
+    figures = {k: d.get(k) for k in keys}
+    figures["frechet"] = en.get("flow", {}).get("frechet", {}).get("student")
     return figures
 
 
@@ -307,6 +323,7 @@ def headline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("monolith loss (same FLOPs)", loss(en["monolith_loss"])),
         *frechet_rows(en),
         ("experts vs monolith", en["verdict"]["text"] if en["verdict"] else "-"),
+        *student_rows(en),
         (
             "wall time",
             f"{r['wall_seconds']:.0f} s (phases {lu['seconds']:.0f} / "
@@ -327,6 +344,30 @@ def batches_text(batches: dict[str, int] | None) -> str:
         return "-"
     experts = " ".join(str(b) for name, b in batches.items() if name != "monolith")
     return f"experts {experts}, monolith {batches.get('monolith')}"
+
+
+def student_rows(en: dict[str, Any]) -> list[tuple[str, str]]:
+    """``distilled student``: its score next to the teacher's and the monolith's, and the
+    compute distillation added (one forward per step to serve, not a router and k experts)."""
+    s = en.get("student")
+    if not s:
+        return []
+    rule = {"top_k:2": "top2", "full": "full", "top1": "top1"}.get(s["rule"])
+    if finite(s.get("frechet")):
+        fd = en["frechet"]
+        teacher = f", teacher {fd[rule]:.1f}" if rule in fd else ""
+        score = f"FD {s['frechet']:.1f} (monolith {fd['monolith']:.1f}{teacher})"
+    else:
+        teacher = f", teacher {loss(en[f'{rule}_loss'])}" if rule else ""
+        score = (f"held-out loss {loss(s['validation_loss'])} (monolith "
+                 f"{loss(en['monolith_loss'])}{teacher})")  # fmt: skip
+    share = ""
+    if finite(s.get("experts_train_flops")) and s["experts_train_flops"]:
+        share = f", {s['flops'] / s['experts_train_flops']:.0%} of the experts' training"
+    cost = (f"{s['steps']} steps at batch {s['batch_size']} on the {s['rule']} ensemble: "
+            f"{s['flops']:.2g} FLOPs{share}, {s['wall_seconds']:.0f} s")  # fmt: skip
+    return [("distilled student (one model, one forward)", score),
+            ("distillation compute", cost)]  # fmt: skip
 
 
 def frechet_rows(en: dict[str, Any]) -> list[tuple[str, str]]:
@@ -364,7 +405,7 @@ def report_val_loss(facts: dict[str, Any]) -> bytes:
 
 
 SAMPLE_ROW_NAMES = {"monolith": "monolith", "full": "ensemble full", "top2": "ensemble top-2",
-                    "top1": "ensemble top-1"}  # fmt: skip
+                    "top1": "ensemble top-1", "student": "distilled student"}  # fmt: skip
 
 
 def plot_sample_grid(grid: dict[str, np.ndarray], frechet: dict[str, float]) -> bytes:
@@ -481,8 +522,9 @@ SAMPLES_TITLE = "Samples: monolith, ensemble under each rule, each expert alone"
 CAPTIONS = {
     "samples": "Each row samples from the same initial noise per column, with the same Euler "
     "steps: the compute-matched monolith, the served ensemble under each rule (through "
-    "router.Client, the router re-applied at every step), and each expert alone. FD: Frechet "
-    "distance of the row's full sample set to the held-out digits.",
+    "router.Client, the router re-applied at every step), each expert alone, and the dense "
+    "student distilled from the ensemble (router distill). FD: Frechet distance of the row's "
+    "full sample set to the held-out digits.",
     "frechet": "Frechet distance (the FID formula) to the held-out digits in the features of a "
     "small digit classifier trained on the training digits; the floor is as many training "
     "digits scored the same way, what a perfect sampler would reach.",

@@ -75,9 +75,16 @@ def test_quick_federation_writes_a_sane_report(tmp_path):
         # flow-matching MSE per pixel: a zero velocity scores 1 + E[x_1^2] <= 2
         assert finite(en[key]) and 0 < en[key] < 2, key
     fd = en["frechet"]
-    rows = ["monolith", "full", "top2", "top1", "expert0", "expert1", "expert2", "expert3"]
+    rows = ["monolith", "full", "top2", "top1", "student", "expert0", "expert1", "expert2",
+            "expert3"]  # fmt: skip
     assert list(fd) == [*rows, "floor"] and all(finite(v) for v in fd.values())
     assert all(fd["floor"] < fd[k] for k in rows)  # real digits score best
+    # the dense student distilled from the top-2 ensemble: scored, costed, in the headline
+    student = en["student"]
+    assert student["frechet"] == fd["student"] and student["rule"] == "top_k:2"
+    assert student["gap_after"] < student["gap_before"]  # it moved towards its teacher
+    assert student["flops"] > 0 and finite(student["wall_seconds"])
+    assert f"FD {fd['student']:.1f} (monolith {fd['monolith']:.1f}, teacher" in proc.stdout
     bands = en["router_accuracy_by_noise"]
     assert len(bands) == 10 and all(0 <= a <= 1 for _, _, a in bands)
     assert max(a for _, _, a in bands) > 0.25  # above chance where the image shows
