@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -252,6 +253,7 @@ class Federation:
               f"ports {self.leaf_ports} found the root through the DHT"
               f"{', all over mutual TLS' if self.args.tls else ''} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
+        print(dashboard_line(self.agg_http["root"], self.args.netns), flush=True)
 
     # ------------------------------------------------------------------ phase 1
 
@@ -601,6 +603,15 @@ def query_prompts(client, ex: ExpertsPlan) -> list[dict[str, Any]]:
         samples.append({"prompt": prompt, "completion": text,
                         "expert_counts": result.expert_counts if result else {}})  # fmt: skip
     return samples
+
+
+def dashboard_line(http: str, netns: bool) -> str:
+    """Where the root's live dashboard is (``aggregator.dashboard``); never the token."""
+    url = http if "://" in http else f"http://{http}"
+    where = " (inside the hub network namespace)" if netns else ""
+    token = (" (open it once as /dashboard?token=$ARCHIPELAGO_HTTP_TOKEN)"
+             if os.environ.get("ARCHIPELAGO_HTTP_TOKEN") else "")  # fmt: skip
+    return f"dashboard: {url}/dashboard{where}{token}"
 
 
 def eval_global(agg_http: str, root: str, island_config: str, init: str, out: str,

@@ -14,7 +14,7 @@ from aggtools import make_federation, random_delta
 from test_aggregator_service import wait_for
 
 from aggregator.dashboard.app import COOKIE, session_value
-from aggregator.dashboard.reports import MAX_ISLANDS, child_summary, island_report
+from aggregator.dashboard.reports import MAX_ISLANDS, MAX_POINTS, child_summary, island_report
 from aggregator.dashboard.view import ddp_bytes_per_step
 from aggregator.service import AggregatorService
 from comms.errors import MalformedError, ReplayError
@@ -166,6 +166,33 @@ async def test_a_leafs_summary_of_its_islands_reaches_the_roots_dashboard(tmp_pa
     assert snap["bytes"]["up"] == sum(map(len, datas + more))
 
 
+async def test_the_root_sees_every_loss_report_even_two_in_one_partial(tmp_path):
+    """island0 pushes twice before its leaf flushes (K = 3): the summary holds its latest
+    record, and its recent loss points carry the superseded report to the root too."""
+    fed = make_federation(tmp_path, 2)
+    root = AggregatorService(fed.config("root", "root", buffer_k=1))
+    leaf = AggregatorService(fed.config("leaf0", "leaf", parent=await root.start(), buffer_k=3))
+    await leaf.start()
+    try:
+        pushes = [(0, 1, {"step": 10, "train_loss": 3.0}), (0, 2, {"step": 20, "train_loss": 2.5}),
+                  (1, 1, {"step": 10, "train_loss": 3.1, "val_loss": 3.2, "val_version": 0})]  # fmt: skip
+        async with TransportClient(leaf.address, identity=fed.islands[0]) as c:
+            for i, seq, report in pushes:
+                delta = random_delta(fed.theta0, 10 * i + seq)
+                await c.push(push_bytes(fed.islands[i], delta, seq, {"report": report}))
+            await wait_for(lambda: root.lines["global"].version == 1)
+    finally:
+        await leaf.stop()
+        await root.stop()
+    snap = root.view.snapshot(root)
+    got = sorted((p["island"], p["step"], p["train_loss"], p.get("val_loss")) for p in snap["loss"])
+    assert got == [("island0", 10, 3.0, None), ("island0", 20, 2.5, None),
+                   ("island1", 10, 3.1, 3.2)]  # fmt: skip
+    t = {(p["island"], p["step"]): p["t"] for p in snap["loss"]}
+    assert t[("island0", 10)] <= t[("island0", 20)] <= snap["at"]
+    assert all("points" not in r for r in snap["islands"])
+
+
 async def test_a_bad_report_is_dropped_and_its_update_kept(tmp_path):
     fed = make_federation(tmp_path, 2, aggregators=("root",))
     root = AggregatorService(fed.config("root", "root", buffer_k=2))
@@ -226,3 +253,12 @@ def test_child_summary_bounds_sizes_and_cuts_strings():
         child_summary({"islands": [{**island, "rejected": {str(i): 1 for i in range(99)}}]})
     with pytest.raises(MalformedError, match="expected a map"):
         child_summary([1])
+    points = [{"age_s": 1.0, "step": i, "train_loss": 2.0} for i in range(MAX_POINTS + 1)]
+    with pytest.raises(MalformedError, match="points"):
+        child_summary({"islands": [{**island, "points": points}]})
+    with pytest.raises(MalformedError, match=r"points\[0\]\.train_loss"):
+        child_summary(
+            {"islands": [{**island, "points": [{"age_s": 1, "step": 1, "train_loss": []}]}]}
+        )
+    with pytest.raises(MalformedError, match="a step and age_s"):
+        child_summary({"islands": [{**island, "points": [{"age_s": 1.0}]}]})

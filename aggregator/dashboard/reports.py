@@ -22,6 +22,7 @@ MAX_ISLANDS = 512  # island records in one summary
 MAX_AGGREGATORS = 64  # aggregator records in one summary
 MAX_REJECTIONS = 16  # recent rejections in one summary
 MAX_REASONS = 16  # distinct rejection reasons counted per island
+MAX_POINTS = 8  # an island's latest loss reports, per record
 MAX_COUNT = 2**53  # counters: bytes, steps, pushes
 MAX_AGE_S = 365 * 86400.0
 
@@ -63,6 +64,11 @@ AGGREGATOR_FIELDS = {
     "partials_sent": ("int", 0, MAX_COUNT),
 }
 AGGREGATOR_TEXT = ("name", "role", "peer", "parent", "address")
+
+POINT_FIELDS = {
+    "age_s": ("float", 0.0, MAX_AGE_S),
+    **{k: REPORT_FIELDS[k] for k in ("step", "train_loss", "val_loss", "val_version")},
+}
 
 REJECTION_FIELDS = {"age_s": ("float", 0.0, MAX_AGE_S)}
 REJECTION_TEXT = ("at", "sender", "model_id", "reason")
@@ -147,6 +153,13 @@ def child_summary(obj: Any) -> dict[str, Any]:
         if "name" not in rec or "age_s" not in rec:
             raise MalformedError(f"summary.islands[{i}]: needs a name and age_s")
         rec["rejected"] = reasons(isl.get("rejected"), f"summary.islands[{i}].rejected")
+        points = _list(isl.get("points"), MAX_POINTS, f"summary.islands[{i}].points")
+        rec["points"] = [
+            _record(p, POINT_FIELDS, (), f"summary.islands[{i}].points[{j}]")
+            for j, p in enumerate(points)
+        ]
+        if any("step" not in p or "age_s" not in p for p in rec["points"]):
+            raise MalformedError(f"summary.islands[{i}].points: each needs a step and age_s")
         islands.append(rec)
     rejections = []
     for i, r in enumerate(_list(obj.get("rejections"), MAX_REJECTIONS, "summary.rejections")):

@@ -34,6 +34,7 @@ from typing import Any
 from aggregator.dashboard.reports import (
     MAX_AGGREGATORS,
     MAX_ISLANDS,
+    MAX_POINTS,
     MAX_REASONS,
     MAX_REJECTIONS,
     REPORT_FIELDS,
@@ -51,6 +52,7 @@ ALIVE_INTERVALS = 3.0  # ...or within this many of its own mean intervals betwee
 KEEP_REJECTIONS = 64
 KEEP_VERSIONS = 1024  # (time, version) pairs per model
 KEEP_LOSS_POINTS = 2000
+LOSS_FIELDS = ("step", "train_loss", "val_loss", "val_version")
 
 
 def ddp_bytes_per_step(params: int, islands: int) -> float:
@@ -129,6 +131,7 @@ class FederationView:
                 "name": self._name_of(peer), "peer": peer[:64], "leaf": self.name,
                 "model_id": model_id[:64], "first_seen": now, "last_seen": None,
                 "pushes": 0, "bytes_up": 0, "steps_pushed": 0, "rejected": {},
+                "points": deque(maxlen=MAX_POINTS),  # its latest losses, for the parent
             }  # fmt: skip
         return rec
 
@@ -145,7 +148,10 @@ class FederationView:
             rec["steps_pushed"] += steps
         rec["base_version"], rec["staleness"] = h.base_version, admitted.staleness
         rec.update(report)
-        self._note_loss(f"{h.model_id}/{h.sender}", rec, now)
+        point = {k: report[k] for k in LOSS_FIELDS if k in report}
+        if "step" in point and len(point) > 1:  # kept until the next summaries carry it
+            rec["points"].append({**point, "t": now})
+            self._note_loss(f"{h.model_id}/{h.sender}", rec["name"], point, now)
 
     def _child(self, sender: str, summary: Any) -> None:
         if summary is None:
@@ -158,21 +164,18 @@ class FederationView:
         self.children[sender] = (now, checked)
         for rec in checked["islands"]:
             key = f"{rec.get('model_id', '')}/{rec.get('peer', rec['name'])}"
-            self._note_loss(key, rec, now - rec["age_s"])
+            for point in sorted(rec["points"], key=lambda p: p["step"]):
+                self._note_loss(key, rec["name"], point, now - point["age_s"])
 
-    def _note_loss(self, key: str, rec: dict, t: float) -> None:
-        """A point of the loss history when the island's reported step moved."""
-        step = rec.get("step")
+    def _note_loss(self, key: str, island: str, point: dict, t: float) -> None:
+        """A point of the loss history, once per island and step (steps only move forward)."""
+        step = point.get("step")
         if step is None or step <= self._loss_steps.get(key, -1):
             return
-        if rec.get("train_loss") is None and rec.get("val_loss") is None:
-            return
         self._loss_steps[key] = step
-        point = {"t": t, "island": rec["name"], "step": step}
-        for k in ("train_loss", "val_loss", "val_version"):
-            if rec.get(k) is not None:
-                point[k] = rec[k]
-        self.loss.append(point)
+        out = {"t": t, "island": island, "step": step}
+        out.update({k: point[k] for k in LOSS_FIELDS[1:] if point.get(k) is not None})
+        self.loss.append(out)
 
     # ------------------------------------------------------------------ the views
 
@@ -210,6 +213,13 @@ class FederationView:
                 seen = rec["first_seen"]
             out = {k: v for k, v in rec.items() if k not in ("first_seen", "last_seen")}
             out["age_s"] = round(max(0.0, now - seen), 3)
+            out["points"] = [
+                {
+                    **{k: v for k, v in p.items() if k != "t"},
+                    "age_s": round(max(0.0, now - p["t"]), 3),
+                }
+                for p in rec["points"]
+            ]
             if rec["pushes"] > 1 and rec["last_seen"] is not None:
                 out["interval_s"] = round((seen - rec["first_seen"]) / (rec["pushes"] - 1), 3)
             islands[key] = out
@@ -224,6 +234,7 @@ class FederationView:
             for rec in summary["islands"]:
                 key = f"{rec.get('model_id', '')}/{rec.get('peer', rec['name'])}"
                 aged = {**rec, "age_s": rec["age_s"] + waited}
+                aged["points"] = [{**p, "age_s": p["age_s"] + waited} for p in rec["points"]]
                 if key not in islands or aged["age_s"] < islands[key]["age_s"]:
                     islands[key] = aged  # an island that moved: its newest record
             for rec in summary["rejections"]:
@@ -252,6 +263,7 @@ class FederationView:
         for rec in merged["islands"]:
             window = max(ALIVE_MIN_S, ALIVE_INTERVALS * rec.get("interval_s", 0.0))
             rec["alive"] = rec["age_s"] < window
+            rec.pop("points", None)  # in the loss history already
         models = []
         for model_id, line in service.lines.items():
             params = (

@@ -105,8 +105,14 @@ function drawChart(canvas, series, opts) {
   const X = x => pad.l + (x - x0) / (x1 - x0) * (w - pad.l - pad.r);
   const Y = y => h - pad.b - (y - y0) / (y1 - y0) * (h - pad.t - pad.b);
   ctx.strokeStyle = "#dde1e7"; ctx.lineWidth = 1;
-  for (let i = 0; i <= 4; i++) {
-    const y = y0 + (y1 - y0) * i / 4;
+  const ticks = [];
+  if (opts.integer) {  // whole numbers only, each once
+    const step = Math.max(1, Math.ceil((y1 - y0) / 4));
+    for (let y = Math.ceil(y0); y <= y1; y += step) ticks.push(y);
+  } else {
+    for (let i = 0; i <= 4; i++) ticks.push(y0 + (y1 - y0) * i / 4);
+  }
+  for (const y of ticks) {
     ctx.beginPath(); ctx.moveTo(pad.l, Y(y)); ctx.lineTo(w - pad.r, Y(y)); ctx.stroke();
     ctx.fillText(opts.yfmt(y), 4, Y(y) + 4);
   }
@@ -149,7 +155,7 @@ function drawLoss(snap) {
     name: m.model_id, color: COLORS[i % COLORS.length],
     points: m.versions.map(v => [v[0] - start, v[1]]),
   }));
-  drawChart($("version-chart"), versions, { xlabel: "seconds", xfmt: fmtSeconds, yfmt: y => y.toFixed(0) });
+  drawChart($("version-chart"), versions, { xlabel: "seconds", xfmt: fmtSeconds, yfmt: y => y.toFixed(0), integer: true });
 }
 
 // ------------------------------------------------------------------ the page
@@ -163,8 +169,10 @@ function render(snap) {
   $("alive").textContent = alive + " / " + snap.islands.length;
   const steps = snap.islands.reduce((a, r) => a + (r.step != null ? r.step : (r.steps_pushed || 0)), 0);
   $("steps").textContent = String(steps);
+  // the validation loss of the newest global version any island evaluated
   const vals = snap.loss.filter(p => p.val_loss != null);
-  $("val").textContent = vals.length ? fmtNum(vals[vals.length - 1].val_loss, 3) : "–";
+  const newest = vals.reduce((a, p) => (a == null || p.val_version >= a.val_version ? p : a), null);
+  $("val").textContent = newest ? fmtNum(newest.val_loss, 3) + " @v" + newest.val_version : "–";
   const b = snap.bytes;
   const moved = b.up + b.down;
   $("bytes").textContent = fmtBytes(b.up) + " / " + fmtBytes(b.down) + "  vs  " + fmtBytes(b.ddp) +
