@@ -15,9 +15,9 @@ from test_aggregator_service import wait_for
 
 from aggregator.dashboard.app import COOKIE, session_value
 from aggregator.dashboard.reports import MAX_ISLANDS, MAX_POINTS, child_summary, island_report
-from aggregator.dashboard.view import ddp_bytes_per_step
+from aggregator.dashboard.view import KEEP_REJECTIONS, FederationView, ddp_bytes_per_step
 from aggregator.service import AggregatorService
-from comms.errors import MalformedError, ReplayError
+from comms.errors import MalformedError, NotFoundError, ReplayError
 from comms.transport import TransportClient
 from comms.update import encode_update
 
@@ -211,6 +211,20 @@ async def test_a_bad_report_is_dropped_and_its_update_kept(tmp_path):
     islands = {r["name"]: r for r in snap["islands"]}
     assert "island0" not in islands  # its report was dropped whole, before any change
     assert islands["island1"]["utilization"] == 0.5
+
+
+def test_refusals_with_made_up_model_ids_do_not_grow_the_view_without_bound(tmp_path):
+    fed = make_federation(tmp_path, 1, aggregators=("root",))
+    view = FederationView("leaf0", "leaf", fed.roster)
+    delta = random_delta(fed.theta0, 0)
+    for i in range(MAX_ISLANDS + 20):
+        env = encode_update(delta, codec="none", model_id=f"m{i}", kind="delta",
+                            sender=fed.islands[0].peer_id, sequence=1, identity=fed.islands[0])  # fmt: skip
+        view.rejected(env.to_bytes(), NotFoundError(f"model 'm{i}' is not served here"))
+    assert len(view.islands) == MAX_ISLANDS and len(view.rejections) == KEEP_REJECTIONS
+    assert (
+        view.rejections[-1]["reason"] == "not_found" and view.rejections[-1]["sender"] == "island0"
+    )
 
 
 @pytest.mark.parametrize(

@@ -107,8 +107,10 @@ class FederationView:
             "t": now, "at": self.name, "sender": self._name_of(sender) if sender else "?",
             "model_id": model_id, "reason": reason, "message": str(error)[:200],
         })  # fmt: skip
-        if sender and self.roster is not None and self.roster.get(sender) is not None:
-            rec = self._island_record(model_id, sender, now)  # a known island: count it
+        known = sender and self.roster is not None and self.roster.get(sender) is not None
+        room = f"{model_id}/{sender}" in self.islands or len(self.islands) < MAX_ISLANDS
+        if known and room:  # a roster member's refusal counts on its record (bounded)
+            rec = self._island_record(model_id, sender, now)
             if reason in rec["rejected"] or len(rec["rejected"]) < MAX_REASONS:
                 rec["rejected"][reason] = rec["rejected"].get(reason, 0) + 1
 
