@@ -52,6 +52,9 @@ _RECORD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "taskName",
 }
 _HEAD = ("time", "level", "logger", "message")
+# the standard names, whatever a library renamed them to (hivemind calls WARNING "WARN")
+_LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING",
+                logging.ERROR: "ERROR", logging.CRITICAL: "CRITICAL"}  # fmt: skip
 
 
 def bind(**fields: Any) -> None:
@@ -85,6 +88,10 @@ def line_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None and k not in _HEAD}
 
 
+def level_name(record: logging.LogRecord) -> str:
+    return _LEVEL_NAMES.get(record.levelno, record.levelname)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, fields, and
     ``exc`` with the traceback where there is one."""
@@ -93,7 +100,7 @@ class JsonFormatter(logging.Formatter):
         when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         doc: dict[str, Any] = {
             "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "level": record.levelname,
+            "level": level_name(record),
             "logger": record.name,
             "message": record.getMessage(),
             **line_fields(record),
@@ -108,13 +115,10 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """``TIME LEVEL LOGGER: MESSAGE key=value ...``, then the traceback on its own lines."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
     def format(self, record: logging.LogRecord) -> str:
-        record.message = record.getMessage()
-        record.asctime = self.formatTime(record)
-        text = self._style.format(record)
+        text = (
+            f"{self.formatTime(record)} {level_name(record)} {record.name}: {record.getMessage()}"
+        )
         fields = line_fields(record)
         if fields:
             text += "  " + " ".join(f"{k}={v}" for k, v in fields.items())

@@ -238,16 +238,22 @@ TITLES = {
 
 
 def run_figures(run: RunRecords, params: int | None = None) -> dict[str, Any]:
-    """The numbers ``render_run`` draws, per island in name order."""
+    """The numbers ``render_run`` draws, per island in name order. The data-parallel
+    comparison counts the islands that push (local-update ones: experts send nothing)."""
     names = sorted(run.rounds)
     steps = [int(run.last(n, "step") or 0) for n in names]
+    sent = [run.last(n, "bytes_sent") for n in names]
     params = params or run.params
-    ddp = [s * ddp_bytes_per_step(params, len(names)) for s in steps] if params else None
+    pushing = sum(b is not None for b in sent)
+    ddp = None
+    if params and pushing:
+        per_step = ddp_bytes_per_step(params, pushing)
+        ddp = [s * per_step if b is not None else None for s, b in zip(steps, sent, strict=True)]
     return {
         "islands": names,
         "records": {n: len(run.rounds[n]) for n in names},
         "steps": steps,
-        "bytes_sent": [run.last(n, "bytes_sent") for n in names],
+        "bytes_sent": sent,
         "ddp_equivalent_bytes": ddp,
         "utilization": [run.last(n, "utilization") for n in names],
         "staleness": run.staleness(),

@@ -369,6 +369,24 @@ def test_text_on_a_terminal_json_elsewhere_and_a_forced_format(tmp_path):
     assert abs(back[0]["time"] - back[1]["time"]) < 5
 
 
+def test_levels_keep_their_standard_names_after_hivemind_renames_warning():
+    import io
+    import logging
+
+    import hivemind.utils.logging  # noqa: F401  (as comms.discovery does: WARNING -> "WARN")
+
+    from comms.logs import setup_logging
+
+    assert logging.getLevelName(logging.WARNING) == "WARN"
+    for fmt in ("json", "text"):
+        stream = io.StringIO()
+        handler = setup_logging("info", stream, fmt)
+        logging.getLogger("archipelago.test").warning("a warning")
+        logging.getLogger().removeHandler(handler)
+        (line,) = read_log(stream.getvalue())
+        assert line["level"] == "WARNING", stream.getvalue()
+
+
 def test_every_command_takes_the_log_options_and_text_can_be_forced(run):
     from aggregator.cli import build_parser as aggregator_parser
     from island.cli import build_parser as island_parser
@@ -430,6 +448,28 @@ def test_island_plot_draws_the_runs_plots_from_its_records(run):
     assert figures["params"] == params
     # a single island: a ring all-reduce sends nothing
     assert figures["ddp_equivalent_bytes"] == [0.0]
+
+
+def test_run_figures_compare_only_pushing_islands_with_data_parallel(tmp_path):
+    """Two local-update islands and an expert: a ring all-reduce over the two moves
+    2 (2 - 1) / 2 x 4 bytes x 100 parameters = 400 bytes per island per step."""
+    from island.plots import read_run, run_figures
+
+    (tmp_path / "metrics").mkdir()
+    rows = {
+        "island0": [{"t": 1.0, "island": "island0", "step": 10, "bytes_sent": 50, "staleness": 0},
+                    {"t": 2.0, "island": "island0", "step": 20, "bytes_sent": 90, "staleness": 1}],
+        "island1": [{"t": 1.5, "island": "island1", "step": 5, "bytes_sent": 40, "staleness": 2}],
+        "expert0": [{"t": 3.0, "island": "expert0", "step": 30, "val_loss": 2.5}],
+    }  # fmt: skip
+    for name, records in rows.items():
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        (tmp_path / "metrics" / f"{name}.jsonl").write_text(text + '{"t": 4, "isl')  # torn
+    f = run_figures(read_run(tmp_path), params=100)
+    assert f["islands"] == ["expert0", "island0", "island1"]
+    assert f["steps"] == [30, 20, 5] and f["bytes_sent"] == [None, 90, 40]
+    assert f["ddp_equivalent_bytes"] == [None, 8000.0, 2000.0]
+    assert f["staleness"] == {"expert0": [], "island0": [0, 1], "island1": [2]}
 
 
 def _model_params():
