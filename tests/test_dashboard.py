@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 
 import aiohttp
 import pytest
@@ -101,6 +102,22 @@ async def test_without_a_token_the_dashboard_is_open(tmp_path, monkeypatch):
                 assert (await fetch(s, f"http://{root.http_address}{path}"))[0] == 200, path
     finally:
         await root.stop()
+
+
+async def test_an_open_event_stream_does_not_hold_up_the_aggregators_stop(tmp_path):
+    fed = make_federation(tmp_path, 1, aggregators=("root",))
+    cfg = fed.config("root", "root")
+    cfg.http = "127.0.0.1:0"
+    root = AggregatorService(cfg)
+    await root.start()
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://{root.http_address}/dashboard/events") as r,
+    ):
+        await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
+        t0 = time.perf_counter()
+        await asyncio.wait_for(root.stop(), 10)  # aiohttp alone would wait up to 60 s
+        assert time.perf_counter() - t0 < 2.0
 
 
 async def test_a_leafs_summary_of_its_islands_reaches_the_roots_dashboard(tmp_path):
