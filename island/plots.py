@@ -161,6 +161,7 @@ def plot_val_loss(
     offsets: dict[str, float] | None = None,
     global_points: list[tuple[float, float]] | None = None,
     x: str = "t",
+    title: str = "Local-update: validation loss, islands and global model",
 ) -> bytes:
     """Each island's validation loss at its round boundaries against ``x`` (``t``: seconds,
     shifted by ``offsets``; or ``step``), and the global model's points if given."""
@@ -174,8 +175,7 @@ def plot_val_loss(
         ax.plot(*zip(*global_points, strict=True), color="black", marker="o", linewidth=2,
                 label="global model (root)")  # fmt: skip
     xlabel = "seconds since the islands started" if x == "t" else "inner steps"
-    ax.set(xlabel=xlabel, ylabel="validation loss",
-           title="Local-update: validation loss, islands and global model")  # fmt: skip
+    ax.set(xlabel=xlabel, ylabel="validation loss", title=title)
     ax.legend(fontsize=8)
     return _png(plt, fig)
 
@@ -271,7 +271,8 @@ def render_run(run_dir: str | Path, out: str | Path, params: int | None = None) 
             "point at a run directory, or set metrics_file in the islands' configs"
         )
     f = run_figures(run, params)
-    plots = {"val_loss": plot_val_loss({n: run.rounds[n] for n in f["islands"]}, x="step")}
+    records = {n: run.rounds[n] for n in f["islands"]}
+    plots = {"val_loss": plot_val_loss(records, x="step", title="Validation loss per island")}
     with_bytes = [i for i, b in enumerate(f["bytes_sent"]) if b is not None]
     if with_bytes:  # local-update islands (experts send nothing)
         ddp = f["ddp_equivalent_bytes"]
