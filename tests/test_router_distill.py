@@ -23,6 +23,7 @@ from router.checkpoint import (
 )
 from router.cli import main
 from router.distill import distillation_loss
+from router.rules import parse_rule
 
 FLOW = {"hidden": 16, "n_blocks": 1, "time_dim": 8}
 
@@ -156,3 +157,66 @@ def test_missing_checkpoint_exit_code_from_the_command_line(tmp_path):
     assert f"{tmp_path / 'e0'}: no expert checkpoint here" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "student").exists()
+
+
+def test_bytelm_student_matches_the_mixture_better_than_untrained(tmp_path):
+    """bytelm: the student's KL from the ensemble's next-byte mixture, computed here, falls."""
+    text = tmp_path / "corpus"
+    text.mkdir()
+    for n in range(6):
+        (text / f"a{n}.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+        (text / f"b{n}.txt").write_text("0123456789 " * 60 + f"{n}")
+    model = {"data": [str(text)], "context": 16, "n_layer": 1, "n_head": 2, "d_model": 16,
+             "batch_size": 8}  # fmt: skip
+    identity = Identity.generate()
+    for k in range(2):
+        workload = get_workload("bytelm", **model)
+        expert = workload.build_model(k)
+        optimizer = torch.optim.AdamW(expert.parameters(), lr=1e-2)
+        batches = workload.train_batches(k)
+        for _ in range(20):
+            loss = workload.loss(expert, next(batches))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        save_expert(tmp_path / f"e{k}", expert, workload="bytelm", workload_config=model,
+                    expert_id=f"e{k}", cluster=k, identity=identity)  # fmt: skip
+    router_config = {"d_model": 8, "n_layers": 1, "context": 16}
+    save_router(tmp_path / "router", build_router("prefix", router_config, 2), "prefix",
+                router_config, 2, ["e0", "e1"], identity=identity, workload="bytelm")  # fmt: skip
+    config = tmp_path / "bytelm.toml"
+    config.write_text(
+        f"""
+[workload]
+name = "bytelm"
+config = {{ data = [{json.dumps(str(text))}], context = 16, n_layer = 1, n_head = 2, d_model = 16 }}
+
+[router]
+dir = {json.dumps(str(tmp_path / "router"))}
+
+[eval]
+experts = {json.dumps([str(tmp_path / "e0"), str(tmp_path / "e1")])}
+max_batches = 1
+
+[distill]
+steps = 40
+batch_size = 8
+lr = 1e-2
+rule = "full"
+output = {json.dumps(str(tmp_path / "student"))}
+"""
+    )
+    assert main(["distill", str(config)]) == 0
+    student, _ = load_expert(tmp_path / "student")
+    ensemble = load_ensemble([tmp_path / "e0", tmp_path / "e1"], tmp_path / "router").ensemble
+    ensemble.rule = parse_rule("full")
+    windows = next(get_workload("bytelm", **model).train_batches(99)).inputs
+
+    def kl(model):
+        with torch.no_grad():
+            log_p = ensemble.log_probs(windows)
+            log_q = torch.log_softmax(model(windows), dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+    before, after = kl(build_workload_model("bytelm", model, seed=0)), kl(student)
+    assert after < before / 3, (before, after)
