@@ -416,6 +416,43 @@ def test_every_command_takes_the_log_options_and_text_can_be_forced(run):
     assert len(read_log(log.read_text())) == len(lines)
 
 
+JSON_ERROR = '{"time": "2026-12-04T07:00:00.000Z", "level": "ERROR", "logger": "a", "message": "m"}'
+JSON_WARNING_WITH_TRACEBACK = (
+    '{"time": "2026-12-04T07:00:00.000Z", "level": "WARNING", "logger": "a", "message": "m", '
+    '"exc": "Traceback (most recent call last): ..."}'
+)
+JSON_INFO = (
+    '{"time": "2026-12-04T07:00:00.000Z", "level": "INFO", "logger": "island.daemon", '
+    '"message": "island0: resumed from /r/snap-0000000040 at step 40", "island": "island0"}'
+)
+TEXT_INFO = (
+    "2026-12-04 07:00:00,000 WARNING island.daemon: island0: resumed from /r/snap at step 25  "
+    "island=island0 step=25"
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [(JSON_ERROR, True), (JSON_WARNING_WITH_TRACEBACK, True), (JSON_INFO, False),
+     ("2026-12-04 07:00:00,000 ERROR aggregator.service: x", True), (TEXT_INFO, False),
+     ("Traceback (most recent call last):", True)],
+)  # fmt: skip
+def test_the_soak_finds_error_lines_in_either_format(line, error):
+    import soak
+
+    assert soak.error_line(line) is error
+
+
+def test_chaos_reads_the_resumed_step_from_either_format(tmp_path):
+    import chaos_procs
+
+    log = tmp_path / "island0.log"
+    log.write_text(f"{TEXT_INFO}\n{JSON_ERROR}\n")
+    assert chaos_procs.resumed_step(log) == 25
+    log.write_text(f"{TEXT_INFO}\n{JSON_INFO}\n")  # the newest run's
+    assert chaos_procs.resumed_step(log) == 40
+
+
 # --------------------------------------------------------------------------- plots
 
 
