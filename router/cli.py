@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import json
 import sys
@@ -375,10 +376,9 @@ def distill_ensemble(config: RouterConfig, source: str) -> dict[str, Any]:
     if not experts:
         raise ConfigError(f"{source}: distill.experts: list the expert checkpoints")
     router = d.router or config.eval.router or config.router.dir
-    inputs = WorkloadSection(
-        config.workload.name, {**config.workload.config, "batch_size": d.batch_size}
-    )
-    workload = build_workload(dataclasses.replace(config, workload=inputs), source)
+    workload = build_workload(config, source)  # held-out loss on router eval's batches
+    inputs = copy.copy(workload)  # the same data, drawn d.batch_size at a time
+    inputs.config = dataclasses.replace(workload.config, batch_size=d.batch_size)
     try:
         served = load_ensemble(experts, router, rule=d.rule, device=str(workload.device))
     except ConfigError as e:
@@ -407,9 +407,9 @@ def distill_ensemble(config: RouterConfig, source: str) -> dict[str, Any]:
             f"{source}: distill.student: context {student.context} is shorter than the "
             f"workload's windows of {window} bytes"
         )
-    gap_before = teacher_gap(student, ensemble, workload.train_batches(d.seed + 1), d.gap_batches)
-    metrics = distill(student, ensemble, workload.train_batches(d.seed), d.steps, d.lr)
-    gap_after = teacher_gap(student, ensemble, workload.train_batches(d.seed + 1), d.gap_batches)
+    gap_before = teacher_gap(student, ensemble, inputs.train_batches(d.seed + 1), d.gap_batches)
+    metrics = distill(student, ensemble, inputs.train_batches(d.seed), d.steps, d.lr)
+    gap_after = teacher_gap(student, ensemble, inputs.train_batches(d.seed + 1), d.gap_batches)
     summary = {
         "workload": workload.name,
         "experts": [m["expert_id"] for m in served.experts],
