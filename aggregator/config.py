@@ -188,6 +188,34 @@ class ModelConfig:
             raise ConfigError(f"snapshot_every: must be at least 1, got {self.snapshot_every}")
 
 
+# Codecs that send a few coordinates per message and keep the rest in an error-feedback
+# residual: published by the root, a coordinate's step waits about 1 / density versions
+SPARSE_CODECS = frozenset({"sparse2", "topk"})
+
+
+def check_publish_codec(model: ModelConfig, where: str) -> None:
+    """A sparse codec for the published ``u_v`` only with an outer optimizer without momentum.
+
+    The root keeps what a sparse ``u_v`` leaves out in its residual, so most coordinates move
+    only every ~1/density versions, while momentum goes on adding the islands' deltas that
+    still point the same way; the late, accumulated steps then overshoot. Measured with
+    ``scripts/bench_quality.py`` (bytelm 120K, 4 islands, H = 50, sparse2 at density 0.02 both
+    ways, Nesterov 0.7 / 0.9): held-out loss 5.4 at the start, 3.7 after 300 steps, then 9.6,
+    19 and 20 at 1,500 steps; the same pushes published in int8 stayed below 3.2, and with
+    sparse2 both ways and ``outer = "sgd"`` the run was stable (docs/benchmarks/thin.md)."""
+    from aggregator.outer import OUTER_OPTIMIZERS
+
+    outer = OUTER_OPTIMIZERS.get(model.outer)
+    if model.codec in SPARSE_CODECS and outer is not None and outer.uses_momentum:
+        raise ConfigError(
+            f"{where}.codec: {model.codec!r} for published versions needs an outer optimizer "
+            f'without momentum (outer = "sgd"), not {model.outer!r}: the root\'s error '
+            "feedback delays most coordinates by about 1/density versions and momentum "
+            "overshoots them (a measured run diverged). Publish int8 or int4 and let the "
+            'islands push sparse (sync.codec), or set outer = "sgd"'
+        )
+
+
 @dataclass
 class AggregatorConfig:
     name: str
@@ -226,6 +254,7 @@ class AggregatorConfig:
                     raise ConfigError(
                         f"models[{i}].init: a root needs theta_0 (a safetensors file)"
                     )
+                check_publish_codec(m, f"models[{i}]")
         ids = [m.model_id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"models: model_id repeated in {ids}")

@@ -570,6 +570,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-factor", type=float, help="others run up to this times S (3; 1.5)")
     p.add_argument("--H", type=int, nargs="+", help="Archipelago's H (50 100 250 500; 10)")
     p.add_argument("--codecs", nargs="+", default=["int8", "int4"])
+    p.add_argument(
+        "--publish-codec",
+        help="the codec of the root's published u_v for every Archipelago run (default: each "
+        "run's --codecs entry, as for the pushes)",
+    )
     p.add_argument("--baseline-H", type=int, help="H of sync DiLoCo and hivemind (100; 10)")
     p.add_argument(
         "--arch-outer",
@@ -683,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt))
                         if len(opts) > 1)  # fmt: skip
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
-                            H=every, codec=codec, publish_codec=codec, mode="overlapped",
+                            H=every, codec=codec, publish_codec=args.publish_codec or codec,
+                            mode="overlapped",
                             outer=args.arch_outer, rebase=rebase, adopt=adopt)  # fmt: skip
         ratios(doc)
         doc["shaped"] = {}
@@ -699,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_steps": args.warmup, "outer": {"sync_diloco": ["nesterov", OUTER],
                                                "archipelago": list(args.arch_outer)},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,
-        "codecs": args.codecs, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
+        "codecs": args.codecs, "publish_codec": args.publish_codec, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
         "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}
                                                    for k, (r, d) in LINKS.items()},
         "hivemind": hivemind_settings, "quick": args.quick,

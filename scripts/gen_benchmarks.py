@@ -356,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`{args.dir}/`; every figure was measured by the command under its heading. Where a "
         "target is missed the table says so. Faults, attacks, load and fuzzing (soak, fuzz "
         "counts, attacker table, recovery figures) are in "
-        "[`docs/reliability.md`](docs/reliability.md).",
+        "[`docs/reliability.md`](docs/reliability.md). Sparse 2-bit pushes (`sparse2`) with "
+        "and without outer momentum, and what they cost up and down: "
+        "[`docs/benchmarks/thin.md`](docs/benchmarks/thin.md).",
     ]
     found = 0
     for name, render in SECTIONS.items():

@@ -78,3 +78,27 @@ def test_save_nested_arrays_of_tables(tmp_path):
     )  # fmt: skip
     save_config(cfg, tmp_path / "agg.toml")
     assert load_config(AggregatorConfig, tmp_path / "agg.toml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("codec", "outer", "refused"),
+    [("sparse2", "nesterov", True), ("topk", "co2", True), ("sparse2", "sgd", False),
+     ("int8", "nesterov", False), ("int4", "co2", False)],
+)  # fmt: skip
+def test_a_root_refuses_a_sparse_publish_codec_with_an_outer_momentum(
+    tmp_path, codec, outer, refused
+):
+    """Publishing u_v through a sparse codec with momentum diverged in a measured run
+    (aggregator.config.check_publish_codec); a leaf's models entry does not publish."""
+    from aggregator.config import AggregatorConfig
+
+    path = tmp_path / "agg.toml"
+    model = f'[[models]]\nmodel_id = "g"\ninit = "x.safetensors"\ncodec = "{codec}"\nouter = "{outer}"\n'
+    path.write_text(f'name = "root"\nrole = "root"\n{model}')
+    if refused:
+        with pytest.raises(ConfigError, match=r'models\[0\]\.codec: .* outer = "sgd"'):
+            load_config(AggregatorConfig, path)
+    else:
+        assert load_config(AggregatorConfig, path).models[0].codec == codec
+    path.write_text(f'name = "leaf"\nrole = "leaf"\nparent = "127.0.0.1:1"\n{model}')
+    assert load_config(AggregatorConfig, path).models[0].codec == codec
