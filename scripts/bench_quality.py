@@ -399,7 +399,7 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
                 point["bytes"] = e["bytes_sent"] + e["bytes_received"]
                 boundary = max(0.0, rank0["boundary_s"] - rank0["blocked_s"])
                 overhead = boundary / max(1, rank0["rounds"])
-            rounds = e["step"] // h
+            rounds = e.get("rounds", e["step"] // h)  # a worker's own count, when it gave one
             point["seconds"] = {
                 n: rounds_seconds(kind, rounds, h, c, overhead, point["bytes"], link)
                 for n, link in LINKS.items()
@@ -560,6 +560,17 @@ def parse_outer(text: str) -> tuple[str, dict[str, float]]:
     return name, params
 
 
+def parse_h_warmup(text: str) -> tuple[int, int]:
+    """``"H0:STEPS"`` -> (H0, STEPS), both positive integers."""
+    try:
+        h0, steps = (int(x) for x in text.split(":"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: use H0:STEPS, e.g. 10:200") from err
+    if h0 < 1 or steps < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: H0 and STEPS must be at least 1")
+    return h0, steps
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, a few dozen steps (CI)")
@@ -570,6 +581,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-factor", type=float, help="others run up to this times S (3; 1.5)")
     p.add_argument("--H", type=int, nargs="+", help="Archipelago's H (50 100 250 500; 10)")
     p.add_argument("--codecs", nargs="+", default=["int8", "int4"])
+    p.add_argument(
+        "--h-warmup",
+        type=parse_h_warmup,
+        metavar="H0:STEPS",
+        help="Archipelago: rounds of H0 inner steps until step STEPS, then of --H (e.g. 10:200)",
+    )
     p.add_argument(
         "--publish-codec",
         help="the codec of the root's published u_v for every Archipelago run (default: each "
@@ -684,11 +701,13 @@ def main(argv: list[str] | None = None) -> int:
         for codec in args.codecs:
             for every in args.H:
                 for rebase, adopt in itertools.product(args.rebase, args.adopt):
-                    slot = f"{codec}_H{every}" + "".join(
+                    warm = f"_warm{args.h_warmup[0]}x{args.h_warmup[1]}" if args.h_warmup else ""
+                    slot = f"{codec}_H{every}{warm}" + "".join(
                         f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt))
                         if len(opts) > 1)  # fmt: skip
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
-                            H=every, codec=codec, publish_codec=args.publish_codec or codec,
+                            H=every, H_warmup=args.h_warmup,
+                            codec=codec, publish_codec=args.publish_codec or codec,
                             mode="overlapped",
                             outer=args.arch_outer, rebase=rebase, adopt=adopt)  # fmt: skip
         ratios(doc)
@@ -705,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_steps": args.warmup, "outer": {"sync_diloco": ["nesterov", OUTER],
                                                "archipelago": list(args.arch_outer)},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,
-        "codecs": args.codecs, "publish_codec": args.publish_codec, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
+        "codecs": args.codecs, "publish_codec": args.publish_codec, "h_warmup": args.h_warmup,
+        "eval_batches": args.eval_batches, "eval_every": args.eval_every,
         "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}
                                                    for k, (r, d) in LINKS.items()},
         "hivemind": hivemind_settings, "quick": args.quick,

@@ -207,6 +207,10 @@ def diloco_worker(spec: dict[str, Any]) -> None:
                      anchor=params_to_numpy(model), anchor_version=0)  # fmt: skip
     global_model = workload.build_model(spec["seed"])  # rank 0 evaluates the global version
     step = 0
+    # H warm-up: rounds of h0 steps until step `until`, then of H (set at round boundaries)
+    h0, until = spec.get("H_warmup") or (spec["H"], 0)
+    lu.every = h0 if until > 0 else spec["H"]
+    round_steps: dict[int, int] = {}  # sequence of a pushed round -> its steps
     try:
         lu.start()
         rec.barrier()
@@ -214,7 +218,12 @@ def diloco_worker(spec: dict[str, Any]) -> None:
         while step < spec["steps"] and not rec.stopped():
             timed_step(rec, step, model, optimizer, next(batches), optimizer.param_groups, spec)
             step += 1
-            if lu.step(tokens=tokens) and rank == 0:
+            ended = lu.step(tokens=tokens)
+            if ended:
+                round_steps[lu.last_push.sequence] = lu.every
+                if step >= until:
+                    lu.every = spec["H"]
+            if ended and rank == 0:
                 sync = engine.stats
                 # the anchor is global version lu.version (the root's theta, bit for bit);
                 # the worker's own params start the next round from it plus its in-flight delta.
@@ -222,12 +231,12 @@ def diloco_worker(spec: dict[str, Any]) -> None:
                 # one just pushed), and it existed here since its arrival.
                 load_numpy_into(global_model, lu.anchor)
                 arrived = engine.arrival_time(lu.version)
-                holds = step - spec["H"] * len(lu.state_dict()["in_flight"])
+                holds = step - sum(round_steps[int(s)] for s in lu.state_dict()["in_flight"])
                 rec.evaluate(
                     step, global_model, version=lu.version, holds_steps=holds,
                     version_t=None if arrived is None else arrived - rec.started,
                     bytes_sent=sync["bytes_sent"], bytes_received=sync["bytes_received"],
-                    staleness=sync["last_staleness"],
+                    staleness=sync["last_staleness"], rounds=lu.round,
                 )  # fmt: skip
         stats = lu.stats  # the training's figures, before the drain below waits
         if not rec.stopped() and drain(lu, engine, spec["drain_s"]) and rank == 0:
@@ -238,6 +247,7 @@ def diloco_worker(spec: dict[str, Any]) -> None:
             sync = engine.stats
             rec.evaluate(
                 step, global_model, version=lu.version, holds_steps=step, drained=True,
+                rounds=lu.round,
                 bytes_sent=sync["bytes_sent"], bytes_received=sync["bytes_received"],
                 staleness=sync["last_staleness"],
             )  # fmt: skip
