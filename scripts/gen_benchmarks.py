@@ -358,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         "counts, attacker table, recovery figures) are in "
         "[`docs/reliability.md`](docs/reliability.md). Sparse 2-bit pushes (`sparse2`) with "
         "and without outer momentum, and what they cost up and down: "
-        "[`docs/benchmarks/thin.md`](docs/benchmarks/thin.md).",
+        "[`docs/benchmarks/thin.md`](docs/benchmarks/thin.md). Outer-step and round-length "
+        "variants tried to cut the steps to DDP's loss at H = 50: "
+        "[`docs/benchmarks/steps.md`](docs/benchmarks/steps.md).",
     ]
     found = 0
     for name, render in SECTIONS.items():
