@@ -59,6 +59,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import signal
 import socket
@@ -330,6 +331,7 @@ def base_spec(args, method: str, run_dir: Path, steps: int) -> dict[str, Any]:
         "data_seed": args.seed, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
         "warmup_steps": args.warmup, "timeout_s": args.timeout, **OPTIM,
         "drain_s": args.deadline + 10.0,  # Archipelago's wait for its last rounds' versions
+        "slowdowns": args.slowdowns, "compute_s": args.compute_s,
         "step_floor_s": args.step_floor,
     }  # fmt: skip
 
@@ -386,7 +388,7 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
     for e in rank0["evals"]:
         # DiLoCo/Archipelago: the steps the evaluated global version holds (overlapped: the
         # round just pushed is not in it yet)
-        point = {"step": e.get("holds_steps", e["step"]), "loss": e["loss"]}
+        point = {"step": e.get("holds_steps", e["step"]), "loss": e["loss"], "t": e.get("t")}
         if kind == "ddp":
             point["bytes"] = e["step"] * ddp_bytes_per_step(pbytes, world)
             point["seconds"] = {n: ddp_seconds(e["step"], c, pbytes, world, link)
@@ -428,6 +430,9 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
         "curve": curve,
         "measured": {
             "run_s": run["run_s"],
+            # wall seconds from the start barrier to rank 0's first evaluation at or below the
+            # target, on loopback (all workers on this machine's cores; --slowdowns applied)
+            "loopback_seconds_to_target": hit.get("t") if hit else None,
             "step_s_median": [r["step_s_median"] for r in results],
             "loopback_compute_fraction": [
                 r["lu"]["compute_fraction"] for r in results if "lu" in r
@@ -560,6 +565,17 @@ def parse_outer(text: str) -> tuple[str, dict[str, float]]:
     return name, params
 
 
+def parse_slowdowns(text: str) -> list[float]:
+    """``"1,1,2,4"`` -> [1.0, 1.0, 2.0, 4.0], each at least 1."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: use numbers >= 1, e.g. 1,1,2,4") from err
+    if not all(math.isfinite(v) and v >= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every slowdown must be at least 1")
+    return values
+
+
 def parse_h_warmup(text: str) -> tuple[int, int]:
     """``"H0:STEPS"`` -> (H0, STEPS), both positive integers."""
     try:
@@ -581,6 +597,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-factor", type=float, help="others run up to this times S (3; 1.5)")
     p.add_argument("--H", type=int, nargs="+", help="Archipelago's H (50 100 250 500; 10)")
     p.add_argument("--codecs", nargs="+", default=["int8", "int4"])
+    p.add_argument(
+        "--slowdowns",
+        type=parse_slowdowns,
+        metavar="S0,S1,...",
+        help="each worker's step takes this many times its compute (every method alike; "
+        "e.g. 1,1,2,4: compute speeds 1, 1, 1/2, 1/4); default all 1",
+    )
+    p.add_argument(
+        "--every-s",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="T",
+        help="also run Archipelago with rounds of T seconds of compute (sync.every_s) per codec",
+    )
     p.add_argument(
         "--h-warmup",
         type=parse_h_warmup,
@@ -643,6 +674,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--shaped-ddp-steps", type=int, default=20, help="DDP steps timed per link")
     args = p.parse_args(argv)
+    if args.slowdowns is not None and len(args.slowdowns) != args.world:
+        p.error(f"--slowdowns: give one per worker ({args.world}), got {len(args.slowdowns)}")
     quick = args.quick
     model = dict(QUICK_MODEL if quick else FULL_MODEL)
     for key in ("d_model", "n_layer", "n_head", "context", "batch_size"):
@@ -668,6 +701,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     compute_s, param_bytes = calibrate_compute_s(args.workload)
+    args.compute_s = compute_s  # --slowdowns hold each step this much times (slowdown - 1)
     cal = {"compute_s": compute_s, "param_bytes": param_bytes}
     print(f"model {args.workload}: {param_bytes // 4:,} params; one worker's step alone: "
           f"{compute_s * 1e3:.1f} ms", flush=True)  # fmt: skip
@@ -710,6 +744,11 @@ def main(argv: list[str] | None = None) -> int:
                             codec=codec, publish_codec=args.publish_codec or codec,
                             mode="overlapped",
                             outer=args.arch_outer, rebase=rebase, adopt=adopt)  # fmt: skip
+            for every_s in args.every_s:  # rounds sized to each island's speed
+                measure(args, tmp, doc, f"{codec}_T{every_s:g}", "overlapped", "diloco", cal,
+                        target=target, H=args.H[0], every_s=every_s, codec=codec,
+                        publish_codec=args.publish_codec or codec, mode="overlapped",
+                        outer=args.arch_outer)  # fmt: skip
         ratios(doc)
         doc["shaped"] = {}
         why_not = ShapedNet.available() if args.shaped else None
@@ -725,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "archipelago": list(args.arch_outer)},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,
         "codecs": args.codecs, "publish_codec": args.publish_codec, "h_warmup": args.h_warmup,
+        "slowdowns": args.slowdowns, "every_s": args.every_s,
         "eval_batches": args.eval_batches, "eval_every": args.eval_every,
         "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}
                                                    for k, (r, d) in LINKS.items()},

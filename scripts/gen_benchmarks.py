@@ -360,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         "and without outer momentum, and what they cost up and down: "
         "[`docs/benchmarks/thin.md`](docs/benchmarks/thin.md). Outer-step and round-length "
         "variants tried to cut the steps to DDP's loss at H = 50: "
-        "[`docs/benchmarks/steps.md`](docs/benchmarks/steps.md).",
+        "[`docs/benchmarks/steps.md`](docs/benchmarks/steps.md). Islands at mixed compute "
+        "speeds (1, 1, 1/2, 1/4), on loopback: "
+        "[`docs/benchmarks/hetero.md`](docs/benchmarks/hetero.md).",
     ]
     found = 0
     for name, render in SECTIONS.items():

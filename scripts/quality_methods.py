@@ -139,6 +139,14 @@ def timed_step(rec: Recorder, step: int, model, optimizer, batch, lr_groups, spe
     optimizer.zero_grad(set_to_none=True)
     spent = time.perf_counter() - t0
     rec.step_s.append(spent)
+    slowdown = (spec.get("slowdowns") or [1.0] * spec["world"])[spec["rank"]]
+    if slowdown > 1:  # --slowdowns: a slower machine. The extra time is (slowdown - 1) times
+        # one step's compute measured alone before the runs, not times this step's time: a
+        # DDP step holds the all-reduce's wait for slower ranks, and scaling that would
+        # compound from step to step
+        extra = (slowdown - 1) * spec["compute_s"]
+        time.sleep(extra)
+        spent += extra
     if spec.get("step_floor_s", 0) > spent:  # --quick: rounds outlast a push, as in real runs
         time.sleep(spec["step_floor_s"] - spent)
     return float(loss.detach())
@@ -193,8 +201,10 @@ def diloco_worker(spec: dict[str, Any]) -> None:
     outer_name, outer = spec["outer"]
     lookahead = {"outer_lr": outer["lr"], "outer_momentum": outer["momentum"]} if (
         outer_name == "nesterov") else {}  # fmt: skip
+    every_s = spec.get("every_s")  # rounds sized by seconds of compute instead of steps
     config = SyncConfig(
-        model_id=spec["model_id"], every=spec["H"], codec=spec["codec"], mode=spec["mode"],
+        model_id=spec["model_id"], every=None if every_s else spec["H"], every_s=every_s,
+        codec=spec["codec"], mode=spec["mode"],
         sync_timeout_s=spec["timeout_s"], retry_interval_s=0.2, max_retry_interval_s=2.0,
         rebase=spec.get("rebase", "eager"), adopt=spec.get("adopt", "arrival"), **lookahead,
     )  # fmt: skip
@@ -209,8 +219,10 @@ def diloco_worker(spec: dict[str, Any]) -> None:
     step = 0
     # H warm-up: rounds of h0 steps until step `until`, then of H (set at round boundaries)
     h0, until = spec.get("H_warmup") or (spec["H"], 0)
-    lu.every = h0 if until > 0 else spec["H"]
+    if not every_s:
+        lu.every = h0 if until > 0 else spec["H"]
     round_steps: dict[int, int] = {}  # sequence of a pushed round -> its steps
+    steps_in_round = 0
     try:
         lu.start()
         rec.barrier()
@@ -219,9 +231,10 @@ def diloco_worker(spec: dict[str, Any]) -> None:
             timed_step(rec, step, model, optimizer, next(batches), optimizer.param_groups, spec)
             step += 1
             ended = lu.step(tokens=tokens)
+            steps_in_round += 1
             if ended:
-                round_steps[lu.last_push.sequence] = lu.every
-                if step >= until:
+                round_steps[lu.last_push.sequence], steps_in_round = steps_in_round, 0
+                if step >= until and not every_s:
                     lu.every = spec["H"]
             if ended and rank == 0:
                 sync = engine.stats
