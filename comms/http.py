@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from comms.tls import TLSConfig, load_pair, server_ssl_context
+from comms.tls import TLSConfig, load_pair, read_pem, server_ssl_context
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -44,16 +44,19 @@ async def start_app(
     return runner, f"{host}:{runner.addresses[0][1]}"
 
 
-def https_context(tls: TLSConfig) -> ssl.SSLContext | None:
-    """The context a daemon serves its HTTP endpoints with: HTTPS with the certificate and
-    key of its ``[tls]`` section when it has them (and ``tls.http`` is on), else None (plain
-    HTTP). Scrapers and browsers hold no federation certificate, so no client certificate
-    is asked for even with ``tls.mutual``; the bearer token (``http_token``) guards what it
-    protects. ``router serve`` asks for one with ``mutual`` (``router_https_context``)."""
+def https_context(tls: TLSConfig, *, client_certs: bool = False) -> ssl.SSLContext | None:
+    """The context a daemon serves HTTP with: HTTPS with the certificate and key of its
+    ``[tls]`` section when it has them (and ``tls.http`` is on), else None (plain HTTP).
+
+    A daemon's status endpoints ask no client certificate even with ``tls.mutual``: scrapers
+    and browsers hold none, and the bearer token (``http_token``) guards what it protects.
+    With ``client_certs`` (``router serve``) and ``tls.mutual``, clients must present a
+    certificate that ``tls.ca`` signed."""
     if not (tls.cert and tls.http):
         return None
     cert_pem, key_pem = load_pair(tls.cert, tls.key)
-    return server_ssl_context(cert_pem, key_pem)
+    client_ca = read_pem(tls.ca) if client_certs and tls.mutual else None
+    return server_ssl_context(cert_pem, key_pem, client_ca)
 
 
 def http_url(address: str, ssl_context: ssl.SSLContext | None) -> str:

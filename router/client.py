@@ -251,8 +251,9 @@ class GenerateStream(Iterator[GeneratePiece]):
         self.close()
 
 
-class Client:
-    """Blocking client of one ``router serve`` URL; see the module docstring."""
+class _ClientBase:
+    """What both clients hold: the server's URL, the socket timeout, the bearer header and
+    the TLS context (``tls_context``)."""
 
     def __init__(
         self,
@@ -267,10 +268,21 @@ class Client:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._ssl = tls_context(ca, cert, key)
+        self._setup()
+
+    def _setup(self) -> None:
+        """The subclass's own connection state."""
+        raise NotImplementedError
+
+
+class Client(_ClientBase):
+    """Blocking client of one ``router serve`` URL; see the module docstring."""
+
+    def _setup(self) -> None:
         handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
-        context = tls_context(ca, cert, key)
-        if context is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=context))
+        if self._ssl is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self._ssl))
         self._opener = urllib.request.build_opener(*handlers)
 
     def _open(self, method: str, path: str, body: dict | None = None):
@@ -398,23 +410,10 @@ class AsyncGenerateStream(AsyncIterator[GeneratePiece]):
         await self.aclose()
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """asyncio client of one ``router serve`` URL; use ``async with`` or call ``close()``."""
 
-    def __init__(
-        self,
-        url: str,
-        timeout: float = 60.0,
-        token: str | None = None,
-        *,
-        ca: str | None = None,
-        cert: str | None = None,
-        key: str | None = None,
-    ):
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._ssl = tls_context(ca, cert, key)
+    def _setup(self) -> None:
         self._session = None
 
     def _get_session(self):

@@ -54,8 +54,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from comms.http import bearer_middleware, http_token, http_url, start_app
-from comms.tls import TLSConfig, load_pair, read_pem, server_ssl_context
+from comms.http import bearer_middleware, http_token, http_url, https_context, start_app
+from comms.tls import TLSConfig
 from router.images import encode_png_gray, image_grid
 from router.requests import (
     SAMPLE_FIELDS,
@@ -395,12 +395,9 @@ def _timeout_message(seconds: float) -> str:
 
 
 def router_https_context(tls: TLSConfig) -> ssl.SSLContext | None:
-    """HTTPS for ``router serve`` from its ``[tls]`` section: its certificate and key; with
+    """HTTPS for ``router serve`` from its ``[tls]`` section (its certificate and key); with
     ``mutual``, clients must present a certificate signed by ``ca``. None: plain HTTP."""
-    if not tls.cert:
-        return None
-    cert_pem, key_pem = load_pair(tls.cert, tls.key)
-    return server_ssl_context(cert_pem, key_pem, read_pem(tls.ca) if tls.mutual else None)
+    return https_context(tls, client_certs=True)
 
 
 def _timeout_response(seconds: float) -> web.Response:

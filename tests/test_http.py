@@ -37,6 +37,16 @@ async def serve():
         await runner.cleanup()
 
 
+def status_service(config: AggregatorConfig, status: dict, metrics: bytes = b""):
+    """What ``aggregator.http.start_status_server`` reads of a service, without its lines."""
+    return SimpleNamespace(
+        config=config,
+        status=lambda: status,
+        metrics=SimpleNamespace(exposition=lambda: metrics),
+        http_address="",
+    )
+
+
 def trio(**kwargs):
     return status_app(lambda: {"name": "n1", "version": 3}, lambda: b"up 1\n", **kwargs)
 
@@ -84,12 +94,7 @@ async def test_aggregator_status_server_takes_the_config_token(serve, monkeypatc
 
     monkeypatch.delenv("ARCHIPELAGO_HTTP_TOKEN", raising=False)
     config = AggregatorConfig(name="leaf", http_token=TOKEN, http_token_metrics=True)
-    service = SimpleNamespace(
-        config=config,
-        status=lambda: {"name": "leaf"},
-        metrics=SimpleNamespace(exposition=lambda: b""),
-        http_address="",
-    )
+    service = status_service(config, {"name": "leaf"})
     runner = await start_status_server(service, "127.0.0.1:0")
     try:
         assert (await get(service.http_address, "/status"))[0] == 401

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import ssl
 from pathlib import Path
-from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -21,6 +20,7 @@ from comms.tls import (
     material_paths,
     read_pem,
 )
+from tests.test_http import status_service
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,12 +55,7 @@ async def start_aggregator_status(tls: TLSConfig):
     from aggregator.http import start_status_server
 
     config = AggregatorConfig(name="root", http_token=TOKEN, tls=tls)
-    service = SimpleNamespace(
-        config=config,
-        status=lambda: {"name": "root"},
-        metrics=SimpleNamespace(exposition=lambda: b"archipelago_up 1\n"),
-        http_address="",
-    )
+    service = status_service(config, {"name": "root"}, b"archipelago_up 1\n")
     return service, await start_status_server(service, "127.0.0.1:0")
 
 

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
 from comms.config import save_config
+from comms.http import url_of
 from comms.identity import Identity, Roster
 from comms.logs import read_log
 from island.config import IslandConfig, SnapshotConfig
@@ -173,13 +174,13 @@ def run(tmp_path_factory):
         root, line = _start(["aggregator", "serve", str(run / "configs" / "root.toml")],
                             logs / "root.log", "serving on")  # fmt: skip
         procs.append(root)
-        root_http = _base(line.split(" http ")[1].split()[0])
+        root_http = url_of(line.split(" http ")[1].split()[0])
         leaf_config.parent = line.split("serving on ")[1].split()[0]
         save_config(leaf_config, run / "configs" / "leaf.toml")
         leaf, line = _start(["aggregator", "serve", str(run / "configs" / "leaf.toml")],
                             logs / "leaf.log", "serving on")  # fmt: skip
         procs.append(leaf)
-        leaf_http = _base(line.split(" http ")[1].split()[0])
+        leaf_http = url_of(line.split(" http ")[1].split()[0])
         island.aggregator = line.split("serving on ")[1].split()[0]
         save_config(island, run / "configs" / "island0.toml")
         proc, line = _start(["island", "run", str(run / "configs" / "island0.toml")],
@@ -201,11 +202,6 @@ def run(tmp_path_factory):
         for p in procs:
             _stop(p, 10)
     yield SimpleNamespace(dir=run, logs=logs, metrics=metrics, codes=codes)
-
-
-def _base(address: str) -> str:
-    """A daemon's printed HTTP address as a base URL (a bare host:port is plain HTTP)."""
-    return address if "://" in address else f"http://{address}"
 
 
 def _root_version(base: str) -> float:
