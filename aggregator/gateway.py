@@ -108,6 +108,14 @@ class Admitted:
             accumulate(buffer, self.delta, self.weight, update_id=uid, staleness=self.staleness,
                        work=self.work)  # fmt: skip
 
+    def pool_event(self, where: tuple[str, int, int]):
+        """The merge pool's event for this delta, whose envelope lies at ``where`` = (path,
+        offset, length) on disk (its WAL record): the workers read and decode it there."""
+        from aggregator.pool import FileRef, MergeEvent
+
+        uid = (self.sender, self.sequence)
+        return MergeEvent(FileRef(*where), self.weight, uid, self.staleness, self.scale, self.work)
+
     @property
     def sender(self) -> str:
         return self.envelope.header.sender

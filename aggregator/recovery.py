@@ -47,7 +47,7 @@ class WalRecovery:
                 self.guard = _merged_guard(self.guard, note.get("guard", {}))
                 line.partial_seq = max(line.partial_seq, int(note.get("seq", 0)))
         bounds = [(r.index, msgpack.unpackb(r.body)) for r in intents]
-        replayed = 0
+        replayed, backlog = 0, []  # backlog: pool events, submitted together (one burst)
         for record in line.wal.pending():
             head, data = parse_wal_record(record.body)
             admitted = await asyncio.to_thread(self._admit, data, head, line.pool is None)
@@ -55,7 +55,7 @@ class WalRecovery:
             self._observe_admitted(line, admitted, replay=True)  # the norm window, as logged
             if line.pool is not None and admitted.delta is None:  # a backlog: workers scale up
                 head = len(record.body) - len(data)
-                self._submit_to_pool(line, admitted, (record.path, record.offset + head, len(data)))
+                backlog.append(admitted.pool_event((record.path, record.offset + head, len(data))))
             else:
                 admitted.merge_into(line.buffer)
             line.buffer_index = record.index
@@ -63,9 +63,11 @@ class WalRecovery:
             replayed += 1
             while bounds and record.index == bounds[0][0]:
                 index, note = bounds.pop(0)
+                self._submit_backlog(line, backlog)
                 await line.collect_pool()
                 partial, _ = line.take_buffer()
                 await self._queue_partial(line, partial, index, int(note["seq"]), resend=True)
+        self._submit_backlog(line, backlog)
         if replayed:
             log.warning(
                 "%s: replayed %d logged updates of %s from the WAL",
@@ -75,6 +77,13 @@ class WalRecovery:
         if line.buffered:
             async with line.lock:
                 await self._maybe_flush(line)
+
+    @staticmethod
+    def _submit_backlog(line: ModelLine, backlog: list) -> None:
+        if backlog:
+            line.pool.submit_many(backlog)
+            line.pooled += len(backlog)
+            backlog.clear()
 
 
 def _merged_guard(guard: ReplayGuard, state: dict) -> ReplayGuard:

@@ -371,14 +371,7 @@ class AggregatorService(
     def _submit_to_pool(self, line: ModelLine, admitted: Admitted, where) -> None:
         """Hand an admitted delta to the merge workers by reference to its WAL record:
         ``where`` is (path, offset, length) of the envelope's bytes on disk."""
-        from aggregator.pool import FileRef, MergeEvent
-
-        uid = (admitted.sender, admitted.sequence)
-        event = MergeEvent(
-            FileRef(*where), admitted.weight, uid, admitted.staleness, admitted.scale,
-            admitted.work,
-        )  # fmt: skip
-        line.pool.submit(event)
+        line.pool.submit(admitted.pool_event(where))
         line.pooled += 1
 
     # ================================================================== status

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,16 @@ def find_processes(run_id: str) -> list[str]:
                 found.append(f"{pid} {cmd[:120]}")
         except OSError:
             continue
+    return found
+
+
+def lingering_processes(run_id: str, grace_s: float = 10.0, poll_s: float = 0.2) -> list[str]:
+    """This run's processes still alive ``grace_s`` after the run stopped: a helper on its way
+    out (torch's ``torch_shm_manager`` exits on its own once its last client is gone) is given
+    that long, so only a process that stays is reported as left behind."""
+    deadline = time.monotonic() + grace_s
+    while (found := find_processes(run_id)) and time.monotonic() < deadline:
+        time.sleep(poll_s)
     return found
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import chaos_checks as checks
-from chaos_procs import LEAVES, MODEL_ID, N_ISLANDS, find_processes
+from chaos_procs import LEAVES, MODEL_ID, N_ISLANDS, lingering_processes
 
 
 def print_table(results: list[dict]) -> str:
@@ -139,7 +139,7 @@ def run_result(run, replicas: list, reference: dict[str, Any] | None) -> dict[st
             checks.read_jsonl(run.path("state", name, "metrics.jsonl")), name
         )
     published = checks.read_published(run.path("logs", "root.log"), MODEL_ID)
-    leftover_procs = find_processes(run.run_id)
+    leftover_procs = lingering_processes(run.run_id)
     sockets = {p for p in run.sockets_seen | run.sockets_of_killed if p.exists()}
     loss = run.evaluate(root_theta)
     ref_loss = reference["loss"] if reference else None

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,27 @@ def test_loss_and_leftovers():
     assert checks.check_loss(float("nan"), None)
     assert checks.check_leftovers([], []) == []
     assert len(checks.check_leftovers(["123 p2pd"], ["/tmp/hivemind-p2pd-x.sock"])) == 2
+
+
+def test_a_process_on_its_way_out_is_not_left_behind_and_one_that_stays_is():
+    """The leftover scan finds the run's processes by their marker, gives one that exits soon
+    (torch_shm_manager after its last client) its grace, and reports one that stays."""
+    from chaos_procs import RUN_ENV, lingering_processes
+
+    run_id = f"test-{os.getpid()}"
+    env = {**os.environ, RUN_ENV: run_id}
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"], env=env)
+    staying = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    try:
+        time.sleep(0.3)  # both started (their environment is readable)
+        stays = lingering_processes(run_id, grace_s=3.0)
+        assert [p.split()[0] for p in stays] == [str(staying.pid)], stays
+        assert exiting.poll() == 0
+    finally:
+        staying.kill()
+        staying.wait()
+        exiting.wait()
+    assert lingering_processes(run_id, grace_s=1.0) == []
 
 
 def test_torn_ack_log_line_is_skipped(tmp_path):

@@ -195,6 +195,32 @@ def test_scales_up_under_a_burst_and_down_to_zero_when_idle(new_pool):
     assert pool.stats().worker_starts == stats.worker_starts + 1
 
 
+def test_a_batch_is_one_backlog_queued_all_or_none(new_pool, tmp_path):
+    """submit_many queues every event before the dispatcher looks (it starts the workers the
+    whole backlog needs, as a WAL replay does after a restart), and refuses the batch whole."""
+    rng = np.random.default_rng(7)
+    pool = new_pool(max_workers=3, idle_timeout_s=30.0, scale_up_backlog=1)
+    wal, updates, events, offset = tmp_path / "segment.wal", [], [], 0
+    with open(wal, "wb") as f:
+        for seq in range(12):
+            data, weight = make_envelope(rng, seq, codec="int8"), float(rng.uniform(0.1, 2.0))
+            f.write(data)
+            updates.append((data, weight, 0))
+            events.append(
+                MergeEvent(FileRef(str(wal), offset, len(data)), weight, ("island-a", seq))
+            )
+            offset += len(data)
+    bad_weight = MergeEvent(events[0].source, float("nan"), ("island-a", 99))
+    for bad, error in (([*events[:2], bad_weight], ValueError), (events[:2] * 2, ReplayError)):
+        with pytest.raises(error):
+            pool.submit_many(bad)
+        assert pool.stats().events_submitted == 0  # nothing of a refused batch was queued
+    assert pool.submit_many(events) == list(range(12))
+    assert_same(pool.flush(), direct(updates), exact=False)
+    stats = pool.stats()
+    assert stats.workers_peak == 3 and stats.worker_starts == 3, stats
+
+
 def test_idle_worker_hands_its_buffer_back_before_the_flush(new_pool):
     rng = np.random.default_rng(3)
     pool = new_pool(max_workers=1, idle_timeout_s=0.3, verify_digest=True)

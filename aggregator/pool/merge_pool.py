@@ -30,6 +30,13 @@ DEFAULT_MAX_ENVELOPE_BYTES = 2 << 30
 _PRELOAD = ["numpy", "aggregator.merge", "aggregator.pool.shm", "comms.envelope", "comms.codecs"]
 
 
+def _check_event(event: MergeEvent) -> None:
+    _merge_weight(event.weight)
+    _clip_scale(event.scale)
+    if not isinstance(event.source, BlobRef | FileRef):
+        raise TypeError(f"event source must be a BlobRef or FileRef, got {event.source!r}")
+
+
 @dataclass(frozen=True)
 class PoolStats:
     workers_alive: int  # started and not told to stop
@@ -145,6 +152,29 @@ class MergePool(PoolSupervisor):
         """
         return self._submit(event, None)
 
+    def submit_many(self, events: list[MergeEvent]) -> list[int]:
+        """Queue several events at once, as one backlog: the dispatcher sees them all together
+        (a WAL replay is a burst, and the pool scales up for it rather than for whichever part
+        of it arrived before the first worker drained the queue). All or none: a bad event or
+        an id already pending raises before any is queued."""
+        from comms.errors import ReplayError
+
+        for event in events:
+            _check_event(event)
+        ids = [tuple(e.update_id) for e in events]
+        if len(set(ids)) != len(ids):
+            raise ReplayError("the same update id twice in one batch", reason="duplicate")
+        with self._lock:
+            self._check_usable()
+            for update_id in ids:
+                if update_id in self._records:
+                    raise ReplayError(
+                        f"update {update_id} is already queued in this pool", reason="duplicate"
+                    )
+            ordinals = [self._queue_event(event, None) for event in events]
+        self._wake()
+        return ordinals
+
     def submit_blob(
         self, blob: SharedBlob, weight: float, update_id: UpdateId, staleness: int = 0
     ) -> int:
@@ -176,10 +206,7 @@ class MergePool(PoolSupervisor):
     def _submit(self, event: MergeEvent, owned_blob: SharedBlob | None) -> int:
         from comms.errors import ReplayError
 
-        _merge_weight(event.weight)
-        _clip_scale(event.scale)
-        if not isinstance(event.source, BlobRef | FileRef):
-            raise TypeError(f"event source must be a BlobRef or FileRef, got {event.source!r}")
+        _check_event(event)
         update_id = tuple(event.update_id)
         with self._lock:
             self._check_usable()
@@ -187,14 +214,19 @@ class MergePool(PoolSupervisor):
                 raise ReplayError(
                     f"update {update_id} is already queued in this pool", reason="duplicate"
                 )
-            ordinal = next(self._ordinals)
-            self._next_ordinal = ordinal + 1
-            record = _Record(ordinal, event, owned_blob)
-            self._records[update_id] = record
-            heapq.heappush(self._queue, (ordinal, record))
-            self._counts["submitted"] += 1
-            self._last_activity = time.monotonic()
+            ordinal = self._queue_event(event, owned_blob)
         self._wake()
+        return ordinal
+
+    def _queue_event(self, event: MergeEvent, owned_blob: SharedBlob | None) -> int:
+        """Under the lock: give ``event`` the next ordinal and put it on the queue."""
+        ordinal = next(self._ordinals)
+        self._next_ordinal = ordinal + 1
+        record = _Record(ordinal, event, owned_blob)
+        self._records[tuple(event.update_id)] = record
+        heapq.heappush(self._queue, (ordinal, record))
+        self._counts["submitted"] += 1
+        self._last_activity = time.monotonic()
         return ordinal
 
     def flush(self, timeout: float = 60.0) -> PartialAggregate:

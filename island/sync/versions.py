@@ -187,12 +187,12 @@ class VersionStream:
                     f"(key {self.identity.peer_id}): {err}; retrying"
                 )
             except RejectedError as err:
-                with self._lock:
-                    self._stats.versions_refused += 1
                 log.error(
                     "model %s: refused version %d from %s: %s",
                     self.model_id, next_version, self.address, err,
                 )  # fmt: skip
+                with self._lock:  # counted once said: a count always has its reason in the log
+                    self._stats.versions_refused += 1
             except (LinkError, OSError, RemoteError) as err:
                 log.warning(f"model {self.model_id}: version stream from {self.address}: {err}")
                 await self._retire_client("follow")
