@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from aggregator.robust import update_norm
+from comms.codecs.base import SparseTensor
 from comms.errors import ShapeMismatchError
 
 DEFAULT_MIN_COS = 0.0  # docs/reliability.md, "Direction check": the measured honest minimum
@@ -59,6 +60,10 @@ def reference_from_update(version: int, update: Mapping[str, np.ndarray]) -> Ref
 
 def dot(x: np.ndarray, y: np.ndarray) -> float:
     """``<x, y>`` accumulated in float64, block by block (no model-sized temporary)."""
+    if isinstance(x, SparseTensor):  # only the kept entries of x count
+        if x.size != y.size:
+            raise ShapeMismatchError(f"cannot score a tensor of {x.size} values against {y.size}")
+        return float(np.einsum("i,i->", x.values.astype(np.float64), y.reshape(-1)[x.indices]))
     a, b = x.reshape(-1), y.reshape(-1)
     if a.size != b.size:
         raise ShapeMismatchError(f"cannot score a tensor of {a.size} values against {b.size}")

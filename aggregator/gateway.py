@@ -40,7 +40,7 @@ import msgpack
 import numpy as np
 
 from aggregator.direction import Reference, agreement, dot, update_dot
-from aggregator.merge import PartialAggregate, accumulate, merge_into
+from aggregator.merge import PartialAggregate, accumulate, merge_into, scale_tensor
 from aggregator.norm_bound import clipped_norm
 from aggregator.robust import clip_scale, sum_of_squares, update_norm
 from aggregator.staleness import StalenessFunction, staleness
@@ -239,7 +239,7 @@ def admit(
     score = reference is not None and logged is None
     udot = None
     if decode:
-        arrays = decode_update(env, manifest)
+        arrays = decode_update(env, manifest, sparse=True)
         norm = update_norm(arrays) if measure or score else None
         udot = update_dot(arrays, reference) if score else None
     elif measure or score:
@@ -311,7 +311,7 @@ def scale_update(delta: Mapping[str, np.ndarray], scale: float) -> dict[str, np.
     """``scale * delta`` as new float32 arrays (the scale rounded to float32 once, as the merge
     workers apply it), the data of a clipped update."""
     s = np.float32(scale)
-    return {name: np.multiply(x, s, dtype=np.float32) for name, x in delta.items()}
+    return {name: scale_tensor(x, s) for name, x in delta.items()}
 
 
 def encoded_norm(env: Envelope, manifest: Manifest) -> float:
@@ -332,7 +332,9 @@ def encoded_norm_dot(
             codec = codec_from_spec(spec.codec)
         except ConfigError as e:
             raise MalformedError(f"tensor {spec.name!r}: {e}") from e
-        x = codec.decode(payload, tuple(spec.shape))
+        x = codec.decode_sparse(payload, tuple(spec.shape))
+        if x is None:
+            x = codec.decode(payload, tuple(spec.shape))
         total += sum_of_squares(x)
         if not math.isfinite(total):  # codecs refuse NaN/Inf already; never let one through
             raise NonFiniteError(f"tensor {spec.name!r} decodes to non-finite values")

@@ -25,8 +25,10 @@ buffer, so merging a delta allocates no model-sized temporary. The first delta o
 scaled straight into its buffer (one pass; a flushed partial's buffers can be handed on as
 ``spare``, so a service reuses them instead of faulting in fresh pages every flush), and a
 weight of exactly 1 (a fresh update under FedBuff's weights) is a plain add; both give the
-same bits as the general path. No I/O, no
-threads, no torch: a caller that shares a partial between threads holds its own lock.
+same bits as the general path. A delta from a sparse codec may be a
+:class:`~comms.codecs.SparseTensor` (its nonzero entries): it is added at its indices only, in
+``O(k)`` with no dense copy, and the sum equals that of its dense form (adding 0 leaves an entry
+as it was, up to the sign of a zero). No I/O, no threads, no torch: a caller that shares a partial between threads holds its own lock.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from aggregator.staleness import (
     admit,
     get_staleness_function,
 )
+from comms.codecs.base import SparseTensor
 from comms.errors import ReplayError, ShapeMismatchError
 
 Params = dict[str, np.ndarray]
@@ -144,6 +147,10 @@ def scaled_add_(acc: np.ndarray, x: np.ndarray, weight: np.float32) -> None:
     if acc.dtype != np.float32 or not acc.flags.c_contiguous or not acc.flags.writeable:
         raise ValueError("scaled_add_: acc must be a writable C-contiguous float32 array")
     flat_acc = acc.reshape(-1)  # a view: acc is contiguous
+    if isinstance(x, SparseTensor):  # only the kept entries: the rest add 0
+        _check_sparse(x, flat_acc.size)
+        flat_acc[x.indices] += np.multiply(x.values, weight, dtype=np.float32)
+        return
     flat_x = x.reshape(-1)  # a view unless x is not contiguous
     if weight == 1:  # 1 * x is x exactly: one add, no scratch
         np.add(flat_acc, flat_x, out=flat_acc, dtype=np.float32)
@@ -164,11 +171,34 @@ def scaled_copy(x: np.ndarray, weight: np.float32, out: np.ndarray | None = None
     zeros, up to the sign of a zero)."""
     if out is None:
         out = np.empty(x.shape, dtype=np.float32)
-    if weight == 1:
+    if isinstance(x, SparseTensor):
+        _check_sparse(x, out.size)
+        out.fill(0)
+        out.reshape(-1)[x.indices] = np.multiply(x.values, weight, dtype=np.float32)
+    elif weight == 1:
         np.copyto(out, x, casting="same_kind")
     else:
         np.multiply(x, weight, out=out, dtype=np.float32)
     return out
+
+
+def scale_tensor(x: np.ndarray | SparseTensor, scale: float | np.float32):
+    """``scale * x`` as a new float32 tensor of the same kind (a clipped update's data)."""
+    if isinstance(x, SparseTensor):
+        return x.scaled(scale)
+    return np.multiply(x, scale, dtype=np.float32)
+
+
+def _check_sparse(x: SparseTensor, size: int) -> None:
+    """A :class:`SparseTensor` from a codec holds distinct indices in range (its decoder checked
+    them); one built elsewhere is checked here, since a repeated index would be added once."""
+    idx = x.indices
+    if idx.ndim != 1 or idx.shape != x.values.shape:
+        raise ShapeMismatchError(f"sparse tensor: {idx.shape} indices for {x.values.shape} values")
+    if idx.size and (idx[0] < 0 or idx[-1] >= size or np.any(idx[1:] <= idx[:-1])):
+        raise ShapeMismatchError(
+            f"sparse tensor: indices must be strictly increasing and in [0, {size})"
+        )
 
 
 def _check_weight(weight: float) -> np.float32:

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from comms.codecs import Codec, ErrorFeedback, as_float_array, codec_from_spec, get_codec
+from comms.codecs import (
+    Codec,
+    ErrorFeedback,
+    SparseTensor,
+    as_float_array,
+    codec_from_spec,
+    get_codec,
+)
 from comms.envelope import Envelope, TensorSpec
 from comms.errors import ConfigError, MalformedError, NonFiniteError, ShapeMismatchError
 from comms.identity import Identity
@@ -128,8 +135,12 @@ def encode_update(
     return env.sign(identity) if identity is not None else env
 
 
-def decode_update(env: Envelope, manifest: Manifest | None = None) -> dict[str, np.ndarray]:
-    """The envelope's tensors as float32 arrays, checked against ``manifest`` if given."""
+def decode_update(
+    env: Envelope, manifest: Manifest | None = None, sparse: bool = False
+) -> dict[str, np.ndarray]:
+    """The envelope's tensors as float32 arrays, checked against ``manifest`` if given. With
+    ``sparse``, a tensor of a sparse codec comes as a :class:`~comms.codecs.SparseTensor`
+    (for a merge, which adds it without densifying it)."""
     if manifest is not None:
         manifest.check(env.header.tensors, env.header.model_id)
     out = {}
@@ -138,8 +149,11 @@ def decode_update(env: Envelope, manifest: Manifest | None = None) -> dict[str, 
             codec = codec_from_spec(spec.codec)
         except ConfigError as e:
             raise MalformedError(f"tensor {spec.name!r}: {e}") from e
-        array = codec.decode(payload, tuple(spec.shape))
-        if not np.isfinite(array).all():  # codecs refuse this already; never let one through
+        array = codec.decode_sparse(payload, tuple(spec.shape)) if sparse else None
+        if array is None:
+            array = codec.decode(payload, tuple(spec.shape))
+        values = array.values if isinstance(array, SparseTensor) else array
+        if not np.isfinite(values).all():  # codecs refuse this already; never let one through
             raise NonFiniteError(f"tensor {spec.name!r} decodes to non-finite values")
         out[spec.name] = array
     return out

@@ -7,7 +7,9 @@ reports GB/s of float32 delta merged (``events * model bytes / seconds``):
 - ``accumulate (decoded)``: :func:`aggregator.merge.accumulate` of already decoded arrays
   into a partial that reuses the previous flush's buffers (the service's steady state);
   ``accumulate, fresh buffers``: the same into newly allocated ones (a first flush).
-- ``decode+accumulate <codec>``: in process, from envelope bytes (what one worker does).
+- ``decode+accumulate <codec>``: in process, from envelope bytes (what one worker does);
+  ``sparse2`` is added at its kept entries only, and ``sparse2, densified`` decodes the same
+  updates to dense arrays first (how sparse updates were merged before).
 - ``pool <codec>, worker busy``: one pool worker, its own merge time (attach the shared
   blob, parse the header, decode, add into its shared buffer).
 - ``pool <codec>, submit+flush``: wall time to submit every event (its bytes already in a
@@ -16,7 +18,8 @@ reports GB/s of float32 delta merged (``events * model bytes / seconds``):
 - ``pool <codec>, with copy to shm``: the same plus the gateway copying each envelope from
   private memory into a new shared blob first (``submit_bytes``).
 
-Also reported: worker start time (``Process.start()`` to ready) with the forkserver (cold,
+Also reported: the peak bytes allocated to decode and add one update into existing buffers
+(tracemalloc), per codec; and worker start time (``Process.start()`` to ready) with the forkserver (cold,
 then warm) and with spawn.
 
     python scripts/bench_merge.py [--quick] [--mib N] [--events N] [--json PATH]
@@ -33,6 +36,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -45,7 +49,7 @@ from benchlib import format_table, write_json  # noqa: E402
 from aggregator.merge import PartialAggregate, accumulate  # noqa: E402
 from aggregator.shm import ParamLayout, SharedBlob  # noqa: E402
 from aggregator.workers import MergePool, decode_with_codec  # noqa: E402
-from comms.codecs import get_codec  # noqa: E402
+from comms.codecs import SparseTensor, get_codec  # noqa: E402
 from comms.envelope import Envelope, parse_header  # noqa: E402
 
 SENDER = "bench-island"
@@ -119,19 +123,42 @@ def bench_accumulate(shapes, events: int, repeats: int, recycle: bool = True) ->
     return best_of(run, repeats)
 
 
-def bench_decode_accumulate(envelopes: list[bytes], repeats: int) -> float:
+def decode_envelope(data: bytes, densify: bool = False) -> dict:
+    """The envelope's tensors as the merge takes them (a sparse codec's as its entries), or
+    all as dense arrays with ``densify`` (how sparse updates were merged before)."""
+    header = parse_header(data)
+    payload = memoryview(data)[len(data) - header.payload_size :]
+    delta = {}
+    for t in header.tensors:
+        x = decode_with_codec(t.codec, payload[t.offset : t.offset + t.nbytes], t.shape)
+        delta[t.name] = x.dense() if densify and isinstance(x, SparseTensor) else x
+    return delta
+
+
+def bench_decode_accumulate(envelopes: list[bytes], repeats: int, densify: bool = False) -> float:
+    last = PartialAggregate()
+
     def run():
-        partial = PartialAggregate()
+        nonlocal last
+        partial = PartialAggregate(spare=last.weighted_sum)  # the service's steady state
         for data in envelopes:
-            header = parse_header(data)
-            payload = memoryview(data)[len(data) - header.payload_size :]
-            delta = {
-                t.name: decode_with_codec(t.codec, payload[t.offset : t.offset + t.nbytes], t.shape)
-                for t in header.tensors
-            }
-            accumulate(partial, delta, 0.7)
+            accumulate(partial, decode_envelope(data, densify), 0.7)
+        last = partial
 
     return best_of(run, repeats)
+
+
+def peak_merge_bytes(envelopes: list[bytes], densify: bool = False) -> int:
+    """Peak bytes allocated (tracemalloc) to decode and add one more update into a partial
+    whose buffers already exist: the merge's own temporaries."""
+    partial = PartialAggregate()
+    accumulate(partial, decode_envelope(envelopes[0], densify), 0.7)
+    tracemalloc.start()
+    try:
+        accumulate(partial, decode_envelope(envelopes[1], densify), 0.7)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def bench_pool(layout, envelopes: list[bytes], repeats: int) -> dict[str, float]:
@@ -196,9 +223,15 @@ def main() -> None:
         "accumulate, fresh buffers",
         bench_accumulate(shapes, args.events, args.repeats, recycle=False),
     )
-    for codec in ("none", "int8"):
+    peak_mb: dict[str, float] = {}
+    for codec in ("none", "int8", "sparse2"):
         envelopes = make_envelopes(shapes, args.events, codec)
         record(f"decode+accumulate {codec}", bench_decode_accumulate(envelopes, args.repeats))
+        peak_mb[codec] = peak_merge_bytes(envelopes) / 1e6
+        if codec == "sparse2":  # against the same updates decoded to dense arrays first
+            dense = bench_decode_accumulate(envelopes, args.repeats, densify=True)
+            record(f"decode+accumulate {codec}, densified", dense)
+            peak_mb[f"{codec}, densified"] = peak_merge_bytes(envelopes, densify=True) / 1e6
         pool = bench_pool(layout, envelopes, args.repeats)
         record(f"pool {codec}, worker busy", pool["busy"])
         record(f"pool {codec}, submit+flush", pool["merge"])
@@ -211,6 +244,8 @@ def main() -> None:
     print(format_table(["merge", "GB/s", "vs numpy"], rows))
     print()
     print(format_table(["worker start", "ms"], [[k, 1e3 * v] for k, v in start_s.items()]))
+    print()
+    print(format_table(["decode+add one update", "peak MB allocated"], list(peak_mb.items())))
     write_json(
         args.json,
         {
@@ -219,6 +254,7 @@ def main() -> None:
             "repeats": args.repeats,
             "gbps": gbps,
             "worker_start_s": start_s,
+            "peak_merge_mb": peak_mb,
         },
     )
 

@@ -208,8 +208,15 @@ def manifest():
 
 def check_arrays(arrays: dict[str, np.ndarray], what: str) -> None:
     """Decoded tensors must be finite float32 arrays of the manifest's shapes."""
+    from comms.codecs import SparseTensor
+
     for name, shape in SHAPES.items():
         a = arrays.get(name)
+        if isinstance(a, SparseTensor):  # a sparse codec's entries, as the merge takes them
+            idx = a.indices
+            if idx.size and (idx[0] < 0 or idx[-1] >= a.size or (np.diff(idx) <= 0).any()):
+                raise InvariantError(f"{what}: tensor {name!r} has bad sparse indices")
+            a = a.dense()
         if a is None or a.dtype != np.float32 or a.shape != shape:
             raise InvariantError(f"{what}: tensor {name!r} decoded to {a!r:.80}")
         if not np.isfinite(a).all():

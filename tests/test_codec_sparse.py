@@ -188,6 +188,28 @@ def test_malformed_payloads_are_typed_errors(case) -> None:
         HAND_CODEC.decode(payload, (9,))
     with pytest.raises(error, match=message):
         HAND_CODEC.validate(payload, (9,))
+    with pytest.raises(error, match=message):
+        HAND_CODEC.decode_sparse(payload, (9,))
+
+
+@pytest.mark.parametrize("name", ["sparse2", "topk"])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (3 * 4096 + 500,), (64, 300)])
+def test_decode_sparse_holds_the_nonzero_entries_of_decode_to_the_bit(name, shape) -> None:
+    """What the merge adds (the entries) is what ``decode`` would have given (the array)."""
+    codec = get_codec(name)
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    payload = codec.encode(x)
+    dense, sparse = codec.decode(payload, shape), codec.decode_sparse(payload, shape)
+    assert sparse.shape == shape and sparse.values.dtype == np.float32
+    assert sparse.dense().tobytes() == dense.tobytes()
+    assert np.array_equal(sparse.indices, np.flatnonzero(dense))  # sorted, distinct, all kept
+    assert sparse.scaled(0.3).dense().tobytes() == np.multiply(dense, np.float32(0.3)).tobytes()
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8", "int4"])
+def test_a_dense_codec_has_no_sparse_form(name) -> None:
+    codec = get_codec(name)
+    assert codec.decode_sparse(codec.encode(np.ones(8, np.float32)), (8,)) is None
 
 
 def test_malformed_offsets_in_a_large_payload() -> None:

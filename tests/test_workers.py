@@ -171,6 +171,35 @@ def test_pool_equals_direct_accumulate_exactly_with_one_worker(new_pool, tmp_pat
         pool.submit_bytes(data, 1.0, ("island-a", 101))
 
 
+def test_sparse_updates_merge_at_their_entries_to_the_bits_of_their_dense_sum(new_pool):
+    """A worker adds a topk or sparse2 tensor at its kept entries only (no dense decode), and
+    one worker's sum is still exactly the in-process sum of the dense decodes; a clip scale
+    is applied to the entries as the gateway applies it to a dense array."""
+    rng = np.random.default_rng(8)
+    pool = new_pool(max_workers=1, idle_timeout_s=30.0)
+    updates = []
+    for seq in range(8):
+        data = make_envelope(rng, seq, codec=("sparse2", "topk")[seq % 2])
+        weight = 1.0 if seq == 0 else float(rng.uniform(0.05, 3.0))
+        updates.append((data, weight, 0))
+        pool.submit_bytes(data, weight, ("island-a", seq))
+    assert_same(pool.flush(), direct(updates), exact=True)
+    data = make_envelope(rng, 8, codec="sparse2")
+    blob = SharedBlob.from_bytes(data, pool.segment_prefix)
+    pool.submit(MergeEvent(blob.ref, 0.5, ("island-a", 8), scale=0.25))
+    env = Envelope.from_bytes(data, max_bytes=1 << 30)
+    clipped = {
+        s.name: np.multiply(codec_from_spec(s.codec).decode(p, s.shape), np.float32(0.25))
+        for s, p in env.tensors()
+    }
+    want = PartialAggregate()
+    accumulate(want, clipped, 0.5, update_id=("island-a", 8))
+    try:
+        assert_same(pool.flush(), want, exact=True)
+    finally:
+        blob.destroy()
+
+
 def test_scales_up_under_a_burst_and_down_to_zero_when_idle(new_pool):
     rng = np.random.default_rng(2)
     pool = new_pool(max_workers=3, idle_timeout_s=0.5, decode=slow_decode)

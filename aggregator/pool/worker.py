@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.merge import UpdateId, scaled_add_
+from aggregator.merge import UpdateId, scale_tensor, scaled_add_, scaled_copy
 from aggregator.pool.shm import BlobRef, SharedBlob, SharedParams
+from comms.codecs.base import SparseTensor
 
-DecodeFn = Callable[[dict, memoryview, tuple[int, ...]], np.ndarray]
+DecodeFn = Callable[[dict, memoryview, tuple[int, ...]], np.ndarray | SparseTensor]
 """``decode(codec_spec, payload, shape) -> float32 array``; must be picklable (module level)."""
 
 _BLOCK = 1 << 16  # elements per block of the fused add: 256 KiB of float32, fits in L2
@@ -54,11 +55,16 @@ class MergeEvent:
     work: float = 1.0  # the update's share of a full round (aggregator.gateway.update_work)
 
 
-def decode_with_codec(codec_spec: dict, payload: memoryview, shape: tuple[int, ...]) -> np.ndarray:
-    """The default decoder: the codec the envelope names (``comms.codecs``, imported lazily)."""
+def decode_with_codec(
+    codec_spec: dict, payload: memoryview, shape: tuple[int, ...]
+) -> np.ndarray | SparseTensor:
+    """The default decoder: the codec the envelope names (``comms.codecs``, imported lazily);
+    a sparse codec's tensor comes as its nonzero entries, added without a dense copy."""
     from comms.codecs import codec_from_spec
 
-    return codec_from_spec(codec_spec).decode(payload, shape)
+    codec = codec_from_spec(codec_spec)
+    sparse = codec.decode_sparse(payload, shape)
+    return codec.decode(payload, shape) if sparse is None else sparse
 
 
 def _merge_weight(weight: float) -> np.float32:
@@ -174,10 +180,10 @@ def _add_envelope(acc, data, event, fresh, decode, verify_digest, max_bytes) -> 
             if x.shape != spec.shape:
                 raise ValueError(f"decoder gave shape {x.shape} for {spec.name!r} {spec.shape}")
             if scale != 1:  # the gateway's gateway.scale_update, to the bit
-                x = np.multiply(x, scale, dtype=np.float32)
+                x = scale_tensor(x, scale)
             touched = True
             if fresh:
-                np.multiply(x, weight, out=dst, dtype=np.float32)
+                scaled_copy(x, weight, dst)
             else:
                 scaled_add_(dst, x, weight)
     except Exception as e:

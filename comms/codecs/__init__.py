@@ -22,6 +22,9 @@ Codecs, by name:
   about 0.047 bytes per parameter at its default density of 0.02. Meant for use with
   ``ErrorFeedback``.
 
+A sparse codec (``topk``, ``sparse2``) also decodes to a ``SparseTensor`` (``decode_sparse``:
+flat indices and float32 values), which the merge adds into its sum without a dense copy.
+
 ``ErrorFeedback`` keeps what a lossy codec dropped and adds it to the next tensor sent under the
 same name (Seide et al., "1-bit SGD", 2014; Karimireddy et al., "Error Feedback Fixes SignSGD",
 2019): ``c_t = x_t + e_t``, ``send Q(c_t)``, ``e_{t+1} = c_t - Q(c_t)``. Summed over rounds,
@@ -39,6 +42,7 @@ from comms.codecs.base import (
     CODECS,
     REQUIRED_CODECS,
     Codec,
+    SparseTensor,
     as_float_array,
     codec_from_spec,
     get_codec,
@@ -62,6 +66,7 @@ __all__ = [
     "Int8Codec",
     "NoneCodec",
     "Sparse2Codec",
+    "SparseTensor",
     "TopKCodec",
     "as_float_array",
     "codec_from_spec",

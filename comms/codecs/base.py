@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -87,6 +88,32 @@ def _check_shape(shape: Any, codec_name: str) -> tuple[int, ...]:
     return dims
 
 
+@dataclass(frozen=True)
+class SparseTensor:
+    """A decoded tensor held as its nonzero entries: ``values`` (float32) at the flat,
+    strictly increasing ``indices`` (int64) of an array of ``shape``; every other entry is 0.
+    What a sparse codec decodes to when the receiver can use it (:meth:`Codec.decode_sparse`):
+    a merge adds it into an accumulator in ``O(k)``, with no dense temporary."""
+
+    shape: tuple[int, ...]
+    indices: np.ndarray
+    values: np.ndarray
+    dtype: ClassVar[np.dtype] = _F32
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.size, dtype=np.float32)
+        out[self.indices] = self.values
+        return out.reshape(self.shape)
+
+    def scaled(self, factor: float | np.float32) -> SparseTensor:
+        """``factor * self``, the product rounded to float32 as a dense multiply rounds it."""
+        return SparseTensor(self.shape, self.indices, np.multiply(self.values, factor, dtype=_F32))
+
+
 class Codec(ABC):
     """Encodes one float tensor to bytes and back. Subclasses set ``name`` and implement the
     abstract methods; ``decode`` always returns a fresh, writable, C-contiguous float32 array.
@@ -120,6 +147,12 @@ class Codec(ABC):
 
     def bytes_per_param(self, numel: int = 1 << 20) -> float:
         return self.encoded_nbytes(numel) / numel
+
+    def decode_sparse(self, payload: bytes, shape: tuple[int, ...]) -> SparseTensor | None:
+        """The decoded tensor as its nonzero entries (sparse codecs), or None (dense codecs:
+        use :meth:`decode`). Refuses exactly what ``decode`` refuses; ``decode_sparse(...).
+        dense()`` is bit-identical to ``decode(...)``."""
+        return None
 
     def validate(self, payload: bytes, shape: tuple[int, ...]) -> None:
         """Raise exactly what ``decode`` would (``MalformedError``, ``NonFiniteError``) without

@@ -58,6 +58,7 @@ from comms.codecs.base import (
     _CHUNK_ELEMS,
     _F32,
     Codec,
+    SparseTensor,
     _check_int_param,
     _f32_rounding_bound,
     _finite_abs_max,
@@ -215,7 +216,7 @@ class Sparse2Codec(Codec):
                     "offsets must be strictly increasing"
                 )
 
-    def decode(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    def decode_sparse(self, payload: bytes, shape: tuple[int, ...]) -> SparseTensor:
         n, dims, mags, offsets, codes = self._entries(payload, shape)
         n_full, _, k, k_tail = self._layout(n)
         chunk_of = np.concatenate(
@@ -223,9 +224,10 @@ class Sparse2Codec(Codec):
         )
         values = mags[chunk_of, codes >> 1]
         np.negative(values, out=values, where=(codes & 1).astype(bool))
-        out = np.zeros(n, dtype=np.float32)
-        out[chunk_of * self.chunk + offsets] = values
-        return out.reshape(dims)
+        return SparseTensor(dims, chunk_of * self.chunk + offsets, values)
+
+    def decode(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+        return self.decode_sparse(payload, shape).dense()
 
     def validate(self, payload: bytes, shape: tuple[int, ...]) -> None:
         # The same checks as decode, without the dense array.

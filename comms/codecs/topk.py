@@ -14,6 +14,7 @@ import numpy as np
 from comms.codecs.base import (
     _F32,
     Codec,
+    SparseTensor,
     _check_shape,
     _f32_rounding_bound,
     _finite_abs_max,
@@ -115,13 +116,13 @@ class TopKCodec(Codec):
         _finite_abs_max(values, self.name, "payload")
         return indices, values
 
-    def decode(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    def decode_sparse(self, payload: bytes, shape: tuple[int, ...]) -> SparseTensor:
         view, dims = self._payload_view(payload, shape)
-        n = math.prod(dims)
-        indices, values = self._entries(view, n)
-        out = np.zeros(n, dtype=np.float32)
-        out[indices] = values
-        return out.reshape(dims)
+        indices, values = self._entries(view, math.prod(dims))
+        return SparseTensor(dims, indices, values)
+
+    def decode(self, payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+        return self.decode_sparse(payload, shape).dense()
 
     def validate(self, payload: bytes, shape: tuple[int, ...]) -> None:
         # The same checks as decode, without the dense array.
