@@ -236,6 +236,9 @@ class AggregatorConfig:
     max_update_mb: float = 1024.0  # refuse larger envelopes (OversizeError)
     push_deadline_s: float = 60.0  # deadline of one push to the parent
     version_cache_mb: float = 256.0  # leaf/mid: most MiB of recent u_v kept for subscribers
+    # leaf/mid: seconds between dashboard summaries sent to the parent (Report; kept in its
+    # memory, never in its WAL); 0: none, and the parent's page shows nothing below this one
+    summary_interval_s: float = 2.0
     merge: MergeConfig = field(default_factory=MergeConfig)
     models: list[ModelConfig] = field(default_factory=list)
     tls: TLSConfig = field(default_factory=TLSConfig)  # empty: plaintext gRPC
@@ -258,6 +261,11 @@ class AggregatorConfig:
         ids = [m.model_id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"models: model_id repeated in {ids}")
+        if not (self.summary_interval_s == 0 or 0.05 <= self.summary_interval_s <= 3600):
+            raise ConfigError(
+                "summary_interval_s: must be 0 (no summaries) or in [0.05, 3600] seconds, "
+                f"got {self.summary_interval_s}"
+            )
         if not self.version_cache_mb > 0:
             raise ConfigError(f"version_cache_mb: must be positive, got {self.version_cache_mb}")
         if not 0 < self.max_update_mb <= MAX_UPDATE_MB:

@@ -123,7 +123,6 @@ class ParentLink:
                 "work": float(partial.work),
                 "max_staleness": int(partial.max_staleness),
                 "contributors": contributors,
-                "summary": self.view.summary(self),  # for the root's dashboard
             },
             identity=self.identity,
         )

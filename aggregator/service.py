@@ -36,6 +36,7 @@ from safetensors.numpy import load_file
 
 from aggregator.clipping import NormClipping
 from aggregator.config import AggregatorConfig, ModelConfig
+from aggregator.dashboard.summaries import SummaryChannel
 from aggregator.dashboard.view import FederationView
 from aggregator.direction_check import DirectionChecking
 from aggregator.faults import fault_point
@@ -53,7 +54,7 @@ from aggregator.store import ModelStore
 from aggregator.wal import WriteAheadLog
 from comms.codecs import get_codec
 from comms.envelope import parse_header
-from comms.errors import ConfigError, NotFoundError, RejectedError, StorageError
+from comms.errors import ConfigError, MalformedError, NotFoundError, RejectedError, StorageError
 from comms.http import split_listen
 from comms.identity import Identity, ReplayGuard, Roster
 from comms.logs import bind
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 
 
 class AggregatorService(
-    Flushing, Publishing, ParentLink, WalRecovery, NormClipping, DirectionChecking
+    Flushing, Publishing, ParentLink, WalRecovery, NormClipping, DirectionChecking, SummaryChannel
 ):
     """A leaf, mid or root aggregator; ``await start()``, then serve until ``stop()``.
 
@@ -76,7 +77,8 @@ class AggregatorService(
     :class:`~aggregator.parent.ParentLink`'s, the WAL replay
     :class:`~aggregator.recovery.WalRecovery`'s and the norm bound of island updates
     :class:`~aggregator.clipping.NormClipping`'s, the direction check
-    :class:`~aggregator.direction_check.DirectionChecking`'s.
+    :class:`~aggregator.direction_check.DirectionChecking`'s, the dashboard summaries to
+    and from the tree :class:`~aggregator.dashboard.summaries.SummaryChannel`'s.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class AggregatorService(
         self.lines: dict[str, ModelLine] = {}
         self.metrics = AggregatorMetrics(config.name, config.role, lines=self.lines)
         self.view = FederationView(config.name, config.role, roster)  # the dashboard's data
+        self._summary_sequences: dict[str, int] = {}  # child -> last summary (memory only)
         self.server: TransportServer | None = None
         self.http = None
         self.parent: TransportClient | None = None
@@ -167,6 +170,8 @@ class AggregatorService(
                 self._spawn(self._follow_parent(line), f"follow {line.model_id}")
         if self.role != "root":
             self._spawn(self._send_partials(), "outbox")
+            if self.config.summary_interval_s > 0:
+                self._spawn(self._send_summaries(), "summaries")
         if self.config.http:
             from aggregator.http import start_status_server
 
@@ -317,6 +322,8 @@ class AggregatorService(
         line = None
         try:
             header = parse_header(data)
+            if header.kind == "summary":  # telemetry never enters the WAL
+                raise MalformedError("a summary goes by Report, not Push (which is logged)")
             line = self.lines.get(header.model_id)
             if line is None:
                 raise NotFoundError(f"model {header.model_id!r} is not served here")

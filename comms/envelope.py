@@ -17,7 +17,8 @@ Wire layout (all integers big-endian)::
     11+H+S  ...   payload: every tensor's bytes, back to back, in header order
 
 The header is a msgpack map with exactly these keys: ``protocol`` (int, equal to the preamble
-version), ``model_id`` (str), ``kind`` (``delta`` | ``partial`` | ``version`` | ``snapshot``),
+version), ``model_id`` (str), ``kind`` (``delta`` | ``partial`` | ``version`` | ``snapshot`` |
+``summary``, a child aggregator's dashboard report: no tensors, sent by ``Report``, never logged),
 ``base_version`` (int >= 0), ``sender`` (peer id), ``sequence`` (int >= 0), ``created_at``
 (float, seconds since the epoch), ``tensors`` (a list of maps ``name``, ``shape``, ``dtype``,
 ``codec``, ``offset``, ``nbytes``), ``payload_size`` (int), ``payload_digest`` (bin, 32 bytes),
@@ -66,7 +67,7 @@ from comms.errors import (
 from comms.identity import ROLES, SIGNATURE_BYTES, Identity, ReplayGuard, Roster, RosterEntry
 
 MAGIC = b"ARCP"
-KINDS = ("delta", "partial", "version", "snapshot")
+KINDS = ("delta", "partial", "version", "snapshot", "summary")
 DIGEST_ALGORITHM = "sha256"  # protocol 3; "blake2b-256" in protocol 2 (2.5x slower here)
 DIGEST_BYTES = 32
 SIGNING_CONTEXT = b"archipelago-envelope\x00"

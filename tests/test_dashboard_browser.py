@@ -95,7 +95,8 @@ def _federation(tmp_path) -> tuple[AggregatorConfig, AggregatorConfig, list[Isla
         "root", "root", 1, http="127.0.0.1:0", http_token=TOKEN,
         models=[ModelConfig("global", init=str(tmp_path / "init.safetensors"), codec="int8")],
     )  # fmt: skip
-    leaf = aggregator("leaf0", "leaf", 2, http="", models=[ModelConfig("global")])
+    leaf = aggregator("leaf0", "leaf", 2, http="", models=[ModelConfig("global")],
+                      summary_interval_s=0.5)  # fmt: skip
     return root, leaf, islands
 
 

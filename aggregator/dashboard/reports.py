@@ -2,10 +2,12 @@
 
 Both arrive inside signed envelopes' ``meta`` from roster members, but a signature says who
 sent them, not that they are sane: an island's ``report`` (``island.daemon``'s
-``_push_report``) and a child aggregator's ``summary`` (:mod:`aggregator.dashboard.view`)
+``_push_report``, in its pushes) and a child aggregator's ``summary``
+(:mod:`aggregator.dashboard.view`, sent by :mod:`aggregator.dashboard.summaries`)
 are rebuilt here field by field, each value type-checked and bounded, strings cut to
 ``MAX_TEXT`` characters, lists to a fixed length. What is wrong raises ``MalformedError``
-naming the field; the caller logs it and drops the report, never the update it came with.
+naming the field; the caller logs it and drops the report (never the update an island's
+report came with; a summary is refused to its sender).
 Pure functions.
 """
 
@@ -137,7 +139,7 @@ def reasons(obj: Any, what: str) -> dict[str, int]:
 
 
 def child_summary(obj: Any) -> dict[str, Any]:
-    """A child aggregator's ``summary`` (``meta["summary"]`` of its partials), checked:
+    """A child aggregator's ``summary`` (``meta["summary"]`` of its summary envelopes), checked:
     ``{"aggregators": [...], "islands": [...], "rejections": [...]}``."""
     if not isinstance(obj, dict):
         raise MalformedError(f"summary: expected a map, got {type(obj).__name__}")

@@ -3,11 +3,12 @@
 Every aggregator keeps a :class:`FederationView`: a record per island that pushed to it
 (from the pushes themselves: when, how many bytes, base version, staleness, inner steps; and
 from the island's ``report`` in the push meta: steps per second, utilization, losses), the
-recent rejections with their reasons, the times of its versions, and the last ``summary``
-each child aggregator sent with a partial. ``summary()`` is what it sends its own parent in
-the meta of each partial: its own record, its children's and all their islands, flattened
-(so the depth of the tree does not deepen the meta), so the root's view holds the whole
-tree. Times travel as ages (``age_s``, seconds before the summary left), never as clock
+recent rejections with their reasons, the times of its versions, and the last summary each
+child aggregator reported (with the time it arrived: its freshness). ``summary()`` is what
+it reports to its own parent on a timer (:mod:`aggregator.dashboard.summaries`; never inside
+a partial, so never in a WAL): its own record, its children's and all their islands,
+flattened (so the depth of the tree does not deepen the summary), so the root's view holds
+the whole tree. Times travel as ages (``age_s``, seconds before the summary left), never as clock
 readings, so a skewed clock elsewhere does not move them; the receiver adds the time the
 summary has waited since. ``snapshot()`` is the dashboard's data.
 
@@ -38,7 +39,6 @@ from aggregator.dashboard.reports import (
     MAX_REASONS,
     MAX_REJECTIONS,
     REPORT_FIELDS,
-    child_summary,
     island_report,
     text,
 )
@@ -77,14 +77,13 @@ class FederationView:
     # ------------------------------------------------------------------ events
 
     def admitted(self, admitted, nbytes: int) -> None:
-        """A push passed admission: an island's delta updates its record, a child's partial
-        replaces the child's summary."""
+        """A push passed admission: an island's delta updates its record. (A child's
+        partial carries no summary: summaries come by ``reported``.)"""
         h = admitted.envelope.header
+        if h.kind == "partial":
+            return
         try:
-            if h.kind == "partial":
-                self._child(h.sender, h.meta.get("summary"))
-            else:
-                self._island_push(admitted, nbytes)
+            self._island_push(admitted, nbytes)
         except MalformedError as e:
             self.bad_reports += 1
             log.warning("%s: dashboard report of %s dropped (the update is kept): %s",
@@ -93,8 +92,17 @@ class FederationView:
             self.bad_reports += 1
             log.exception("%s: dashboard report of %s dropped", self.name, h.sender)
 
-    def rejected(self, data: bytes, error: Exception) -> None:
-        """A push was refused: remember when, whose (as its header claims), and why."""
+    def reported(self, sender: str, summary: dict) -> None:
+        """A child's checked summary (``aggregator.dashboard.summaries``) replaces its last."""
+        self._child(sender, summary)
+
+    def report_refused(self, data: bytes, error: Exception) -> None:
+        """A child's summary was refused: counted, and listed with the rejections."""
+        self.bad_reports += 1
+        self._rejection(data, error)
+
+    def _rejection(self, data: bytes, error: Exception) -> tuple[str, str, str, float]:
+        """Append a refusal to the recent rejections; (sender, model id, reason, time)."""
         sender = model_id = ""
         try:
             h = parse_header(data)
@@ -107,7 +115,13 @@ class FederationView:
             "t": now, "at": self.name, "sender": self._name_of(sender) if sender else "?",
             "model_id": model_id, "reason": reason, "message": str(error)[:200],
         })  # fmt: skip
-        known = sender and self.roster is not None and self.roster.get(sender) is not None
+        return sender, model_id, reason, now
+
+    def rejected(self, data: bytes, error: Exception) -> None:
+        """A push was refused: remember when, whose (as its header claims), and why."""
+        sender, model_id, reason, now = self._rejection(data, error)
+        entry = self.roster.get(sender) if self.roster is not None and sender else None
+        known = entry is not None and entry.role != "aggregator"  # islands only: not a child
         room = f"{model_id}/{sender}" in self.islands or len(self.islands) < MAX_ISLANDS
         if known and room:  # a roster member's refusal counts on its record (bounded)
             rec = self._island_record(model_id, sender, now)
@@ -155,10 +169,7 @@ class FederationView:
             rec["points"].append({**point, "t": now})
             self._note_loss(f"{h.model_id}/{h.sender}", rec["name"], point, now)
 
-    def _child(self, sender: str, summary: Any) -> None:
-        if summary is None:
-            return
-        checked = child_summary(summary)
+    def _child(self, sender: str, checked: dict) -> None:
         for rec in checked["aggregators"]:
             if rec["peer"] == sender:  # who feeds whom: the child's parent is this aggregator
                 rec["parent"] = self.name
@@ -249,7 +260,7 @@ class FederationView:
         }
 
     def summary(self, service) -> dict[str, list]:
-        """What this aggregator tells its parent (``meta["summary"]`` of each partial)."""
+        """What this aggregator reports to its parent (``aggregator.dashboard.summaries``)."""
         try:
             merged = self._merged(service, self.clock())
         except Exception:  # never hold a partial back for the dashboard's sake

@@ -132,6 +132,27 @@ class FetchRequest(_message.Message):
     auth: ReadAuth
     def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., protocol_version: _Optional[int] = ..., auth: _Optional[_Union[ReadAuth, _Mapping]] = ...) -> None: ...
 
+class ReportRequest(_message.Message):
+    __slots__ = ("protocol_version", "envelope")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    envelope: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., envelope: _Optional[bytes] = ...) -> None: ...
+
+class ReportAck(_message.Message):
+    __slots__ = ("fields",)
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    fields: _containers.ScalarMap[str, str]
+    def __init__(self, fields: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class FetchChunk(_message.Message):
     __slots__ = ("model_id", "version", "data", "offset", "total_size", "chunk_digest", "blob_digest", "chunk_crc32")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class TransportStub:
                 request_serializer=comms_dot_proto_dot_archipelago__pb2.FetchRequest.SerializeToString,
                 response_deserializer=comms_dot_proto_dot_archipelago__pb2.FetchChunk.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/archipelago.v1.Transport/Report',
+                request_serializer=comms_dot_proto_dot_archipelago__pb2.ReportRequest.SerializeToString,
+                response_deserializer=comms_dot_proto_dot_archipelago__pb2.ReportAck.FromString,
+                _registered_method=True)
 
 
 class TransportServicer:
@@ -87,6 +92,16 @@ class TransportServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """A child aggregator's report for its parent's dashboard, sent on a timer: one signed
+        envelope of kind "summary" (no tensors). Telemetry only: the parent keeps the latest in
+        memory and never writes it to its write-ahead log. Added in place: a server that
+        predates it answers UNIMPLEMENTED, which the sender logs and carries on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransportServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +124,11 @@ def add_TransportServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=comms_dot_proto_dot_archipelago__pb2.FetchRequest.FromString,
                     response_serializer=comms_dot_proto_dot_archipelago__pb2.FetchChunk.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=comms_dot_proto_dot_archipelago__pb2.ReportRequest.FromString,
+                    response_serializer=comms_dot_proto_dot_archipelago__pb2.ReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +239,33 @@ class Transport:
             '/archipelago.v1.Transport/Fetch',
             comms_dot_proto_dot_archipelago__pb2.FetchRequest.SerializeToString,
             comms_dot_proto_dot_archipelago__pb2.FetchChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/archipelago.v1.Transport/Report',
+            comms_dot_proto_dot_archipelago__pb2.ReportRequest.SerializeToString,
+            comms_dot_proto_dot_archipelago__pb2.ReportAck.FromString,
             options,
             channel_credentials,
             insecure,

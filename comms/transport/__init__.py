@@ -1,6 +1,6 @@
 """gRPC transport for opaque blobs: resumable chunked push, version subscription, fetch.
 
-The transport moves bytes and knows nothing about what they hold. Three calls
+The transport moves bytes and knows nothing about what they hold. Four calls
 (``comms/proto/archipelago.proto``, package ``archipelago.v1``):
 
 - ``Push``: client-streaming upload of one blob in checked chunks (``comms.chunks``). The
@@ -10,6 +10,8 @@ The transport moves bytes and knows nothing about what they hold. Three calls
   a retried push of a delivered upload gets the same answer.
 - ``Subscribe``: server-streaming versions of a model from ``from_version`` on.
 - ``Fetch``: one blob of a model (a snapshot), streamed in chunks and checked by digest.
+- ``Report``: one small signed blob for the server's dashboard (a child aggregator's summary),
+  unary, handed to the handler's optional ``on_report``; telemetry, never made durable.
 
 Subscribe and Fetch requests carry a read signature (``comms.reads``) when the client has an
 ``identity``; a server with a ``read_guard`` refuses any read it does not admit.
@@ -56,12 +58,18 @@ from comms.transport.options import (
     Keepalive,
     ServerTLS,
 )
-from comms.transport.server import ServerStats, TransportHandler, TransportServer
+from comms.transport.server import (
+    DEFAULT_MAX_REPORT_BYTES,
+    ServerStats,
+    TransportHandler,
+    TransportServer,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_KEEPALIVE",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_REPORT_BYTES",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "ERROR_TYPE_KEY",
     "MESSAGE_OVERHEAD_BYTES",

@@ -242,6 +242,23 @@ class TransportClient:
             raise
         return dict(ack.fields)
 
+    async def report(self, data: bytes, retries: int | None = None) -> dict[str, str]:
+        """Send one ``Report`` (a signed envelope of kind "summary"); return the ack's fields.
+        A report is telemetry: callers pass few ``retries`` and send a fresh one later."""
+        retries = self.retries if retries is None else retries
+        request = pb.ReportRequest(protocol_version=self.protocol_version, envelope=data)
+        for attempt in range(retries + 1):
+            try:
+                ack = await self.stub.Report(request, timeout=self._transfer_deadline(len(data)))
+                return dict(ack.fields)
+            except (grpc.aio.AioRpcError, LinkError, OSError) as err:
+                _raise_if_final(err)
+                await self._check_tls(err)
+                if attempt == retries:
+                    _raise_gave_up(err, "report", attempt + 1)
+                await self._backoff(attempt)
+        raise AssertionError("unreachable")
+
     async def fetch(self, model_id: str, version: int, retries: int | None = None) -> bytes:
         """Download one blob of ``model_id`` at ``version``, checked by digest."""
         retries = self.retries if retries is None else retries

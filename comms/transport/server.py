@@ -6,7 +6,9 @@ The servicer only decodes, calls the handler and maps errors to statuses
 blob to the handler exactly once; a retried push of a delivered upload gets the same answer.
 ``Subscribe`` and ``Fetch`` stream a blob's shared chunk messages (``ChunkMessageCache``),
 once the server's ``ReadGuard`` (``comms.reads``), if it has one, admitted the request's
-signature; the handler only sees admitted reads. A refused read is logged and reported to the
+signature; the handler only sees admitted reads. ``Report`` hands one small signed blob (a
+child aggregator's dashboard summary, at most ``max_report_bytes``) to the handler's optional
+``on_report``; nothing of it is kept here. A refused read is logged and reported to the
 handler's optional ``on_read_refused(method, reason)`` (the aggregator counts it). The
 messages are written with ``context.write``, so a reader that goes away in the middle of a
 blob ends its stream with one INFO line, not an error traceback from inside gRPC.
@@ -36,7 +38,7 @@ from comms.chunks import (
     UploadTable,
     verify_chunk,
 )
-from comms.errors import LinkError, MalformedError, RejectedError
+from comms.errors import LinkError, MalformedError, NotFoundError, OversizeError, RejectedError
 from comms.proto import archipelago_pb2 as pb
 from comms.proto import archipelago_pb2_grpc as pb_grpc
 from comms.reads import ReadAuth, ReadGuard
@@ -58,6 +60,8 @@ from comms.transport.options import (
 
 log = logging.getLogger("comms.transport")
 
+DEFAULT_MAX_REPORT_BYTES = 1 << 20  # one Report's envelope (a dashboard summary)
+
 
 class TransportHandler(Protocol):
     """What a server does with the bytes; plain async functions, testable without sockets.
@@ -78,6 +82,10 @@ class TransportHandler(Protocol):
     async def fetch(self, model_id: str, version: int) -> bytes:
         """Return one blob of ``model_id`` at ``version``; NotFoundError if not held."""
         ...
+
+    # Optional: ``async def on_report(self, data: bytes) -> dict[str, str]`` takes one
+    # ``Report`` (a signed envelope of kind "summary", at most ``max_report_bytes``); a
+    # handler without it refuses every report with NotFoundError.
 
 
 @dataclass
@@ -101,9 +109,11 @@ class _Servicer(pb_grpc.TransportServicer):
         uploads: UploadTable,
         chunk_size: int,
         read_guard: ReadGuard | None = None,
+        max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
     ):
         self.handler = handler
         self.read_guard = read_guard
+        self.max_report_bytes = max_report_bytes
         self.uploads = uploads
         self.chunk_size = chunk_size
         self.stats = ServerStats()
@@ -156,6 +166,23 @@ class _Servicer(pb_grpc.TransportServicer):
             await self._write(context, messages, "Fetch", request, request.version)
         except Exception as exc:
             await self._abort(context, exc, "Fetch")
+
+    async def Report(self, request: pb.ReportRequest, context) -> pb.ReportAck:
+        try:
+            check_protocol_version(request.protocol_version)
+            data = request.envelope
+            if len(data) > self.max_report_bytes:
+                raise OversizeError(
+                    f"report of {len(data)} bytes; this server takes at most "
+                    f"{self.max_report_bytes} (send fewer records)"
+                )
+            on_report = getattr(self.handler, "on_report", None)
+            if on_report is None:
+                raise NotFoundError("this server takes no reports")
+            fields = await on_report(data)
+            return pb.ReportAck(fields={str(k): str(v) for k, v in (fields or {}).items()})
+        except Exception as exc:
+            await self._abort(context, exc, "Report")
 
     async def _write(self, context, messages, method: str, request, version: int) -> None:
         """Send one blob's messages. A reader that went away meanwhile (a closed laptop, a
@@ -329,13 +356,14 @@ class TransportServer:
         uploads: UploadTable | None = None,
         read_guard: ReadGuard | None = None,
         keepalive: Keepalive = DEFAULT_KEEPALIVE,
+        max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
     ):
         _check_chunk_size(chunk_size, max_message_bytes)
         self.host, self.port, self.tls = host, port, tls
         self.max_message_bytes = max_message_bytes
         self.keepalive = keepalive
         self.uploads = uploads or UploadTable(max_upload_bytes=max_upload_bytes)
-        self._servicer = _Servicer(handler, self.uploads, chunk_size, read_guard)
+        self._servicer = _Servicer(handler, self.uploads, chunk_size, read_guard, max_report_bytes)
         self._server: grpc.aio.Server | None = None
 
     @property
