@@ -40,6 +40,10 @@ Example (a root serving one model)::
     codec = "int8"                    # codec of the published u_v
     # public_read = true              # Fetch/Subscribe with no signature (default: roster only)
 
+    # [[expert_groups]]               # hybrid: the islands (roster names) that train one
+    # model_id = "expert0"            #   expert's model id in local-update mode; such a model
+    # islands = ["island0", "island1"]#   takes deltas only from them, and they push only to it
+
     [tls]                             # empty or absent: plaintext gRPC (one machine, tests)
     cert = "tls/root.pem"             # this aggregator's certificate: it serves TLS with it,
     key = "tls/root-key.pem"          #   and presents it to its parent; key mode 0600
@@ -67,6 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aggregator.direction import DEFAULT_MIN_COS
+from aggregator.groups import ExpertGroup, check_groups
 from aggregator.norm_bound import (
     DEFAULT_FACTOR,
     DEFAULT_MIN_COUNT,
@@ -241,6 +246,8 @@ class AggregatorConfig:
     summary_interval_s: float = 2.0
     merge: MergeConfig = field(default_factory=MergeConfig)
     models: list[ModelConfig] = field(default_factory=list)
+    # hybrid: which islands train which expert's model id (aggregator.groups); none: any island
+    expert_groups: list[ExpertGroup] = field(default_factory=list)
     tls: TLSConfig = field(default_factory=TLSConfig)  # empty: plaintext gRPC
 
     def validate(self) -> None:
@@ -261,6 +268,7 @@ class AggregatorConfig:
         ids = [m.model_id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"models: model_id repeated in {ids}")
+        check_groups(self.expert_groups, ids)
         if not (self.summary_interval_s == 0 or 0.05 <= self.summary_interval_s <= 3600):
             raise ConfigError(
                 "summary_interval_s: must be 0 (no summaries) or in [0.05, 3600] seconds, "

@@ -7,7 +7,9 @@ wrong. In order, cheapest first:
 
 1. size (``OversizeError``, before anything is parsed), framing, protocol version, digest;
 2. kind (``delta`` from an island, ``partial`` from a child aggregator) and a served model;
-3. signature against the roster, in the role the kind needs;
+3. signature against the roster, in the role the kind needs; an island delta from outside
+   the model's expert group, or to another model than its group's (``GroupError``,
+   :mod:`aggregator.groups`);
 4. replay: the sender's sequence must be above the last one accepted;
 5. names, shapes and dtypes against the model's manifest;
 6. staleness ``s = v_now - base_version`` within the bound (FedBuff, Nguyen et al. 2022);
@@ -33,13 +35,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import msgpack
 import numpy as np
 
 from aggregator.direction import Reference, agreement, dot, update_dot
+from aggregator.groups import group_refusal
 from aggregator.merge import PartialAggregate, accumulate, merge_into, scale_tensor
 from aggregator.norm_bound import clipped_norm
 from aggregator.robust import clip_scale, sum_of_squares, update_norm
@@ -48,6 +51,7 @@ from comms.codecs import codec_from_spec
 from comms.envelope import Envelope
 from comms.errors import (
     ConfigError,
+    GroupError,
     MalformedError,
     NonFiniteError,
     NormBoundError,
@@ -146,6 +150,8 @@ class AdmissionPolicy:
     # "off": no bound. None: "static" when clip_norm is given, else "off".
     clip: str | None = None
     clip_action: str = "clip"  # "clip": scale to the bound; "reject": NormBoundError
+    # expert groups (aggregator.groups.members_by_model): model id -> the islands that train it
+    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.clip is None:
@@ -224,8 +230,12 @@ def admit(
     manifest = manifests(h.model_id)
     if manifest is None:
         raise NotFoundError(f"model {h.model_id!r} is not served here")
-    env.verify(policy.roster, roles=roles)
+    entry = env.verify(policy.roster, roles=roles)
     if logged is None:
+        if h.kind == "delta" and entry.role == "island" and policy.groups:
+            refusal = group_refusal(policy.groups, h.model_id, entry.name or h.sender)
+            if refusal:
+                raise GroupError(refusal)
         guard.check(replay_key(h.model_id, h.sender), h.sequence)
     if h.kind == "partial":
         return _admit_partial(env, decode_update(env, manifest), policy, v_now, logged)

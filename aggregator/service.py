@@ -42,6 +42,7 @@ from aggregator.direction_check import DirectionChecking
 from aggregator.faults import fault_point
 from aggregator.flush import Flushing
 from aggregator.gateway import AdmissionPolicy, Admitted, admit, wal_record
+from aggregator.groups import members_by_model
 from aggregator.lines import ROOT_VERSION_CACHE, VERSION_CACHE, ModelLine
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outer import make_outer_optimizer
@@ -114,6 +115,7 @@ class AggregatorService(
             max_bytes=config.max_update_bytes,
             clip=m.clip_mode,
             clip_action=m.clip_action,
+            groups=members_by_model(config.expert_groups),
         )
         self._log_clip_mode()
         self._log_direction_mode()

@@ -103,6 +103,14 @@ class DirectionError(RejectedError):
     reason = "direction"
 
 
+class GroupError(RejectedError):
+    """An island delta for a model whose expert group does not list that island, or from an
+    island of another model's group (the aggregator's ``[[expert_groups]]``)."""
+
+    reason = "group"
+    grpc_code = "PERMISSION_DENIED"
+
+
 class NotFoundError(RejectedError):
     """A model id or version that the server does not hold."""
 

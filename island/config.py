@@ -4,6 +4,8 @@ Example (one island of a local-update run)::
 
     name = "island-0"
     mode = "local_update"            # or "expert": train alone on one cluster, no sync
+                                     # (local_update with [expert] partition and cluster:
+                                     # one island of an expert group, see ExpertConfig)
     key = "keys/island-0.pem"        # Ed25519 identity, created if missing
     roster = "roster.json"           # to verify the versions the root signs
     aggregator = "10.0.0.5:7000"     # its leaf; empty: the closest leaf found in the DHT
@@ -99,15 +101,23 @@ class SnapshotConfig:
 
 @dataclass
 class ExpertConfig:
-    """Expert mode: train on the documents of one cluster of a saved partition."""
+    """Expert mode: train on the documents of one cluster of a saved partition.
+
+    In local-update mode with ``partition`` and ``cluster`` set, the island is one of an
+    expert group (hybrid, ``aggregator.groups``): it trains on that cluster and pushes to
+    ``sync.model_id``, the expert's model line; ``output`` then receives the expert as this
+    island holds it at the end (the last version it adopted), signed, for the router."""
 
     partition: str = ""  # directory written by `router partition`
     cluster: int = -1  # which cluster this island trains
     output: str = ""  # where the signed expert checkpoint goes at the end
-    expert_id: str = ""  # defaults to the island's name
+    expert_id: str = ""  # defaults to the island's name (local-update mode: sync.model_id)
     # safetensors of the model's parameters to branch from (Branch-Train-Merge's seed: e.g. a
     # model trained on all the data for part of the budget); empty: the seed initialisation
     init: str = ""
+    # an expert group's island: the longest wait after its last round for a version of the
+    # expert's line that holds it, before writing ``output``
+    drain_s: float = 60.0
 
 
 @dataclass
@@ -156,6 +166,13 @@ class IslandConfig:
             raise ConfigError("sync.model_id: required in local_update mode")
         if self.mode == "expert" and (not self.expert.partition or self.expert.cluster < 0):
             raise ConfigError("expert.partition and expert.cluster: required in expert mode")
+        half = bool(self.expert.partition) != (self.expert.cluster >= 0)  # one without the other
+        if self.mode == "local_update" and half:
+            raise ConfigError("expert.partition and expert.cluster: an island of an expert "
+                              "group needs both (the expert's cluster of that partition)")  # fmt: skip
+        if self.mode == "local_update" and self.expert.output and not self.expert.partition:
+            raise ConfigError("expert.output: in local_update mode only for an island of an "
+                              "expert group (set expert.partition and expert.cluster)")  # fmt: skip
         if self.expert.init and self.mode != "expert":
             raise ConfigError("expert.init: only in expert mode (local-update islands start "
                               "from the aggregator's version)")  # fmt: skip

@@ -146,7 +146,9 @@ class Island:
         log.info("expert %s: branched from %s", self.config.name, path)
 
     def _doc_indices(self) -> list[int] | None:
-        if self.config.mode != "expert":
+        """The documents of the expert's cluster (expert mode, or an island of an expert
+        group); None: all of them."""
+        if self.config.mode != "expert" and not self.config.expert.partition:
             return None
         from safetensors.numpy import load_file
 
@@ -267,6 +269,8 @@ class Island:
         progress = _progress(cfg, self.step)
         try:
             self._train_steps(model, train_model, optimizer, batches, snapshotter, progress)
+            if self.lu is not None and cfg.expert.output and self.engine is not None:
+                self._drain_into_expert()
         finally:
             if progress is not None:
                 progress.close()
@@ -278,7 +282,11 @@ class Island:
         if self.group.world_size > 1:
             digest = training_state_digest(model, optimizer)  # params and AdamW moments
             self.replicas_agree = replicas_agree(self.group, digest)
-        if cfg.mode == "expert" and cfg.expert.output and self.group.is_leader:
+        if cfg.expert.output and self.group.is_leader:
+            if self.lu is not None:  # an expert group's island: the last version it adopted
+                from island.pseudo import load_numpy_into
+
+                load_numpy_into(model, self.lu.anchor)
             self._save_expert(model)
         return self.summary()
 
@@ -316,6 +324,14 @@ class Island:
         self.lu.start()
         if resumed is not None and self.group.is_leader:
             self.lu.load_state_dict(resumed.data.get("local_update", {}))
+
+    def _drain_into_expert(self) -> None:
+        """An expert group's island that writes the expert: wait (``expert.drain_s`` at
+        most) until a version of the expert's line holds this island's last rounds."""
+        if not self.lu.drain(self.config.expert.drain_s):
+            log.warning("%s: the expert is written at version %d: a version holding this "
+                        "island's last round did not come within expert.drain_s = %g s",
+                        self.config.name, self.lu.version, self.config.expert.drain_s)  # fmt: skip
 
     def _train_steps(self, model, train_model, optimizer, batches, snapshotter, progress) -> None:
         """Inner steps until ``steps`` or ``stop()``; round boundaries (local update) or
@@ -479,11 +495,13 @@ class Island:
     def _save_expert(self, model) -> None:
         from island.checkpoint import partition_id, save_expert
 
-        e = self.config.expert
+        e, cfg = self.config.expert, self.config
+        grouped = cfg.mode == "local_update"  # one island of an expert group: its model line
         save_expert(
-            e.output, model, workload=self.config.workload,
-            workload_config=self.config.workload_config, expert_id=e.expert_id or self.config.name,
-            cluster=e.cluster, version=self.step, identity=self.identity,
+            e.output, model, workload=cfg.workload, workload_config=cfg.workload_config,
+            expert_id=e.expert_id or (cfg.sync.model_id if grouped else cfg.name),
+            cluster=e.cluster, version=self.lu.version if grouped else self.step,
+            identity=self.identity,
             partition=partition_id(e.partition), train_steps=self.step,
             train_flops=float(self.workload.flops_per_step() * self.step),
         )  # fmt: skip

@@ -287,6 +287,25 @@ class LocalUpdate:
         load_numpy_into(self.model, self._start)
         return self._version
 
+    def drain(self, timeout_s: float) -> bool:
+        """After the last round: adopt versions until a version holds every own delta still in
+        flight (or it was refused), for at most ``timeout_s``; True when none is left. Then
+        the anchor is the model as the tree holds it with all of this island's progress
+        (``rebase = "eager"``; with ``"reset"`` nothing is tracked and it returns at once)."""
+        from island.sync import SyncTimeoutError
+
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                self.engine.wait_for_version(self._version, left)
+            except SyncTimeoutError:
+                return False
+            self.catch_up()
+        return True
+
     def _adopt_mid_round(self) -> None:
         """``adopt = "arrival"``: adopt the versions received so far and shift the params by
         ``new start - old start``, so ``params - start`` (this round's progress, the delta it
