@@ -20,12 +20,17 @@ netem, and ``tun`` otherwise. Everything created lives in namespaces named ``<pr
 those namespaces (and is safe to run twice). State (config, forwarder pid and log) sits in
 ``$ARCHIPELAGO_NETNS_STATE/<prefix>`` (default ``/run/archipelago-netns``).
 
+Links may differ: ``--rates 100mbit,10mbit,10mbit,2mbit`` gives island k's link the k-th rate
+(both directions), and ``--delays 0ms,50ms,50ms,50ms`` its own one-way delay; ``--rate`` and
+``--delay`` give every link the same. The backend is chosen once for all links.
+
 Jitter (``--jitter 10ms``): each packet's delay is drawn uniformly in delay +- jitter (netem
 ``delay D J distribution uniform``; the forwarder the same), so packets may be reordered.
 ``cut K`` silences island K's link (no packet passes either way, no connection is reset) until
 ``cut K --restore``.
 
-CLI: ``python -m comms.netns up N --rate 10mbit --delay 50ms [--loss 0.1%] [--jitter 10ms]``,
+CLI: ``python -m comms.netns up N --rate 10mbit --delay 50ms [--loss 0.1%] [--jitter 10ms]``
+(or ``--rates R0,R1,...`` / ``--delays D0,D1,...``, one per island),
 ``down``, ``cut K [--restore]``, ``status``, ``exec NS CMD...`` (NS: ``hub``, ``isl0``, ... or a full name); ``--prefix`` picks
 another set of namespaces.
 """
@@ -38,6 +43,7 @@ import ctypes
 import fcntl
 import heapq
 import json
+import math
 import os
 import random
 import re
@@ -48,6 +54,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,13 +119,15 @@ def parse_loss(text: str) -> float:
 @dataclass(frozen=True)
 class LinkConfig:
     islands: int
-    rate_bps: float
-    delay_s: float = 0.0
+    rate_bps: float  # every link's rate, unless rates_bps gives one per island
+    delay_s: float = 0.0  # every link's one-way delay, unless delays_s gives one per island
     loss: float = 0.0
     mtu: int = 1500
     backend: str = "veth"  # resolved: "veth" or "tun"
     prefix: str = DEFAULT_PREFIX
-    jitter_s: float = 0.0  # each packet's delay is delay_s +- up to jitter_s (uniform)
+    jitter_s: float = 0.0  # each packet's delay is its link's delay +- up to jitter_s (uniform)
+    rates_bps: tuple[float, ...] = ()  # island k's link: rates_bps[k]; empty: rate_bps for all
+    delays_s: tuple[float, ...] = ()  # island k's link: delays_s[k]; empty: delay_s for all
 
     def __post_init__(self):
         if not PREFIX_PATTERN.match(self.prefix):
@@ -127,10 +136,36 @@ class LinkConfig:
             raise ConfigError(f"islands must be in 1..{MAX_ISLANDS}, got {self.islands}")
         if self.backend not in ("veth", "tun"):
             raise ConfigError(f"backend must be veth or tun, got {self.backend!r}")
-        if not 0 <= self.jitter_s <= max(self.delay_s, 0.0):
-            raise ConfigError(f"jitter must be in [0, delay], got {self.jitter_s} s")
+        for name in ("rates_bps", "delays_s"):  # read back from JSON as lists
+            values = tuple(float(v) for v in getattr(self, name))
+            object.__setattr__(self, name, values)
+            if values and len(values) != self.islands:
+                raise ConfigError(
+                    f"{name}: give one value per island ({self.islands}), got {len(values)}"
+                )
+        if not all(math.isfinite(r) and r > 0 for r in (self.rate_bps, *self.rates_bps)):
+            raise ConfigError(f"rates must be positive, got {self.rates_bps or self.rate_bps}")
+        if not all(math.isfinite(d) and d >= 0 for d in (self.delay_s, *self.delays_s)):
+            raise ConfigError(f"delays must be at least 0, got {self.delays_s or self.delay_s}")
+        shortest = min(self.link_delay(k) for k in range(self.islands))
+        if not 0 <= self.jitter_s <= shortest:
+            raise ConfigError(
+                f"jitter must be in [0, shortest link delay {shortest} s], got {self.jitter_s} s"
+            )
         if not 576 <= self.mtu <= 9000:
             raise ConfigError(f"mtu must be in 576..9000, got {self.mtu}")
+
+    def link_rate(self, k: int) -> float:
+        """Island k's link rate, bits per second (both directions)."""
+        return self.rates_bps[k] if self.rates_bps else self.rate_bps
+
+    def link_delay(self, k: int) -> float:
+        """Island k's link one-way delay, seconds (each direction)."""
+        return self.delays_s[k] if self.delays_s else self.delay_s
+
+    @property
+    def longest_delay(self) -> float:
+        return max(self.link_delay(k) for k in range(self.islands))
 
     @property
     def hub(self) -> str:
@@ -153,19 +188,23 @@ def island_address(k: int) -> str:
     return f"10.231.{k}.2"
 
 
-def tbf_args(cfg: LinkConfig) -> list[str]:
-    """tbf rate, burst and queue: burst >= 4 packets or 4 ms of rate; queue >= 2x BDP + 20 ms."""
-    rate_bytes = cfg.rate_bps / 8
+def tbf_args(cfg: LinkConfig, k: int = 0) -> list[str]:
+    """tbf for island k's link: its rate; burst >= 4 packets or 4 ms of rate; queue >= 2x BDP +
+    20 ms."""
+    rate_bps, delay_s = cfg.link_rate(k), cfg.link_delay(k)
+    rate_bytes = rate_bps / 8
     burst = max(4 * (cfg.mtu + 14), int(rate_bytes * 0.004))
-    limit = max(64 * 1024, int(rate_bytes * (2 * cfg.delay_s + 0.02)))
-    return ["tbf", "rate", f"{int(cfg.rate_bps)}bit", "burst", str(burst), "limit", str(limit)]
+    limit = max(64 * 1024, int(rate_bytes * (2 * delay_s + 0.02)))
+    return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "limit", str(limit)]
 
 
-def netem_args(cfg: LinkConfig) -> list[str]:
-    in_flight = cfg.rate_bps / 8 * cfg.delay_s / cfg.mtu  # packets held by the delay line
+def netem_args(cfg: LinkConfig, k: int = 0) -> list[str]:
+    """netem for island k's link: its delay, the jitter and the loss."""
+    delay_s = cfg.link_delay(k)
+    in_flight = cfg.link_rate(k) / 8 * delay_s / cfg.mtu  # packets held by the delay line
     args = ["netem", "limit", str(max(1000, int(4 * in_flight)))]
-    if cfg.delay_s > 0:
-        args += ["delay", f"{cfg.delay_s * 1e3:.3f}ms"]
+    if delay_s > 0:
+        args += ["delay", f"{delay_s * 1e3:.3f}ms"]
         if cfg.jitter_s > 0:
             args += [f"{cfg.jitter_s * 1e3:.3f}ms", "distribution", "uniform"]
     if cfg.loss > 0:
@@ -268,28 +307,50 @@ def _make_link(cfg: LinkConfig, k: int) -> None:
         )
     for ns, dev in ((hub, hub_if), (isl, ISLAND_IFACE)):
         _run("ip", "-n", ns, "link", "set", dev, "mtu", str(cfg.mtu), "up")
-        _shape(cfg, ns, dev)
+        _shape(cfg, ns, dev, k)
     _run("ip", "-n", isl, "route", "add", "10.231.0.0/16", "via", hub_address(k))
 
 
-def _shape(cfg: LinkConfig, ns: str, dev: str) -> None:
+def _shape(cfg: LinkConfig, ns: str, dev: str, k: int) -> None:
     tc = ["tc", "-n", ns, "qdisc", "add", "dev", dev]
-    if cfg.backend == "veth" and (cfg.delay_s > 0 or cfg.loss > 0):
+    if cfg.backend == "veth" and (cfg.link_delay(k) > 0 or cfg.loss > 0):
         try:
-            _run(*tc, "root", "handle", "1:", *netem_args(cfg))
+            _run(*tc, "root", "handle", "1:", *netem_args(cfg, k))
         except LinkError as e:
             raise LinkError(
                 f"{e}\nThis kernel may lack sch_netem: use --backend tun (or auto)"
             ) from e
-        _run(*tc, "parent", "1:1", "handle", "10:", *tbf_args(cfg))
+        _run(*tc, "parent", "1:1", "handle", "10:", *tbf_args(cfg, k))
     else:
-        _run(*tc, "root", "handle", "1:", *tbf_args(cfg))
+        _run(*tc, "root", "handle", "1:", *tbf_args(cfg, k))
+
+
+def per_island(
+    value: str | float | Sequence[str | float], islands: int, parse, what: str
+) -> tuple[float, tuple[float, ...]]:
+    """One value for every link, or one per island (a sequence, or text ``a,b,c``): returns
+    ``(common value, per-island values or ())``. A count that is not ``islands`` or a value
+    ``parse`` refuses is a ConfigError naming the island."""
+    if isinstance(value, str) and "," in value:
+        value = value.split(",")
+    if isinstance(value, str | int | float):
+        return (parse(value) if isinstance(value, str) else float(value)), ()
+    values = list(value)
+    if len(values) != islands:
+        raise ConfigError(f"{what}s: give one per island ({islands}), got {len(values)}")
+    parsed = []
+    for k, v in enumerate(values):
+        try:
+            parsed.append(parse(v) if isinstance(v, str) else float(v))
+        except ConfigError as e:
+            raise ConfigError(f"island {k}'s {what}: {e}") from e
+    return max(parsed), tuple(parsed)
 
 
 def up(
     islands: int,
-    rate: str | float,
-    delay: str | float = 0.0,
+    rate: str | float | Sequence[str | float],
+    delay: str | float | Sequence[str | float] = 0.0,
     loss: str | float = 0.0,
     *,
     prefix: str = DEFAULT_PREFIX,
@@ -298,17 +359,18 @@ def up(
     ready_timeout: float = 10.0,
     jitter: str | float = 0.0,
 ) -> LinkConfig:
-    """Create the namespaces and shaped links (tearing down any earlier set with this prefix)."""
-    require_tools()
-    rate_bps = parse_rate(rate) if isinstance(rate, str) else float(rate)
-    delay_s = parse_delay(delay) if isinstance(delay, str) else float(delay)
+    """Create the namespaces and shaped links (tearing down any earlier set with this prefix).
+    ``rate`` and ``delay`` are one value for every link or a sequence of one per island
+    (``["100mbit", "10mbit", ...]``)."""
+    rate_bps, rates_bps = per_island(rate, islands, parse_rate, "rate")
+    delay_s, delays_s = per_island(delay, islands, parse_delay, "delay")
     loss_p = parse_loss(loss) if isinstance(loss, str) else float(loss)
     jitter_s = parse_delay(jitter) if isinstance(jitter, str) else float(jitter)
-    cfg = LinkConfig(islands, rate_bps, delay_s, loss_p, mtu, "veth", prefix, jitter_s)  # validates
-    cfg = LinkConfig(
-        islands, rate_bps, delay_s, loss_p, mtu, resolve_backend(backend, delay_s, loss_p), prefix,
-        jitter_s,
-    )  # fmt: skip
+    cfg = LinkConfig(islands, rate_bps, delay_s, loss_p, mtu, "veth", prefix, jitter_s,
+                     rates_bps, delays_s)  # fmt: skip  # validates before probing the kernel
+    require_tools()
+    resolved = resolve_backend(backend, cfg.longest_delay, loss_p)
+    cfg = LinkConfig(**{**asdict(cfg), "backend": resolved})
     down(prefix)
     try:
         for ns in cfg.namespaces:
@@ -485,7 +547,7 @@ def forward(state: Path) -> None:
                     break
                 if link_of[key.fd] in cut_links or (cfg.loss and rng.random() < cfg.loss):
                     continue
-                delay = cfg.delay_s
+                delay = cfg.link_delay(link_of[key.fd])
                 if cfg.jitter_s:  # uniform, as netem's "distribution uniform"; may reorder
                     delay = max(0.0, delay + rng.uniform(-cfg.jitter_s, cfg.jitter_s))
                 sequence += 1
@@ -507,8 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="create N shaped island links to a hub")
     p_up.add_argument("islands", type=int)
-    p_up.add_argument("--rate", required=True, help="e.g. 10mbit")
-    p_up.add_argument("--delay", default="0ms", help="one-way, e.g. 50ms")
+    rates = p_up.add_mutually_exclusive_group(required=True)
+    rates.add_argument("--rate", help="every link's rate, e.g. 10mbit")
+    rates.add_argument("--rates", help="one rate per island, e.g. 100mbit,10mbit,10mbit,2mbit")
+    delays = p_up.add_mutually_exclusive_group()
+    delays.add_argument("--delay", default="0ms", help="one-way, every link, e.g. 50ms")
+    delays.add_argument("--delays", help="one-way, one per island, e.g. 0ms,50ms,50ms,50ms")
     p_up.add_argument("--loss", default="0%", help="per direction, e.g. 0.1%%")
     p_up.add_argument("--jitter", default="0ms", help="+- this on each packet's delay, e.g. 10ms")
     p_up.add_argument("--mtu", type=int, default=1500)
@@ -528,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             cfg = up(
                 args.islands,
-                args.rate,
-                args.delay,
+                args.rates.split(",") if args.rates else args.rate,
+                args.delays.split(",") if args.delays else args.delay,
                 args.loss,
                 prefix=args.prefix,
                 backend=args.backend,
@@ -540,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{cfg.islands} island link(s) up ({cfg.backend} backend); hub namespace "
                 f"{cfg.hub}; island k is 10.231.k.2, the hub on its link 10.231.k.1"
             )
+            for k in range(cfg.islands):
+                print(f"  isl{k}: {cfg.link_rate(k) / 1e6:g} Mbit/s, "
+                      f"{cfg.link_delay(k) * 1e3:g} ms one way")  # fmt: skip
         elif args.command == "down":
             print("removed:", " ".join(down(args.prefix)) or "nothing")
         elif args.command == "cut":

@@ -84,14 +84,14 @@ def link(request, tmp_path, monkeypatch):
         netns.down(prefix)
 
 
-def test_shaped_link_rate_and_rtt_then_teardown(link):
-    cfg = link
-    assert set(netns.list_namespaces()) >= {cfg.hub, cfg.island(0)}
-    hub_ip = netns.hub_address(0)
+def _transfer(cfg, k: int, payload_bytes: int, warmup_bytes: int) -> tuple[dict, float]:
+    """Pings then a bulk transfer from island k to the hub over k's link: the receiver's
+    figures (``total``, ``rate_bps`` past the warm-up) and the median RTT."""
+    hub_ip = netns.hub_address(k)
     receiver = subprocess.Popen(
         netns.exec_argv(
             "hub",
-            [sys.executable, "-c", RECEIVER, hub_ip, str(PORT), str(WARMUP_BYTES)],
+            [sys.executable, "-c", RECEIVER, hub_ip, str(PORT), str(warmup_bytes)],
             cfg.prefix,
         ),
         stdout=subprocess.PIPE,
@@ -102,8 +102,8 @@ def test_shaped_link_rate_and_rtt_then_teardown(link):
         assert receiver.stdout.readline().strip() == "ready", receiver.stderr.read()
         sender = subprocess.run(
             netns.exec_argv(
-                "isl0",
-                [sys.executable, "-c", SENDER, hub_ip, str(PORT), str(PAYLOAD_BYTES)],
+                f"isl{k}",
+                [sys.executable, "-c", SENDER, hub_ip, str(PORT), str(payload_bytes)],
                 cfg.prefix,
             ),
             capture_output=True,
@@ -116,9 +116,13 @@ def test_shaped_link_rate_and_rtt_then_teardown(link):
     finally:
         receiver.kill()
         receiver.wait()
+    return json.loads(out), json.loads(sender.stdout)["rtt_s"]
 
-    measured = json.loads(out)
-    rtt_s = json.loads(sender.stdout)["rtt_s"]
+
+def test_shaped_link_rate_and_rtt_then_teardown(link):
+    cfg = link
+    assert set(netns.list_namespaces()) >= {cfg.hub, cfg.island(0)}
+    measured, rtt_s = _transfer(cfg, 0, PAYLOAD_BYTES, WARMUP_BYTES)
     print(
         f"backend {cfg.backend}: goodput {measured['rate_bps'] / 1e6:.2f} Mbit/s "
         f"(set {RATE_BPS / 1e6:g}), rtt {rtt_s * 1e3:.1f} ms (one-way delay {cfg.delay_s * 1e3:g})"
@@ -132,6 +136,104 @@ def test_shaped_link_rate_and_rtt_then_teardown(link):
     assert set(removed) == {cfg.hub, cfg.island(0)}
     assert not netns.our_namespaces(cfg.prefix, netns.list_namespaces())
     assert netns.down(cfg.prefix) == []  # idempotent
+
+
+NEEDS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0, reason="network namespaces and tc need root (CAP_NET_ADMIN)"
+)
+# Two islands, rates 4x apart: each link measured alone must be within 25% of its own rate,
+# which no single rate for both can satisfy (and a loaded machine's slack of a few % can't break).
+ISLAND_RATES_BPS = (24e6, 6e6)
+RATE_TOLERANCE = 0.25
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize(
+    ("backend", "delays_s"), [("veth", (0.0, 0.0)), ("auto", (0.01, 0.04))],
+    ids=["veth-0ms", "auto-10ms-40ms"],
+)  # fmt: skip
+def test_each_island_link_runs_at_its_own_rate_and_delay(backend, delays_s, tmp_path, monkeypatch):
+    """``up`` with one rate (and delay) per island: each link, measured alone, runs at its own
+    rate, and its RTT is twice its own delay (the TUN forwarder holds each link's packets for
+    that link's delay)."""
+    monkeypatch.setenv("ARCHIPELAGO_NETNS_STATE", str(tmp_path / "state"))
+    prefix = f"archr{os.getpid() % 100000}"
+    rates = [f"{int(r)}bit" for r in ISLAND_RATES_BPS]
+    try:
+        cfg = netns.up(2, rates, list(delays_s), prefix=prefix, backend=backend)
+        assert [cfg.link_rate(k) for k in range(2)] == list(ISLAND_RATES_BPS)
+        results = []
+        for k, rate in enumerate(ISLAND_RATES_BPS):
+            payload = int(rate / 8 * 1.5)  # 1.5 s at the link's rate, warm-up included
+            measured, rtt_s = _transfer(cfg, k, payload, payload // 6)
+            results.append((measured, rtt_s))
+            print(f"isl{k} ({cfg.backend}): goodput {measured['rate_bps'] / 1e6:.2f} Mbit/s "
+                  f"(set {rate / 1e6:g}), rtt {rtt_s * 1e3:.1f} ms "
+                  f"(one-way {cfg.link_delay(k) * 1e3:g})")  # fmt: skip
+            assert measured["total"] == payload
+        for k, (measured, rtt_s) in enumerate(results):
+            assert measured["rate_bps"] == pytest.approx(ISLAND_RATES_BPS[k], rel=RATE_TOLERANCE), (
+                f"island {k}'s link"
+            )
+            assert 2 * delays_s[k] * 0.9 <= rtt_s <= 2 * delays_s[k] + 0.02, f"island {k}'s rtt"
+        status = netns.status(prefix)
+        assert status["config"]["rates_bps"] == list(ISLAND_RATES_BPS)
+    finally:
+        netns.down(prefix)
+    assert not netns.our_namespaces(prefix, netns.list_namespaces())
+
+
+@NEEDS_ROOT
+def test_cli_up_with_one_rate_per_island_then_down(tmp_path, capsys, monkeypatch):
+    """``python -m comms.netns up 3 --rates ...``: each link's tbf carries its own rate."""
+    monkeypatch.setenv("ARCHIPELAGO_NETNS_STATE", str(tmp_path / "state"))
+    prefix = f"archc{os.getpid() % 100000}"
+    try:
+        code = netns.main(["--prefix", prefix, "up", "3", "--rates", "8mbit,2mbit,500kbit"])
+        assert code == 0, capsys.readouterr().err
+        assert "isl2: 0.5 Mbit/s" in capsys.readouterr().out
+        for k, want in enumerate(("8Mbit", "2Mbit", "500Kbit")):
+            qdiscs = subprocess.run(
+                ["tc", "-n", f"{prefix}-isl{k}", "qdisc", "show", "dev", netns.ISLAND_IFACE],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            assert f"rate {want}" in qdiscs, (k, qdiscs)
+    finally:
+        assert netns.main(["--prefix", prefix, "down"]) == 0
+    assert not netns.our_namespaces(prefix, netns.list_namespaces())
+
+
+def test_per_island_values_and_their_errors(capsys):
+    assert netns.per_island("10mbit", 3, netns.parse_rate, "rate") == (10e6, ())
+    assert netns.per_island(["100mbit", "2mbit"], 2, netns.parse_rate, "rate") == (
+        100e6,
+        (100e6, 2e6),
+    )
+    assert netns.per_island("0ms,50ms", 2, netns.parse_delay, "delay")[1] == (0.0, 0.05)
+    cfg = netns.LinkConfig(2, 1e6, rates_bps=[3e6, 1e6], delays_s=[0.0, 0.05])
+    assert (cfg.link_rate(0), cfg.link_rate(1), cfg.link_delay(1)) == (3e6, 1e6, 0.05)
+    assert netns.tbf_args(cfg, 0)[2] == "3000000bit" and netns.tbf_args(cfg, 1)[2] == "1000000bit"
+    assert netns.LinkConfig(2, 5e6).link_rate(1) == 5e6  # one rate for every link
+    with pytest.raises(ConfigError, match=r"rates: give one per island \(4\), got 3"):
+        netns.per_island(["1mbit"] * 3, 4, netns.parse_rate, "rate")
+    with pytest.raises(ConfigError, match="island 1's rate: rate '10mbits'"):
+        netns.per_island(["1mbit", "10mbits"], 2, netns.parse_rate, "rate")
+    with pytest.raises(ConfigError, match="rates_bps: give one value per island"):
+        netns.LinkConfig(3, 1e6, rates_bps=[1e6, 2e6])
+    with pytest.raises(ConfigError, match="rates must be positive"):
+        netns.LinkConfig(2, 1e6, rates_bps=[1e6, 0.0])
+    with pytest.raises(ConfigError, match="jitter"):  # within the shortest link's delay
+        netns.LinkConfig(2, 1e6, delays_s=[0.05, 0.005], jitter_s=0.01)
+    # the CLI: bad input is one line on stderr and exit status 2, before anything is created
+    assert netns.main(["--prefix", "archbad", "up", "4", "--rates", "1mbit,2mbit"]) == 2
+    assert "rates: give one per island (4), got 2" in capsys.readouterr().err
+    assert netns.main(["--prefix", "archbad", "up", "2", "--rates", "1mbit,2furlongs"]) == 2
+    assert "island 1's rate" in capsys.readouterr().err
+    assert netns.main(["--prefix", "archbad", "up", "2", "--rate", "1mbit",
+                       "--delays", "5ms"]) == 2  # fmt: skip
+    assert "delays: give one per island (2), got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --rate and --rates together
+        netns.main(["up", "2", "--rate", "1mbit", "--rates", "1mbit,2mbit"])
 
 
 def test_parsing_and_names():
