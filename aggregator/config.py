@@ -244,6 +244,10 @@ class AggregatorConfig:
     # leaf/mid: seconds between dashboard summaries sent to the parent (Report; kept in its
     # memory, never in its WAL); 0: none, and the parent's page shows nothing below this one
     summary_interval_s: float = 2.0
+    # the dashboard shows this `router serve`'s experts (clusters, versions), rule and health,
+    # asked every 5 s at GET /v1/experts; router_token: its bearer token ("": none)
+    router: str = ""
+    router_token: str = ""
     merge: MergeConfig = field(default_factory=MergeConfig)
     models: list[ModelConfig] = field(default_factory=list)
     # hybrid: which islands train which expert's model id (aggregator.groups); none: any island
@@ -274,6 +278,8 @@ class AggregatorConfig:
                 "summary_interval_s: must be 0 (no summaries) or in [0.05, 3600] seconds, "
                 f"got {self.summary_interval_s}"
             )
+        if self.router and not self.router.startswith(("http://", "https://")):
+            raise ConfigError(f"router: expected an http:// or https:// URL, got {self.router!r}")
         if not self.version_cache_mb > 0:
             raise ConfigError(f"version_cache_mb: must be positive, got {self.version_cache_mb}")
         if not 0 < self.max_update_mb <= MAX_UPDATE_MB:

@@ -36,6 +36,7 @@ from safetensors.numpy import load_file
 
 from aggregator.clipping import NormClipping
 from aggregator.config import AggregatorConfig, ModelConfig
+from aggregator.dashboard.router_watch import router_watch
 from aggregator.dashboard.summaries import SummaryChannel
 from aggregator.dashboard.view import FederationView
 from aggregator.direction_check import DirectionChecking
@@ -123,6 +124,7 @@ class AggregatorService(
         self.metrics = AggregatorMetrics(config.name, config.role, lines=self.lines)
         self.view = FederationView(config.name, config.role, roster)  # the dashboard's data
         self._summary_sequences: dict[str, int] = {}  # child -> last summary (memory only)
+        self.router_watch = None  # the configured router's state, for the dashboard
         self.server: TransportServer | None = None
         self.http = None
         self.parent: TransportClient | None = None
@@ -174,6 +176,9 @@ class AggregatorService(
             self._spawn(self._send_partials(), "outbox")
             if self.config.summary_interval_s > 0:
                 self._spawn(self._send_summaries(), "summaries")
+        if self.config.router:
+            self.router_watch = router_watch(self.config)
+            self._spawn(self.router_watch.run(), "router watch")
         if self.config.http:
             from aggregator.http import start_status_server
 

@@ -15,8 +15,10 @@ import pytest
 from aggtools import make_federation, random_delta
 from test_aggregator_service import wait_for
 
+from aggregator.config import ModelConfig
 from aggregator.dashboard.app import COOKIE, session_value
 from aggregator.dashboard.reports import MAX_ISLANDS, MAX_POINTS, child_summary, island_report
+from aggregator.dashboard.router_watch import router_state
 from aggregator.dashboard.summaries import summary_envelope
 from aggregator.dashboard.view import KEEP_REJECTIONS, FederationView, ddp_bytes_per_step
 from aggregator.service import AggregatorService
@@ -354,6 +356,108 @@ async def test_a_forged_unsigned_or_bad_summary_is_refused_and_the_root_carries_
     assert snap["bad_reports"] == len(cases) - 1 + 1
     reasons = [r["reason"] for r in snap["rejections"]]
     assert {"signature", "unknown_peer", "malformed", "replay"} <= set(reasons)
+
+
+def two_line_config(fed, name, role, **kw):
+    """A config serving two model lines: the global model and expert ``f1``'s."""
+    cfg = leaf_config(fed, name=name, **kw) if role == "leaf" else fed.config(name, role, **kw)
+    init = str(fed.init_path) if role == "root" else ""
+    cfg.models.append(ModelConfig(model_id="f1", init=init, codec="none"))
+    return cfg
+
+
+def flow_router(tmp_path):
+    """A real ``router serve`` app over two tiny flow experts, ``f0`` (cluster 0, version 1)
+    and ``f1`` (cluster 1, version 2), and a flow router (the router server's own test's)."""
+    import torch
+    from test_router_server import FLOW, LIMITS, sharpen, write_experts
+
+    from router.checkpoint import save_router
+    from router.models import FlowRouter
+    from router.server import RouterServer, ServeConfig, load_served_ensemble
+
+    identity = Identity.generate()
+    torch.manual_seed(0)
+    model = FlowRouter(2, hidden=16, depth=1, time_dim=8)
+    sharpen(model)
+    save_router(tmp_path / "router", model, "flow", {"hidden": 16, "depth": 1, "time_dim": 8}, 2,
+                identity=identity, workload="flow")  # fmt: skip
+    config = ServeConfig(experts=write_experts(tmp_path / "experts", "flow", FLOW, 2, identity),
+                         router=str(tmp_path / "router"), rule="full", limits=LIMITS)  # fmt: skip
+    return RouterServer(load_served_ensemble(config), config.limits, token=TOKEN)
+
+
+@pytest.mark.slow  # a real router serve: torch and two experts, 4-13 s here
+async def test_every_model_line_and_the_routers_experts_are_on_the_roots_page(
+    tmp_path, monkeypatch
+):
+    """A root and a leaf serve two model lines, the global model and expert f1's; island0
+    trains the first, island1 the second, through the leaf. A real router serves f0 and f1.
+    The root's page data lists both lines with their versions and islands, f1 as the expert
+    of cluster 1 (the router's version 2), the router up with both experts; once the router
+    stops, it is shown down with the reason, its last answer kept."""
+    monkeypatch.setattr("aggregator.dashboard.router_watch.ASK_INTERVAL_S", 0.1)
+    router = flow_router(tmp_path)
+    await router.start()
+    fed = make_federation(tmp_path, 2)
+    root_cfg = two_line_config(fed, "root", "root", buffer_k=1)
+    root_cfg.http, root_cfg.router, root_cfg.router_token = "127.0.0.1:0", router.url, TOKEN
+    root = AggregatorService(root_cfg)
+    leaf = AggregatorService(two_line_config(fed, "leaf0", "leaf", parent=await root.start(),
+                                             buffer_k=1))  # fmt: skip
+    await leaf.start()
+    try:
+        async with TransportClient(leaf.address, identity=fed.islands[0]) as c:
+            for i, model_id in enumerate(("global", "f1")):
+                env = encode_update(random_delta(fed.theta0, i), codec="none", model_id=model_id,
+                                    kind="delta", sender=fed.islands[i].peer_id, sequence=1,
+                                    meta={"report": {"step": 3}}, identity=fed.islands[i])  # fmt: skip
+                await c.push(env.to_bytes())
+        await wait_for(lambda: all(line.version == 1 for line in root.lines.values()))
+        await wait_for(lambda: len(root.view.snapshot(root)["islands"]) == 2)
+        await wait_for(lambda: root.router_watch.snapshot()["status"] == "up")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://{root.http_address}/dashboard/data") as r,
+        ):
+            snap = await r.json()
+        await router.stop()
+        await wait_for(lambda: root.router_watch.snapshot()["status"] == "down")
+        down = root.view.snapshot(root)["router"]
+    finally:
+        await leaf.stop()
+        await root.stop()
+        await router.stop()
+    models = {m["model_id"]: m for m in snap["models"]}
+    assert set(models) == {"global", "f1"}
+    for m in models.values():
+        assert m["version"] == 1 and [v for _, v in m["versions"]] == [1]
+        assert m["islands"] == 1 and m["alive"] == 1 and m["params"] == 32 * 16 + 16
+    assert not models["global"]["expert"] and models["global"]["cluster"] is None
+    assert models["f1"]["expert"] and models["f1"]["cluster"] == 1
+    assert models["f1"]["router_version"] == 2
+    islands = {r["name"]: r["model_id"] for r in snap["islands"]}
+    assert islands == {"island0": "global", "island1": "f1"}
+    assert snap["router"]["status"] == "up" and snap["router"]["rule"] == "full"
+    assert snap["router"]["workload"] == "flow" and snap["router"]["url"] == router.url
+    got = [(e["id"], e["cluster"], e["version"]) for e in snap["router"]["experts"]]
+    assert got == [("f0", 0, 1), ("f1", 1, 2)]
+    assert (
+        down["status"] == "down" and down["error"] and down["experts"] == snap["router"]["experts"]
+    )
+
+
+def test_a_routers_bad_answer_is_refused_naming_the_field():
+    good = {"workload": "flow", "rule": "full", "experts": [{"id": "e0", "cluster": 2}]}
+    assert router_state(good)["experts"] == [
+        {"id": "e0", "cluster": 2, "version": None, "output": None, "train_steps": None}
+    ]
+    for bad, field in (([], "router"), ({"experts": "x"}, "router.experts"),
+                       ({"experts": [{"cluster": 1}]}, r"experts\[0\]"),
+                       ({"experts": [{"id": "e", "cluster": "one"}]}, r"experts\[0\]\.cluster"),
+                       ({"experts": [{"id": "e"}] * 300}, "at most")):  # fmt: skip
+        with pytest.raises(MalformedError, match=field):
+            router_state(bad)
 
 
 async def test_a_bad_report_is_dropped_and_its_update_kept(tmp_path):

@@ -131,6 +131,8 @@ def test_the_dashboard_in_headless_chromium_follows_a_training_federation(tmp_pa
             wait.until(lambda d: "island0" in table_text("islands"))
             wait.until(lambda d: "island1" in table_text("islands"))
             assert "leaf0" in table_text("aggregators") and "root" in table_text("aggregators")
+            assert "global model" in table_text("models")  # every model line, by kind
+            assert not driver.find_element(By.ID, "router-section").is_displayed()  # none set
             first = int(driver.find_element(By.ID, "version").text)
             wait.until(lambda d: int(d.find_element(By.ID, "version").text) > first)
             wait.until(lambda d: d.find_element(By.ID, "alive").text == "2 / 2")

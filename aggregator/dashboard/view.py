@@ -277,18 +277,9 @@ class FederationView:
             window = max(ALIVE_MIN_S, ALIVE_INTERVALS * rec.get("interval_s", 0.0))
             rec["alive"] = rec["age_s"] < window
             rec.pop("points", None)  # in the loss history already
-        models = []
-        for model_id, line in service.lines.items():
-            params = (
-                sum(math.prod(shape) for _, shape, _ in line.manifest.tensors)
-                if line.manifest is not None
-                else 0
-            )
-            times = list(self.versions.get(model_id, ()))
-            models.append({
-                "model_id": model_id, "version": line.version, "params": params,
-                "versions": [[round(t, 3), v] for t, v in times[-240:]],
-            })  # fmt: skip
+        watch = getattr(service, "router_watch", None)
+        router = watch.snapshot() if watch is not None else None
+        models = self._models(service, merged["islands"], router, now)
         return {
             "at": now,
             "name": self.name,
@@ -301,8 +292,38 @@ class FederationView:
             "loss": list(self.loss)[-600:],
             "bytes": self._bytes(merged["islands"], models),
             "bad_reports": self.bad_reports,
+            "router": router,
             "report_fields": sorted(REPORT_FIELDS),
         }
+
+    def _models(self, service, islands: list[dict], router: dict | None, now: float) -> list:
+        """Every model line (each a model id: the global model, or an expert's), with the
+        islands that push to it, its pace, and, where the router knows it as an expert, its
+        cluster and the router's version of it."""
+        experts = {e["id"]: e for e in (router or {}).get("experts", ())}
+        models = []
+        for model_id, line in service.lines.items():
+            params = (
+                sum(math.prod(shape) for _, shape, _ in line.manifest.tensors)
+                if line.manifest is not None
+                else 0
+            )
+            times = list(self.versions.get(model_id, ()))
+            mine = [r for r in islands if r.get("model_id") == model_id]
+            recent = sum(1 for t, _ in times if t > now - 60)
+            expert = experts.get(model_id)
+            models.append({
+                "model_id": model_id, "version": line.version, "params": params,
+                "versions": [[round(t, 3), v] for t, v in times[-240:]],
+                "versions_per_min": round(
+                    recent * 60.0 / max(5.0, min(60.0, now - self.started)), 2),
+                "last_version_age_s": round(now - times[-1][0], 3) if times else None,
+                "islands": len(mine), "alive": sum(1 for r in mine if r["alive"]),
+                "expert": expert is not None,
+                "cluster": expert.get("cluster") if expert else None,
+                "router_version": expert.get("version") if expert else None,
+            })  # fmt: skip
+        return models
 
     @staticmethod
     def _bytes(islands: list[dict], models: list[dict]) -> dict[str, Any]:

@@ -162,8 +162,11 @@ function drawLoss(snap) {
 
 function render(snap) {
   $("who").textContent = snap.name + " (" + snap.role + ")";
-  const version = snap.models.length ? Math.max(...snap.models.map(m => m.version)) : 0;
+  // the global model's version; a run without one (experts only): the newest of its lines
+  const global = snap.models.find(m => m.model_id === "global");
+  const version = global ? global.version : (snap.models.length ? Math.max(...snap.models.map(m => m.version)) : 0);
   $("version").textContent = String(version);
+  $("version-label").textContent = global || !snap.models.length ? "global version" : "newest version (" + snap.models.length + " models)";
   $("vpm").textContent = fmtNum(snap.versions_per_min, 1);
   const alive = snap.islands.filter(r => r.alive).length;
   $("alive").textContent = alive + " / " + snap.islands.length;
@@ -183,6 +186,7 @@ function render(snap) {
   const islands = [...snap.islands].sort((a, c) => (a.name < c.name ? -1 : 1));
   fillTable("islands", islands, [
     r => [r.name],
+    r => [r.model_id],
     r => [dot(r.alive)],
     r => [r.leaf],
     r => [fmtAge(r.age_s)],
@@ -214,8 +218,17 @@ function render(snap) {
   ], "no aggregator");
 
   fillTable("models", snap.models, [
-    m => [m.model_id], m => [m.version], m => [m.params.toLocaleString()],
+    m => [m.model_id],
+    m => [m.expert ? "expert" : (m.model_id === "global" ? "global model" : "model")],
+    m => [m.cluster],
+    m => [m.version],
+    m => [fmtNum(m.versions_per_min, 1)],
+    m => [m.last_version_age_s == null ? "–" : fmtAge(m.last_version_age_s)],
+    m => [m.alive + " / " + m.islands],
+    m => [m.router_version],
+    m => [m.params.toLocaleString()],
   ], "no model");
+  renderRouter(snap.router, snap.models);
 
   fillTable("rejections", snap.rejections.slice(0, 20), [
     r => [fmtAge(r.age_s)], r => [r.at], r => [r.sender], r => [r.model_id], r => [r.reason],
@@ -223,6 +236,26 @@ function render(snap) {
   ], "none");
   $("bad-reports").textContent = snap.bad_reports ? snap.bad_reports + " malformed dashboard report(s) dropped here" : "";
   drawLoss(snap);
+}
+
+function renderRouter(router, models) {
+  $("router-section").hidden = !router;
+  if (!router) return;
+  const status = $("router-status");
+  status.textContent = router.status;
+  status.className = "badge " + (router.status === "up" ? "up" : "down");
+  const about = [router.url];
+  if (router.workload) about.push("workload " + router.workload);
+  if (router.rule) about.push("rule " + router.rule);
+  if (router.router) about.push("router " + router.router);
+  about.push(router.age_s == null ? "never answered" : "answered " + fmtAge(router.age_s));
+  if (router.error) about.push(router.error);
+  $("router-about").textContent = about.join(" · ");
+  const lines = new Set(models.map(m => m.model_id));
+  fillTable("router-experts", router.experts || [], [
+    e => [e.id], e => [e.cluster], e => [e.version], e => [e.output], e => [e.train_steps],
+    e => [lines.has(e.id) ? "yes" : "no (trained alone)"],
+  ], "the router has not said which experts it serves");
 }
 
 function treeOrder(aggregators) {
