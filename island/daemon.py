@@ -486,8 +486,12 @@ class Island:
             self._snapshot(model, optimizer, batches, snapshotter)
 
     def _record(self, record: dict[str, Any]) -> None:
+        """Keep a round's (or an expert's checkpoint's) record, log it as the line's fields
+        (``record`` names which: ``round`` or ``expert``) and append it to ``metrics_file``."""
         self.round_records.append(record)
-        log.info("%s", json.dumps(record))
+        kind = "round" if "round" in record else "expert"
+        what = f"round {record['round']}" if kind == "round" else "expert checkpoint"
+        log.info("%s recorded at step %d", what, record["step"], extra={**record, "record": kind})
         if self.config.metrics_file:
             with open(self.config.metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -294,6 +294,22 @@ def _json_lines(path: Path) -> list[dict]:
     return out
 
 
+def test_an_islands_round_records_are_fields_of_its_json_log_lines(run):
+    """Each round's record is the line's own fields (``record = "round"``), equal to the
+    record in the island's metrics file, with a readable message instead of JSON text."""
+    rounds = [d for d in _json_lines(run.logs / "island0.log") if d.get("record") == "round"]
+    written = [
+        json.loads(t) for t in (run.dir / "metrics" / "island0.jsonl").read_text().split("\n") if t
+    ]
+    assert len(rounds) >= 3 and len(rounds) == len(written)
+    for logged, record in zip(rounds, written, strict=True):
+        assert logged["message"] == f"round {record['round']} recorded at step {record['step']}"
+        assert {k: logged.get(k) for k in record} == record  # a None is left off the line
+        assert isinstance(logged["round"], int) and isinstance(logged["train_loss"], float)
+        assert isinstance(logged["bytes_sent"], int) and 0 <= logged["utilization"] <= 1
+    assert [d["round"] for d in rounds] == list(range(1, len(rounds) + 1))
+
+
 def test_daemon_logs_are_json_lines_with_their_fields(run):
     assert run.codes == [0, 0, 0]  # island, leaf, root each stopped cleanly by SIGTERM
     island = _json_lines(run.logs / "island0.log")
