@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aggregator.direction import DEFAULT_MIN_COS
-from aggregator.groups import ExpertGroup, check_groups
+from aggregator.groups import ExpertGroup, check_groups, line_buffer_k
 from aggregator.norm_bound import (
     DEFAULT_FACTOR,
     DEFAULT_MIN_COUNT,
@@ -185,10 +185,14 @@ class ModelConfig:
     snapshot_every: int = 10  # a full snapshot of theta every N versions
     keep_versions: int = 1000  # recent u_v kept for subscribers catching up
     public_read: bool = False  # serve Fetch/Subscribe unsigned; each aggregator's own says
+    # updates a version of this model merges; 0: merge.buffer_k, at most its expert group's size
+    buffer_k: int = 0
 
     def validate(self) -> None:
         if not self.model_id:
             raise ConfigError("model_id: must not be empty")
+        if self.buffer_k < 0:
+            raise ConfigError(f"buffer_k: must be >= 0 (0: merge.buffer_k), got {self.buffer_k}")
         if self.snapshot_every < 1:
             raise ConfigError(f"snapshot_every: must be at least 1, got {self.snapshot_every}")
 
@@ -286,6 +290,12 @@ class AggregatorConfig:
             raise ConfigError(
                 f"max_update_mb: must be in (0, {MAX_UPDATE_MB}], got {self.max_update_mb}"
             )
+
+    def buffer_k(self, model_id: str) -> int:
+        """The updates a version of ``model_id`` merges (``aggregator.groups.line_buffer_k``)."""
+        model = next((m.buffer_k for m in self.models if m.model_id == model_id), 0)
+        group = next((len(g.islands) for g in self.expert_groups if g.model_id == model_id), 0)
+        return line_buffer_k(self.merge.buffer_k, model, group)
 
     @property
     def max_update_bytes(self) -> int:

@@ -84,7 +84,9 @@ class DirectionChecking:
         m = self.config.merge
         v = line.version
         refused = line.refused_at[1] if line.refused_at[0] == v else 0
-        decision = decide(cos, m.direction_min_cos, refused, max_refusals(m.buffer_k))
+        decision = decide(
+            cos, m.direction_min_cos, refused, max_refusals(self.config.buffer_k(line.model_id))
+        )
         if decision == "admit":
             return
         self.metrics.opposed.labels(line.model_id, decision).inc()

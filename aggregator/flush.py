@@ -64,7 +64,7 @@ class Flushing:
         due = line.oldest_at is not None and (
             self.clock() - line.oldest_at >= self.config.merge.deadline_s
         )
-        if count < self.config.merge.buffer_k and not (deadline or due):
+        if count < self.config.buffer_k(line.model_id) and not (deadline or due):
             return
         await line.collect_pool()
         oldest_at = line.oldest_at

@@ -17,7 +17,10 @@ Rules, checked at load (:func:`check_groups`) with an error naming what is wrong
 names a served model and at least one island, no island twice, and an island belongs to one
 group at most. At admission (:func:`group_refusal`) a model with a group takes deltas only
 from its islands, and an island of a group pushes only to its own model. Models without a
-group and islands in none are not restricted. Pure functions, no I/O.
+group and islands in none are not restricted. A version of a model with a group merges at
+most as many updates as the group has islands (:func:`line_buffer_k`), so an expert's line
+next to a global model's of larger ``buffer_k`` still takes whole outer steps. Pure
+functions, no I/O.
 """
 
 from __future__ import annotations
@@ -98,3 +101,12 @@ def group_refusal(members: Mapping[str, frozenset[str]], model_id: str, island: 
                 f"set its sync.model_id to {own[0]!r}"
             )
     return ""
+
+
+def line_buffer_k(merge_k: int, model_k: int, group: int) -> int:
+    """The updates a version of one model line merges: the model's own ``buffer_k`` if set,
+    else the aggregator's ``merge.buffer_k``, but no more than the islands of its expert group
+    (``group``; 0: none), which are all that push to it."""
+    if model_k:
+        return model_k
+    return min(merge_k, group) if group else merge_k

@@ -285,7 +285,7 @@ class AggregatorService(
         outer = make_outer_optimizer(cfg.outer, **cfg.outer_params)
         codec = get_codec(cfg.codec, **cfg.codec_params)
         merge = self.config.merge
-        buffer_k = merge.buffer_k if merge.partial_step == "scaled" else None
+        buffer_k = self.config.buffer_k(line.model_id) if merge.partial_step == "scaled" else None
         root = RootModel(line.model_id, theta0, outer, codec, self.identity, buffer_k=buffer_k)
         saved = store.load_state()
         if saved is not None:

@@ -34,9 +34,14 @@ Targets (the experts-and-router issue): a sparse ensemble (top-1 or top-2) beats
 monolith (lower held-out loss on bytelm, lower Frechet distance on flow); router overhead at
 most 5%. Each workload's ``targets`` entry says whether they were met.
 
+With ``--hybrid`` it compares instead, at equal total compute, 8 islands spent four ways on
+4 clusters: experts trained by one island each, experts trained by groups of 2 local-update
+islands, one global local-update model, and the monolith (``scripts/ensemble_hybrid.py``;
+flow unless ``--only bytelm``).
+
 Everything runs in this process, on one CPU thread by default (``--threads``)::
 
-    python scripts/bench_ensemble.py [--quick] [--only bytelm|flow] [--json PATH]
+    python scripts/bench_ensemble.py [--quick] [--hybrid] [--only bytelm|flow] [--json PATH]
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class Plan:
     classifier_steps: int = 0  # flow: steps of the digit classifier for the Frechet features
     balance_by: str = "documents"  # bytelm: balanced k-means caps files, or bytes, per cluster
     branch_at: float = 0.0  # fraction of the steps trained as a shared seed (0: from scratch)
+    every: int = 50  # --hybrid: H, inner steps per local-update round
 
 
 # fmt: off
@@ -130,13 +136,13 @@ QUICK_PLANS = {
         model={"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32}, batch=8, steps=15,
         lr=2e-3, router={"d_model": 16, "n_layers": 1, "kernel_size": 4, "context": 32},
         router_steps=15, router_batch=16, router_lr=3e-3, eval_batch=8, eval_batches=2,
-        overhead_batch=8, branch_at=0.75,
+        overhead_batch=8, branch_at=0.75, every=5,
     ),
     "flow": Plan(
         model={"hidden": 32, "n_blocks": 1}, batch=32, steps=30, lr=1e-3,
         router={"hidden": 32, "depth": 2}, router_steps=30, router_batch=64, router_lr=2e-3,
         eval_batch=64, eval_batches=2, overhead_batch=64, samples=200, sample_steps=8,
-        classifier_steps=100,
+        classifier_steps=100, every=10,
     ),
 }
 # fmt: on
@@ -538,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny models and few steps (smoke test)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--only", choices=["bytelm", "flow"], help="run one workload")
+    p.add_argument("--hybrid", action="store_true",
+                   help="8 islands on 4 clusters: isolated experts, expert groups of local-update "
+                        "islands, one global model and the monolith at equal compute (flow "
+                        "unless --only bytelm)")  # fmt: skip
     p.add_argument("--k", type=int, default=4, help="number of experts (clusters)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -591,6 +601,16 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"bytelm": bytelm_benchmark, "flow": flow_benchmark}
     results = {}
     started = time.perf_counter()
+    if args.hybrid:
+        from ensemble_hybrid import hybrid_benchmark, print_hybrid
+
+        for name in [args.only or "flow"]:
+            print(f"== {name} (hybrid)", flush=True)
+            results[name] = hybrid_benchmark(name, plans[name], args.k, args.seed)
+        print_hybrid(results)
+        print(f"\ntotal {time.perf_counter() - started:.0f} s")
+        write_json(args.json, {**results, "k": args.k, "quick": args.quick, "hybrid": True})
+        return 0
     for name in [args.only] if args.only else list(runners):
         print(f"== {name}", flush=True)
         results[name] = runners[name](plans[name], args.k, args.split, args.seed)

@@ -119,6 +119,40 @@ async def test_a_model_line_admits_deltas_only_from_its_groups_islands(tmp_path)
         await root.stop()
 
 
+async def test_an_experts_line_takes_whole_steps_from_its_group_beside_a_larger_global_k(
+    tmp_path,
+):
+    """merge.buffer_k = 4 for the global model; the expert's line of a group of 2 publishes a
+    version once both have pushed, a whole outer step (fraction 1), not at the deadline."""
+    fed = make_federation(tmp_path, 4, aggregators=("root",))
+    cfg = fed.config("root", "root", buffer_k=4, deadline_s=60.0)
+    cfg.models = [ModelConfig(m, init=str(fed.init_path), codec="none")
+                  for m in ("expert0", "global")]  # fmt: skip
+    cfg.expert_groups = [ExpertGroup("expert0", ["island0", "island1"])]
+    assert (cfg.buffer_k("expert0"), cfg.buffer_k("global")) == (2, 4)
+    root = AggregatorService(cfg)
+    await root.start()
+    try:
+        async with TransportClient(root.address, identity=fed.islands[0]) as c:
+            for i in (0, 1):
+                await c.push(delta_bytes(fed.islands[i], random_delta(fed.theta0, i), 1,
+                                         model_id="expert0"))  # fmt: skip
+            for i in (2, 3):
+                await c.push(delta_bytes(fed.islands[i], random_delta(fed.theta0, i), 1))
+            for _ in range(100):
+                if root.lines["expert0"].version == 1:
+                    break
+                await asyncio.sleep(0.05)
+            async for _, data in c.subscribe("expert0", 1):  # u_1 as published
+                fraction = Envelope.from_bytes(data, max_bytes=1 << 30).header.meta["fraction"]
+                break
+        assert root.lines["expert0"].version == 1
+        assert fraction == 1.0
+        assert root.lines["global"].version == 0 and root.lines["global"].buffered == 2
+    finally:
+        await root.stop()
+
+
 def test_an_island_of_a_group_trains_on_its_experts_cluster_only(tmp_path, two_clusters):
     from island.daemon import Island
 
