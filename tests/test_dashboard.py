@@ -268,6 +268,58 @@ async def test_an_idle_leafs_islands_stay_on_the_roots_page(tmp_path):
     assert leaf_rec["age_s"] < 0.4  # refreshed on the timer, not by a partial
 
 
+async def test_a_mid_forwards_its_leafs_summary_so_the_root_draws_the_whole_tree(tmp_path):
+    """root <- mid0 <- leaf0 <- island0, no partial sent anywhere (K = 10): the root's page
+    holds the island (at leaf0), leaf0 under mid0 and mid0 under the root."""
+    fed = make_federation(tmp_path, 1, aggregators=("root", "mid0", "leaf0"))
+    root = AggregatorService(fed.config("root", "root", buffer_k=10))
+    mid_cfg = fed.config("mid0", "mid", parent=await root.start(), buffer_k=10)
+    mid_cfg.summary_interval_s = 0.1
+    mid = AggregatorService(mid_cfg)
+    leaf = AggregatorService(leaf_config(fed, await mid.start(), buffer_k=10))
+    await leaf.start()
+    try:
+        async with TransportClient(leaf.address, identity=fed.islands[0]) as c:
+            await c.push(push_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1,
+                                    {"report": {"step": 4}}))  # fmt: skip
+        await wait_for(lambda: len(root.view.snapshot(root)["islands"]) == 1)
+        await wait_for(lambda: seen_at_root(root, "leaf0", parent="mid0", buffered=1))
+        snap = root.view.snapshot(root)
+    finally:
+        await leaf.stop()
+        await mid.stop()
+        await root.stop()
+    parents = {a["name"]: a.get("parent") for a in snap["aggregators"]}
+    assert parents == {"root": None, "mid0": "root", "leaf0": "mid0"}
+    [island] = snap["islands"]
+    assert island["name"] == "island0" and island["leaf"] == "leaf0" and island["step"] == 4
+
+
+async def test_a_restarted_root_sees_the_leaf_again_at_its_next_summary(tmp_path):
+    """The root stops while its leaf keeps sending summaries (each refused by a dead link,
+    logged once); the restarted root, which kept nothing of them, lists the island again."""
+    fed = make_federation(tmp_path, 1)
+    root_cfg = fed.config("root", "root", buffer_k=10)
+    root = AggregatorService(root_cfg)
+    root_cfg.listen = await root.start()  # the restarted root listens where the leaf dials
+    leaf = AggregatorService(leaf_config(fed, root_cfg.listen, buffer_k=10))
+    await leaf.start()
+    try:
+        async with TransportClient(leaf.address, identity=fed.islands[0]) as c:
+            await c.push(push_bytes(fed.islands[0], random_delta(fed.theta0, 0), 1))
+        await wait_for(lambda: len(root.view.snapshot(root)["islands"]) == 1)
+        await root.stop()
+        await asyncio.sleep(0.5)  # summaries fail meanwhile
+        root = AggregatorService(root_cfg)
+        await root.start()
+        assert root.view.snapshot(root)["islands"] == []  # nothing of them was kept
+        await wait_for(lambda: len(root.view.snapshot(root)["islands"]) == 1)
+        assert leaf._tasks and not any(t.done() for t in leaf._tasks)  # the leaf carried on
+    finally:
+        await leaf.stop()
+        await root.stop()
+
+
 async def test_the_roots_wal_holds_no_summary_bytes(tmp_path):
     """Partials flow (K = 1 at the leaf) while summaries go up every 0.1 s: the root's
     dashboard shows the islands, and nothing the summaries carry is in the root's WAL or
