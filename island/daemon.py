@@ -89,7 +89,7 @@ class Island:
             collective_timeout_s(config.sync.sync_timeout_s, config.sync.snapshot_timeout_s)
         )
         if config.mode == "local_update":
-            check_round_size(self.group, config.sync.every_s)
+            check_round_size(self.group, config.sync.every_s, auto=config.sync.auto)
         self.identity = identity or (
             Identity.load_or_create(config.key)
             if config.key and self.group.is_leader

@@ -316,8 +316,14 @@ class FollowerLocalUpdate:
         return self._anchor
 
 
-def check_round_size(group: RankGroup, every_s: float | None) -> None:
-    """ConfigError for ``sync.every_s`` on more than one rank (see ``make_local_update``)."""
+def check_round_size(group: RankGroup, every_s: float | None, auto: bool = False) -> None:
+    """ConfigError for ``sync.every_s`` or ``sync.auto`` on more than one rank (see
+    ``make_local_update``): every rank must agree on each boundary."""
+    if auto and group.world_size > 1:
+        raise ConfigError(
+            f"sync.auto: rounds sized to the link are not supported on a multi-rank island "
+            f"({group.world_size} ranks under torchrun); set sync.every and sync.codec instead"
+        )
     if every_s is not None and group.world_size > 1:
         raise ConfigError(
             f"sync.every_s: rounds sized by time are not supported on a multi-rank island "
@@ -344,7 +350,7 @@ def make_local_update(
     kwargs = {"anchor": anchor, "anchor_version": anchor_version}
     if group.world_size == 1:
         return LocalUpdate(model, optimizer, engine=engine, **kwargs)
-    check_round_size(group, every_s)
+    check_round_size(group, every_s, auto=engine is not None and engine.config.auto)
     if group.is_leader:
         return LeaderLocalUpdate(model, optimizer, engine=engine, group=group, **kwargs)
     return FollowerLocalUpdate(model, every, group=group)  # the anchor comes from the leader

@@ -88,6 +88,7 @@ from island.pseudo import (
     pseudo_gradient,
 )
 from island.sync import PushOutcome, SnapshotRefusedError, SyncEngine, VersionGapError
+from island.sync.auto import plan_round, push_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class LocalUpdate:
         self.every = engine.config.every if every is None else int(every)
         if self.every_s is None and not (self.every is not None and self.every >= 1):
             raise ValueError(f"every must be >= 1 inner step, got {every}")
+        self._floor = (self.every, self.every_s)  # auto never goes below the configured round
+        self._auto_sizes: dict[str, int] | None = None  # auto: codec -> bytes of one push
         self.sync_mode = engine.config.mode == "sync"
         self.flush_on_exit = flush_on_exit
         self._anchor: dict[str, np.ndarray] | None = None
@@ -260,6 +263,8 @@ class LocalUpdate:
         if self.report is not None:
             meta["report"] = self.report()
         self.last_push = self.engine.submit_delta(delta, base_version=self._version, meta=meta)
+        if self.engine.config.auto and self._steps_in_round:
+            self._plan_next_round(delta, self._compute_in_round / self._steps_in_round)
         if self.eager:
             seq = self.last_push.sequence
             self._in_flight[seq], self._in_flight_futures[seq] = delta, self.last_push
@@ -271,6 +276,37 @@ class LocalUpdate:
         self._steps_in_round = self._tokens_in_round = 0
         self._compute_in_round = 0.0
         self._boundary_s += time.perf_counter() - start
+
+    def _plan_next_round(self, delta: Mapping[str, np.ndarray], step_s: float) -> None:
+        """``sync.auto``: the next round's codec and length from the measured uplink and step
+        time (:func:`island.sync.auto.plan_round`); nothing changes before a push has been
+        delivered (no rate measured yet) or when a step took no measurable time."""
+        rate = self.engine.uplink_bps
+        if rate is None or not step_s > 0:
+            return
+        cfg = self.engine.config
+        if self._auto_sizes is None:
+            numels = [int(np.asarray(x).size) for x in delta.values()]
+            self._auto_sizes = {c: push_nbytes(c, numels) for c in cfg.auto_codecs}
+        every, every_s = self._floor
+        plan = plan_round(self._auto_sizes, rate, step_s, every=every, every_s=every_s,
+                          target=cfg.auto_target, max_factor=cfg.auto_max_factor)  # fmt: skip
+        previous = (
+            (self.engine.stats.get("round_plan") or {}).get("codec"),
+            self.every,
+            self.every_s,
+        )
+        self.every, self.every_s = plan.every, plan.every_s
+        self.engine.set_codec(plan.codec)
+        self.engine.set_round_plan({**plan.as_dict(), "uplink_bps": round(rate)})
+        if previous != (plan.codec, plan.every, plan.every_s):
+            log.info(
+                "model %s: uplink %.3g Mbit/s, inner step %.3g s: next rounds %s with %s "
+                "(push %.2f s, round %.2f s: %s)",
+                self.engine.model_id, rate / 1e6, step_s,
+                f"{plan.every} steps" if plan.every is not None else f"{plan.every_s:.3g} s",
+                plan.codec, plan.push_s, plan.round_s, plan.reason,
+            )  # fmt: skip
 
     def catch_up(self) -> int:
         """Adopt the versions received so far without pushing (e.g. to read the final global

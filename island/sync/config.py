@@ -55,6 +55,14 @@ class SyncConfig:
     adopt: Literal["boundary", "arrival"] = "arrival"
     outer_lr: float = 0.7  # lookahead: the root's outer Nesterov lr and momentum
     outer_momentum: float = 0.9
+    # rounds sized to the link (island.sync.auto): from its measured uplink and step time the
+    # island picks, per round, the first codec of auto_codecs whose push takes at most
+    # auto_target x the round's compute, and lengthens the round (up to auto_max_factor x
+    # every / every_s) when even the last one is too slow; every / every_s stay the floor
+    auto: bool = False
+    auto_codecs: list[str] = field(default_factory=lambda: ["int8", "int4"])
+    auto_target: float = 1.0
+    auto_max_factor: float = 8.0
     max_pending_pushes: int = 8  # pushes waiting for a link; on overflow the oldest is dropped
     sync_timeout_s: float = 600.0  # sync mode: longest wait for the next global version
     snapshot_timeout_s: float = 300.0  # longest wait for a snapshot download
@@ -93,6 +101,24 @@ class SyncConfig:
         if self.max_retry_interval_s < self.retry_interval_s:
             raise ConfigError("max_retry_interval_s: must be >= retry_interval_s")
         get_codec(self.codec, **self.codec_params)  # ConfigError for a bad codec
+        if self.auto:
+            self._validate_auto()
+
+    def _validate_auto(self) -> None:
+        ladder = self.auto_codecs
+        if not isinstance(ladder, list | tuple) or not ladder:
+            raise ConfigError(
+                f"auto_codecs: a list of codec names, least compressed first (e.g. "
+                f'["int8", "int4"]), got {ladder!r}'
+            )
+        if len(set(ladder)) != len(ladder):
+            raise ConfigError(f"auto_codecs: a codec is named twice in {ladder!r}")
+        for name in ladder:
+            get_codec(name)  # ConfigError naming it
+        if not (math.isfinite(self.auto_target) and self.auto_target > 0):
+            raise ConfigError(f"auto_target: must be a positive number, got {self.auto_target!r}")
+        if not (math.isfinite(self.auto_max_factor) and self.auto_max_factor >= 1):
+            raise ConfigError(f"auto_max_factor: must be >= 1, got {self.auto_max_factor!r}")
 
     def _validate_round_size(self) -> None:
         if self.every is not None and self.every_s is not None:
@@ -141,3 +167,6 @@ class SyncStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     blocked_s: float = 0.0  # training-thread time spent waiting on the network
+    uplink_bps: float = 0.0  # measured: bits of the last accepted pushes over their seconds
+    codec: str = ""  # the codec of the last push
+    round_plan: dict | None = None  # auto: the last RoundPlan (island.sync.auto), as a dict

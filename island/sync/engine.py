@@ -25,6 +25,7 @@ from comms.codecs import ErrorFeedback, get_codec
 from comms.envelope import Envelope
 from comms.identity import Identity, Roster
 from comms.transport import ClientTLS, LinkShaper, TransportClient
+from island.sync.auto import UplinkEstimate
 from island.sync.config import SyncConfig, SyncStats
 from island.sync.joiner import SnapshotJoiner
 from island.sync.pushes import PendingPush, PushOutcome, PushQueue
@@ -77,7 +78,11 @@ class SyncEngine(PushQueue, VersionStream, SnapshotJoiner):
         if config.verify_versions and roster is None:
             log.warning("model %s: no roster configured; versions are not verified", self.model_id)
         self._codec = get_codec(config.codec, **config.codec_params)
-        self._error_feedback = ErrorFeedback() if self._codec.name != "none" else None
+        # with auto the codec may change between rounds: the residual carries across codecs
+        self._error_feedback = (
+            ErrorFeedback() if self._codec.name != "none" or config.auto else None
+        )
+        self._uplink = UplinkEstimate()
         self._owns_loop = loop is None
         self._loop = (loop or LoopThread(name="island-sync")).start()
 
@@ -122,6 +127,22 @@ class SyncEngine(PushQueue, VersionStream, SnapshotJoiner):
             self._stats.bytes_received += client.stats.bytes_received
         with contextlib.suppress(Exception):
             await client.close()
+
+    def set_codec(self, name: str, params: dict | None = None) -> None:
+        """Push the next deltas with codec ``name`` (``auto``; error feedback carries on)."""
+        codec = get_codec(name, **dict(params or {}))
+        with self._lock:
+            self._codec = codec
+
+    def set_round_plan(self, plan: dict) -> None:
+        with self._lock:
+            self._stats.round_plan = dict(plan)
+
+    @property
+    def uplink_bps(self) -> float | None:
+        """The measured uplink rate (None before the first accepted push)."""
+        with self._lock:
+            return self._uplink.rate_bps
 
     def _add_blocked(self, seconds: float) -> None:
         with self._lock:

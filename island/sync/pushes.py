@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from comms.aio import LoopThread
     from comms.codecs import Codec, ErrorFeedback
     from comms.identity import Identity
+    from island.sync.auto import UplinkEstimate
     from island.sync.config import SyncConfig, SyncStats
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class PushQueue:
     address: str
     _codec: Codec
     _error_feedback: ErrorFeedback | None
+    _uplink: UplinkEstimate
     _loop: LoopThread
     _lock: threading.Lock
     _changed: threading.Condition
@@ -121,10 +123,11 @@ class PushQueue:
         if self._closed:
             raise RuntimeError("sync engine is closed; no more deltas can be pushed")
         with self._lock:
-            sequence = self._next_sequence
+            sequence, codec = self._next_sequence, self._codec
+            self._stats.codec = codec.name
         env = encode_update(
             delta,
-            codec=self._codec,
+            codec=codec,
             model_id=self.model_id,
             kind="delta",
             sender=self.identity.peer_id,
@@ -198,6 +201,7 @@ class PushQueue:
                 await self._wake.wait()
                 continue
             client = self._client("push")
+            sent_at = time.perf_counter()
             try:
                 ack = await client.push(item.data, upload_id=item.upload_id)
                 fault_point("island.after_ack")
@@ -220,10 +224,17 @@ class PushQueue:
                 self._record_ack(item, outcome)
                 self._finish(item, outcome)
             else:
+                self._observe_uplink(len(item.data), time.perf_counter() - sent_at)
                 outcome = self._accepted(item, ack)
                 self._record_ack(item, outcome)
                 self._finish(item, outcome)
             delay = self.config.retry_interval_s
+
+    def _observe_uplink(self, nbytes: int, seconds: float) -> None:
+        """A delivered push measures the uplink: its bytes over send-to-ack seconds."""
+        with self._lock:
+            self._uplink.observe(nbytes, seconds)
+            self._stats.uplink_bps = self._uplink.rate_bps or 0.0
 
     def _record_ack(self, item: PendingPush, outcome: PushOutcome) -> None:
         """One JSON line in the ack log (if configured) per push the aggregator answered:
