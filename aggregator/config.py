@@ -9,6 +9,8 @@ Example (a root serving one model)::
     # http_token = "..."              # /status needs "Authorization: Bearer <token>";
                                       # empty: $ARCHIPELAGO_HTTP_TOKEN, else open
     # http_token_metrics = true       # ...and /metrics too (/healthz stays open)
+    # summary_interval_s = 2.0        # leaf/mid: dashboard summary to the parent (0: none)
+    # router = "http://host:8080"     # the dashboard shows this router serve's experts
     key = "keys/root.pem"             # Ed25519 identity, created if missing
     roster = "roster.json"            # public keys allowed to push, with roles
     state_dir = "state/root"          # write-ahead log, model store, root state
