@@ -514,7 +514,7 @@ class Island:
         """What this island tells its aggregator's dashboard with each push (a few numbers in
         the push's meta, checked there): steps done, steps per second since the last push,
         utilization, mean training loss since then, the last validation loss of the global
-        model and its version, bytes received."""
+        model and its version, bytes received; the cluster it trains on, if it trains one."""
         now, (then, step_then) = time.perf_counter(), self._report_mark
         self._report_mark = (now, self.step)
         report: dict[str, Any] = {
@@ -530,6 +530,8 @@ class Island:
             report["val_loss"], report["val_version"] = round(val, 5), version
         if self.engine is not None:
             report["bytes_down"] = int(self.engine.stats["bytes_received"])
+        if self.config.expert.partition and self.config.expert.cluster >= 0:
+            report["cluster"] = self.config.expert.cluster  # an expert group's island
         return report
 
     # ------------------------------------------------------------------ status

@@ -499,6 +499,46 @@ async def test_every_model_line_and_the_routers_experts_are_on_the_roots_page(
     )
 
 
+async def test_without_a_router_an_experts_cluster_comes_from_its_islands_reports(tmp_path):
+    """No router: island1, training expert f1's line on cluster 3, says so in its push
+    report; the root's page shows f1 as the expert of cluster 3 and the global line as none."""
+    fed = make_federation(tmp_path, 2)
+    root = AggregatorService(two_line_config(fed, "root", "root", buffer_k=1))
+    leaf = AggregatorService(two_line_config(fed, "leaf0", "leaf", parent=await root.start(),
+                                             buffer_k=1))  # fmt: skip
+    await leaf.start()
+    try:
+        async with TransportClient(leaf.address, identity=fed.islands[0]) as c:
+            for i, (model_id, report) in enumerate(
+                (("global", {"step": 2}), ("f1", {"step": 2, "cluster": 3}))
+            ):
+                env = encode_update(random_delta(fed.theta0, i), codec="none", model_id=model_id,
+                                    kind="delta", sender=fed.islands[i].peer_id, sequence=1,
+                                    meta={"report": report}, identity=fed.islands[i])  # fmt: skip
+                await c.push(env.to_bytes())
+        await wait_for(lambda: len(root.view.snapshot(root)["islands"]) == 2)
+        snap = root.view.snapshot(root)
+    finally:
+        await leaf.stop()
+        await root.stop()
+    models = {m["model_id"]: m for m in snap["models"]}
+    assert snap["router"] is None
+    assert models["f1"]["expert"] and models["f1"]["cluster"] == 3
+    assert not models["global"]["expert"] and models["global"]["cluster"] is None
+
+
+def test_an_expert_groups_island_reports_its_cluster():
+    from island.config import ExpertConfig, IslandConfig
+    from island.daemon import Island
+
+    tiny = {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32}
+    cfg = IslandConfig(name="island0", workload="bytelm", workload_config=tiny,
+                       expert=ExpertConfig(partition="partition", cluster=2))  # fmt: skip
+    assert island_report({"report": Island(cfg)._push_report()})["cluster"] == 2
+    cfg.expert = ExpertConfig()  # a global model's island: no cluster
+    assert "cluster" not in Island(cfg)._push_report()
+
+
 def test_a_routers_bad_answer_is_refused_naming_the_field():
     good = {"workload": "flow", "rule": "full", "experts": [{"id": "e0", "cluster": 2}]}
     assert router_state(good)["experts"] == [

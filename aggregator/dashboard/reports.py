@@ -37,6 +37,7 @@ REPORT_FIELDS = {
     "val_loss": ("float", -1e9, 1e9),
     "val_version": ("int", 0, MAX_COUNT),
     "bytes_down": ("int", 0, MAX_COUNT),
+    "cluster": ("int", 0, 2**31 - 1),  # the partition cluster it trains on (an expert's island)
 }
 
 # what one island record of a summary holds besides its report's fields

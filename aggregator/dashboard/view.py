@@ -298,8 +298,8 @@ class FederationView:
 
     def _models(self, service, islands: list[dict], router: dict | None, now: float) -> list:
         """Every model line (each a model id: the global model, or an expert's), with the
-        islands that push to it, its pace, and, where the router knows it as an expert, its
-        cluster and the router's version of it."""
+        islands that push to it, its pace, and its cluster where known: the router's, else the
+        one its islands report (an expert group's); the router's version of it."""
         experts = {e["id"]: e for e in (router or {}).get("experts", ())}
         models = []
         for model_id, line in service.lines.items():
@@ -312,6 +312,7 @@ class FederationView:
             mine = [r for r in islands if r.get("model_id") == model_id]
             recent = sum(1 for t, _ in times if t > now - 60)
             expert = experts.get(model_id)
+            clusters = sorted({r["cluster"] for r in mine if r.get("cluster") is not None})
             models.append({
                 "model_id": model_id, "version": line.version, "params": params,
                 "versions": [[round(t, 3), v] for t, v in times[-240:]],
@@ -319,8 +320,9 @@ class FederationView:
                     recent * 60.0 / max(5.0, min(60.0, now - self.started)), 2),
                 "last_version_age_s": round(now - times[-1][0], 3) if times else None,
                 "islands": len(mine), "alive": sum(1 for r in mine if r["alive"]),
-                "expert": expert is not None,
-                "cluster": expert.get("cluster") if expert else None,
+                "expert": expert is not None or bool(clusters),
+                # the router's word, else what its islands report (one cluster per expert)
+                "cluster": expert.get("cluster") if expert else (clusters[0] if clusters else None),
                 "router_version": expert.get("version") if expert else None,
             })  # fmt: skip
         return models
