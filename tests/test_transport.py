@@ -423,6 +423,42 @@ async def test_chunk_at_a_wrong_offset_names_the_expected_offset(server):
     assert "offset 4, expected offset 0" in info.value.details()
 
 
+class ReportingHandler(MemoryHandler):
+    """The memory handler that also takes reports (an aggregator's dashboard summaries)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reports: list[bytes] = []
+
+    async def on_report(self, data):
+        if data == b"bad":
+            raise MalformedError("not a summary")
+        self.reports.append(data)
+        return {"status": "kept", "size": len(data)}
+
+
+async def test_report_reaches_the_handler_and_bad_ones_come_back_typed(server, client):
+    with pytest.raises(NotFoundError, match="takes no reports"):  # a handler without on_report
+        await client.report(b"summary", retries=0)
+    handler = ReportingHandler()
+    reporting = TransportServer(handler, chunk_size=1000, max_report_bytes=1000)
+    await reporting.start()
+    try:
+        async with client_for(reporting) as c:
+            assert await c.report(b"summary", retries=0) == {"status": "kept", "size": "7"}
+            with pytest.raises(MalformedError, match="not a summary"):
+                await c.report(b"bad", retries=0)
+            with pytest.raises(OversizeError, match="at most 1000"):  # before the handler
+                await c.report(b"x" * 1001, retries=0)
+            with pytest.raises(ProtocolVersionError):
+                await client_for(reporting, protocol_version=PROTOCOL_VERSION + 1).report(b"s")
+            assert await c.report(b"again", retries=0) == {"status": "kept", "size": "5"}
+    finally:
+        await reporting.stop(0)
+    assert handler.reports == [b"summary", b"again"] and handler.pushes == []
+    assert reporting.stats.rejected == {"malformed": 1, "oversize": 1, "protocol_version": 1}
+
+
 async def test_protocol_version_mismatch_names_both_versions(server, handler):
     other = PROTOCOL_VERSION + 1
     client = client_for(server, protocol_version=other)
