@@ -189,6 +189,9 @@ class ModelConfig:
     public_read: bool = False  # serve Fetch/Subscribe unsigned; each aggregator's own says
     # updates a version of this model merges; 0: merge.buffer_k, at most its expert group's size
     buffer_k: int = 0
+    # root: [p, F] = this line is fragment p of F of init's tensors (streamed fragments,
+    # comms.fragments; its model id is usually fragment_model_id(base, p)); []: all of them
+    fragment: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.model_id:
@@ -197,6 +200,13 @@ class ModelConfig:
             raise ConfigError(f"buffer_k: must be >= 0 (0: merge.buffer_k), got {self.buffer_k}")
         if self.snapshot_every < 1:
             raise ConfigError(f"snapshot_every: must be at least 1, got {self.snapshot_every}")
+        if self.fragment:
+            f = self.fragment
+            if not (len(f) == 2 and all(isinstance(x, int) for x in f) and 0 <= f[0] < f[1]):
+                raise ConfigError(
+                    f"fragment: [index, count] with 0 <= index < count (fragment 0 of 2 is "
+                    f"[0, 2]), got {f!r}"
+                )
 
 
 # Codecs that send a few coordinates per message and keep the rest in an error-feedback

@@ -57,6 +57,7 @@ from aggregator.wal import WriteAheadLog
 from comms.codecs import get_codec
 from comms.envelope import parse_header
 from comms.errors import ConfigError, MalformedError, NotFoundError, RejectedError, StorageError
+from comms.fragments import fragment_of
 from comms.http import split_listen
 from comms.identity import Identity, ReplayGuard, Roster
 from comms.logs import bind
@@ -282,6 +283,10 @@ class AggregatorService(
             raise ConfigError(f"models.init: cannot read {cfg.init}: {e}") from e
         except Exception as e:
             raise ConfigError(f"models.init: {cfg.init} is not a safetensors file: {e}") from e
+        if cfg.fragment:  # this line is one fragment of the model in init
+            index, count = cfg.fragment
+            names = fragment_of({k: v.size for k, v in theta0.items()}, index, count)
+            theta0 = {k: theta0[k] for k in names}
         outer = make_outer_optimizer(cfg.outer, **cfg.outer_params)
         codec = get_codec(cfg.codec, **cfg.codec_params)
         merge = self.config.merge

@@ -130,6 +130,7 @@ class LocalUpdate:
         anchor: Mapping[str, Any] | None = None,
         anchor_version: int | None = None,
         flush_on_exit: bool = True,
+        first_every: int | None = None,
     ):
         if (anchor is None) != (anchor_version is None):
             raise ValueError("give both anchor and anchor_version (a resume), or neither")
@@ -141,6 +142,10 @@ class LocalUpdate:
         self.every = engine.config.every if every is None else int(every)
         if self.every_s is None and not (self.every is not None and self.every >= 1):
             raise ValueError(f"every must be >= 1 inner step, got {every}")
+        # the first round's length in inner steps (a staggered start, island.streaming)
+        if first_every is not None and not (self.every_s is None and first_every >= 1):
+            raise ValueError(f"first_every must be >= 1 inner step with every, got {first_every}")
+        self.first_every = first_every
         self._floor = (self.every, self.every_s)  # auto never goes below the configured round
         self._auto_sizes: dict[str, int] | None = None  # auto: codec -> bytes of one push
         self.sync_mode = engine.config.mode == "sync"
@@ -238,6 +243,8 @@ class LocalUpdate:
     def _round_is_done(self) -> bool:
         if self.every_s is not None:
             return self._compute_in_round >= self.every_s
+        if self._round == 0 and self.first_every is not None:
+            return self._steps_in_round >= self.first_every
         return self._steps_in_round >= self.every
 
     def end_round(self) -> None:
@@ -407,6 +414,11 @@ class LocalUpdate:
     def version(self) -> int:
         """The global version of the current anchor."""
         return self._version
+
+    @property
+    def steps_in_round(self) -> int:
+        """Inner steps of the current round not pushed yet."""
+        return self._steps_in_round
 
     @property
     def round(self) -> int:
