@@ -291,6 +291,8 @@ class Federation:
             "island_configs": [{"name": c.name, "steps": c.steps, "slowdown": c.slowdown} for c in configs],
             "summaries": [c.json_summary() for c in islands],
             "records": {c.name: read_jsonl(c.metrics_file) for c in configs},
+            # every push each island saw answered (island.sync.pushes): its contribution
+            "acks": {c.name: read_jsonl(str(Path(c.snapshot.dir) / "acks.jsonl")) for c in configs},
             "logs": {c.name: str(c.log_path) for c in islands},
             "started_at": {c.name: c.ready_at - t0_mono for c in islands},
             "wall_start": wall_start,

@@ -26,6 +26,7 @@ otherwise). Pure functions plus file writes; single-threaded.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -118,11 +119,76 @@ def local_update_figures(facts: dict[str, Any]) -> dict[str, Any]:
             "mean": float(np.mean(every)) if every else None,
             "max": max(every) if every else None,
         },
+        "contributions": island_contributions(names, lu.get("acks", {}), steps),
         "link": lu["link"],
         "outer": lu.get("outer"),
         "every": lu["every"],
         "seconds": lu["seconds"],
     }
+
+
+def island_contributions(
+    names: list[str], acks: dict[str, list[dict]], steps: list[int]
+) -> list[dict[str, Any]]:
+    """What each island put into the global model, from the pushes it saw answered: deltas
+    merged (``accepted``, or ``replayed``: delivered before and counted once), the inner steps
+    in them and their share of all merged steps, the merge weights the root gave them (mean
+    and range), and what was lost (stale or rejected deltas and their steps)."""
+    merged_steps = {}
+    rows = []
+    for name, total in zip(names, steps, strict=True):
+        answered = acks.get(name, [])
+        merged = [a for a in answered if a.get("status") in ("accepted", "replayed")]
+        lost = [a for a in answered if a.get("status") in ("stale", "rejected")]
+        weights = []
+        for a in merged:
+            with contextlib.suppress(KeyError, TypeError, ValueError):  # replayed: no weight
+                weights.append(float(a["weight"]))
+        merged_steps[name] = sum(int(a.get("steps") or 0) for a in merged)
+        rows.append({
+            "island": name,
+            "steps": int(total),
+            "deltas_merged": len(merged),
+            "steps_merged": merged_steps[name],
+            "weight_mean": float(np.mean(weights)) if weights else None,
+            "weight_min": min(weights) if weights else None,
+            "weight_max": max(weights) if weights else None,
+            "deltas_lost": len(lost),
+            "steps_lost": sum(int(a.get("steps") or 0) for a in lost),
+        })  # fmt: skip
+    everything = sum(merged_steps.values())
+    for row in rows:
+        row["share_of_merged_steps"] = row["steps_merged"] / everything if everything else None
+    return rows
+
+
+def contributions_markdown(rows: list[dict[str, Any]], slowdowns: list[float]) -> list[str]:
+    """The report's table of each island's contribution."""
+    if not rows:
+        return []
+
+    def weight(r: dict[str, Any]) -> str:
+        if r["weight_mean"] is None:
+            return "-"
+        return f"{r['weight_mean']:.3f} ({r['weight_min']:.3f}-{r['weight_max']:.3f})"
+
+    lines = [
+        "## Each island's contribution", "",
+        "From the pushes each island saw answered (its `acks.jsonl`): deltas merged into the "
+        "global model (accepted, or delivered earlier and counted once), the inner steps in them "
+        "and their share of all merged steps, the merge weight the root gave them (staleness "
+        "penalty; mean and range), and deltas lost (stale or rejected) with their steps.", "",
+        "| island | slowdown | steps | deltas merged | steps merged | share | weight | lost |",
+        "|---|--:|--:|--:|--:|--:|---|--:|",
+    ]  # fmt: skip
+    for r, slow in zip(rows, slowdowns, strict=True):
+        share = "-" if r["share_of_merged_steps"] is None else f"{r['share_of_merged_steps']:.1%}"
+        lines.append(
+            f"| {r['island']} | {slow:g}x | {r['steps']} | {r['deltas_merged']} | "
+            f"{r['steps_merged']} | {share} | {weight(r)} | {r['deltas_lost']} "
+            f"({r['steps_lost']} steps) |"
+        )
+    return [*lines, ""]
 
 
 def experts_figures(facts: dict[str, Any]) -> dict[str, Any]:
@@ -577,6 +643,7 @@ def render_markdown(r: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> s
         "## Headline", "", "| figure | value |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in headline_rows(r)), "",
     ]  # fmt: skip
+    lines += contributions_markdown(lu.get("contributions", []), lu["slowdown"])
     for key, (title, _) in plots.items():
         lines += [f"## {title}", "", f"![{title}](plots/{key}.png)", ""]
         if key in CAPTIONS:

@@ -53,6 +53,16 @@ def test_quick_federation_writes_a_sane_report(tmp_path):
     shown = f"best {best[1]:.3f} at version {best[0]}" in proc.stdout
     assert shown == (f"{best[1]:.3f}" != f"{lu['val_loss_end']:.3f}")  # only where they differ
 
+    # each island's contribution, from its acks: every island's deltas reached the model
+    rows = lu["contributions"]
+    assert [r["island"] for r in rows] == [f"island{i}" for i in range(4)]
+    for r, steps in zip(rows, lu["steps"], strict=True):
+        assert r["deltas_merged"] >= 1 and 0 < r["steps_merged"] <= steps, r
+        assert 0 < r["weight_min"] <= r["weight_mean"] <= r["weight_max"] <= 1, r
+    assert sum(r["share_of_merged_steps"] for r in rows) == pytest.approx(1.0)
+    assert rows[-1]["steps_merged"] < rows[0]["steps_merged"]  # the slow island put in less
+    assert "## Each island's contribution" in (out / "report.md").read_text()
+
     assert report["experts_workload"] == "flow"  # the default: the digits, where experts win
     ex = report["experts"]
     assert len(ex["cluster_sizes"]) == 4 and all(s > 0 for s in ex["cluster_sizes"])
