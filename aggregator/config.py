@@ -41,10 +41,13 @@ Example (a root serving one model)::
     outer_params = { lr = 0.7, momentum = 0.9 }
     codec = "int8"                    # codec of the published u_v
     # public_read = true              # Fetch/Subscribe with no signature (default: roster only)
+    # buffer_k = 2                    # this line's K (default: merge.buffer_k, at most the
+                                      #   size of its expert group)
 
     # [[expert_groups]]               # hybrid: the islands (roster names) that train one
     # model_id = "expert0"            #   expert's model id in local-update mode; such a model
     # islands = ["island0", "island1"]#   takes deltas only from them, and they push only to it
+    #                                 #   (docs/examples/root_expert_groups.toml)
 
     [tls]                             # empty or absent: plaintext gRPC (one machine, tests)
     cert = "tls/root.pem"             # this aggregator's certificate: it serves TLS with it,

@@ -15,8 +15,12 @@ islands, ``K = 4`` clusters, groups of ``G = N / K = 2``), four ways to train:
 
 An island's batch is the same in (a), (b) and (c) up to rounding: expert k's islands take the
 share of ``B / G`` that comes from cluster k (``split_batch``), the global model's islands
-``B / N`` each; so every arm costs S B samples of compute. The experts of (a) and (b) are
-mixed by one router trained on the partition (``full``, ``top_k:2``, ``top1``).
+``B / N`` each; so every arm costs S B samples of compute. Every model starts from the same
+theta_0 (no shared seed phase, whatever the plan's ``branch_at``). The experts of (a) and (b)
+are mixed by one router trained on the partition (``full``, ``top_k:2``, ``top1``). The
+default workload is flow, the setting Decentralized Diffusion Models was written for;
+``--only bytelm`` runs the same on text. The measured seconds of an arm include building its
+workloads; the modelled wall time counts the islands' training steps only.
 
 Local-update rounds are simulated in this process, synchronously (every island of a line
 pushes, then the line takes its outer step and every island adopts it), with the code the
@@ -27,10 +31,11 @@ envelopes), ``aggregator.merge.accumulate`` with the FedBuff weight of staleness
 lr 0.7, momentum 0.9; ``u_v`` published in int8 with the root's error feedback). Bytes are
 the envelopes' sizes: every push, and every version sent to each island of its line (gRPC
 framing not counted). Time: the measured seconds of each arm here (one process, the islands
-one after another), and a modelled wall time for islands running in parallel: the slowest
-island's measured compute plus, per round, one push and one version over a link of
-``LINK_MBIT`` and ``LINK_LATENCY_S`` (the main job's default link); the monolith and the
-isolated experts send nothing.
+one after another, at whatever load the machine had then), and a modelled wall time for
+islands running in parallel: the slowest island's steps times the seconds of one step at its
+batch (``step_seconds``: every batch timed back to back, best of three) plus, per round, one
+push and one version over a link of ``LINK_MBIT`` and ``LINK_LATENCY_S`` (the main job's
+default link); the monolith and the isolated experts send nothing.
 """
 
 from __future__ import annotations
@@ -201,7 +206,38 @@ def train_arms(name: str, plan, labels: np.ndarray, shares, k: int, seed: int) -
     return arms
 
 
-def arm_figures(arm: str, entry: dict, plan) -> dict[str, Any]:
+def step_seconds(name: str, plan, batches, seed: int, steps: int = 5, repeats: int = 3):
+    """batch -> seconds of one training step at that batch: the best of ``repeats`` runs of
+    ``steps`` steps, every batch timed back to back after one warm-up step, so the arms'
+    modelled wall times share one clock (the measured ones depend on the machine's load
+    while each arm ran)."""
+    out = {}
+    for batch in sorted(set(batches)):
+        wl = get_workload(name, batch_size=batch, **plan.model)
+        model = wl.build_model(seed)
+        optimizer = make_optimizer(model, plan.lr)
+        data = wl.train_batches(seed)
+        train_steps(wl, model, optimizer, data, range(1), steps, plan.lr)
+        best = float("inf")
+        for _ in range(repeats):
+            clock = time.perf_counter()
+            train_steps(wl, model, optimizer, data, range(steps), steps, plan.lr)
+            best = min(best, (time.perf_counter() - clock) / steps)
+        out[batch] = best
+    return out
+
+
+def island_steps(arm: str, entry: dict, plan, k: int) -> list[tuple[int, int]]:
+    """(batch, steps) of every island of an arm."""
+    batches, group = entry["island_batches"], ISLANDS // k
+    if arm == "isolated":
+        return [(b, group * plan.steps) for b in batches]
+    if arm == "groups":
+        return [(b, plan.steps) for b in batches for _ in range(group)]
+    return [(b, plan.steps) for b in batches]  # global: one per island; monolith: one
+
+
+def arm_figures(arm: str, entry: dict, plan, step_s: dict[int, float], k: int) -> dict[str, Any]:
     """Bytes, versions and times of one arm (see the module docstring for the wall time)."""
     lines: list[LineResult] = entry["lines"]
     up, down = sum(x.bytes_up for x in lines), sum(x.bytes_down for x in lines)
@@ -222,7 +258,11 @@ def arm_figures(arm: str, entry: dict, plan) -> dict[str, Any]:
         "samples_trained": sum(x.samples for x in lines),
         "measured_seconds": entry["seconds"],
         "island_compute_seconds": compute,
-        "modelled_wall_seconds": max(compute) + comm,
+        "modelled_compute_seconds": max(
+            n * step_s[b] for b, n in island_steps(arm, entry, plan, k)
+        ),
+        "modelled_wall_seconds": comm
+        + max(n * step_s[b] for b, n in island_steps(arm, entry, plan, k)),
         "modelled_link_seconds": comm,
         "island_batches": entry["island_batches"],
         "steps_per_island": plan.steps * (ISLANDS // len(lines) if arm == "isolated" else 1),
@@ -302,9 +342,13 @@ def hybrid_benchmark(name: str, plan, k: int, seed: int) -> dict[str, Any]:
     seconds["evaluate"] = time.perf_counter() - clock
     flops = eval_wl.flops_per_step(plan.batch) * plan.steps
     seconds.update({f"train_{arm}": entry["seconds"] for arm, entry in arms.items()})
+    clock = time.perf_counter()
+    step_s = step_seconds(name, plan, [b for e in arms.values() for b in e["island_batches"]],
+                          seed)  # fmt: skip
+    seconds["time_steps"] = time.perf_counter() - clock
     result: dict[str, Any] = {"arms": {}, "router_train_accuracy": metrics.train_accuracy}
     for arm, entry in arms.items():
-        result["arms"][arm] = {**figures[arm], **arm_figures(arm, entry, plan),
+        result["arms"][arm] = {**figures[arm], **arm_figures(arm, entry, plan, step_s, k),
                                "train_flops": flops}  # fmt: skip
     if "floor" in figures:
         result["frechet_floor"] = figures["floor"]["frechet"]
@@ -318,6 +362,7 @@ def hybrid_benchmark(name: str, plan, k: int, seed: int) -> dict[str, Any]:
         "simulation": "in-process, synchronous rounds, the aggregator's and islands' functions",
         "cluster_sizes": np.bincount(partition.labels, minlength=k).tolist(),
         "samples": plan.samples, "sample_steps": plan.sample_steps,
+        "step_seconds_by_batch": {str(b): v for b, v in step_s.items()},
     }  # fmt: skip
     result["seconds"] = seconds
     return result

@@ -29,10 +29,15 @@ def test_quick_hybrid_benchmark_compares_four_arms_at_equal_compute(tmp_path):
         assert _finite(arm["loss"]) and arm["loss"] > 0, name
         assert _finite(arm["frechet"]) and arm["frechet"] > flow["frechet_floor"], name
         assert arm["samples_trained"] == budget, name  # equal total compute
-        assert arm["modelled_wall_seconds"] >= max(arm["island_compute_seconds"]) > 0, name
+        wall, compute = arm["modelled_wall_seconds"], arm["modelled_compute_seconds"]
+        assert wall == pytest.approx(compute + arm["modelled_link_seconds"]) and compute > 0
     # (a) one island per expert for G times the steps; (b) G islands per expert's line
     assert arms["isolated"]["steps_per_island"] == s["group"] * s["steps"]
     assert len(arms["isolated"]["island_compute_seconds"]) == K
+    # the same island batches, twice the steps: twice the modelled compute time
+    assert arms["isolated"]["modelled_compute_seconds"] == pytest.approx(
+        s["group"] * arms["groups"]["modelled_compute_seconds"]
+    )
     assert len(arms["groups"]["island_compute_seconds"]) == ISLANDS
     assert len(arms["global"]["island_compute_seconds"]) == ISLANDS
     # experts in isolation and the monolith send nothing; the local-update arms push and

@@ -153,6 +153,47 @@ async def test_an_experts_line_takes_whole_steps_from_its_group_beside_a_larger_
         await root.stop()
 
 
+async def test_a_groups_pushes_reach_the_roots_expert_line_through_a_leaf(tmp_path):
+    """Root and leaf serve the expert's line and the global one, with the same groups: the
+    leaf refuses an island outside the group and forwards the group's two deltas as one
+    partial, which the root turns into one whole version holding both."""
+    fed = make_federation(tmp_path, 3, aggregators=("root", "leaf0"))
+    group = [ExpertGroup("expert0", ["island0", "island1"])]
+
+    def config(name, role, parent=""):
+        cfg = fed.config(name, role, parent=parent, buffer_k=4, deadline_s=60.0)
+        init = str(fed.init_path) if role == "root" else ""
+        cfg.models = [ModelConfig(m, init=init, codec="none") for m in ("expert0", "global")]
+        cfg.expert_groups = group
+        return cfg
+
+    root = AggregatorService(config("root", "root"))
+    root_address = await root.start()
+    leaf = AggregatorService(config("leaf0", "leaf", parent=root_address))
+    await leaf.start()
+    deltas = [random_delta(fed.theta0, i) for i in range(2)]
+    try:
+        async with TransportClient(leaf.address) as c:
+            with pytest.raises(GroupError):
+                await c.push(delta_bytes(fed.islands[2], deltas[0], 1, model_id="expert0"))
+            for i in (0, 1):
+                await c.push(delta_bytes(fed.islands[i], deltas[i], 1, model_id="expert0"))
+        for _ in range(200):
+            if root.lines["expert0"].version == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert root.lines["expert0"].version == 1 and root.lines["global"].version == 0
+        async with TransportClient(root_address, identity=fed.islands[0]) as c:
+            async for _, data in c.subscribe("expert0", 1):
+                meta = Envelope.from_bytes(data, max_bytes=1 << 30).header.meta
+                break
+        assert meta["fraction"] == 1.0 and meta["count"] == 2
+        assert {s for s, _ in meta["contributors"]} == {fed.islands[i].peer_id for i in (0, 1)}
+    finally:
+        await leaf.stop()
+        await root.stop()
+
+
 def test_an_island_of_a_group_trains_on_its_experts_cluster_only(tmp_path, two_clusters):
     from island.daemon import Island
 
