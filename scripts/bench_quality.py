@@ -42,7 +42,18 @@ run until they reach the target. Times are from the start barrier to rank 0's fi
 evaluation at or below the target, less rank 0's evaluation time. All workers share this
 machine's cores, so compute is slower than ``c`` for every method alike.
 
-    python scripts/bench_quality.py [--quick] [--no-netns] --json PATH [--plots DIR]
+**Mixed hardware** (``--hetero``): 4 workers at compute speeds 1, 1, 1/2, 1/4 (``--slowdowns
+1,1,2,4``) behind their own links of 100, 10, 10 and 2 Mbit/s (0, 50, 50, 50 ms one way); every
+method and every Archipelago setting (``--H`` 50 and ``--every-s`` 2.5 by default) is timed
+over them. **Thin links** (``--thin``): every worker's link is set so that one dense fp32
+pseudo-gradient takes 4x one round of 50 inner steps (one worker's step measured alone here),
+50 ms one way; DDP, sync DiLoCo (fp32, H = 50), Archipelago int4 at H = 50 and sparse2 at H = 10
+(outer sgd, int8 versions) are timed over them. Both report, per method, measured seconds to
+the target, rank 0's bytes to it, each worker's bytes up and down and utilization (seconds in
+inner steps over wall seconds), and the compute-only bound (DDP's steps at one worker's pace
+alone, no communication).
+
+    python scripts/bench_quality.py [--quick] [--no-netns] [--hetero | --thin] --json PATH
 
 Writes ``{"target_loss", "ddp": {...}, "sync_diloco": {...}, "hivemind": {...},
 "archipelago": {"int8_H100": {...}, ...}, "config", "notes", "plots", "meta"}``; each method
@@ -76,16 +87,29 @@ REPO = SCRIPTS.parent
 sys.path[:0] = [p for p in (str(SCRIPTS), str(REPO)) if p not in sys.path]
 
 from benchlib import write_json  # noqa: E402
-from quality_report import notes, plot, print_table  # noqa: E402
+from quality_report import link_label, notes, plot, print_table  # noqa: E402
 
 WORKER = SCRIPTS / "quality_methods.py"
 MODEL_ID = "global"
-LINKS = {"100": (100e6, 0.0), "10": (10e6, 0.050)}  # name: (bits per second, one-way delay s)
 FULL_MODEL = {"d_model": 128, "n_layer": 4, "n_head": 4, "context": 128, "batch_size": 16}
 QUICK_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 4}
 OPTIM = {"lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0}
 OUTER = {"lr": 0.7, "momentum": 0.9}
 HIVEMIND_STANDARD = {"matchmaking_time": 5.0, "averaging_timeout": 60.0}
+LINKS = {"100": (100e6, 0.0), "10": (10e6, 0.050)}  # name: (bits per second, one-way delay s)
+# --hetero: worker k's speed is 1 / HETERO_SLOWDOWNS[k] and its link HETERO_LINKS[k]
+HETERO_SLOWDOWNS = [1.0, 1.0, 2.0, 4.0]
+HETERO_LINKS = [(100e6, 0.0), (10e6, 0.050), (10e6, 0.050), (2e6, 0.050)]
+# --thin: every link's rate is set so that one dense fp32 pseudo-gradient takes THIN_RATIO times
+# one round of THIN_H inner steps (one worker's step measured alone), THIN_DELAY_S one way
+THIN_RATIO, THIN_H, THIN_DELAY_S = 4.0, 50, 0.050
+# --thin's Archipelago runs: int4 at H = 50 (Nesterov), and sparse2 at H = 10 with the outer
+# sgd step and int8 versions, the sparse setting that reached the target in thin.md
+THIN_SLOTS = {
+    "int4_H50": {"H": 50, "codec": "int4", "publish_codec": "int4", "outer": ("nesterov", OUTER)},
+    "sparse2_H10_sgd": {"H": 10, "codec": "sparse2", "publish_codec": "int8",
+                        "outer": ("sgd", {"lr": 1.0})},
+}  # fmt: skip
 
 
 # ============================================================================ pure figures
@@ -122,6 +146,12 @@ def rounds_seconds(kind: str, rounds: int, h: int, compute_s: float, overhead_s:
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def thin_rate_bps(param_bytes: int, compute_s: float) -> float:
+    """--thin's link rate: one dense fp32 pseudo-gradient (``param_bytes``) takes THIN_RATIO
+    times one round of THIN_H inner steps of ``compute_s`` each."""
+    return param_bytes * 8 / (THIN_RATIO * THIN_H * compute_s)
+
+
 def first_crossing(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     """The first evaluation at or below ``target`` (curve in step order), or None."""
     return next((point for point in curve if point["loss"] <= target), None)
@@ -141,16 +171,17 @@ class ShapedNet:
     joined to a hub namespace (where the root aggregator runs) by a link shaped to ``LINKS[name]``
     in both directions (tbf for the rate; the delay by netem, or by the TUN forwarder on kernels
     without netem). Worker-to-worker traffic (DDP's ring, hivemind's all-reduce) crosses two
-    links, through the hub."""
+    links, through the hub. ``--hetero`` and ``--thin`` give each worker its own link."""
 
     PREFIX = "qbench"
 
-    def __init__(self, world: int, name: str):
+    def __init__(self, world: int, name: str, links: list[tuple[float, float]]):
+        """``links[k]``: worker k's (bits per second, one-way delay s)."""
         from comms import netns
 
         self.netns, self.name = netns, name
-        rate, delay = LINKS[name]
-        self.config = netns.up(world, rate, delay, prefix=self.PREFIX)
+        rates, delays = [r for r, _ in links], [d for _, d in links]
+        self.config = netns.up(world, rates, delays, prefix=self.PREFIX)
         self.island_iface = netns.ISLAND_IFACE
         self.hub_address, self.island_address = netns.hub_address, netns.island_address
 
@@ -488,7 +519,9 @@ def shaped_entry(run: dict[str, Any], target: float) -> dict[str, Any]:
     """Measured figures of one run over shaped links: seconds from the start barrier to rank
     0's first evaluation at or below ``target``, less rank 0's own evaluation time; for
     DiLoCo/Archipelago, to the arrival of the global version that evaluation found at or below
-    it (and the steps that version holds)."""
+    it (and the steps that version holds). Also rank 0's bytes (sent + received) at that
+    evaluation, each worker's bytes up and down at the run's end (it stops at the target) and
+    each worker's utilization (:func:`utilization`)."""
     rank0 = run["results"][0]
     hit = first_crossing(rank0["evals"], target)
     last = rank0["evals"][-1] if rank0["evals"] else None
@@ -497,35 +530,78 @@ def shaped_entry(run: dict[str, Any], target: float) -> dict[str, Any]:
         seconds, steps = hit["version_t"] - hit["eval_s_before"], hit["holds_steps"]
     elif hit:
         seconds, steps = hit["t"] - hit["eval_s"], hit["step"]
-    return {
+    entry = {
         "seconds_to_target": seconds,
         "steps_to_target": steps,
         "steps": rank0["steps"],
         "final_loss": last["loss"] if last else None,
         "run_s": run["run_s"],
+        "utilization": utilization(run["results"]),
+        "utilization_how": "each worker's seconds in inner steps (with the --slowdowns hold) "
+        "over its wall seconds from the start barrier, rank 0's evaluations left out",
     }
+    results = run["results"]
+    if "bytes_sent" in rank0:  # DiLoCo / Archipelago: the sync engine's counts on the wire
+        entry["bytes_to_target"] = hit["bytes_sent"] + hit["bytes_received"] if hit else None
+        entry["bytes_up"] = [r["bytes_sent"] for r in results]
+        entry["bytes_down"] = [r["bytes_received"] for r in results]
+        entry["engine_compute_fraction"] = [r["lu"]["compute_fraction"] for r in results]
+    elif "allreduce_out" in rank0:  # hivemind, counted as in the loopback runs
+        entry["bytes_to_target"] = 4 * hit["allreduce_out"] + hit["state_out"] if hit else None
+        entry["bytes_up"] = [2 * r["allreduce_out"] + r["state_out"] for r in results]
+        entry["bytes_down"] = [2 * r["allreduce_out"] for r in results]
+    return entry
 
 
-def measure_shaped(args, tmp: Path, doc: dict, link: str, hivemind: dict) -> dict[str, Any]:
+def utilization(results: list[dict[str, Any]]) -> list[float]:
+    """Per worker: seconds in inner steps (with the ``--slowdowns`` and ``--step-floor``
+    holds) over its wall seconds since the start barrier, rank 0's evaluations left out."""
+    return [r["busy_s"] / max(1e-9, r["wall_s"] - r["eval_s"]) for r in results]
+
+
+def shaped_links(args, link: str) -> list[tuple[float, float]]:
+    """Each worker's (rate, delay) for a ``--shaped`` link name or a profile (hetero, thin)."""
+    return args.profiles[link] if link in args.profiles else [LINKS[link]] * args.world
+
+
+def shaped_ddp(args, tmp: Path, doc: dict, link: str, net: ShapedNet, cal: dict) -> dict:
+    """DDP over the shaped links for ``--shaped-ddp-steps`` steps: its measured seconds per
+    step times its steps to the target (from the loopback run)."""
+    run = run_method(args, tmp, f"shaped{link}_ddp", "ddp", net=net, steps=args.shaped_ddp_steps)
+    rank0 = run["results"][0]
+    per_step = (rank0["wall_s"] - rank0["eval_s"]) / max(1, rank0["steps"])
+    steps = doc["ddp"]["steps_to_target"]
+    slow = args.slowdowns or [1.0] * args.world
+    per_worker = ddp_bytes_per_step(cal["param_bytes"], args.world) * (steps or 0)
+    return {
+        "seconds_per_step": per_step, "steps": rank0["steps"],
+        "seconds_to_target": per_step * steps if steps else None, "steps_to_target": steps,
+        "how": f"measured seconds per step over {rank0['steps']} steps, times its {steps} "
+               "steps to the target",
+        "bytes_to_target": per_worker if steps else None,
+        "bytes_up": [per_worker / 2] * args.world, "bytes_down": [per_worker / 2] * args.world,
+        # the all-reduce runs inside backward, so a step's compute is not measured apart:
+        # worker k's compute is taken as one step alone times its slowdown
+        "utilization": [slow[k] * cal["compute_s"] / per_step for k in range(args.world)],
+        "utilization_how": "one step's compute measured alone, times the worker's slowdown, "
+        "over the measured seconds per step",
+    }  # fmt: skip
+
+
+def measure_shaped(args, tmp: Path, doc: dict, link: str, hivemind: dict, cal: dict):
     """Time to the target over real shaped links (:class:`ShapedNet`): DDP for
     ``--shaped-ddp-steps`` steps (its measured seconds per step times its steps to the target),
     then sync DiLoCo, hivemind and the Archipelago setting with the shortest modelled time at
-    this link, each until it reaches the target (or its step limit)."""
+    this link (for the hetero and thin profiles: every Archipelago setting), each until it
+    reaches the target (or its step limit)."""
     target = doc["target_loss"]
-    out: dict[str, Any] = {}
-    net = ShapedNet(args.world, link)
+    links = shaped_links(args, link)
+    out: dict[str, Any] = {"links": [{"rate_bps": r, "delay_s": d} for r, d in links]}
+    net = ShapedNet(args.world, link, links)
     try:
         out["backend"] = net.config.backend
         try:
-            run = run_method(args, tmp, f"shaped{link}_ddp", "ddp", net=net,
-                             steps=args.shaped_ddp_steps)  # fmt: skip
-            rank0 = run["results"][0]
-            per_step = (rank0["wall_s"] - rank0["eval_s"]) / max(1, rank0["steps"])
-            steps = doc["ddp"]["steps_to_target"]
-            out["ddp"] = {"seconds_per_step": per_step, "steps": rank0["steps"],
-                          "seconds_to_target": per_step * steps if steps else None,
-                          "how": f"measured seconds per step over {rank0['steps']} steps, "
-                                 f"times its {steps} steps to the target"}  # fmt: skip
+            out["ddp"] = shaped_ddp(args, tmp, doc, link, net, cal)
         except Exception as err:
             out["ddp"] = {"error": f"{type(err).__name__}: {err}"}
         runs = []
@@ -534,11 +610,14 @@ def measure_shaped(args, tmp: Path, doc: dict, link: str, hivemind: dict) -> dic
                          "publish_codec": "none", "mode": "sync", "outer": ("nesterov", OUTER)}))  # fmt: skip
         if "hivemind" not in args.skip:
             runs.append(("hivemind", "hivemind", {"H": args.baseline_H, **hivemind}))
-        reached = [(e["seconds_to_target"][link], slot)
-                   for slot, e in doc["archipelago"].items()
-                   if e.get("seconds_to_target", {}).get(link) is not None]  # fmt: skip
-        if reached:
-            slot = min(reached)[1]
+        if link in args.profiles:
+            slots = [slot for slot, e in doc["archipelago"].items() if "settings" in e]
+        else:
+            reached = [(e["seconds_to_target"][link], slot)
+                       for slot, e in doc["archipelago"].items()
+                       if e.get("seconds_to_target", {}).get(link) is not None]  # fmt: skip
+            slots = [min(reached)[1]] if reached else []
+        for slot in slots:
             runs.append(
                 (f"archipelago {slot}", "diloco", dict(doc["archipelago"][slot]["settings"]))
             )
@@ -552,6 +631,8 @@ def measure_shaped(args, tmp: Path, doc: dict, link: str, hivemind: dict) -> dic
                 out[name] = {"error": f"{type(err).__name__}: {err}"}
     finally:
         net.close()
+    # the limit line: DDP's steps at one worker's pace alone, no communication at all
+    out["compute_only_bound_s"] = args.steps * cal["compute_s"]
     return out
 
 
@@ -596,7 +677,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="S: DDP's steps (default 3000; quick 40)")
     p.add_argument("--max-factor", type=float, help="others run up to this times S (3; 1.5)")
     p.add_argument("--H", type=int, nargs="+", help="Archipelago's H (50 100 250 500; 10)")
-    p.add_argument("--codecs", nargs="+", default=["int8", "int4"])
+    p.add_argument("--codecs", nargs="+", help="Archipelago's push codecs (int8 int4)")
     p.add_argument(
         "--slowdowns",
         type=parse_slowdowns,
@@ -673,7 +754,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "would merge deltas several versions stale, unlike any real run",
     )  # fmt: skip
     p.add_argument("--shaped-ddp-steps", type=int, default=20, help="DDP steps timed per link")
+    p.add_argument(
+        "--hetero", action="store_true",
+        help="mixed hardware: 4 workers at speeds 1, 1, 1/2, 1/4 (--slowdowns 1,1,2,4) behind "
+        "their own real shaped links of 100, 10, 10, 2 Mbit/s (0, 50, 50, 50 ms); every method "
+        "and Archipelago setting timed over them (default --H 50 --codecs int8 --every-s 2.5)",
+    )  # fmt: skip
+    p.add_argument(
+        "--thin", action="store_true",
+        help=f"thin links: every worker's link set so that one dense fp32 pseudo-gradient "
+        f"takes {THIN_RATIO:g}x one round of H = {THIN_H} steps (measured here), "
+        f"{THIN_DELAY_S * 1e3:g} ms; DDP, sync DiLoCo (fp32, H = {THIN_H}), Archipelago "
+        f"{' and '.join(THIN_SLOTS)}, each timed over them",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.hetero and args.thin:
+        p.error("--hetero and --thin are separate benchmarks: give one")
+    args.profiles = {}  # link name -> each worker's (rate, delay); --thin's is set once measured
+    if args.hetero:
+        if args.world != len(HETERO_LINKS):
+            p.error(
+                f"--hetero: the mix is for {len(HETERO_LINKS)} workers, not --world {args.world}"
+            )
+        args.profiles["hetero"] = HETERO_LINKS
+        args.slowdowns = args.slowdowns or HETERO_SLOWDOWNS
+        args.H, args.codecs = args.H or [50], args.codecs or ["int8"]
+        args.every_s = args.every_s or [2.5]
+    if args.thin:
+        if args.H or args.codecs or args.every_s:
+            p.error(f"--thin runs its own Archipelago settings ({', '.join(THIN_SLOTS)}); "
+                    "leave out --H, --codecs and --every-s")  # fmt: skip
+        args.H, args.codecs = [THIN_H], []
+        args.baseline_H = args.baseline_H or THIN_H
+    if args.codecs is None:
+        args.codecs = ["int8", "int4"]
     if args.slowdowns is not None and len(args.slowdowns) != args.world:
         p.error(f"--slowdowns: give one per worker ({args.world}), got {len(args.slowdowns)}")
     quick = args.quick
@@ -693,6 +807,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.eval_every = min([*args.H, args.baseline_H])
     if args.shaped is None:
         args.shaped = [] if (quick or args.no_netns) else ["10", "100"]
+    if args.hetero or args.thin:  # timed over their own links only
+        if args.no_netns:
+            p.error("--hetero and --thin time every method over real shaped links: drop --no-netns")
+        args.shaped = ["hetero" if args.hetero else "thin"]
     if quick:
         args.timeout = min(args.timeout, 120.0)
     return args
@@ -705,6 +823,15 @@ def main(argv: list[str] | None = None) -> int:
     cal = {"compute_s": compute_s, "param_bytes": param_bytes}
     print(f"model {args.workload}: {param_bytes // 4:,} params; one worker's step alone: "
           f"{compute_s * 1e3:.1f} ms", flush=True)  # fmt: skip
+    if args.thin:
+        rate = thin_rate_bps(param_bytes, compute_s)
+        args.profiles["thin"] = [(rate, THIN_DELAY_S)] * args.world
+        cal["thin"] = {"rate_bps": rate, "bits_per_s_per_param": rate / (param_bytes // 4),
+                       "round_s": THIN_H * compute_s, "dense_push_s": param_bytes * 8 / rate}  # fmt: skip
+        print(f"thin link: {rate / 1e6:.3f} Mbit/s, {rate / (param_bytes // 4):.2f} bit/s per "
+              f"parameter: a dense fp32 pseudo-gradient ({param_bytes:,} bytes) takes "
+              f"{param_bytes * 8 / rate:.2f} s, {THIN_RATIO:g}x one round of {THIN_H} steps "
+              f"({THIN_H * compute_s:.2f} s); {THIN_DELAY_S * 1e3:g} ms one way", flush=True)  # fmt: skip
     hivemind_settings = dict(HIVEMIND_STANDARD)
     if args.quick:  # epochs would be shorter than matchmaking: slow the steps, match fast
         hivemind_settings.update(matchmaking_time=0.5, averaging_timeout=10.0)
@@ -749,12 +876,16 @@ def main(argv: list[str] | None = None) -> int:
                         target=target, H=args.H[0], every_s=every_s, codec=codec,
                         publish_codec=args.publish_codec or codec, mode="overlapped",
                         outer=args.arch_outer)  # fmt: skip
+        for slot, settings in THIN_SLOTS.items() if args.thin else ():
+            measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
+                    mode="overlapped", **settings)  # fmt: skip
         ratios(doc)
         doc["shaped"] = {}
         why_not = ShapedNet.available() if args.shaped else None
         for link in args.shaped if why_not is None else []:
-            print(f"=== shaped links: {link} Mbit/s, real namespaces", flush=True)
-            doc["shaped"][link] = measure_shaped(args, tmp, doc, link, hivemind_settings)
+            print(f"=== shaped links: {link_label(shaped_links(args, link))}, real namespaces",
+                  flush=True)  # fmt: skip
+            doc["shaped"][link] = measure_shaped(args, tmp, doc, link, hivemind_settings, cal)
         if why_not:
             doc["shaped"]["error"] = why_not
     doc["config"] = {
@@ -768,7 +899,9 @@ def main(argv: list[str] | None = None) -> int:
         "eval_batches": args.eval_batches, "eval_every": args.eval_every,
         "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}
                                                    for k, (r, d) in LINKS.items()},
-        "hivemind": hivemind_settings, "quick": args.quick,
+        "hivemind": hivemind_settings, "quick": args.quick, "hetero": args.hetero,
+        "thin": cal.get("thin"), "profiles": {k: [{"rate_bps": r, "delay_s": d} for r, d in v]
+                                              for k, v in args.profiles.items()},
     }  # fmt: skip
     doc["notes"] = notes(args, hivemind_settings)
     json_path = Path(args.json) if args.json else None

@@ -75,6 +75,7 @@ class Recorder:
         self.stop_path = self.run_dir / "stop"
         self.evals: list[dict[str, Any]] = []
         self.step_s: list[float] = []
+        self.busy_s = 0.0  # inner steps, with the --slowdowns and --step-floor holds
         self.eval_s = 0.0
         self.started = time.perf_counter()
 
@@ -119,6 +120,7 @@ class Recorder:
             "wall_s": time.perf_counter() - self.started,
             "eval_s": self.eval_s,
             "compute_s": sum(self.step_s),
+            "busy_s": self.busy_s,
             **extra,
         }
         tmp = self.run_dir / f"result-{self.rank}.json.tmp"
@@ -149,6 +151,8 @@ def timed_step(rec: Recorder, step: int, model, optimizer, batch, lr_groups, spe
         spent += extra
     if spec.get("step_floor_s", 0) > spent:  # --quick: rounds outlast a push, as in real runs
         time.sleep(spec["step_floor_s"] - spent)
+        spent = spec["step_floor_s"]
+    rec.busy_s += spent
     return float(loss.detach())
 
 

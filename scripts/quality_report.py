@@ -87,11 +87,44 @@ def print_table(doc: dict[str, Any]) -> None:
         if link == "error":
             print(f"shaped links: not run ({entries})")
             continue
-        rows = [[name, e.get("seconds_to_target"), e.get("steps_to_target"), e.get("steps"),
-                 e.get("error", e.get("how", ""))[:60]]
-                for name, e in entries.items() if isinstance(e, dict)]  # fmt: skip
-        print(f"\nMEASURED over real shaped links, {link} Mbit/s ({entries.get('backend')}):")
-        print(format_table(["method", "s->tgt", "steps->tgt", "steps", "note"], rows))
+        print_shaped(link, entries)
+
+
+def link_label(links: list) -> str:
+    """``100 Mbit/s`` for one link shared by all; per worker ``100/10/10/2 Mbit/s, 0/50/50/50
+    ms``. ``links``: each worker's (rate, delay) or {"rate_bps", "delay_s"}."""
+    pairs = [(x["rate_bps"], x["delay_s"]) if isinstance(x, dict) else tuple(x) for x in links]
+    shown = pairs if len(set(pairs)) > 1 else pairs[:1]
+    rates = "/".join(f"{r / 1e6:.3g}" for r, _ in shown)
+    delays = "/".join(f"{d * 1e3:g}" for _, d in shown)
+    return f"{rates} Mbit/s" + (f", {delays} ms" if any(d for _, d in pairs) else "")
+
+
+def print_shaped(link: str, entries: dict[str, Any]) -> None:
+    """The measured table of one shaped-link set: seconds to the target, its ratio to DDP's
+    and to sync DiLoCo's, bytes, each worker's utilization."""
+    ddp_s = (entries.get("ddp") or {}).get("seconds_to_target")
+    sync_s = (entries.get("sync_diloco") or {}).get("seconds_to_target")
+    rows = []
+    for name, e in entries.items():
+        if not isinstance(e, dict):
+            continue
+        secs = e.get("seconds_to_target")
+        util = e.get("utilization")
+        rows.append([
+            name, secs, ddp_s / secs if ddp_s and secs else None,
+            sync_s / secs if sync_s and secs else None, e.get("steps_to_target"), e.get("steps"),
+            e.get("bytes_to_target"),
+            " ".join(f"{u:.2f}" for u in util) if util else (e.get("error") or "").split("\n")[0][:60],
+        ])  # fmt: skip
+    label = f"{link} Mbit/s" if link in ("100", "10") else f"{link}, {link_label(entries['links'])}"
+    print(f"\nMEASURED over real shaped links, {label} ({entries.get('backend')}):")
+    headers = ["method", "s->tgt", "DDP/x", "syncDiLoCo/x", "steps->tgt", "steps", "bytes->tgt",
+               "util per worker"]  # fmt: skip
+    print(format_table(headers, rows))
+    if "compute_only_bound_s" in entries:
+        print(f"compute-only bound (DDP's steps at one worker's pace alone, no communication): "
+              f"{entries['compute_only_bound_s']:.1f} s")  # fmt: skip
 
 
 def notes(args, hivemind_settings: dict) -> list[str]:

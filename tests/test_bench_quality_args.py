@@ -1,0 +1,58 @@
+"""``scripts/bench_quality.py``'s ``--hetero`` and ``--thin`` presets: what they set, the
+input they refuse, the thin link's rate and the printed link labels. The runs themselves are
+in docs/benchmarks/hetero.md and thin.md (minutes each, too long for the suite)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import bench_quality
+from quality_report import link_label
+
+
+def test_hetero_sets_the_mix_and_times_it_over_its_own_links():
+    args = bench_quality.parse_args(["--hetero"])
+    assert args.slowdowns == [1.0, 1.0, 2.0, 4.0]
+    assert args.shaped == ["hetero"]
+    assert bench_quality.shaped_links(args, "hetero") == [
+        (100e6, 0.0), (10e6, 0.05), (10e6, 0.05), (2e6, 0.05)
+    ]  # fmt: skip
+    assert (args.H, args.codecs, args.every_s) == ([50], ["int8"], [2.5])
+    # given flags win over the preset's defaults
+    args = bench_quality.parse_args(["--hetero", "--H", "100", "--every-s", "1", "2"])
+    assert (args.H, args.every_s) == ([100], [1.0, 2.0])
+    assert bench_quality.shaped_links(bench_quality.parse_args([]), "10") == [(10e6, 0.05)] * 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--hetero", "--world", "3"], "the mix is for 4 workers, not --world 3"),
+        (["--hetero", "--thin"], "give one"),
+        (["--thin", "--codecs", "int8"], "leave out --H, --codecs and --every-s"),
+        (["--hetero", "--no-netns"], "drop --no-netns"),
+    ],
+)
+def test_presets_refuse_what_they_cannot_honour(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_quality.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_thin_rate_makes_a_dense_push_four_rounds_long():
+    # 120,576 fp32 parameters, 20 ms a step: a round of 50 steps is 1 s, the push 4 s
+    rate = bench_quality.thin_rate_bps(482_304, 0.020)
+    assert rate == pytest.approx(482_304 * 8 / 4.0)
+    assert 482_304 * 8 / rate == pytest.approx(4 * 50 * 0.020)
+    args = bench_quality.parse_args(["--thin"])
+    assert (args.H, args.codecs, args.baseline_H, args.shaped) == ([50], [], 50, ["thin"])
+
+
+def test_link_labels():
+    assert link_label(bench_quality.HETERO_LINKS) == "100/10/10/2 Mbit/s, 0/50/50/50 ms"
+    assert link_label([(964_608.0, 0.05)] * 4) == "0.965 Mbit/s, 50 ms"
+    assert link_label([{"rate_bps": 100e6, "delay_s": 0.0}] * 4) == "100 Mbit/s"
