@@ -942,3 +942,45 @@ register(Target(
     "reads", "comms.reads.ReadGuard.check on Fetch / Subscribe requests (signed reads)",
     run_reads, (ReadDeniedError, TooManyReadsError), reads_seeds, (mutate_reads,),
 ))  # fmt: skip
+
+
+# --- dashboard summaries a child sends its parent (the transport's Report) ----------------------
+
+
+def summary_seeds() -> list[bytes]:
+    from aggregator.dashboard.summaries import summary_envelope
+
+    island = {"name": "island0", "peer": ISLAND.peer_id, "leaf": "leaf0", "model_id": "global",
+              "age_s": 1.5, "interval_s": 4.0, "pushes": 12, "bytes_up": 123456,
+              "steps_pushed": 240, "rejected": {"stale": 1},
+              "points": [{"age_s": 3.0, "step": 200, "train_loss": 2.5, "val_loss": 2.6,
+                          "val_version": 9}]}  # fmt: skip
+    aggregator = {"name": "leaf0", "role": "leaf", "peer": AGGREGATOR.peer_id, "parent": "root",
+                  "address": "127.0.0.1:1", "age_s": 0.0, "uptime_s": 60.0, "version": 9,
+                  "buffered": 1, "outbox": 0, "workers": 0}  # fmt: skip
+    rejection = {"at": "12:00:00", "sender": STRANGER.peer_id, "model_id": "global",
+                 "reason": "signature", "age_s": 5.0, "message": "not in the roster"}  # fmt: skip
+    docs = [
+        {"aggregators": [aggregator], "islands": [island], "rejections": [rejection]},
+        {"aggregators": [], "islands": [], "rejections": []},
+        {"islands": [dict(island, name=f"island{i}") for i in range(5)]},
+    ]
+    return [summary_envelope(AGGREGATOR, doc, seq) for seq, doc in enumerate(docs, start=1)]
+
+
+def run_summary(data: bytes) -> None:
+    from aggregator.dashboard.summaries import checked_summary
+
+    sender, _, summary = checked_summary(data, roster())
+    if sender != AGGREGATOR.peer_id:
+        raise InvariantError(f"a summary from {sender[:12]} passed, not the roster's aggregator")
+    if set(summary) != {"aggregators", "islands", "rejections"} or not all(
+        isinstance(v, list) and all(isinstance(x, dict) for x in v) for v in summary.values()
+    ):
+        raise InvariantError(f"checked summary has the wrong form: {summary!r:.120}")
+
+
+register(Target(
+    "summary", "aggregator.dashboard.summaries.checked_summary (Report: a child's summary)",
+    run_summary, ADMISSION_ERRORS, summary_seeds, (mutate_envelope,),
+))  # fmt: skip
