@@ -204,6 +204,127 @@ def ensemble(doc: dict) -> str:
     return "\n\n".join(parts)
 
 
+HYBRID_ARMS = {
+    "isolated": "(a) experts, one island each, twice the steps",
+    "groups": "(b) experts, a group of local-update islands each",
+    "global": "(c) one model, every island in local-update mode",
+    "monolith": "(d) monolith",
+}
+
+
+def _compare(a: float, b: float) -> str:
+    """How ``a`` stands against ``b`` where lower is better."""
+    if a == b:
+        return "the same as"
+    return f"{abs(1 - a / b):.0%} {'better' if a < b else 'worse'} than"
+
+
+def hybrid(doc: dict) -> str:
+    """``bench_ensemble.py --hybrid``: four ways to spend the islands, and what they mean."""
+    parts = ["## Expert groups: islands spent four ways at equal compute", _meta(doc)]
+    for wl in ("flow", "bytelm"):
+        d = doc.get(wl)
+        if not d:
+            continue
+        s, arms, flow = d["settings"], d["arms"], wl == "flow"
+        parts.append(
+            f"### {wl}\n\n{s['islands']} islands, {s['clusters']} clusters (sizes "
+            f"{s['cluster_sizes']}), groups of {s['group']}; every arm trains "
+            f"{s['steps'] * s['monolith_batch']:,} examples ({s['steps']} steps at the monolith's "
+            f"batch {s['monolith_batch']}; island batches: (a), (b) {arms['groups']['island_batches']} "
+            f"by cluster, (c) {arms['global']['island_batches'][0]}). Local update: H = "
+            f"{s['every']} inner steps, {s['codec']} pushes and versions, outer "
+            f"{s['outer']['name']} lr {s['outer']['lr']} momentum {s['outer']['momentum']}; "
+            f"{s['simulation']} (`scripts/ensemble_hybrid.py`). Model {s['model']}."
+        )  # fmt: skip
+        rows = []
+        for arm, label in HYBRID_ARMS.items():
+            a = arms[arm]
+            rows.append([label, a["islands"], _f(a["loss"], 4), *([a["frechet"]] if flow else []),
+                         a["bytes_sent"], a["measured_seconds"], a["modelled_wall_seconds"]])  # fmt: skip
+        if flow:
+            rows.append(["floor: training vs held-out digits", None, None, d["frechet_floor"],
+                         None, None, None])  # fmt: skip
+        head = ["method", "islands", "held-out loss", *(["Fréchet"] if flow else []),
+                "bytes sent", "measured s", "wall s, islands in parallel (modelled)"]  # fmt: skip
+        parts.append(_table(head, rows))
+        detail = []
+        for arm in ("isolated", "groups"):
+            a = arms[arm]
+            fd = a.get("frechet_by_rule", {})
+            detail.append(f"{arm}: ensemble loss " + ", ".join(f"{k} {_f(v, 4)}" for k, v in
+                          a["ensemble"].items()) + ("; Fréchet " + ", ".join(
+                              f"{k} {_f(v)}" for k, v in fd.items()) if fd else "")
+                          + "; experts alone " + ", ".join(_f(v, 4) for v in a["expert_losses"]))  # fmt: skip
+        parts.append(
+            "The experts' arms are scored by the better of their top-1 and top-2 ensembles "
+            "(one router, trained on the partition, for both); in detail: " + "; ".join(detail)
+            + f". Link for the modelled wall time: {s['link']['rate_mbit']:g} Mbit/s, "
+            f"{s['link']['latency_s'] * 1e3:g} ms, one push and one version per round."
+        )  # fmt: skip
+        parts.append(_hybrid_meaning(arms, "frechet" if flow else "loss"))
+    return "\n\n".join(parts)
+
+
+def _hybrid_meaning(arms: dict, key: str) -> str:
+    """What the figures say, whichever way they came out (lower ``key`` is better)."""
+    q = {arm: arms[arm][key] for arm in HYBRID_ARMS}
+    name = "Fréchet distance" if key == "frechet" else "held-out loss"
+    best = min(q, key=q.get)
+    b, a, c, d = q["groups"], q["isolated"], q["global"], q["monolith"]
+    wall_a = arms["isolated"]["modelled_wall_seconds"]
+    wall_b = arms["groups"]["modelled_wall_seconds"]
+    lines = [
+        f"What it means ({name}; lower is better). Best: {HYBRID_ARMS[best]}.",
+        f"- Groups against isolated experts, the same experts on the same clusters with the "
+        f"same compute, spent as two islands for S steps instead of one for 2S: {_f(b)} is "
+        f"{_compare(b, a)} {_f(a)}, in {_f(wall_b)} s against {_f(wall_a)} s of modelled wall "
+        f"time ({wall_b / wall_a:.2f}x: half the steps per island, plus "
+        f"{_f(arms['groups']['modelled_link_seconds'])} s on the link) and "
+        f"{_f(arms['groups']['bytes_sent'])} bytes against none; "
+        + ("a group trains an expert as well or better, sooner." if b <= a and wall_b < wall_a
+           else "a group trains an expert as well or better, but not sooner at this link."
+           if b <= a else
+           "averaging two islands' pseudo-gradients every H steps costs quality against one "
+           "island's uninterrupted 2S steps: a group buys wall time, not quality."
+           if wall_b < wall_a else
+           "at this size the link costs more than the halved steps save, and quality too."),
+        f"- Groups against one global model trained by all {arms['global']['islands']} islands "
+        f"in local-update mode (the same bytes per round): {_f(b)} is {_compare(b, c)} {_f(c)}; "
+        + ("splitting the data by cluster into experts beats one model on all of it."
+           if b < c else "one shared model beats experts split by cluster here."),
+        f"- Groups against the compute-matched monolith: {_f(b)} is {_compare(b, d)} {_f(d)}"
+        + (", with no gradient traffic beyond each group's rounds." if b < d else
+           "; the monolith needs every step's gradients in one place, which islands on slow "
+           "links cannot give it."),
+    ]  # fmt: skip
+    g = arms["groups"]
+    if g["rounds"]:
+        compute, link = (
+            g["modelled_compute_seconds"] / g["rounds"],
+            g["modelled_link_seconds"] / g["rounds"],
+        )
+        lines.append(
+            f"- Per round an island of a group computes {_f(compute)} s and its push and version "
+            f"take {_f(link)} s on the link; the rounds here are synchronous, and overlapped "
+            "rounds (Archipelago's default) would hide at most the smaller of the two."
+        )  # fmt: skip
+    if key != "loss":
+        order = sorted(HYBRID_ARMS, key=lambda arm: arms[arm]["loss"])
+        lines.append(
+            "- On held-out loss the order is "
+            + ", ".join(f"{HYBRID_ARMS[arm][:3]} {_f(arms[arm]['loss'], 4)}" for arm in order)
+            + (
+                ": the loss and the samples' distance agree on the best."
+                if order[0] == best
+                else ": the loss and the samples' distance disagree on the best, as in the "
+                "experts-and-router section above, where the monolith's loss is the lowest "
+                "while the sparse ensembles sample closer to the held-out digits."
+            )
+        )
+    return "\n".join(lines)
+
+
 def quality(doc: dict, title: str = "Quality per byte and time to target (headline)") -> str:
     rows = []
     for name in ("ddp", "sync_diloco", "hivemind"):
@@ -331,9 +452,13 @@ SECTIONS = {
     "bench_aggregator.json": aggregator,
     "bench_island.json": island,
     "bench_ensemble.json": ensemble,
+    "bench_ensemble_hybrid.json": hybrid,
     "bench_quality_s1500.json": quality_longer,
     "bench_quality_s1500_h250.json": quality_longer,
 }
+
+# the command behind a JSON file where it is not ``scripts/<name>.py``
+COMMANDS = {"bench_ensemble_hybrid.json": "bench_ensemble.py --hybrid"}
 
 ANCHORS = """## What the projects we compare with report
 
@@ -371,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(render(json.loads(path.read_text())))
             found += 1
         else:
-            parts.append(f"## {name}\n\nNot measured yet: run `python scripts/{name[:-5]}.py "
+            command = COMMANDS.get(name, f"{name[:-5]}.py")
+            parts.append(f"## {name}\n\nNot measured yet: run `python scripts/{command} "
                          f"--json {path}`.")  # fmt: skip
     parts.append(ANCHORS)
     Path(args.out).write_text("\n\n".join(parts) + "\n")
