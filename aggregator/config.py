@@ -46,7 +46,7 @@ Example (a root serving one model)::
 
     # [[expert_groups]]               # hybrid: the islands (roster names) that train one
     # model_id = "expert0"            #   expert's model id in local-update mode; such a model
-    # islands = ["island0", "island1"]#   takes deltas only from them, and they push only to it
+    # islands = ["island0", "island1"]#   takes island deltas only from them
     #                                 #   (docs/examples/root_expert_groups.toml)
 
     [tls]                             # empty or absent: plaintext gRPC (one machine, tests)

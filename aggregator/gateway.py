@@ -7,9 +7,8 @@ wrong. In order, cheapest first:
 
 1. size (``OversizeError``, before anything is parsed), framing, protocol version, digest;
 2. kind (``delta`` from an island, ``partial`` from a child aggregator) and a served model;
-3. signature against the roster, in the role the kind needs; an island delta from outside
-   the model's expert group, or to another model than its group's (``GroupError``,
-   :mod:`aggregator.groups`);
+3. signature against the roster, in the role the kind needs; an island delta to a model
+   with an expert group from an island outside it (``GroupError``, :mod:`aggregator.groups`);
 4. replay: the sender's sequence must be above the last one accepted;
 5. names, shapes and dtypes against the model's manifest;
 6. staleness ``s = v_now - base_version`` within the bound (FedBuff, Nguyen et al. 2022);

@@ -16,11 +16,11 @@ An aggregator config names the groups (``[[expert_groups]]``, :mod:`aggregator.c
 Rules, checked at load (:func:`check_groups`) with an error naming what is wrong: a group
 names a served model and at least one island, no island twice, and an island belongs to one
 group at most. At admission (:func:`group_refusal`) a model with a group takes deltas only
-from its islands, and an island of a group pushes only to its own model. Models without a
-group and islands in none are not restricted. A version of a model with a group merges at
-most as many updates as the group has islands (:func:`line_buffer_k`), so an expert's line
-next to a global model's of larger ``buffer_k`` still takes whole outer steps. Pure
-functions, no I/O.
+from its islands. Models without a group take any island's, a group's islands included (a
+global model trained before or beside the experts, say). A version of a model with a group
+merges at most as many updates as the group has islands (:func:`line_buffer_k`), so an
+expert's line next to a global model's of larger ``buffer_k`` still takes whole outer
+steps. Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -91,15 +91,9 @@ def group_refusal(members: Mapping[str, frozenset[str]], model_id: str, island: 
     if group is not None and island not in group:
         return (
             f"island {island!r} is not in the expert group of {model_id!r} "
-            f"({sorted(group)}); add it to that [[expert_groups]] entry or push to its own model"
+            f"({sorted(group)}): add it to that [[expert_groups]] entry, or set the island's "
+            "sync.model_id to the expert it trains"
         )
-    if group is None:
-        own = [m for m, names in members.items() if island in names]
-        if own:
-            return (
-                f"island {island!r} trains {own[0]!r} (its expert group), not {model_id!r}; "
-                f"set its sync.model_id to {own[0]!r}"
-            )
     return ""
 
 
