@@ -106,7 +106,9 @@ class ExpertConfig:
     In local-update mode with ``partition`` and ``cluster`` set, the island is one of an
     expert group (hybrid, ``aggregator.groups``): it trains on that cluster and pushes to
     ``sync.model_id``, the expert's model line; ``output`` then receives the expert as this
-    island holds it at the end (the last version it adopted), signed, for the router."""
+    island holds it at the end (the last version it adopted), signed, for the router. Its
+    manifest's ``train_steps`` and ``train_flops`` are this island's own: the expert's are
+    the sum over its group."""
 
     partition: str = ""  # directory written by `router partition`
     cluster: int = -1  # which cluster this island trains
