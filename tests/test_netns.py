@@ -6,6 +6,7 @@ links someone brought up by hand, and tears down even when an assertion fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -214,6 +215,9 @@ def test_per_island_values_and_their_errors(capsys):
     assert (cfg.link_rate(0), cfg.link_rate(1), cfg.link_delay(1)) == (3e6, 1e6, 0.05)
     assert netns.tbf_args(cfg, 0)[2] == "3000000bit" and netns.tbf_args(cfg, 1)[2] == "1000000bit"
     assert netns.LinkConfig(2, 5e6).link_rate(1) == 5e6  # one rate for every link
+    # the state file holds the config as JSON (lists); cut() and the forwarder read it back
+    back = netns.LinkConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert back == cfg and hash(back) == hash(cfg)  # lists read back as tuples: hashable
     with pytest.raises(ConfigError, match=r"rates: give one per island \(4\), got 3"):
         netns.per_island(["1mbit"] * 3, 4, netns.parse_rate, "rate")
     with pytest.raises(ConfigError, match="island 1's rate: rate '10mbits'"):
