@@ -69,13 +69,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import math
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -87,10 +83,9 @@ REPO = SCRIPTS.parent
 sys.path[:0] = [p for p in (str(SCRIPTS), str(REPO)) if p not in sys.path]
 
 from benchlib import write_json  # noqa: E402
+from quality_procs import MODEL_ID, Federation, ShapedNet, free_port, run_workers  # noqa: E402
 from quality_report import link_label, notes, plot, print_table  # noqa: E402
 
-WORKER = SCRIPTS / "quality_methods.py"
-MODEL_ID = "global"
 FULL_MODEL = {"d_model": 128, "n_layer": 4, "n_head": 4, "context": 128, "batch_size": 16}
 QUICK_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 4}
 OPTIM = {"lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0}
@@ -161,170 +156,6 @@ def loss_at(curve: list[dict[str, Any]], step: int) -> float | None:
     """The loss of the last evaluation at or before ``step``."""
     before = [p for p in curve if p["step"] <= step]
     return before[-1]["loss"] if before else None
-
-
-# ============================================================================ processes
-
-
-class ShapedNet:
-    """Real shaped links for timed runs: ``comms.netns`` namespaces, one per worker, each
-    joined to a hub namespace (where the root aggregator runs) by a link shaped to ``LINKS[name]``
-    in both directions (tbf for the rate; the delay by netem, or by the TUN forwarder on kernels
-    without netem). Worker-to-worker traffic (DDP's ring, hivemind's all-reduce) crosses two
-    links, through the hub. ``--hetero`` and ``--thin`` give each worker its own link."""
-
-    PREFIX = "qbench"
-
-    def __init__(self, world: int, name: str, links: list[tuple[float, float]]):
-        """``links[k]``: worker k's (bits per second, one-way delay s)."""
-        from comms import netns
-
-        self.netns, self.name = netns, name
-        rates, delays = [r for r, _ in links], [d for _, d in links]
-        self.config = netns.up(world, rates, delays, prefix=self.PREFIX)
-        self.island_iface = netns.ISLAND_IFACE
-        self.hub_address, self.island_address = netns.hub_address, netns.island_address
-
-    def island_argv(self, rank: int, argv: list[str]) -> list[str]:
-        return self.netns.exec_argv(f"isl{rank}", argv, prefix=self.PREFIX)
-
-    def hub_argv(self, argv: list[str]) -> list[str]:
-        return self.netns.exec_argv("hub", argv, prefix=self.PREFIX)
-
-    def close(self) -> None:
-        self.netns.down(self.PREFIX)
-
-    @staticmethod
-    def available() -> str | None:
-        """None when shaped links can be made here, else why not."""
-        from comms import netns
-        from comms.errors import ConfigError
-
-        try:
-            netns.require_tools()  # ip and tc installed, running as root
-        except ConfigError as err:
-            return str(err)
-        return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
-    """SIGTERM the process's group (it leads its own session), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
-            if sig == signal.SIGTERM:  # the leader is gone; its children may not be
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            return
-
-
-def run_workers(
-    specs: list[dict[str, Any]], run_dir: Path, timeout_s: float, net: ShapedNet | None = None
-) -> list[dict]:
-    """Start one worker process per spec, wait for every ``result-RANK.json``, then stop
-    them all (hivemind workers linger in shutdown). Raises RuntimeError with a log tail."""
-    procs = []
-    try:
-        for spec in specs:
-            path = run_dir / f"spec-{spec['rank']}.json"
-            path.write_text(json.dumps(spec))
-            log = open(run_dir / f"worker-{spec['rank']}.log", "wb")
-            argv = [sys.executable, str(WORKER), str(path)]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if net is not None:  # each worker behind its own shaped link
-                argv = net.island_argv(spec["rank"], argv)
-                env["GLOO_SOCKET_IFNAME"] = net.island_iface
-            procs.append(subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                env=env,
-            ))  # fmt: skip
-            log.close()
-        deadline = time.monotonic() + timeout_s
-        results = [run_dir / f"result-{s['rank']}.json" for s in specs]
-        while not all(p.exists() for p in results):
-            for spec, proc, res in zip(specs, procs, results, strict=True):
-                if proc.poll() is not None and not res.exists():
-                    tail = (run_dir / f"worker-{spec['rank']}.log").read_text()[-1500:]
-                    raise RuntimeError(f"worker {spec['rank']} exited {proc.returncode}:\n{tail}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"workers did not finish within {timeout_s:.0f} s")
-            time.sleep(0.2)
-        for proc in procs:  # give clean exits a moment, then stop the rest
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(2.0)
-        return [json.loads(p.read_text()) for p in results]
-    finally:
-        for proc in procs:
-            stop_process(proc)
-
-
-class Federation:
-    """Keys, a roster, theta_0 and a real ``aggregator serve`` root, in ``run_dir``."""
-
-    def __init__(self, run_dir: Path, workload_cfg: dict, seed: int, world: int,
-                 publish_codec: str, deadline_s: float, outer: tuple[str, dict],
-                 net: ShapedNet | None = None):  # fmt: skip
-        from safetensors.numpy import save_file
-
-        from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
-        from comms.config import save_config
-        from comms.identity import Identity, Roster
-        from island.pseudo import params_to_numpy
-        from island.workloads import get_workload
-
-        roster = Roster()
-        self.keys = []
-        for rank in range(world):
-            ident, path = Identity.generate(), run_dir / f"island{rank}.pem"
-            ident.save(path)
-            roster.add(ident.public_key, "island", f"island{rank}")
-            self.keys.append(str(path))
-        root = Identity.generate()
-        root.save(run_dir / "root.pem")
-        roster.add(root.public_key, "aggregator", "root")
-        self.roster = str(run_dir / "roster.json")
-        roster.save(self.roster)
-        model = get_workload("bytelm", **workload_cfg).build_model(seed)
-        save_file(params_to_numpy(model), str(run_dir / "init.safetensors"))
-        config = AggregatorConfig(
-            name="root", role="root", key=str(run_dir / "root.pem"), roster=self.roster,
-            state_dir=str(run_dir / "root-state"), http="",
-            listen="0.0.0.0:0" if net else "127.0.0.1:0",
-            merge=MergeConfig(buffer_k=world, deadline_s=deadline_s),
-            models=[ModelConfig(MODEL_ID, init=str(run_dir / "init.safetensors"),
-                                outer=outer[0], outer_params=dict(outer[1]), codec=publish_codec)],
-        )  # fmt: skip
-        save_config(config, run_dir / "root.toml")
-        log = open(run_dir / "root.log", "wb")
-        argv = [sys.executable, "-m", "aggregator", "serve", str(run_dir / "root.toml"),
-                "--log-level", "warning"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            net.hub_argv(argv) if net else argv,
-            stdout=subprocess.PIPE, stderr=log, cwd=REPO, start_new_session=True,
-        )  # fmt: skip
-        log.close()
-        line = self.proc.stdout.readline().decode()
-        if "serving on" not in line:
-            stop_process(self.proc)
-            tail = (run_dir / "root.log").read_text()[-1500:]
-            raise RuntimeError(f"aggregator did not start: {line!r}\n{tail}")
-        self.address = line.split("serving on ")[1].split()[0]
-        port = self.address.rsplit(":", 1)[1]
-        # the address each island dials: the hub's end of its own link, or loopback
-        self.addresses = [net.hub_address(r) + f":{port}" if net else self.address
-                          for r in range(world)]  # fmt: skip
-
-    def close(self) -> None:
-        stop_process(self.proc)
-        self.proc.stdout.close()
 
 
 # ============================================================================ runs
