@@ -483,11 +483,16 @@ def main(argv: list[str] | None = None) -> int:
         "counts, attacker table, recovery figures) are in "
         "[`docs/reliability.md`](docs/reliability.md). Sparse 2-bit pushes (`sparse2`) with "
         "and without outer momentum, and what they cost up and down: "
-        "[`docs/benchmarks/thin.md`](docs/benchmarks/thin.md). Outer-step and round-length "
+        "[`docs/benchmarks/thin.md`](docs/benchmarks/thin.md), which also has `bench_quality "
+        "--thin` (every link at 4x a round's compute for one dense fp32 pseudo-gradient). "
+        "Outer-step and round-length "
         "variants tried to cut the steps to DDP's loss at H = 50: "
         "[`docs/benchmarks/steps.md`](docs/benchmarks/steps.md). Islands at mixed compute "
-        "speeds (1, 1, 1/2, 1/4), on loopback: "
-        "[`docs/benchmarks/hetero.md`](docs/benchmarks/hetero.md).",
+        "speeds (1, 1, 1/2, 1/4), on loopback and over per-worker shaped links of 100, 10, "
+        "10 and 2 Mbit/s (`bench_quality --hetero`): "
+        "[`docs/benchmarks/hetero.md`](docs/benchmarks/hetero.md). Expert groups against "
+        "isolated experts, one global model and the monolith (`bench_ensemble.py --hybrid`): "
+        "below.",
     ]
     found = 0
     for name, render in SECTIONS.items():
