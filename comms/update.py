@@ -137,7 +137,7 @@ def encode_update(
 
 def decode_update(
     env: Envelope, manifest: Manifest | None = None, sparse: bool = False
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray | SparseTensor]:
     """The envelope's tensors as float32 arrays, checked against ``manifest`` if given. With
     ``sparse``, a tensor of a sparse codec comes as a :class:`~comms.codecs.SparseTensor`
     (for a merge, which adds it without densifying it)."""

@@ -148,6 +148,7 @@ class LocalUpdate:
         self.first_every = first_every
         self._floor = (self.every, self.every_s)  # auto never goes below the configured round
         self._auto_sizes: dict[str, int] | None = None  # auto: codec -> bytes of one push
+        self._auto_choice: tuple | None = None  # auto: the last plan's (codec, every, every_s)
         self.sync_mode = engine.config.mode == "sync"
         self.flush_on_exit = flush_on_exit
         self._anchor: dict[str, np.ndarray] | None = None
@@ -298,15 +299,12 @@ class LocalUpdate:
         every, every_s = self._floor
         plan = plan_round(self._auto_sizes, rate, step_s, every=every, every_s=every_s,
                           target=cfg.auto_target, max_factor=cfg.auto_max_factor)  # fmt: skip
-        previous = (
-            (self.engine.stats.get("round_plan") or {}).get("codec"),
-            self.every,
-            self.every_s,
-        )
+        changed = (plan.codec, plan.every, plan.every_s) != self._auto_choice
+        self._auto_choice = (plan.codec, plan.every, plan.every_s)
         self.every, self.every_s = plan.every, plan.every_s
         self.engine.set_codec(plan.codec)
         self.engine.set_round_plan({**plan.as_dict(), "uplink_bps": round(rate)})
-        if previous != (plan.codec, plan.every, plan.every_s):
+        if changed:
             log.info(
                 "model %s: uplink %.3g Mbit/s, inner step %.3g s: next rounds %s with %s "
                 "(push %.2f s, round %.2f s: %s)",

@@ -97,3 +97,13 @@ def hand_versions(theta0, rounds, lr=0.7, momentum=0.9, buffer_k=None):
             theta[k] = theta[k] - lr * f * (g + momentum * m[k])
         out.append({k: v.copy() for k, v in theta.items()})
     return out
+
+
+def rejected_by_reason(service) -> dict[str, float]:
+    """An aggregator's ``archipelago_updates_rejected_total`` by reason."""
+    return {
+        s.labels["reason"]: s.value
+        for m in service.metrics.rejected.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }

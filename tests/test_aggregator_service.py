@@ -5,7 +5,7 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from aggtools import delta_bytes, hand_versions, make_federation, random_delta
+from aggtools import delta_bytes, hand_versions, make_federation, random_delta, rejected_by_reason
 
 from aggregator.outer import NesterovSGD, apply_update
 from aggregator.service import AggregatorService
@@ -309,12 +309,7 @@ async def test_bad_input_rejected_and_service_keeps_serving(tmp_path):
             ack = await c.push(delta_bytes(other, d, 9))
             assert ack["status"] == "accepted"
             assert root.lines["global"].buffer.count == 2
-            rejected = {
-                s.labels["reason"]: s.value
-                for m in root.metrics.rejected.collect()
-                for s in m.samples
-                if s.name.endswith("_total")
-            }
+            rejected = rejected_by_reason(root)
             for reason in ("replay", "unknown_peer", "signature", "shape", "nonfinite",
                            "digest", "malformed"):  # fmt: skip
                 assert rejected.get(reason) == 1, (reason, rejected)

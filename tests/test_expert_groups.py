@@ -8,14 +8,14 @@ The configuration's errors, a root's admission by group over real gRPC, and a re
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from aggtools import delta_bytes, make_federation, random_delta
+from aggtools import delta_bytes, make_federation, random_delta, rejected_by_reason
 from safetensors.numpy import load_file
+from test_island_daemon import _start, _stop
 
 from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
 from aggregator.groups import ExpertGroup
@@ -111,12 +111,7 @@ async def test_a_model_line_admits_deltas_only_from_its_groups_islands(tmp_path)
         assert root.lines["expert0"].buffer.count == 1
         assert root.lines["expert1"].buffer.count == 1
         assert root.lines["global"].buffer.count == 1
-        rejected = {
-            s.labels["reason"]: s.value
-            for m in root.metrics.rejected.collect()
-            for s in m.samples
-            if s.name.endswith("_total")
-        }
+        rejected = rejected_by_reason(root)
         assert rejected.get("group") == 2, rejected
     finally:
         await root.stop()
@@ -225,25 +220,6 @@ def _island(tmp_path, i: int, partition: str, cluster: int, address: str) -> Isl
         expert=ExpertConfig(partition=partition, cluster=cluster,
                             output=str(tmp_path / f"out{i}")),
     )  # fmt: skip
-
-
-def _start(args, log, ready):
-    p = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
-                         stderr=open(log, "ab"), env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-    line = p.stdout.readline().decode()
-    if ready not in line:
-        p.kill()
-        raise RuntimeError(f"{args} did not start: {line!r}; see {log}")
-    return p, line
-
-
-def _stop(p):
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 async def _versions(address, model_id, reader, theta0, upto):
