@@ -120,17 +120,37 @@ def _transfer(cfg, k: int, payload_bytes: int, warmup_bytes: int) -> tuple[dict,
     return json.loads(out), json.loads(sender.stdout)["rtt_s"]
 
 
+def _link_rate(
+    cfg, k: int, payload_bytes: int, warmup_bytes: int, want_bps: float, rel: float, tries: int = 3
+) -> tuple[dict, float, list[float]]:
+    """A link's rate as the best of up to ``tries`` transfers, stopping at the first within
+    ``rel`` of ``want_bps``: a busy machine can only slow a transfer down (a starved receiver
+    closes its TCP window and the link idles), never push it past the shaper. Returns the best
+    transfer, its RTT and every rate seen, so the caller can hold each one to the upper bound."""
+    seen, best = [], None
+    for _ in range(tries):
+        measured, rtt_s = _transfer(cfg, k, payload_bytes, warmup_bytes)
+        assert measured["total"] == payload_bytes
+        seen.append(measured["rate_bps"])
+        if best is None or measured["rate_bps"] > best[0]["rate_bps"]:
+            best = (measured, rtt_s)
+        if abs(measured["rate_bps"] - want_bps) <= rel * want_bps:
+            break
+    return best[0], best[1], seen
+
+
 def test_shaped_link_rate_and_rtt_then_teardown(link):
     cfg = link
     assert set(netns.list_namespaces()) >= {cfg.hub, cfg.island(0)}
-    measured, rtt_s = _transfer(cfg, 0, PAYLOAD_BYTES, WARMUP_BYTES)
+    measured, rtt_s, seen = _link_rate(cfg, 0, PAYLOAD_BYTES, WARMUP_BYTES, RATE_BPS, 0.15)
     print(
         f"backend {cfg.backend}: goodput {measured['rate_bps'] / 1e6:.2f} Mbit/s "
-        f"(set {RATE_BPS / 1e6:g}), rtt {rtt_s * 1e3:.1f} ms (one-way delay {cfg.delay_s * 1e3:g})"
+        f"(set {RATE_BPS / 1e6:g}; transfers {[round(r / 1e6, 2) for r in seen]}), "
+        f"rtt {rtt_s * 1e3:.1f} ms (one-way delay {cfg.delay_s * 1e3:g})"
     )
-    assert measured["total"] == PAYLOAD_BYTES
     # TCP/IP headers take ~4% of each 1500-byte packet; the rest is the shaper's accuracy.
-    assert measured["rate_bps"] == pytest.approx(RATE_BPS, rel=0.15)
+    assert measured["rate_bps"] == pytest.approx(RATE_BPS, rel=0.15), seen
+    assert max(seen) <= RATE_BPS * 1.15, seen  # no transfer ever beats the shaper
     assert 2 * cfg.delay_s * 0.9 <= rtt_s <= 2 * cfg.delay_s + 0.02
 
     removed = netns.down(cfg.prefix)
@@ -166,16 +186,17 @@ def test_each_island_link_runs_at_its_own_rate_and_delay(backend, delays_s, tmp_
         results = []
         for k, rate in enumerate(ISLAND_RATES_BPS):
             payload = int(rate / 8 * 1.5)  # 1.5 s at the link's rate, warm-up included
-            measured, rtt_s = _transfer(cfg, k, payload, payload // 6)
-            results.append((measured, rtt_s))
+            measured, rtt_s, seen = _link_rate(cfg, k, payload, payload // 6, rate, RATE_TOLERANCE)
+            results.append((measured, rtt_s, seen))
             print(f"isl{k} ({cfg.backend}): goodput {measured['rate_bps'] / 1e6:.2f} Mbit/s "
-                  f"(set {rate / 1e6:g}), rtt {rtt_s * 1e3:.1f} ms "
-                  f"(one-way {cfg.link_delay(k) * 1e3:g})")  # fmt: skip
-            assert measured["total"] == payload
-        for k, (measured, rtt_s) in enumerate(results):
+                  f"(set {rate / 1e6:g}; transfers {[round(r / 1e6, 2) for r in seen]}), "
+                  f"rtt {rtt_s * 1e3:.1f} ms (one-way {cfg.link_delay(k) * 1e3:g})")  # fmt: skip
+        for k, (measured, rtt_s, seen) in enumerate(results):
             assert measured["rate_bps"] == pytest.approx(ISLAND_RATES_BPS[k], rel=RATE_TOLERANCE), (
-                f"island {k}'s link"
+                f"island {k}'s link",
+                seen,
             )
+            assert max(seen) <= ISLAND_RATES_BPS[k] * (1 + RATE_TOLERANCE), (f"island {k}", seen)
             assert 2 * delays_s[k] * 0.9 <= rtt_s <= 2 * delays_s[k] + 0.02, f"island {k}'s rtt"
         status = netns.status(prefix)
         assert status["config"]["rates_bps"] == list(ISLAND_RATES_BPS)
