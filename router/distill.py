@@ -43,6 +43,7 @@ __all__ = [
     "distill",
     "distillation_loss",
     "forward_flops",
+    "inference_flops",
     "teacher_gap",
 ]
 
@@ -109,6 +110,27 @@ class _RowCounter:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+@torch.no_grad()
+def inference_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
+    """FLOPs per input (an image, or a byte position) of one forward of ``model`` on
+    ``inputs``: for an ensemble, the rows its router and experts actually ran (a sparse rule
+    runs fewer), counted by the same hooks as distillation's teacher; for a plain model,
+    one forward of its parameters."""
+    x = inputs[0]
+    count = x.shape[0] * (x.shape[1] if not x.is_floating_point() else 1)
+    if not hasattr(model, "experts"):
+        return forward_flops(model)
+    counter = _RowCounter(model)
+    was_training = model.training
+    model.eval()
+    try:
+        model(*inputs)
+    finally:
+        counter.close()
+        model.train(was_training)
+    return counter.flops / count
 
 
 def _schedule(steps: int) -> Callable[[int], float]:

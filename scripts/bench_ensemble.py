@@ -29,6 +29,15 @@ For each workload (``bytelm`` and ``flow``), at equal total training FLOPs:
    steps.
 6. Router overhead: wall time of one router forward over one expert forward on the same batch
    (best of several repeats, no_grad), and the same ratio in FLOPs.
+7. Distillation (``router.distill``, as Decentralized Diffusion Models serves one model): a
+   dense student of the experts' architecture, trained from scratch on the ``top_k:2``
+   ensemble's outputs (flow: its velocity at the training stream's ``(x_t, t)``; bytelm: its
+   next-byte distribution on training windows) at the monolith's batch for as many steps,
+   scored like the others (held-out loss; flow: Frechet from the same noise). Its training
+   compute (the student's steps and the teacher's forwards) is counted on top of the
+   experts' and the router's. Inference cost of each way to serve: FLOPs per input of one
+   forward (for an ensemble, the rows its router and experts actually ran) and the wall time
+   of one batch (best of several repeats).
 
 Targets (the experts-and-router issue): a sparse ensemble (top-1 or top-2) beats the
 monolith (lower held-out loss on bytelm, lower Frechet distance on flow); router overhead at
@@ -76,6 +85,7 @@ from frechet import DigitFrechet  # noqa: E402
 from island.workloads import Workload, get_workload  # noqa: E402
 from island.workloads.flow import model_velocity  # noqa: E402
 from island.workloads.flow import sample as flow_sample  # noqa: E402
+from router.distill import distill, inference_flops, teacher_gap  # noqa: E402
 from router.ensemble import EnsembleModel  # noqa: E402
 from router.models import CbtmRouter, FlowRouter, PrefixRouter, expert_forward_flops  # noqa: E402
 from router.partition import Partition, TextPartitioner, VectorPartitioner  # noqa: E402
@@ -114,6 +124,9 @@ class Plan:
     balance_by: str = "documents"  # bytelm: balanced k-means caps files, or bytes, per cluster
     branch_at: float = 0.0  # fraction of the steps trained as a shared seed (0: from scratch)
     every: int = 50  # --hybrid: H, inner steps per local-update round
+    distill_steps: int = 0  # the dense student distilled from the ensemble (0: as ``steps``)
+    distill_lr: float = 2e-3  # its AdamW peak learning rate
+    distill_rule: str = "top_k:2"  # the teacher: the ensemble under this rule
 
 
 # fmt: off
@@ -213,6 +226,56 @@ def prefix_accuracy(router: nn.Module, documents, labels, length: int, samples: 
     return {"overall": float(hits.sum() / mask.sum()), "by_position": bands}
 
 
+# --- the dense student ------------------------------------------------------------------------
+
+
+def distill_student(name: str, trained: Trained, router, plan: Plan, seed: int):
+    """A student of the experts' architecture, trained from scratch on the ensemble's outputs
+    at the training stream's inputs, at the monolith's batch (see the module docstring, 7)."""
+    train_wl = get_workload(name, batch_size=plan.batch, **plan.model)
+    student = train_wl.build_model(seed + 31)
+    teacher = ensemble_of(name, trained.experts, router, plan.distill_rule)
+    steps = plan.distill_steps or plan.steps
+    metrics = distill(student, teacher, train_wl.train_batches(seed + 31), steps, plan.distill_lr)
+    gap = teacher_gap(student, teacher, train_wl.train_batches(seed + 977))
+    print(f"  student distilled in {metrics.seconds:.0f} s (gap to teacher {gap:.4f})", flush=True)
+    return student.eval(), metrics, gap
+
+
+def serving_costs(models: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...]) -> dict:
+    """Per way to serve: FLOPs per input of one forward and the wall seconds of one batch."""
+    out = {}
+    for key, model in models.items():
+        out[key] = {
+            "flops_per_input": inference_flops(model, *inputs),
+            "batch_s": best_seconds(lambda model=model: model(*inputs), repeats=5, number=3),
+        }
+    return out
+
+
+def student_figures(
+    eval_wl, trained: Trained, router, plan: Plan, seed: int, student, metrics, gap, inputs
+) -> dict[str, Any]:
+    """The student's held-out loss, its compute on top of the experts', and what each way to
+    serve costs per input (the student and the monolith one forward; an ensemble its rows)."""
+    serve = {"monolith": trained.monolith, "student": student}
+    serve.update({key: ensemble_of(eval_wl.name, trained.experts, router, rule)
+                  for key, rule in RULES.items()})  # fmt: skip
+    return {
+        "loss": eval_wl.validation_loss(student, plan.eval_batches),
+        "teacher_rule": plan.distill_rule,
+        "teacher_gap": gap,
+        "steps": metrics.steps,
+        "batch": metrics.batch_size,
+        "final_distill_loss": metrics.final_loss,
+        "student_flops": metrics.student_flops,
+        "teacher_flops": metrics.teacher_flops,
+        "seconds": metrics.seconds,
+        "serving": serving_costs(serve, inputs),
+        "serving_batch": list(inputs[0].shape),
+    }
+
+
 # --- the two workloads ------------------------------------------------------------------------
 
 
@@ -284,6 +347,12 @@ def bytelm_benchmark(plan: Plan, k: int, split: str, seed: int) -> dict[str, Any
         "router_overhead": cbtm_timing["fraction"],
     }
     seconds["evaluate_cbtm"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    student, distilled, gap = distill_student("bytelm", trained, router, plan, seed)
+    result["student"] = student_figures(
+        eval_wl, trained, router, plan, seed, student, distilled, gap, (idx,)
+    )
+    seconds["distill"] = time.perf_counter() - clock
     timing.update(batch=list(idx.shape))
     timing.update(flops_fraction=router.flops_per_forward() / expert_forward_flops(eval_wl))
     extra = {"train_bytes": shares.astype(int).tolist()}
@@ -332,12 +401,18 @@ def flow_benchmark(plan: Plan, k: int, split: str, seed: int) -> dict[str, Any]:
         **common_figures(eval_wl, trained, router, val_labels, plan),
     }
     seconds["evaluate"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    result.update(frechet_figures(eval_wl, trained, router, partition, plan, seed))
-    seconds["sample_and_frechet"] = time.perf_counter() - clock
-
     x = torch.from_numpy(eval_wl.train_images[: plan.overhead_batch].copy())
     x, t = x + torch.randn_like(x), torch.rand(len(x))
+    clock = time.perf_counter()
+    student, distilled, gap = distill_student("flow", trained, router, plan, seed)
+    result["student"] = student_figures(
+        eval_wl, trained, router, plan, seed, student, distilled, gap, (x, t)
+    )
+    seconds["distill"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    result.update(frechet_figures(eval_wl, trained, router, partition, plan, seed, student))
+    seconds["sample_and_frechet"] = time.perf_counter() - clock
+
     expert = trained.experts[0]
     timing = overhead(lambda: router.probabilities(x, t), lambda: expert(x, t))
     timing.update(batch=list(x.shape))
@@ -364,10 +439,11 @@ def flow_benchmark(plan: Plan, k: int, split: str, seed: int) -> dict[str, Any]:
 
 
 def frechet_figures(
-    eval_wl, trained: Trained, router, partition: Partition, plan: Plan, seed: int
+    eval_wl, trained: Trained, router, partition: Partition, plan: Plan, seed: int, student=None
 ) -> dict[str, Any]:
-    """Sample every method from the same noise and score it against the held-out digits; the
-    floor scores as many training digits (drawn once) against the same held-out set."""
+    """Sample every method (and the distilled ``student``, if given) from the same noise and
+    score it against the held-out digits; the floor scores as many training digits (drawn
+    once) against the same held-out set."""
     scorer = DigitFrechet(eval_wl, plan.classifier_steps, seed)
     n = min(plan.samples or len(eval_wl.train_images), len(eval_wl.train_images))
     shares: dict[str, list[float]] = {}
@@ -386,6 +462,8 @@ def frechet_figures(
         ensemble = ensemble_of("flow", trained.experts, router, rule)
         frechet[key] = score(key, ensemble.sample(n, plan.sample_steps, seed))
         calls[key] = ensemble.expert_calls / plan.sample_steps
+    if student is not None:
+        frechet["student"] = score("student", sample_model(student))
     frechet["floor"] = score("floor", scorer.floor_images(n))
     experts_alone = [score(f"expert{i}", sample_model(m)) for i, m in enumerate(trained.experts)]
     return {
@@ -412,7 +490,11 @@ def finish(
     result.update(
         router_overhead=timing["fraction"],
         router_overhead_detail=timing,
-        train_flops={**trained.train_flops, "router": metrics.train_flops},
+        train_flops={
+            **trained.train_flops,
+            "router": metrics.train_flops,
+            **distill_flops(result.get("student")),
+        },
         router_accuracy=accuracy,
         final_train_loss=trained.final_train_loss,
         expert_batches=trained.expert_batches,
@@ -442,6 +524,13 @@ def finish(
 # --- output -----------------------------------------------------------------------------------
 
 
+def distill_flops(student: dict | None) -> dict[str, float]:
+    """The distillation's training compute (the student's steps and the teacher's forwards)."""
+    if not student:
+        return {}
+    return {"distill": student["student_flops"] + student["teacher_flops"]}
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
 
@@ -464,6 +553,9 @@ def print_tables(results: dict[str, dict], k: int, threads: int) -> None:
             rows.append([f"expert {i} alone", loss, *([r["expert_frechet"][i]] if flow else [])])
         router_name = "FlowRouter" if flow else "PrefixRouter"
         rows += [[f"ensemble {key} ({router_name})", r["ensemble"][key], *fd(key)] for key in RULES]
+        if "student" in r:
+            teacher = {rule: key for key, rule in RULES.items()}.get(r["student"]["teacher_rule"])
+            rows.append([f"student distilled from {teacher}", r["student"]["loss"], *fd("student")])
         if flow:
             rows.append(["floor: train vs held-out digits", None, r["frechet"]["floor"]])
         else:
@@ -523,6 +615,24 @@ def print_tables(results: dict[str, dict], k: int, threads: int) -> None:
             f"{t['best_sparse_over_monolith']:.3f}); router overhead <= 5%: "
             f"{_yes(t['router_overhead_at_most_5pct'])}"
         )
+        if "student" in r:
+            st = r["student"]
+            total = flops["experts"] + flops["router"] + flops["distill"]
+            print(
+                f"student: {st['steps']} steps x {st['batch']} from the {st['teacher_rule']} "
+                f"ensemble in {st['seconds']:.0f} s, gap to teacher {st['teacher_gap']:.4f}; "
+                f"distillation FLOPs {flops['distill']:.3g} ({flops['distill'] / flops['experts']:.0%} "
+                f"of the experts'); experts + router + student {total:.3g} = "
+                f"{total / flops['monolith']:.2f}x the monolith's training compute"
+            )
+            serving = st["serving"]
+            base = serving["monolith"]
+            print(f"serving one batch {st['serving_batch']}:")
+            print(format_table(
+                ["model", "FLOPs per input", "x monolith", "batch s", "x monolith wall"],
+                [[key, c["flops_per_input"], c["flops_per_input"] / base["flops_per_input"],
+                  c["batch_s"], c["batch_s"] / base["batch_s"]] for key, c in serving.items()],
+            ))  # fmt: skip
         sampling = (
             f"; {r['frechet_detail']['samples']} samples x {plan['sample_steps']} Euler steps"
             if flow

@@ -152,6 +152,9 @@ def ensemble(doc: dict) -> str:
         rows = [["monolith", _f(d.get("monolith_loss"), 4)]]
         rows += [[f"expert {i}", _f(x, 4)] for i, x in enumerate(d.get("expert_losses", []))]
         rows += [[f"ensemble {k}", _f(v, 4)] for k, v in e.items()]
+        if d.get("student"):
+            rows.append([f"student distilled from {d['student']['teacher_rule']}",
+                         _f(d["student"]["loss"], 4)])  # fmt: skip
         parts += [f"### {wl}", _table(["model", "held-out loss"], rows)]
         settings = d.get("settings", {})
         how = (
@@ -166,6 +169,8 @@ def ensemble(doc: dict) -> str:
         parts.append(how + ": equal total training FLOPs.")
         if "frechet" in d:
             parts.append(_table(["samples", "Fréchet distance"], list(d["frechet"].items())))
+        if d.get("student"):
+            parts.append(_student(d))
         acc = d.get("router_accuracy")
         overall = acc.get("overall") if isinstance(acc, dict) else acc
         parts.append(
@@ -202,6 +207,39 @@ def ensemble(doc: dict) -> str:
                 )
             )
     return "\n\n".join(parts)
+
+
+def _student(d: dict) -> str:
+    """The distilled student's training compute on top of the experts', and what each way to
+    serve costs per input (`bench_ensemble.py`, step 7 of its docstring)."""
+    st, flops = d["student"], d.get("train_flops", {})
+    experts, distill = flops.get("experts", 0.0), flops.get("distill", 0.0)
+    total = experts + flops.get("router", 0.0) + distill
+    text = (
+        f"Distillation: a dense student of the experts' architecture, trained from scratch for "
+        f"{st['steps']} steps at batch {st['batch']} on the {st['teacher_rule']} ensemble's "
+        f"outputs (its gap to the teacher on unseen draws: {_f(st['teacher_gap'], 4)}), took "
+        f"{distill:.3g} FLOPs ({distill / experts:.0%} of the experts' training, the teacher's "
+        f"forwards included), so experts, router and student together cost "
+        f"{total / flops['monolith']:.2f}x the monolith's training."
+        if experts and flops.get("monolith")
+        else "Distillation figures incomplete."
+    )
+    serving = st.get("serving", {})
+    base = serving.get("monolith")
+    if not base:
+        return text
+    rows = [
+        [key, f"{c['flops_per_input']:,.0f}", f"{c['flops_per_input'] / base['flops_per_input']:.2f}x",
+         f"{c['batch_s'] * 1e3:.2f}", f"{c['batch_s'] / base['batch_s']:.2f}x"]
+        for key, c in serving.items()
+    ]  # fmt: skip
+    head = ["serve with", "FLOPs per input", "vs monolith", "ms per batch", "vs monolith"]
+    return (
+        text
+        + f" Serving one batch {st.get('serving_batch')} (an ensemble counts the rows its router "
+        "and experts actually ran):\n\n" + _table(head, rows)
+    )
 
 
 HYBRID_ARMS = {

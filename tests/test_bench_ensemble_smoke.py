@@ -36,7 +36,7 @@ def _check_common(figures: dict) -> None:
     assert all(_finite(v) and v > 0 for v in figures["ensemble"].values())
     assert _finite(figures["router_overhead"]) and figures["router_overhead"] > 0
     flops = figures["train_flops"]
-    assert set(flops) == {"monolith", "experts", "seed", "router"}
+    assert set(flops) == {"monolith", "experts", "seed", "router", "distill"}
     assert all(_finite(v) and v >= 0 for v in flops.values())
     assert flops["monolith"] > 0 and flops["router"] > 0
     # compute-matched: the shared seed phase (if any) is counted with the experts
@@ -45,6 +45,31 @@ def _check_common(figures: dict) -> None:
     accuracy = figures["router_accuracy"]["overall"]
     assert _finite(accuracy) and 0.0 <= accuracy <= 1.0
     assert isinstance(figures["targets"]["sparse_ensemble_beats_monolith"], bool)
+    _check_student(figures)
+
+
+def _check_student(figures: dict) -> None:
+    """The distilled student: scored like the others, its compute counted, and what each way
+    to serve costs: one forward for the student and the monolith, more for an ensemble."""
+    student = figures["student"]
+    assert _finite(student["loss"]) and student["loss"] > 0
+    assert student["teacher_rule"] == "top_k:2" and _finite(student["teacher_gap"])
+    assert student["steps"] == figures["settings"]["steps"]
+    assert student["student_flops"] > 0 and student["teacher_flops"] > 0
+    assert figures["train_flops"]["distill"] == pytest.approx(
+        student["student_flops"] + student["teacher_flops"]
+    )
+    serving = student["serving"]
+    assert set(serving) == RULES | {"monolith", "student"}
+    one = serving["monolith"]["flops_per_input"]
+    assert serving["student"]["flops_per_input"] == one  # the experts' architecture
+    # the full mixture runs all K experts on every input, and its router on top
+    assert serving["full"]["flops_per_input"] > K * one
+    assert one < serving["top1"]["flops_per_input"] <= serving["top2"]["flops_per_input"]
+    assert serving["top2"]["flops_per_input"] <= serving["full"]["flops_per_input"]
+    # a sparse rule runs only the rows it routes: top-1 costs less than the full mixture
+    assert serving["top1"]["flops_per_input"] < serving["full"]["flops_per_input"]
+    assert all(_finite(c["batch_s"]) and c["batch_s"] > 0 for c in serving.values())
 
 
 def test_quick_benchmark_writes_every_figure(tmp_path):
@@ -69,7 +94,7 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     assert "frechet" not in lm
 
     flow = doc["flow"]
-    assert set(flow["frechet"]) == RULES | {"monolith", "floor"}
+    assert set(flow["frechet"]) == RULES | {"monolith", "floor", "student"}
     assert all(_finite(v) and v >= 0 for v in flow["frechet"].values())
     # the floor compares real digits with real digits: far below untrained samples
     assert flow["frechet"]["floor"] < flow["frechet"]["monolith"]
@@ -81,3 +106,4 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     assert calls["full"] == K and calls["top1"] <= calls["top2"] <= K
 
     assert "bytelm: K=4 experts" in run.stdout and "flow: K=4 experts" in run.stdout
+    assert run.stdout.count("student distilled from top2") == 2
