@@ -69,6 +69,8 @@ from chaos_procs import (  # noqa: E402
     file_size,
     free_ports,
     http_json,
+    note_island_progress,
+    note_root_progress,
     one_process,
     resumed_step,
     run_sockets,
@@ -318,21 +320,13 @@ class Run:
 
     def _progress(self, d: Daemon, run: Incarnation) -> None:
         if d.role == "island":
-            for a in checks.read_jsonl(Path(self.path("state", d.name, "acks.jsonl"))):
-                if a["t"] < run.wall_start:
-                    continue
-                # "replayed": the push resent after the restart was held already (delivered
-                # before the kill); the island's work is in, its next round goes on
-                if a.get("status") in ("accepted", "replayed") and run.first_ack is None:
-                    run.first_ack = time.monotonic()
-                if a.get("status") == "accepted":
-                    run.first_progress = time.monotonic()
-                    return
+            acks = checks.read_jsonl(Path(self.path("state", d.name, "acks.jsonl")))
+            note_island_progress(run, acks, time.monotonic())
         elif d.role == "root":
             with open(self.path("logs", "root.log"), "rb") as f:
                 f.seek(d.log_offset)
-                if checks.read_published_text(f.read().decode(errors="replace"), MODEL_ID):
-                    run.first_progress = time.monotonic()
+                published = checks.read_published_text(f.read().decode(errors="replace"), MODEL_ID)
+            note_root_progress(run, published, time.monotonic())
 
     def schedule(self) -> list[tuple[float, str, str]]:
         """(time, action, daemon) of this scenario's faults, from its seed."""

@@ -52,6 +52,27 @@ class Incarnation:
     last_step: int = 0
 
 
+def note_island_progress(run: Incarnation, acks: list[dict], now: float) -> None:
+    """An island incarnation's first acknowledged push (accepted, or "replayed": the push
+    resent after the restart was held already, so its work is in) and first accepted one,
+    each noted once, at ``now``, from its ack records since the incarnation started."""
+    for a in acks:
+        if a["t"] < run.wall_start:
+            continue
+        if a.get("status") in ("accepted", "replayed") and run.first_ack is None:
+            run.first_ack = now
+        if a.get("status") == "accepted" and run.first_progress is None:
+            run.first_progress = now
+            return
+
+
+def note_root_progress(run: Incarnation, published: list[int], now: float) -> None:
+    """A root incarnation's first published version, noted once: polling on after it must not
+    move it (a root has no acks, so the supervisor keeps polling it)."""
+    if published and run.first_progress is None:
+        run.first_progress = now
+
+
 @dataclass
 class Daemon:
     """One supervised daemon: a command, its config and state, its incarnations."""

@@ -107,6 +107,30 @@ def test_a_process_on_its_way_out_is_not_left_behind_and_one_that_stays_is():
     assert lingering_processes(run_id, grace_s=1.0) == []
 
 
+def test_restart_progress_is_the_first_one_seen_and_later_polls_do_not_move_it():
+    """Restart-to-first-version is the root's first published version after its restart: the
+    supervisor polls a root on (it has no acks), and a later poll must not move the mark to
+    the poll's time. Restart-to-first-push likewise for an island; an ack from before the
+    restart does not count."""
+    from chaos_procs import Incarnation, note_island_progress, note_root_progress
+
+    root = Incarnation(start=100.0, wall_start=1000.0)
+    note_root_progress(root, [], 101.0)
+    assert root.first_progress is None
+    note_root_progress(root, [12], 102.5)
+    note_root_progress(root, [12, 13], 120.0)
+    assert root.first_progress == 102.5
+
+    island = Incarnation(start=100.0, wall_start=1000.0)
+    old = {**ack(A, 4), "t": 999.0}
+    replayed = {**ack(A, 5, "replayed"), "t": 1001.0}
+    note_island_progress(island, [old, replayed], 103.0)
+    assert (island.first_ack, island.first_progress) == (103.0, None)
+    note_island_progress(island, [old, replayed, {**ack(A, 6), "t": 1005.0}], 106.0)
+    note_island_progress(island, [old, replayed, {**ack(A, 7), "t": 1009.0}], 110.0)
+    assert (island.first_ack, island.first_progress) == (103.0, 106.0)
+
+
 def test_torn_ack_log_line_is_skipped(tmp_path):
     path = tmp_path / "acks.jsonl"
     path.write_text(json.dumps(ack(A, 1)) + "\n" + '{"sender": "a", "seq')
