@@ -225,6 +225,19 @@ def _student(d: dict) -> str:
         if experts and flops.get("monolith")
         else "Distillation figures incomplete."
     )
+    teacher = {"top_k:2": "top2", "top1": "top1", "full": "full"}.get(st["teacher_rule"])
+    if "frechet" in d and "student" in d["frechet"]:
+        measure, mine = "Fréchet distance", d["frechet"]
+        scores = (mine["student"], mine.get("monolith"), mine.get(teacher))
+    else:
+        measure = "held-out loss"
+        scores = (st["loss"], d.get("monolith_loss"), d.get("ensemble", {}).get(teacher))
+    if None not in scores:
+        text += (
+            f" On {measure} the student ({_f(scores[0], 4)}) is "
+            f"{_compare(scores[0], scores[1])} the monolith ({_f(scores[1], 4)}) and "
+            f"{_compare(scores[0], scores[2])} its teacher ({_f(scores[2], 4)})."
+        )
     serving = st.get("serving", {})
     base = serving.get("monolith")
     if not base:
@@ -238,7 +251,15 @@ def _student(d: dict) -> str:
     return (
         text
         + f" Serving one batch {st.get('serving_batch')} (an ensemble counts the rows its router "
-        "and experts actually ran):\n\n" + _table(head, rows)
+        "and experts actually ran"
+        + (
+            ""
+            if "frechet" in d
+            else "; a window runs through an expert whole if any of its "
+            "positions routes to it, so top-2 costs more than two forwards"
+        )
+        + "):\n\n"
+        + _table(head, rows)
     )
 
 
