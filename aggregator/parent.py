@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 
 import msgpack
@@ -41,6 +43,12 @@ from comms.update import Manifest, decode_update, encode_update
 
 log = logging.getLogger("aggregator.service")  # one log for all the service's parts
 
+# Most seconds between two tries to reach an unreachable parent (its first replica, a partial):
+# a parent back from a restart is found within this (with the transport's reconnect backoff,
+# comms.transport.options.RECONNECT_BACKOFF_S), at the cost of one try per this while it is down.
+PARENT_RETRY_S = 2.0
+PARENT_WARN_EVERY_S = 30.0  # an unreachable parent is logged once per this, not at every try
+
 
 class ParentLink:
     """The parent side of :class:`~aggregator.service.AggregatorService` (leaf and mid).
@@ -66,20 +74,25 @@ class ParentLink:
 
     async def _first_replica(self, line: ModelLine) -> None:
         """At start, the parent's current theta; while the parent is unreachable (restarting
-        too, after a crash of both) wait for it, a WARNING at each try, instead of exiting."""
-        delay = 1.0
+        too, after a crash of both) wait for it instead of exiting, trying again every
+        ``PARENT_RETRY_S`` at most so that a parent back from a restart is found soon (a
+        WARNING at the first failure, then every ``PARENT_WARN_EVERY_S``)."""
+        delay, warned = 0.5, -math.inf
         while True:
             try:
                 return await self._open_replica(line)
             except TLSMismatchError:
                 raise  # a config to fix (its message says what), not a parent to wait for
             except LinkError as e:
-                log.warning(
-                    "%s: parent %s unreachable for the replica of %s (%s); retrying in %.0f s",
-                    self.config.name, self.parent_address, line.model_id, e, delay,
-                )  # fmt: skip
+                if time.monotonic() - warned >= PARENT_WARN_EVERY_S:
+                    warned = time.monotonic()
+                    log.warning(
+                        "%s: parent %s unreachable for the replica of %s (%s); retrying every "
+                        "%.0f s",
+                        self.config.name, self.parent_address, line.model_id, e, PARENT_RETRY_S,
+                    )  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, 10.0)
+                delay = min(2 * delay, PARENT_RETRY_S)
 
     async def _open_replica(self, line: ModelLine) -> None:
         data = await self.parent.fetch(line.model_id, -1)
@@ -155,7 +168,7 @@ class ParentLink:
                     break
                 except (LinkError, CommsError, OSError) as e:
                     attempt += 1
-                    delay = min(10.0, 0.2 * 2**attempt)
+                    delay = min(PARENT_RETRY_S, 0.2 * 2**attempt)
                     log.warning(
                         "%s: parent unreachable for partial %d (%s); retry in %.1fs",
                         self.config.name, seq, e, delay,

@@ -182,8 +182,7 @@ class Run:
                 threads=1, eval_batches=2, slowdown=a.slowdown, http=island_http(i)[0],
                 metrics_file=self.path("state", f"island{i}", "metrics.jsonl"),
                 optim=OptimConfig(lr=3e-3, warmup_steps=20),
-                sync=SyncConfig(model_id=MODEL_ID, every=a.every, codec="int8", mode=a.mode,
-                                retry_interval_s=0.5, max_retry_interval_s=2.0),
+                sync=SyncConfig(model_id=MODEL_ID, every=a.every, codec="int8", mode=a.mode),
                 snapshot=SnapshotConfig(dir=self.path("state", f"island{i}")),
             )  # fmt: skip
 

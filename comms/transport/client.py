@@ -40,6 +40,7 @@ from comms.transport.options import (
     Keepalive,
     _check_chunk_size,
     _message_options,
+    reconnect_options,
 )
 
 log = logging.getLogger("comms.transport")
@@ -124,7 +125,7 @@ class TransportClient:
         """The stub, opening the channel on first use (inside the running loop)."""
         if self._stub is None:
             options = _message_options(self.max_message_bytes)
-            options += self.keepalive.client_options()
+            options += self.keepalive.client_options() + reconnect_options()
             if self.tls is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=options)
             else:

@@ -69,8 +69,11 @@ class SyncConfig:
     verify_versions: bool = True  # check version signatures (when a roster is configured)
     max_buffered_versions: int = 256  # versions held for the next boundary; beyond: snapshot
     close_timeout_s: float = 30.0  # at shutdown, longest wait for pushes still in flight
-    retry_interval_s: float = 1.0  # first wait before retrying a failed link (then doubles)
-    max_retry_interval_s: float = 30.0  # cap of that backoff
+    retry_interval_s: float = 0.5  # first wait before retrying a failed link (then doubles)
+    # cap of that backoff: an aggregator back from a restart gets this island's push within
+    # about this (plus the transport's reconnect backoff, at most 2 s), at one try per this
+    # while it is down
+    max_retry_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.every is None and self.every_s is None:
