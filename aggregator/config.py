@@ -37,8 +37,10 @@ Example (a root serving one model)::
     [[models]]
     model_id = "global"
     init = "init.safetensors"         # root only: theta_0
-    outer = "nesterov"                # nesterov | sgd | co2
+    outer = "nesterov"                # nesterov | delayed_nesterov | sgd | co2
     outer_params = { lr = 0.7, momentum = 0.9 }
+    # outer = "delayed_nesterov"      # momentum once per `delay` versions (Liu et al. 2024);
+    # outer_params = { lr = 0.7, momentum = 0.9, delay = 4 }  # with buffer_k = 1, as there
     codec = "int8"                    # codec of the published u_v
     # public_read = true              # Fetch/Subscribe with no signature (default: roster only)
     # buffer_k = 2                    # this line's K (default: merge.buffer_k, at most the
@@ -203,6 +205,12 @@ class ModelConfig:
             raise ConfigError(f"buffer_k: must be >= 0 (0: merge.buffer_k), got {self.buffer_k}")
         if self.snapshot_every < 1:
             raise ConfigError(f"snapshot_every: must be at least 1, got {self.snapshot_every}")
+        from aggregator.outer import make_outer_optimizer  # outer imports no config
+
+        try:  # a bad name or hyperparameter fails at load, not when the root starts
+            make_outer_optimizer(self.outer, **self.outer_params)
+        except ConfigError as e:
+            raise ConfigError(f"outer / outer_params: {e}") from None
         if self.fragment:
             f = self.fragment
             if not (len(f) == 2 and all(isinstance(x, int) for x in f) and 0 <= f[0] < f[1]):

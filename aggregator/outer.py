@@ -22,6 +22,21 @@ every island does; a float32 add per element in a fixed order gives the same bit
   torch's CPU kernels fuse each ``a + alpha * b`` into one FMA while numpy rounds the multiply
   and the add separately. Replicas stay identical regardless: they all apply the same ``u``.
 
+- :class:`DelayedNesterov` (Liu et al., "Asynchronous Local-SGD Training for Language
+  Modeling", 2024, arXiv 2401.09135, Algorithm 3 with momentum activation ``c = 0``): the
+  momentum is updated and applied once per ``N`` outer steps (a *period*), on the mean of the
+  period's pseudo-gradients; in between, plain gradient steps of ``1/N`` each::
+
+      every step:           d <- d + g                       (d = 0 at a period's start)
+      not a period's end:   u  = -lr * g / N
+      a period's end:       m <- mu * m + d / N ;  u = -lr * (g / N + mu * m) ;  d <- 0
+
+  Over a period the model moves by ``-lr * (mean g + mu * m)``: one Nesterov step on the
+  period's mean, with each update applied as soon as it arrives. A burst of stale updates
+  therefore moves the momentum once, by their mean, instead of once each. ``N = 1`` is
+  :class:`NesterovSGD` bit for bit. The paper takes ``N`` = the number of workers, each
+  worker's update applied alone (at our root: ``buffer_k = 1``).
+
 - :class:`CO2` (Sun et al., "CO2: Efficient Distributed Training with Full
   Communication-Computation Overlap", ICLR 2024, outer update with gap penalty ``Lambda`` and
   element-wise outer-momentum clipping ``phi``)::
@@ -37,7 +52,10 @@ share ``f = work / buffer_k`` of a full step's evidence, each island update coun
 "scaled"`` the root calls ``step(theta, g, fraction=f)`` and each optimizer takes ``f`` of a
 step, as if time advanced by ``f``: Nesterov ``m <- mu^f * m + f * g``,
 ``u = -lr * f * (g + mu * m)``; SGD ``u = -lr * f * g``; CO2 ``m <- beta^f * m + f * g /
-Lambda`` (clamped), ``u = -alpha * f * m``. ``f = 1`` is the plain step above, bit for bit.
+Lambda`` (clamped), ``u = -alpha * f * m``; Delayed Nesterov ``d <- d + f * g``, ``u = -lr * f *
+g / N`` and, at a period's end, ``m <- mu^f * m + d / N``, ``u = -lr * f * (g / N + mu * m)``
+(the version closing a period scales its momentum step like Nesterov's; periods count
+versions). ``f = 1`` is the plain step above, bit for bit.
 Without it every version moves by a full momentum step however little it merged: a lone
 20-step round at the end of a run moved the model by ~0.9 of the accumulated momentum
 and undid the last version's progress (docs/architecture.md, "Outer step"). This is the
@@ -67,6 +85,7 @@ from comms.update import apply_update, check_same_layout  # noqa: F401
 
 Params = dict[str, np.ndarray]
 _MOMENTUM = "momentum/"
+_PENDING = "pending/"  # DelayedNesterov: the period's sum of pseudo-gradients so far
 _STEP = "step"
 
 
@@ -205,6 +224,95 @@ class NesterovSGD(OuterOptimizer):
         return out
 
 
+class DelayedNesterov(OuterOptimizer):
+    """Delayed Nesterov (Liu et al. 2024, Algorithm 3, ``c = 0``): momentum updated and applied
+    once per ``delay`` steps on the period's mean pseudo-gradient, plain ``g / delay`` steps in
+    between; see the module doc. ``delay = 1`` is :class:`NesterovSGD` bit for bit.
+
+    State: ``momentum/<name>`` and ``pending/<name>`` (the period's sum so far) next to
+    ``step``; the position in the period is ``step % delay``, so a root restarted with the
+    same ``delay`` continues the period it was in."""
+
+    name = "delayed_nesterov"
+
+    def __init__(self, lr: float = 0.7, momentum: float = 0.9, delay: int = 4):
+        super().__init__()
+        _require(
+            math.isfinite(lr) and lr > 0,
+            f"delayed_nesterov: lr must be a positive number, got {lr!r}",
+        )
+        _require(
+            0 < momentum < 1, f"delayed_nesterov: momentum must be in (0, 1), got {momentum!r}"
+        )
+        # a TOML integer, or a whole float from a command line ("delay=4" parses as 4.0)
+        whole = isinstance(delay, int | float) and not isinstance(delay, bool)
+        _require(
+            whole and math.isfinite(delay) and delay == int(delay) and delay >= 1,
+            f"delayed_nesterov: delay must be a whole number of outer steps >= 1 (the steps "
+            f"per momentum step; 1 is plain Nesterov), got {delay!r}",
+        )
+        self.lr = float(lr)
+        self.mu = float(momentum)
+        self.delay = int(delay)
+        self.pending: Params = {}
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.mu, "delay": self.delay}
+
+    def _update(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        first = self.steps % self.delay == 0  # this step opens a period: d starts from it
+        last = (self.steps + 1) % self.delay == 0  # this step closes it: momentum step
+        n, mu, neg = np.float32(self.delay), np.float32(self.mu), np.float32(-self.lr * f)
+        decay = mu if f == 1.0 else np.float32(self.mu**f)
+        out = {}
+        for name, x in g.items():
+            m = self._momentum_buffer(name, x)  # made at the first step: layout checks see it
+            fg = x if f == 1.0 else np.multiply(x, np.float32(f))  # f * g
+            if first:  # a copy, not 0 + f * g: the sign of a zero stays that of NesterovSGD's
+                self.pending[name] = np.array(fg, dtype=np.float32)
+            else:
+                np.add(self.pending[name], fg, out=self.pending[name])  # d <- d + f * g
+            u = np.divide(x, n, dtype=np.float32)  # u = g / N (exact for N = 1)
+            if last:
+                np.multiply(m, decay, out=m)  # m <- mu^f * m
+                np.add(m, np.divide(self.pending[name], n, dtype=np.float32), out=m)  # + d / N
+                np.add(u, np.multiply(m, mu), out=u)  # u = g / N + mu * m
+            np.multiply(u, neg, out=u)  # u = -lr * f * (g / N [+ mu * m])
+            out[name] = u
+        if last:
+            self.pending = {}
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The base state plus ``"pending/<name>"``: the period's sum so far (none at a
+        period's boundary)."""
+        state = super().state_dict()
+        for name, d in self.pending.items():
+            state[_PENDING + name] = d.copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`'s state; a period in progress needs its pending sums."""
+        super().load_state_dict({k: v for k, v in state.items() if not k.startswith(_PENDING)})
+        self.pending = {
+            k[len(_PENDING) :]: np.array(v, dtype=np.float32)
+            for k, v in state.items()
+            if k.startswith(_PENDING)
+        }
+        in_period = self.steps % self.delay != 0
+        if in_period and set(self.pending) != set(self.momentum):
+            raise ValueError(
+                f"{self.name} state: step {self.steps} is inside a period of {self.delay}, so "
+                f"the state needs pending sums for {sorted(self.momentum)}, got "
+                f"{sorted(self.pending)} (saved with another delay?)"
+            )
+        if not in_period and self.pending:
+            raise ValueError(
+                f"{self.name} state: step {self.steps} starts a period of {self.delay}, but "
+                "the state holds pending sums (saved with another delay?)"
+            )
+
+
 class CO2(OuterOptimizer):
     """CO2's outer step with gap penalty and element-wise momentum clipping (``clip=None``
     turns the clip off); see the module doc."""
@@ -261,7 +369,7 @@ class CO2(OuterOptimizer):
 
 
 OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {
-    cls.name: cls for cls in (SGD, NesterovSGD, CO2)
+    cls.name: cls for cls in (SGD, NesterovSGD, DelayedNesterov, CO2)
 }
 DEFAULT_OUTER_OPTIMIZER = "nesterov"
 
@@ -270,7 +378,8 @@ assert {c.name for c in OuterOptimizer.__subclasses__()} == set(OUTER_OPTIMIZERS
 
 
 def make_outer_optimizer(name: str = DEFAULT_OUTER_OPTIMIZER, **hyperparams: Any) -> OuterOptimizer:
-    """An outer optimizer by registry name (``sgd``, ``nesterov``, ``co2``)."""
+    """An outer optimizer by registry name (``sgd``, ``nesterov``, ``delayed_nesterov``,
+    ``co2``)."""
     cls = OUTER_OPTIMIZERS.get(name)
     if cls is None:
         raise ConfigError(
