@@ -222,7 +222,7 @@ def run_method(
         elif method == "diloco":
             federation = Federation(run_dir, args.workload, args.seed, args.world,
                                     spec["publish_codec"], args.deadline, spec["outer"],
-                                    net)  # fmt: skip
+                                    net, buffer_k=spec.get("buffer_k"))  # fmt: skip
             spec.update(roster=federation.roster, model_id=MODEL_ID)
             for r, extra_r in enumerate(per_rank):
                 extra_r.update(address=federation.addresses[r], key=federation.keys[r])
@@ -237,7 +237,10 @@ def run_method(
         if federation is not None:
             federation.close()
     print(f"    {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"results": results, "spec": spec, "run_s": time.perf_counter() - t0}
+    out = {"results": results, "spec": spec, "run_s": time.perf_counter() - t0}
+    if federation is not None:
+        out["root"] = federation.versions_staleness()
+    return out
 
 
 def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str, Any]:
@@ -304,6 +307,7 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
     if kind in ("sync", "overlapped"):
         out["measured"]["staleness_last"] = [e.get("staleness") for e in rank0["evals"]][-1:]
         out["measured"]["pushes_stale"] = [r["lu"]["sync"]["pushes_stale"] for r in results]
+        out["measured"]["root"] = run.get("root")  # versions and their updates' staleness
     if kind == "hivemind":
         out["measured"]["epochs"] = [r["epoch"] for r in results]
     return out
@@ -468,13 +472,42 @@ def measure_shaped(args, tmp: Path, doc: dict, link: str, hivemind: dict, cal: d
 
 
 def parse_outer(text: str) -> tuple[str, dict[str, float]]:
-    """``"nesterov:lr=0.7,momentum=0.5"`` -> ``("nesterov", {"lr": 0.7, "momentum": 0.5})``."""
+    """``"nesterov:lr=0.7,momentum=0.5"`` -> ``("nesterov", {"lr": 0.7, "momentum": 0.5})``.
+    A ``buffer_k=K`` among them is the root's merge.buffer_k for that run (not the optimizer's;
+    see :func:`split_outer`)."""
+    from aggregator.outer import make_outer_optimizer
+    from comms.errors import ConfigError
+
     name, _, rest = text.partition(":")
     try:
         params = {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: use NAME:key=number,...") from err
+    outer, buffer_k = split_outer((name, params))
+    if buffer_k is not None and not (buffer_k == int(buffer_k) and buffer_k >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: buffer_k must be a whole number >= 1")
+    try:
+        make_outer_optimizer(outer[0], **outer[1])
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
     return name, params
+
+
+def split_outer(outer: tuple[str, dict[str, float]]) -> tuple[tuple[str, dict], int | None]:
+    """``(name, params)`` -> the optimizer's ``(name, params)`` and the root's buffer_k (None:
+    the default, one version per ``--world`` island updates)."""
+    name, params = outer
+    rest = {k: v for k, v in params.items() if k != "buffer_k"}
+    return (name, rest), (int(params["buffer_k"]) if "buffer_k" in params else None)
+
+
+def outer_label(outer: tuple[str, dict[str, float]]) -> str:
+    """A slot suffix: the name, the delay and the root's buffer_k when given
+    (``delayed_nesterov_d4_k1``)."""
+    name, params = outer
+    return name + "".join(f"_{tag}{params[key]:g}" for key, tag in (("delay", "d"),
+                                                                     ("buffer_k", "k"))
+                          if key in params)  # fmt: skip
 
 
 def parse_slowdowns(text: str) -> list[float]:
@@ -539,9 +572,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--arch-outer",
         type=parse_outer,
-        default=("nesterov", OUTER),
-        help="Archipelago's outer step at the root, NAME:k=v,... "
-        "(default nesterov:lr=0.7,momentum=0.9; e.g. co2:lr=0.7,momentum=0.5)",
+        nargs="+",
+        default=[("nesterov", OUTER)],
+        help="Archipelago's outer step at the root, NAME:k=v,... (default "
+        "nesterov:lr=0.7,momentum=0.9; e.g. co2:lr=0.7,momentum=0.5 or "
+        "delayed_nesterov:lr=0.7,momentum=0.9,delay=4,buffer_k=1, buffer_k being the root's "
+        "merge.buffer_k for that run, default --world); more than one runs each side by side "
+        "(slot names get a suffix)",
     )
     p.add_argument(
         "--rebase",
@@ -692,21 +729,27 @@ def main(argv: list[str] | None = None) -> int:
                     H=h, **hivemind_settings)  # fmt: skip
         for codec in args.codecs:
             for every in args.H:
-                for rebase, adopt in itertools.product(args.rebase, args.adopt):
+                for rebase, adopt, outer in itertools.product(args.rebase, args.adopt,
+                                                              args.arch_outer):  # fmt: skip
                     warm = f"_warm{args.h_warmup[0]}x{args.h_warmup[1]}" if args.h_warmup else ""
                     slot = f"{codec}_H{every}{warm}" + "".join(
-                        f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt))
+                        f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt),
+                                                (outer_label(outer), args.arch_outer))
                         if len(opts) > 1)  # fmt: skip
+                    opt, buffer_k = split_outer(outer)
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
                             H=every, H_warmup=args.h_warmup,
                             codec=codec, publish_codec=args.publish_codec or codec,
-                            mode="overlapped",
-                            outer=args.arch_outer, rebase=rebase, adopt=adopt)  # fmt: skip
-            for every_s in args.every_s:  # rounds sized to each island's speed
-                measure(args, tmp, doc, f"{codec}_T{every_s:g}", "overlapped", "diloco", cal,
-                        target=target, H=args.H[0], every_s=every_s, codec=codec,
+                            mode="overlapped", outer=opt, buffer_k=buffer_k,
+                            rebase=rebase, adopt=adopt)  # fmt: skip
+            for every_s, outer in itertools.product(args.every_s, args.arch_outer):
+                # rounds sized to each island's speed
+                label = f"_{outer_label(outer)}" if len(args.arch_outer) > 1 else ""
+                opt, buffer_k = split_outer(outer)
+                measure(args, tmp, doc, f"{codec}_T{every_s:g}{label}", "overlapped", "diloco",
+                        cal, target=target, H=args.H[0], every_s=every_s, codec=codec,
                         publish_codec=args.publish_codec or codec, mode="overlapped",
-                        outer=args.arch_outer)  # fmt: skip
+                        outer=opt, buffer_k=buffer_k)  # fmt: skip
         for slot, settings in THIN_SLOTS.items() if args.thin else ():
             measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
                     mode="overlapped", **settings)  # fmt: skip
@@ -723,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         "S": args.steps, "max_steps": int(args.max_factor * args.steps), "world": args.world,
         "workload": args.workload, "params": param_bytes // 4, "inner_optim": OPTIM,
         "warmup_steps": args.warmup, "outer": {"sync_diloco": ["nesterov", OUTER],
-                                               "archipelago": list(args.arch_outer)},
+                                               "archipelago": [list(o) for o in args.arch_outer]},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,
         "codecs": args.codecs, "publish_codec": args.publish_codec, "h_warmup": args.h_warmup,
         "slowdowns": args.slowdowns, "every_s": args.every_s,

@@ -126,7 +126,9 @@ class Federation:
 
     def __init__(self, run_dir: Path, workload_cfg: dict, seed: int, world: int,
                  publish_codec: str, deadline_s: float, outer: tuple[str, dict],
-                 net: ShapedNet | None = None):  # fmt: skip
+                 net: ShapedNet | None = None, buffer_k: int | None = None):  # fmt: skip
+        """``buffer_k``: the root's merge.buffer_k (None: ``world``, one version per round of
+        every island)."""
         from safetensors.numpy import save_file
 
         from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
@@ -135,6 +137,7 @@ class Federation:
         from island.pseudo import params_to_numpy
         from island.workloads import get_workload
 
+        self.run_dir = run_dir
         roster = Roster()
         self.keys = []
         for rank in range(world):
@@ -153,7 +156,7 @@ class Federation:
             name="root", role="root", key=str(run_dir / "root.pem"), roster=self.roster,
             state_dir=str(run_dir / "root-state"), http="",
             listen="0.0.0.0:0" if net else "127.0.0.1:0",
-            merge=MergeConfig(buffer_k=world, deadline_s=deadline_s),
+            merge=MergeConfig(buffer_k=buffer_k or world, deadline_s=deadline_s),
             models=[ModelConfig(MODEL_ID, init=str(run_dir / "init.safetensors"),
                                 outer=outer[0], outer_params=dict(outer[1]), codec=publish_codec)],
         )  # fmt: skip
@@ -180,3 +183,17 @@ class Federation:
     def close(self) -> None:
         stop_process(self.proc)
         self.proc.stdout.close()
+
+    def versions_staleness(self) -> dict[str, Any]:
+        """From the root's stored versions (read after :meth:`close`): how many it published
+        and how stale their updates were (each version's meta ``max_staleness``: the stalest
+        island update it merged, in versions)."""
+        from comms.envelope import Envelope
+
+        folder = self.run_dir / "root-state" / "store" / MODEL_ID / "versions"
+        stale = []
+        for path in sorted(folder.glob("*.env")):
+            env = Envelope.from_bytes(path.read_bytes(), max_bytes=1 << 40)
+            stale.append(int(env.header.meta["max_staleness"]))
+        return {"versions": len(stale), "max_staleness": max(stale, default=None),
+                "versions_by_max_staleness": {str(s): stale.count(s) for s in sorted(set(stale))}}  # fmt: skip

@@ -56,3 +56,33 @@ def test_link_labels():
     assert link_label(bench_quality.HETERO_LINKS) == "100/10/10/2 Mbit/s, 0/50/50/50 ms"
     assert link_label([(964_608.0, 0.05)] * 4) == "0.965 Mbit/s, 50 ms"
     assert link_label([{"rate_bps": 100e6, "delay_s": 0.0}] * 4) == "100 Mbit/s"
+
+
+def test_outer_steps_side_by_side():
+    args = bench_quality.parse_args(["--hetero"])
+    assert args.arch_outer == [("nesterov", {"lr": 0.7, "momentum": 0.9})]
+    argv = ["--hetero", "--arch-outer", "nesterov:lr=0.7,momentum=0.9",
+            "delayed_nesterov:lr=0.7,momentum=0.9,delay=4,buffer_k=1"]  # fmt: skip
+    plain, delayed = bench_quality.parse_args(argv).arch_outer
+    assert bench_quality.outer_label(plain) == "nesterov"
+    assert bench_quality.outer_label(delayed) == "delayed_nesterov_d4_k1"
+    # buffer_k is the root's, not the optimizer's
+    assert bench_quality.split_outer(delayed) == (
+        ("delayed_nesterov", {"lr": 0.7, "momentum": 0.9, "delay": 4.0}), 1
+    )  # fmt: skip
+    assert bench_quality.split_outer(plain)[1] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("delayed_nesterov:delay=0", "delay must be a whole number"),
+        ("nesterov:buffer_k=0.5", "buffer_k must be a whole number"),
+        ("adam:lr=1", "unknown outer optimizer"),
+        ("nesterov:lr=fast", "use NAME:key=number"),
+    ],
+)
+def test_bad_outer_steps_are_refused_before_any_run(value, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_quality.parse_args(["--arch-outer", value])
+    assert message in capsys.readouterr().err
