@@ -25,6 +25,10 @@ from comms.transport import TransportClient
 from comms.update import encode_update
 
 SHAPES = {"w": (64,), "b": (8,)}
+# The service tests below want one version from four pushes and the next from a deadline
+# flush: the four pushes must land before the deadline, or a version is cut early. They take
+# milliseconds on an idle machine; a loaded one can stretch them past a short deadline.
+DEADLINE_S = 2.0
 
 
 def _norm(u):
@@ -149,7 +153,7 @@ async def test_a_deadline_flush_takes_its_share_of_an_outer_step_at_the_root(
     the deadline flushed. theta_2 is the hand-computed Nesterov trajectory with the partial
     step (f = 1/4) by default, and DiLoCo's plain step with partial_step = "full"."""
     fed = make_federation(tmp_path, 4, aggregators=("root",))
-    cfg = fed.config("root", "root", buffer_k=4, deadline_s=0.5, clip="off",
+    cfg = fed.config("root", "root", buffer_k=4, deadline_s=DEADLINE_S, clip="off",
                      partial_step=partial_step)  # fmt: skip
     root = AggregatorService(cfg)
     await root.start()
@@ -187,10 +191,12 @@ async def test_a_short_round_counts_as_its_steps_through_a_leaf_to_the_root(tmp_
     work 1.4, so the root takes 1.4 / 4 of a step; its version meta says so."""
     fed = make_federation(tmp_path, 4, aggregators=("root", "leaf0"))
     merge = {"engine": engine, "max_workers": 1} if engine == "pool" else {}
-    root = AggregatorService(fed.config("root", "root", buffer_k=4, deadline_s=0.5, clip="off"))
+    root = AggregatorService(
+        fed.config("root", "root", buffer_k=4, deadline_s=DEADLINE_S, clip="off")
+    )
     await root.start()
     leaf = AggregatorService(fed.config("leaf0", "leaf", parent=root.address, buffer_k=2,
-                                        deadline_s=0.5, clip="off", **merge))  # fmt: skip
+                                        deadline_s=DEADLINE_S, clip="off", **merge))  # fmt: skip
     await leaf.start()
     d = [random_delta(fed.theta0, i) for i in range(6)]
     full, short = {"steps": 50, "every": 50}, {"steps": 20, "every": 50}
