@@ -58,50 +58,61 @@ def test_small_chunks_behave_like_a_window_of_one_chunk():
     assert clock.now == pytest.approx(1.0)
 
 
-def assert_rate_kept(elapsed: float, nbytes: int, rate_bps: float, burst_bytes: int) -> None:
+def assert_rate_kept(transfer, nbytes: int, rate_bps: float) -> None:
     """A token bucket never lets bytes through faster than its rate: past the initial burst,
-    the transfer takes at least ``(nbytes - burst) / rate`` (a hard bound, whatever the load).
-    It may take longer when the machine is busy: a sleep that overshoots by more than the
-    bucket can credit back (burst / rate) is lost time, so the upper bound leaves room for
-    that; a shaper at half its rate fails it."""
+    a transfer takes at least ``(nbytes - burst) / rate``, a hard bound whatever the load,
+    checked on every try. It may take longer when the machine is busy: a sleep that
+    overshoots by more than the bucket can credit back (burst / rate) is lost time. Load can
+    only slow a transfer, so the upper bound is checked on the fastest of up to three tries,
+    with room for some oversleeping; a shaper at half its rate fails it every time.
+    ``transfer()`` sends ``nbytes`` through a fresh shaper: ``(seconds, shaper)``."""
     nominal = nbytes * 8 / rate_bps
-    assert elapsed >= (nbytes - burst_bytes) * 8 / rate_bps, (elapsed, nominal)
-    assert elapsed <= 1.4 * nominal + 0.1, (elapsed, nominal)
+    tries: list[float] = []
+    while len(tries) < 3 and not (tries and min(tries) <= 1.4 * nominal + 0.1):
+        elapsed, shaper = transfer()
+        assert shaper.bytes_passed == nbytes
+        assert elapsed >= (nbytes - shaper.burst_bytes) * 8 / rate_bps, (elapsed, nominal)
+        tries.append(elapsed)
+    assert min(tries) <= 1.4 * nominal + 0.1, (tries, nominal)
 
 
-async def test_measured_rate_matches_setting():
+def test_measured_rate_matches_setting():
     rate_bps = 24e6  # 3 MB/s
-    shaper = TokenBucketShaper(rate_bps)
     total, chunk = 3_000_000, 64 * 1024
-    start = time.perf_counter()
-    sent = 0
-    while sent < total:
-        n = min(chunk, total - sent)
-        await shaper.transmit(n)
-        sent += n
-    elapsed = time.perf_counter() - start
-    assert_rate_kept(elapsed, total, rate_bps, shaper.burst_bytes)
-    assert shaper.bytes_passed == total
+
+    async def transfer() -> tuple[float, TokenBucketShaper]:
+        shaper = TokenBucketShaper(rate_bps)
+        start = time.perf_counter()
+        sent = 0
+        while sent < total:
+            n = min(chunk, total - sent)
+            await shaper.transmit(n)
+            sent += n
+        return time.perf_counter() - start, shaper
+
+    assert_rate_kept(lambda: asyncio.run(transfer()), total, rate_bps)
 
 
 def test_threads_share_the_rate():
     rate_bps = 32e6  # 4 MB/s shared by four threads
-    shaper = TokenBucketShaper(rate_bps, burst_bytes=32 * 1024)
     per_thread, chunk = 300_000, 30_000
 
-    def push():
-        for _ in range(per_thread // chunk):
-            shaper.throttle(chunk)
+    def transfer() -> tuple[float, TokenBucketShaper]:
+        shaper = TokenBucketShaper(rate_bps, burst_bytes=32 * 1024)
 
-    threads = [threading.Thread(target=push) for _ in range(4)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    elapsed = time.perf_counter() - start
-    assert shaper.bytes_passed == 4 * per_thread
-    assert_rate_kept(elapsed, 4 * per_thread, rate_bps, shaper.burst_bytes)
+        def push():
+            for _ in range(per_thread // chunk):
+                shaper.throttle(chunk)
+
+        threads = [threading.Thread(target=push) for _ in range(4)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        return time.perf_counter() - start, shaper
+
+    assert_rate_kept(transfer, 4 * per_thread, rate_bps)
 
 
 async def test_latency_is_added():
