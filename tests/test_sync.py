@@ -78,6 +78,8 @@ class RecordingHandler:
         self.versions: dict[int, bytes] = {}
         self.snapshot: bytes | None = None
         self.ack_delay_s = 0.0
+        self.acks_released = threading.Event()  # cleared: every ack waits until it is set
+        self.acks_released.set()
         self.stale_sequences: set[int] = set()
         self.skip_once: set[int] = set()  # versions left out of the next subscription
         self.subscriptions: list[int] = []
@@ -87,6 +89,8 @@ class RecordingHandler:
         env = Envelope.from_bytes(data, max_bytes=1 << 30)
         sender, sequence = env.header.sender, env.header.sequence
         await asyncio.sleep(self.ack_delay_s)
+        while not self.acks_released.is_set():
+            await asyncio.sleep(0.01)
         if sequence in self.stale_sequences:
             raise StaleError(f"update based on version {env.header.base_version} is too stale")
         if sequence <= self.last_sequence.get(sender, -1):
