@@ -282,9 +282,13 @@ def test_leaf_started_while_its_root_is_down_waits_for_it(tmp_path):
     import threading
 
     fed = make_federation(tmp_path, 1, aggregators=("root", "leaf0"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # The root's port stays reserved while the root is down: bound, not listening (the leaf's
+    # dials are refused as by a closed port), with SO_REUSEPORT, which gRPC's listener sets
+    # too; a port found free and closed could be taken by another process during the wait.
+    placeholder = socket.socket()
+    placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    placeholder.bind(("127.0.0.1", 0))
+    port = placeholder.getsockname()[1]
     root_cfg = fed.config("root", "root", buffer_k=1)
     root_cfg.listen = f"127.0.0.1:{port}"
     save_config(root_cfg, tmp_path / "root.toml")
@@ -301,6 +305,7 @@ def test_leaf_started_while_its_root_is_down_waits_for_it(tmp_path):
         time.sleep(8.0)  # longer than the fetch's own retries (about 4 s)
         assert waiter.is_alive(), "the leaf exited (or came up) while its root was down"
         root = Proc(tmp_path / "root.toml", tmp_path / "root.log")
+        placeholder.close()
         waiter.join(60)
         assert started, "the leaf exited instead of waiting for its root"
         leaf = started[0]
@@ -309,6 +314,7 @@ def test_leaf_started_while_its_root_is_down_waits_for_it(tmp_path):
         version, _ = asyncio.run(_theta_at(leaf.address, 1, fed.islands[0]))
         assert version == 1
     finally:
+        placeholder.close()
         waiter.join(60)
         for p in [*started, root]:
             if p is not None:
