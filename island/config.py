@@ -29,6 +29,9 @@ Example (one island of a local-update run)::
                                      # slow island does fewer steps and pushes as often
     codec = "int8"
     mode = "overlapped"              # or "sync" (synchronous DiLoCo)
+    # fragments = 2                  # stream the model as 2 fragments (Streaming DiLoCo):
+                                     # lines global.f0 and global.f1 at the root, pushed in
+                                     # turn every every/2 steps
 
     [link]                           # emulate a slow link in-process (0: as it is)
     rate_mbit = 10
@@ -164,6 +167,13 @@ class IslandConfig:
             raise ConfigError(f"steps: must be >= 0, got {self.steps}")
         if not 1 <= self.slowdown < math.inf:  # NaN fails this too
             raise ConfigError(f"slowdown: must be a finite number >= 1, got {self.slowdown}")
+        if self.sync.fragments != 1 and self.mode != "local_update":
+            raise ConfigError("sync.fragments: streamed fragments are for local_update mode "
+                              "(an expert trains alone and syncs nothing)")  # fmt: skip
+        if self.sync.fragments != 1 and self.expert.output:
+            raise ConfigError("sync.fragments: not for an island that writes an expert "
+                              "(expert.output): a checkpoint carries one version, fragments "
+                              "have one each")  # fmt: skip
         if self.mode == "local_update" and not self.sync.model_id:
             raise ConfigError("sync.model_id: required in local_update mode")
         if self.mode == "expert" and (not self.expert.partition or self.expert.cluster < 0):

@@ -36,6 +36,7 @@ import torch
 from comms.aio import LoopThread
 from comms.identity import Identity, Roster
 from comms.logs import log_context
+from island import fragmented
 from island.config import IslandConfig
 from island.distributed import (
     FollowerLocalUpdate,
@@ -57,7 +58,8 @@ from island.snapshot import (
     read_snapshot,
     restore_rng_state,
 )
-from island.sync import SyncEngine
+from island.streaming import StreamingLocalUpdate
+from island.sync import SyncConfig, SyncEngine
 from island.workloads import get_workload
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class Island:
         )
         if config.mode == "local_update":
             check_round_size(self.group, config.sync.every_s, auto=config.sync.auto)
+            fragmented.check_world_size(config.sync.fragments, self.group.world_size)
         self.identity = identity or (
             Identity.load_or_create(config.key)
             if config.key and self.group.is_leader
@@ -105,9 +108,10 @@ class Island:
         self.started = time.perf_counter()
         self.last_loss = float("nan")
         self.tokens = 0
-        self.lu: LocalUpdate | FollowerLocalUpdate | None = None
+        # with sync.fragments > 1: a StreamingLocalUpdate over fragmented.FragmentEngines
+        self.lu: LocalUpdate | FollowerLocalUpdate | StreamingLocalUpdate | None = None
         self.replicas_agree: bool | None = None  # set at the end of a multi-process run
-        self.engine: SyncEngine | None = None
+        self.engine: SyncEngine | fragmented.FragmentEngines | None = None
         self.loop: LoopThread | None = None
         self.http_address = ""
         self.http_url = ""  # http:// or https:// (when [tls] has a certificate)
@@ -159,7 +163,9 @@ class Island:
             raise ValueError(f"cluster {self.config.expert.cluster} of {path} has no documents")
         return idx.tolist()
 
-    def _make_engine(self) -> SyncEngine:
+    def _make_engine(self) -> SyncEngine | fragmented.FragmentEngines:
+        """The sync engine; with ``sync.fragments`` > 1 one per fragment line, sharing the
+        loop, the link's shaper and the ack log."""
         from comms.shaper import TokenBucketShaper
 
         link = self.config.link
@@ -174,11 +180,19 @@ class Island:
             "island %s: %s to aggregator %s%s", self.config.name, tls.describe(), address,
             "" if tls.enabled else " (gRPC in plaintext; set [tls] off a trusted network)",
         )  # fmt: skip
-        return SyncEngine(
-            self.config.sync, self.identity, address, roster=self.roster, loop=self.loop,
-            shaper=shaper, tls=tls.client_tls(),
-            ack_log=self._ack_log(),
-        )  # fmt: skip
+        ack_log = self._ack_log()
+
+        def engine(sync: SyncConfig) -> SyncEngine:
+            return SyncEngine(
+                sync, self.identity, address, roster=self.roster, loop=self.loop,
+                shaper=shaper, tls=tls.client_tls(), ack_log=ack_log,
+            )  # fmt: skip
+
+        if self.config.sync.fragments > 1:
+            return fragmented.FragmentEngines(
+                [engine(c) for c in fragmented.fragment_configs(self.config.sync)]
+            )
+        return engine(self.config.sync)
 
     def _ack_log(self) -> str:
         """Where the engine records every push the aggregator answered: ``acks.jsonl`` in the
@@ -197,9 +211,10 @@ class Island:
             records = disco.lookup("aggregator")
         finally:
             disco.shutdown()
+        sync = self.config.sync
         cands = eligible(
             [Candidate.from_record(r) for r in records], ("leaf", "mid", "root"),
-            self.config.sync.model_id,
+            sync.model_id if sync.fragments == 1 else fragmented.fragment_configs(sync)[0].model_id,
         )  # fmt: skip
         chosen = self.loop.run(choose_closest(cands), timeout=30)
         log.info("%s: chose aggregator %s at %s", self.config.name, chosen.name, chosen.address)
@@ -310,7 +325,14 @@ class Island:
         """Local-update mode: the sync engine (leader only) and the ``LocalUpdate`` around the
         model, both restored from ``resumed`` when the run resumes from a snapshot."""
         cfg = self.config
+        if cfg.sync.fragments > 1:  # before F engines are made
+            fragmented.check_fragment_count(model, cfg.sync.fragments)
         self.engine = self._make_engine() if self.group.is_leader else None
+        if isinstance(self.engine, fragmented.FragmentEngines):
+            self.lu = fragmented.start_fragments(
+                model, optimizer, self.engine, resumed, self._push_report
+            )
+            return
         anchor = anchor_version = None
         if resumed is not None:
             self.engine.load_state_dict(resumed.data["engine"])
@@ -351,8 +373,8 @@ class Island:
             elif self.step % cfg.snapshot.every_steps == 0 or self.step == cfg.steps:
                 self._expert_checkpoint(model, optimizer, batches, snapshotter, losses)
                 losses = []
-        if self.lu is not None and self.lu._steps_in_round:
-            self.lu.end_round()  # push the partial round: its progress is not lost
+        if self.lu is not None and self.lu.steps_in_round:
+            self.lu.end_round()  # push the partial round(s): their progress is not lost
             self._end_of_round(model, optimizer, batches, snapshotter, losses, final=True)
 
     def _inner_step(self, model, train_model, optimizer, batches) -> tuple[int, float]:
@@ -427,6 +449,9 @@ class Island:
             anchor = self.lu.anchor
             meta["base_version"] = self.lu.version
             meta["round"] = self.lu.round
+            if isinstance(self.lu, StreamingLocalUpdate):
+                meta["fragments"] = len(self.lu.updates)
+                meta["base_versions"] = self.lu.versions
         state = SnapshotState(
             model=model.state_dict(), optimizer=optimizer.state_dict(), anchor=anchor,
             rng=capture_rng_state(), data=data, meta=meta,
@@ -439,6 +464,13 @@ class Island:
         self.eval_s += time.perf_counter() - t0
         return float(val)
 
+    def _evaluate_global(self, model) -> float:
+        """The validation loss of the global model: the params at a boundary (the anchor and
+        the island's own deltas in flight), or with fragments the union of their anchors."""
+        if isinstance(self.lu, StreamingLocalUpdate):
+            return fragmented.evaluate_anchor(model, self.lu.anchor, lambda: self._evaluate(model))
+        return self._evaluate(model)
+
     def _end_of_round(self, model, optimizer, batches, snapshotter, losses, final=False) -> None:
         """After a push and an adoption: evaluate the global model, log, snapshot."""
         if not self.group.is_leader:
@@ -446,7 +478,7 @@ class Island:
         lu = self.lu
         rnd = lu.round
         evaluate = self.config.eval_every and (rnd % self.config.eval_every == 0 or final)
-        val = self._evaluate(model) if evaluate else None  # params == anchor: the global model
+        val = self._evaluate_global(model) if evaluate else None
         if val is not None:
             self._last_val = (val, lu.version)
         sync = self.engine.stats
@@ -456,6 +488,7 @@ class Island:
             "round": rnd,
             "step": self.step,
             "version": lu.version,
+            **self._fragment_fields(),
             "train_loss": float(np.mean(losses)) if losses else None,
             "val_loss": val,
             "bytes_sent": sync["bytes_sent"],
@@ -565,8 +598,15 @@ class Island:
                 bytes_received=sync["bytes_received"],
                 queue_depth=sync["pushes_pending"],
                 sync=sync,
+                **self._fragment_fields(),
             )
         return out
+
+    def _fragment_fields(self) -> dict[str, Any]:
+        """With fragments: each fragment's version, staleness, bytes (``FragmentEngines``)."""
+        if not isinstance(self.engine, fragmented.FragmentEngines):
+            return {}
+        return {"fragments": self.engine.status(self.lu)}
 
 
 def params_digest(params: dict[str, np.ndarray]) -> str:

@@ -312,6 +312,10 @@ class FollowerLocalUpdate:
         return self._round
 
     @property
+    def steps_in_round(self) -> int:
+        return self._steps_in_round
+
+    @property
     def anchor(self) -> Arrays:
         return self._anchor
 

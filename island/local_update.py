@@ -441,6 +441,30 @@ class LocalUpdate:
             self._in_flight[int(k)] = {n: np.asarray(a, dtype=np.float32) for n, a in v.items()}
             self._in_flight_futures[int(k)] = _PENDING
 
+    def round_state(self) -> dict[str, Any]:
+        """The round in progress: where it started, its steps, tokens and compute seconds, and
+        the rounds done. For a snapshot taken mid-round (a streamed fragment's, at another
+        fragment's boundary: ``island.streaming``); ``load_round_state`` restores it."""
+        return {
+            "start": self.start_point,
+            "steps": self._steps_in_round,
+            "tokens": self._tokens_in_round,
+            "compute_s": self._compute_in_round,
+            "round": self._round,
+        }
+
+    def load_round_state(self, state: Mapping[str, Any]) -> None:
+        """Restore ``round_state()`` after ``start()`` on a resume: the round goes on from its
+        own start, so the steps it took before the snapshot are pushed with it."""
+        start = {n: np.array(a, dtype=np.float32) for n, a in state["start"].items()}
+        check_same_layout(dict(self.model.named_parameters()), start, "resumed round start")
+        self._start = start
+        self._steps_in_round = int(state["steps"])
+        self._tokens_in_round = int(state["tokens"])
+        self._compute_in_round = float(state["compute_s"])
+        self._round = int(state["round"])
+        self.start_serial += 1
+
     @property
     def anchor(self) -> dict[str, np.ndarray]:
         """The anchor's float32 arrays (read only: the engine's replica of ``theta_version``)."""

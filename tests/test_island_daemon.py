@@ -17,6 +17,7 @@ from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
 from aggregator.outer import apply_update
 from comms.config import save_config
 from comms.envelope import Envelope
+from comms.fragments import fragment_model_id
 from comms.http import url_of
 from comms.identity import Identity, Roster
 from comms.transport import TransportClient
@@ -50,7 +51,9 @@ def _stop(p):
             p.kill()
 
 
-def _federation(tmp_path, n_islands, steps, every, codec="int8", root_http=False):
+def _federation(tmp_path, n_islands, steps, every, codec="int8", root_http=False, fragments=1):
+    """Keys, roster, island configs and the root's config (root.toml). With ``fragments`` > 1
+    the islands stream the model as that many fragments and the root serves one line each."""
     idents = [Identity.generate() for _ in range(n_islands)]
     root_id = Identity.generate()
     roster = Roster()
@@ -78,18 +81,26 @@ def _federation(tmp_path, n_islands, steps, every, codec="int8", root_http=False
             eval_batches=1,
             http="127.0.0.1:0",
             metrics_file=str(tmp_path / f"island{i}.jsonl"),
-            sync=SyncConfig(model_id="global", every=every, codec=codec),
+            sync=SyncConfig(model_id="global", every=every, codec=codec, fragments=fragments),
             snapshot=SnapshotConfig(dir=str(tmp_path / f"snap{i}")),
         )
         for i in range(n_islands)
     ]
     export_initial_parameters(islands[0], str(tmp_path / "init.safetensors"))
+    init = str(tmp_path / "init.safetensors")
+    models = [ModelConfig("global", init=init, codec="int8")]
+    if fragments > 1:
+        models = [
+            ModelConfig(fragment_model_id("global", p), init=init, codec="int8",
+                        fragment=[p, fragments])
+            for p in range(fragments)
+        ]  # fmt: skip
     root = AggregatorConfig(
         name="root", role="root", key=str(tmp_path / "root.pem"),
         roster=str(tmp_path / "roster.json"), state_dir=str(tmp_path / "root-state"),
         http="127.0.0.1:0" if root_http else "",
         merge=MergeConfig(buffer_k=n_islands, deadline_s=5.0),
-        models=[ModelConfig("global", init=str(tmp_path / "init.safetensors"), codec="int8")],
+        models=models,
     )  # fmt: skip
     save_config(root, tmp_path / "root.toml")
     return islands
@@ -99,19 +110,19 @@ def _admin(tmp_path) -> Identity:
     return Identity.load(tmp_path / "admin.pem")
 
 
-async def _root_theta(address, reader):
+async def _root_theta(address, reader, model_id="global"):
     async with TransportClient(address, identity=reader) as c:
-        env = Envelope.from_bytes(await c.fetch("global", -1), max_bytes=1 << 30)
+        env = Envelope.from_bytes(await c.fetch(model_id, -1), max_bytes=1 << 30)
         return env.header.base_version, decode_update(env)
 
 
-async def _theta_at(address, theta0, version, reader):
+async def _theta_at(address, theta0, version, reader, model_id="global"):
     """theta_version rebuilt from theta_0 and the published u_1..u_version."""
     theta = {k: v.copy() for k, v in theta0.items()}
     if version == 0:
         return theta
     async with TransportClient(address, identity=reader) as c:
-        async for v, data in c.subscribe("global", 1):
+        async for v, data in c.subscribe(model_id, 1):
             apply_update(theta, decode_update(Envelope.from_bytes(data, max_bytes=1 << 30)))
             if v == version:
                 return theta

@@ -63,6 +63,11 @@ class SyncConfig:
     auto_codecs: list[str] = field(default_factory=lambda: ["int8", "int4"])
     auto_target: float = 1.0
     auto_max_factor: float = 8.0
+    # streamed fragments (Streaming DiLoCo; island run only): sync the model as this many
+    # fragments, fragment p on model line fragment_model_id(model_id, p) (comms.fragments),
+    # pushing at steps offset by p * every / fragments; 1: the whole model on model_id.
+    # Needs every (not every_s) of at least fragments, and no auto
+    fragments: int = 1
     max_pending_pushes: int = 8  # pushes waiting for a link; on overflow the oldest is dropped
     sync_timeout_s: float = 600.0  # sync mode: longest wait for the next global version
     snapshot_timeout_s: float = 300.0  # longest wait for a snapshot download
@@ -106,6 +111,30 @@ class SyncConfig:
         get_codec(self.codec, **self.codec_params)  # ConfigError for a bad codec
         if self.auto:
             self._validate_auto()
+        self._validate_fragments()
+
+    def _validate_fragments(self) -> None:
+        f = self.fragments
+        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+            raise ConfigError(f"fragments: a whole number >= 1 (1: no fragments), got {f!r}")
+        if f == 1:
+            return
+        if self.every_s is not None:
+            raise ConfigError(
+                f"fragments: streamed fragments push on a stagger of inner steps; set every "
+                f"(inner steps per round) instead of every_s (got every_s={self.every_s!r})"
+            )
+        if self.auto:
+            raise ConfigError(
+                "fragments: not with auto (auto re-sizes each fragment's rounds on its own, "
+                "which breaks the stagger, and the fragments share one uplink it would measure "
+                "as theirs); set every and codec by hand"
+            )
+        if self.every < f:
+            raise ConfigError(
+                f"fragments: every ({self.every}) must be at least fragments ({f}): fragment "
+                f"p pushes every/fragments * (p + 1) steps into the run"
+            )
 
     def _validate_auto(self) -> None:
         ladder = self.auto_codecs
