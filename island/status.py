@@ -24,6 +24,10 @@ _GAUGES = {
     "queue_depth": ("queued_pushes", "Pushes waiting for the link"),
     "loss": ("train_loss", "Last training loss"),
 }
+_FRAGMENT_GAUGES = {
+    "version": ("fragment_version", "Global version of a fragment line's anchor"),
+    "staleness": ("fragment_staleness_versions", "Staleness of a fragment's last accepted push"),
+}
 _COUNTERS = {  # exposed with _total
     "bytes_sent": ("sent_bytes", "Bytes pushed"),
     "bytes_received": ("received_bytes", "Bytes received"),
@@ -47,6 +51,19 @@ class _IslandCollector:
                 c = CounterMetricFamily(f"archipelago_island_{name}", text, labels=["island"])
                 c.add_metric([s["name"]], float(s[key]))
                 yield c
+        yield from _fragment_gauges(s)
+
+
+def _fragment_gauges(s: dict):
+    """With streamed fragments (``sync.fragments``): each fragment line's version and the
+    staleness of its last accepted push, labelled by its model id."""
+    if not s.get("fragments"):
+        return
+    for key, (name, text) in _FRAGMENT_GAUGES.items():
+        g = GaugeMetricFamily(f"archipelago_island_{name}", text, labels=["island", "model_id"])
+        for f in s["fragments"]:
+            g.add_metric([s["name"], f["model_id"]], float(f[key]))
+        yield g
 
 
 async def start_status_server(island, listen: str) -> str:

@@ -80,6 +80,10 @@ def test_an_island_streams_two_fragments_bit_identical_with_the_root(tmp_path):
         for f in status["fragments"]:
             assert f["version"] >= 2 and f["staleness"] >= 0 and f["bytes_sent"] > 0
         assert status["version"] == min(f["version"] for f in status["fragments"])
+        metrics = urllib.request.urlopen(f"http://{island.http_address}/metrics", timeout=10)
+        text = metrics.read().decode()
+        for m in LINES:
+            assert f'archipelago_island_fragment_version{{island="island0",model_id="{m}"}}' in text
     finally:
         island.stop()
         thread.join(90)
