@@ -335,6 +335,7 @@ class Island:
             return
         anchor = anchor_version = None
         if resumed is not None:
+            fragmented.check_snapshot_fragments(resumed.meta, 1)
             self.engine.load_state_dict(resumed.data["engine"])
             anchor = {k: np.asarray(v) for k, v in resumed.anchor.items()}
             anchor_version = int(resumed.meta["base_version"])

@@ -128,6 +128,17 @@ class FragmentEngines:
         return out
 
 
+def check_snapshot_fragments(meta: Mapping[str, Any], count: int) -> None:
+    """ConfigError unless the snapshot (its ``meta``) was taken with ``count`` fragments."""
+    got = int(meta.get("fragments", 1))
+    if got != count:
+        raise ConfigError(
+            f"sync.fragments = {count}, but the snapshot to resume was taken with {got}; "
+            f"resume with sync.fragments = {got}, or start from an empty snapshot.dir (the "
+            "island then joins at the aggregators' versions)"
+        )
+
+
 def start_fragments(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -137,16 +148,9 @@ def start_fragments(
 ) -> StreamingLocalUpdate:
     """The started ``StreamingLocalUpdate`` over ``engines``, resumed from the snapshot state
     ``resumed`` (a ``SnapshotState``; None: every fragment fetches its line's snapshot)."""
-    count = len(engines.engines)
     anchor = versions = None
     if resumed is not None:
-        got = int(resumed.meta.get("fragments", 1))
-        if got != count:
-            raise ConfigError(
-                f"sync.fragments = {count}, but the snapshot to resume was taken with "
-                f"{got}; resume with sync.fragments = {got}, or start from an empty "
-                "snapshot.dir (the island then joins at the aggregators' versions)"
-            )
+        check_snapshot_fragments(resumed.meta, len(engines.engines))
         engines.load_state_dict(resumed.data["engine"])
         anchor = {k: np.asarray(v) for k, v in resumed.anchor.items()}
         versions = [int(v) for v in resumed.meta["base_versions"]]

@@ -24,6 +24,7 @@ from comms.fragments import fragment_model_id, fragment_of
 from island.config import IslandConfig
 from island.daemon import Island, params_digest
 from island.distributed import RankGroup
+from island.fragmented import check_snapshot_fragments
 from island.pseudo import load_numpy_into
 from island.snapshot import latest_complete, read_snapshot
 from island.snapshot.format import snapshot_dirs
@@ -260,3 +261,12 @@ def test_more_fragments_than_tensors_and_a_root_without_the_lines_are_config_err
             Island(cfg).run()
     finally:
         _stop(root)
+
+
+def test_a_snapshot_of_another_fragment_count_is_a_config_error():
+    check_snapshot_fragments({"fragments": 2}, 2)
+    check_snapshot_fragments({}, 1)  # a snapshot without fragments
+    with pytest.raises(ConfigError, match=r"taken with 2; resume with sync\.fragments = 2"):
+        check_snapshot_fragments({"fragments": 2}, 1)
+    with pytest.raises(ConfigError, match=r"sync\.fragments = 3, but .* taken with 1"):
+        check_snapshot_fragments({}, 3)
