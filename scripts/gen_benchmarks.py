@@ -548,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         "variants tried to cut the steps to DDP's loss at H = 50: "
         "[`docs/benchmarks/steps.md`](docs/benchmarks/steps.md). Islands at mixed compute "
         "speeds (1, 1, 1/2, 1/4), on loopback and over per-worker shaped links of 100, 10, "
-        "10 and 2 Mbit/s (`bench_quality --hetero`): "
+        "10 and 2 Mbit/s (`bench_quality --hetero`), and Nesterov against Delayed Nesterov "
+        "outer steps on that mix (`--arch-outer`): "
         "[`docs/benchmarks/hetero.md`](docs/benchmarks/hetero.md). Expert groups against "
         "isolated experts, one global model and the monolith (`bench_ensemble.py --hybrid`): "
         "below.",
