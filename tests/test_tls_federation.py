@@ -19,14 +19,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "scripts" / "federation.py"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+# A quick federation is a fixed amount of training, which a loaded machine stretches: the
+# tls run took 351 s of its former 400 s limit at load 13. The limits are for a hung run.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(960)]
 
 
 def test_quick_federation_over_mutual_tls(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(LAUNCHER), "--quick", "--tls", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=400,
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert "all over mutual TLS" in proc.stdout
