@@ -40,14 +40,19 @@ class NoSnapshots:
         return {"status": "accepted"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _reserved_port() -> socket.socket:
+    """A port kept from other processes while the server is down (a port found free and
+    closed could be taken during the outage): bound, not listening, so a dial is refused as
+    at a closed port, with SO_REUSEPORT, which gRPC's listener sets too when it binds it."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 async def test_a_client_reaches_a_server_back_from_a_long_outage_within_the_capped_backoff():
-    port = _free_port()
+    placeholder = _reserved_port()
+    port = placeholder.getsockname()[1]
     client = TransportClient(f"127.0.0.1:{port}", retries=0)
     server, up_at, failures = None, None, 0
     started = time.monotonic()
@@ -56,6 +61,7 @@ async def test_a_client_reaches_a_server_back_from_a_long_outage_within_the_capp
             if server is None and time.monotonic() - started >= DOWN_S:
                 server = TransportServer(NoSnapshots(), port=port)
                 await server.start()
+                placeholder.close()
                 up_at = time.monotonic()
             try:
                 await client.fetch("global", -1, retries=0)
@@ -68,6 +74,7 @@ async def test_a_client_reaches_a_server_back_from_a_long_outage_within_the_capp
             await asyncio.sleep(0.2)
         reached_after = time.monotonic() - up_at
     finally:
+        placeholder.close()
         await client.close()
         if server is not None:
             await server.stop(0)
