@@ -254,7 +254,7 @@ def serving_costs(models: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...]
 
 
 def student_figures(
-    eval_wl, trained: Trained, router, plan: Plan, seed: int, student, metrics, gap, inputs
+    eval_wl, trained: Trained, router, plan: Plan, student, metrics, gap, inputs
 ) -> dict[str, Any]:
     """The student's held-out loss, its compute on top of the experts', and what each way to
     serve costs per input (the student and the monolith one forward; an ensemble its rows)."""
@@ -350,7 +350,7 @@ def bytelm_benchmark(plan: Plan, k: int, split: str, seed: int) -> dict[str, Any
     clock = time.perf_counter()
     student, distilled, gap = distill_student("bytelm", trained, router, plan, seed)
     result["student"] = student_figures(
-        eval_wl, trained, router, plan, seed, student, distilled, gap, (idx,)
+        eval_wl, trained, router, plan, student, distilled, gap, (idx,)
     )
     seconds["distill"] = time.perf_counter() - clock
     timing.update(batch=list(idx.shape))
@@ -406,7 +406,7 @@ def flow_benchmark(plan: Plan, k: int, split: str, seed: int) -> dict[str, Any]:
     clock = time.perf_counter()
     student, distilled, gap = distill_student("flow", trained, router, plan, seed)
     result["student"] = student_figures(
-        eval_wl, trained, router, plan, seed, student, distilled, gap, (x, t)
+        eval_wl, trained, router, plan, student, distilled, gap, (x, t)
     )
     seconds["distill"] = time.perf_counter() - clock
     clock = time.perf_counter()

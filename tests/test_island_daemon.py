@@ -42,6 +42,14 @@ def _start(args, log, ready):
     return p, line
 
 
+def _start_root(tmp_path):
+    """``aggregator serve root.toml`` (written by ``_federation``): the process, its gRPC
+    address and the line it printed when ready."""
+    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")],
+                        tmp_path / "root.log", "serving on")  # fmt: skip
+    return root, line.split("serving on ")[1].split()[0], line
+
+
 def _stop(p):
     if p.poll() is None:
         p.send_signal(signal.SIGTERM)
@@ -141,9 +149,7 @@ def _accepted_updates(http_address: str) -> float:
 
 def test_two_islands_end_bit_identical_with_the_root(tmp_path):
     islands = _federation(tmp_path, 2, steps=30, every=10)
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
-                        "serving on")  # fmt: skip
-    address = line.split("serving on ")[1].split()[0]
+    root, address, _ = _start_root(tmp_path)
     procs = []
     try:
         for i, cfg in enumerate(islands):
@@ -188,9 +194,7 @@ def test_island_killed_with_sigkill_resumes_from_its_snapshot(tmp_path):
     (A record's "round" counts the rounds of one run of the process; "step" goes on.)"""
     every = 5
     (cfg,) = _federation(tmp_path, 1, steps=400, every=every, root_http=True)
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
-                        "serving on")  # fmt: skip
-    address = line.split("serving on ")[1].split()[0]
+    root, address, line = _start_root(tmp_path)
     root_http = line.split(" http ")[1].split()[0]
     cfg.aggregator = address
     save_config(cfg, tmp_path / "island.toml")
@@ -250,9 +254,7 @@ def test_status_endpoint_reports_progress_while_training(tmp_path):
     from island.daemon import Island
 
     (cfg,) = _federation(tmp_path, 1, steps=100_000, every=5)
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
-                        "serving on")  # fmt: skip
-    cfg.aggregator = line.split("serving on ")[1].split()[0]
+    root, cfg.aggregator, _ = _start_root(tmp_path)
     cfg.snapshot.dir = ""
     island = Island(cfg)
     thread = threading.Thread(target=island.run, daemon=True)

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
-from test_island_daemon import _admin, _federation, _root_theta, _start, _stop, _theta_at
+from test_island_daemon import (
+    _admin,
+    _federation,
+    _root_theta,
+    _start,
+    _start_root,
+    _stop,
+    _theta_at,
+)
 
 from comms.config import config_from_dict, save_config
 from comms.errors import ConfigError
@@ -62,9 +70,7 @@ def test_an_island_streams_two_fragments_bit_identical_with_the_root(tmp_path):
     records), /status shows both lines' versions and staleness, each fragment's anchor is its
     line's theta at its version, and the last validation loss is the union of the anchors'."""
     (cfg,) = _federation(tmp_path, 1, steps=100_000, every=4, fragments=2)
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")],
-                        tmp_path / "root.log", "serving on")  # fmt: skip
-    address = line.split("serving on ")[1].split()[0]
+    root, address, _ = _start_root(tmp_path)
     cfg.aggregator = address
     island = Island(cfg)
     thread = threading.Thread(target=island.run, daemon=True)
@@ -157,9 +163,7 @@ def test_a_fragmented_island_killed_with_sigkill_resumes_each_fragment(tmp_path)
     count is an uninterrupted run's) and ends bit-identical with the root."""
     every = 4
     (cfg,) = _federation(tmp_path, 1, steps=400, every=every, fragments=2)
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")],
-                        tmp_path / "root.log", "serving on")  # fmt: skip
-    address = line.split("serving on ")[1].split()[0]
+    root, address, _ = _start_root(tmp_path)
     cfg.aggregator = address
     save_config(cfg, tmp_path / "island.toml")
     reader, theta0s = _admin(tmp_path), _fragment_theta0(tmp_path)
@@ -248,9 +252,7 @@ def test_more_fragments_than_tensors_and_a_root_without_the_lines_are_config_err
     """The model's tensor count bounds fragments (the error says how many it has); a root
     serving the whole model but not the fragment lines is named line by line."""
     (cfg,) = _federation(tmp_path, 1, steps=4, every=64)
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")],
-                        tmp_path / "root.log", "serving on")  # fmt: skip
-    cfg.aggregator = line.split("serving on ")[1].split()[0]
+    root, cfg.aggregator, _ = _start_root(tmp_path)
     cfg.snapshot.dir, cfg.http = "", ""
     try:
         cfg.sync.fragments = 64
