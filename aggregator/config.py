@@ -31,8 +31,10 @@ Example (a root serving one model)::
     direction = "reject"              # refuse an island update pointing against the last
     direction_min_cos = 0.0           #   merged step: cosine with -u_v below this (the
                                       #   default); "off": no check (a warning at start)
-    partial_step = "scaled"           # root: a version of less work than buffer_k full rounds
-                                      #   takes that share of an outer step; "full": whole
+    partial_step = "deferred"         # root: a version of less work than buffer_k full rounds
+                                      #   takes that share of a plain step, its momentum
+                                      #   waiting for a full step's share; "scaled": that
+                                      #   share of a momentum step; "full": a whole step
 
     [[models]]
     model_id = "global"
@@ -89,6 +91,7 @@ from comms.errors import ConfigError
 from comms.tls import TLSConfig
 
 ROLES = ("leaf", "mid", "root")
+PARTIAL_STEPS = ("deferred", "scaled", "full")  # merge.partial_step; the default first
 MAX_UPDATE_MB = 1 << 20  # 1 TiB: far above any update, and max_update_bytes stays an int
 
 
@@ -118,9 +121,11 @@ class MergeConfig:
     weight_by_samples: bool = False  # also weight an update by its meta "tokens"
     # Root: a version merging less island work than buffer_k full rounds (a deadline flush, a
     # slow island's lone short last round; each update counts min(1, steps / every)) takes
-    # work / buffer_k of an outer step ("scaled"), momentum decaying by the same share
-    # (aggregator.outer, "A partial step"); "full": every version a full step, DiLoCo's rule.
-    partial_step: Literal["scaled", "full"] = "scaled"
+    # f = work / buffer_k of a plain gradient step and the momentum waits until versions adding
+    # up to a full step have arrived ("deferred", aggregator.outer "Deferred momentum"; Nesterov
+    # only, the other outer steps scale); "scaled": f of a momentum step, the momentum decaying
+    # by the same share ("A partial step"); "full": every version a full step, DiLoCo's rule.
+    partial_step: Literal["deferred", "scaled", "full"] = "deferred"
     engine: Literal["inline", "pool"] = "inline"  # merge in the service, or in worker processes
     max_workers: int = 2  # pool: most merge worker processes (scaled with the queue)
     warm_workers: int = 0  # pool: workers kept alive when idle (0: scale to zero)
@@ -140,9 +145,10 @@ class MergeConfig:
                 f"max_workers, got {self.max_workers} / {self.warm_workers}"
             )
         self._validate_clip()
-        if self.partial_step not in ("scaled", "full"):
+        if self.partial_step not in PARTIAL_STEPS:
             raise ConfigError(
-                f'partial_step: must be "scaled" or "full", got {self.partial_step!r}'
+                f"partial_step: must be one of {', '.join(map(repr, PARTIAL_STEPS))}, got "
+                f"{self.partial_step!r}"
             )
         if self.direction not in ("reject", "off"):
             raise ConfigError(f'direction: must be "reject" or "off", got {self.direction!r}')

@@ -48,9 +48,9 @@ every island does; a float32 add per element in a fixed order gives the same bit
 **A partial step.** A version merging less island work than the root's ``buffer_k`` full
 rounds (its deadline closed it, or a slow island's last short round came alone) carries a
 share ``f = work / buffer_k`` of a full step's evidence, each island update counting
-``min(1, steps / every)`` of a round (its meta; ``aggregator.gateway.update_work``). With the default ``merge.partial_step =
-"scaled"`` the root calls ``step(theta, g, fraction=f)`` and each optimizer takes ``f`` of a
-step, as if time advanced by ``f``: Nesterov ``m <- mu^f * m + f * g``,
+``min(1, steps / every)`` of a round (its meta; ``aggregator.gateway.update_work``). With
+``merge.partial_step = "scaled"`` the root calls ``step(theta, g, fraction=f)`` and each
+optimizer takes ``f`` of a step, as if time advanced by ``f``: Nesterov ``m <- mu^f * m + f * g``,
 ``u = -lr * f * (g + mu * m)``; SGD ``u = -lr * f * g``; CO2 ``m <- beta^f * m + f * g /
 Lambda`` (clamped), ``u = -alpha * f * m``; Delayed Nesterov ``d <- d + f * g``, ``u = -lr * f *
 g / N`` and, at a period's end, ``m <- mu^f * m + d / N``, ``u = -lr * f * (g / N + mu * m)``
@@ -63,6 +63,25 @@ problem Delayed Nesterov addresses in asynchronous Local-SGD (Liu et al., "Async
 Local-SGD Training for Language Modeling", 2024: momentum applied once per N worker updates,
 plain gradient steps between); the fractional step spreads it smoothly over versions of any
 size instead of counting to N.
+
+**Deferred momentum** (``merge.partial_step = "deferred"``, the default). Scaled, a lone
+short version still moves the model along ``lr * f * mu * m``: at the end of a run, where the
+accumulated momentum has already carried the model to where it points, that part alone made
+the demo's last version worse than the one before it in three runs out of three, while its
+gradient part alone made it better (docs/architecture.md, "Outer step"). Deferred,
+:class:`NesterovSGD` moves its momentum only once a full step's share of work has arrived,
+as Delayed Nesterov does once per ``N`` updates (Liu et al. 2024), counting work instead of
+versions::
+
+    bank short of a step (F + f < 1):  u = -lr * f * g ;  D <- D + f * g ;  F <- F + f
+    a step's share reached:            m <- mu * m + (D + f * g) / (F + f)
+                                       u = -lr * (f * g + mu * m) ;  D <- 0 ;  F <- 0
+
+Over a bank that adds up to one step the model moves by one Nesterov step on the bank's mean;
+a full version with an empty bank is the plain step, bit for bit. The bank (``pending/`` and
+``pending_work``) is part of the state. :class:`DelayedNesterov` already defers by its
+period, :class:`CO2`'s step is its momentum and :class:`SGD` keeps none: they take the scaled
+step.
 
 All arithmetic is float32 with float32 scalars. State (momentum, step count) round-trips
 through :meth:`~OuterOptimizer.state_dict` / :meth:`~OuterOptimizer.load_state_dict` as plain
@@ -85,7 +104,11 @@ from comms.update import apply_update, check_same_layout  # noqa: F401
 
 Params = dict[str, np.ndarray]
 _MOMENTUM = "momentum/"
-_PENDING = "pending/"  # DelayedNesterov: the period's sum of pseudo-gradients so far
+_PENDING = "pending/"  # DelayedNesterov: the period's sum so far; Nesterov: the deferred bank
+_PENDING_WORK = "pending_work"  # NesterovSGD: the share of a step the deferred bank holds
+# A bank of partial steps counts as a full step from 1 - this on (fractions such as ten
+# tenths do not add up to exactly 1 in floating point)
+FULL_STEP_TOLERANCE = 1e-6
 _STEP = "step"
 
 
@@ -99,6 +122,7 @@ class OuterOptimizer:
 
     name: ClassVar[str] = ""
     uses_momentum: ClassVar[bool] = True
+    defers: ClassVar[bool] = False  # implements the deferred-momentum partial step
 
     def __init__(self) -> None:
         self.steps = 0
@@ -117,14 +141,18 @@ class OuterOptimizer:
         theta: Mapping[str, np.ndarray],
         pseudo_grad: Mapping[str, np.ndarray],
         fraction: float = 1.0,
+        *,
+        defer: bool = False,
     ) -> Params:
         """Advance one outer step on ``pseudo_grad`` and return ``u = theta_new - theta_old``.
 
         ``fraction`` in (0, 1] is the share of a full outer step this one stands for (a
         version merged from fewer updates than the root's ``buffer_k``; see the module doc);
-        1 is the optimizer's plain step, bit for bit. ``theta`` is not modified. A
-        pseudo-gradient holding NaN or Inf raises :class:`~comms.errors.NonFiniteError`
-        before any state changes.
+        1 is the optimizer's plain step, bit for bit. ``defer``: a partial step's momentum
+        waits until a full step's share has arrived (module doc, "Deferred momentum"), for
+        the optimizers that support it (:attr:`defers`); the others take the scaled step.
+        ``theta`` is not modified. A pseudo-gradient holding NaN or Inf raises
+        :class:`~comms.errors.NonFiniteError` before any state changes.
         """
         if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
@@ -135,9 +163,16 @@ class OuterOptimizer:
                 raise NonFiniteError(f"pseudo-gradient tensor {name!r} holds NaN or Inf")
         if self.momentum:
             check_same_layout(self.momentum, g, "pseudo-gradient (vs momentum)")
-        u = self._update(g, float(fraction))
+        if defer and self.defers:
+            u = self._deferred(g, float(fraction))
+        else:
+            u = self._update(g, float(fraction))
         self.steps += 1
         return u
+
+    def _deferred(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        """The step with deferred momentum (optimizers with :attr:`defers` only)."""
+        raise NotImplementedError
 
     def _momentum_buffer(self, name: str, like: np.ndarray) -> np.ndarray:
         if name not in self.momentum:
@@ -206,6 +241,9 @@ class NesterovSGD(OuterOptimizer):
         self.lr = float(lr)
         self.mu = float(momentum)
 
+        self.pending: Params = {}  # deferred momentum: the banked sum of f * g
+        self.pending_work = 0.0  # ... and the share of a step it holds, below 1
+
     def hyperparams(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.mu}
 
@@ -222,6 +260,73 @@ class NesterovSGD(OuterOptimizer):
             np.multiply(u, neg, out=u)  # u = -lr * f * (g + mu * m)
             out[name] = u
         return out
+
+    defers = True
+
+    def _deferred(self, g: Mapping[str, np.ndarray], f: float) -> Params:
+        """Deferred momentum (module doc): a step short of a full one is ``-lr * f * g`` and
+        banks ``f * g``; the step that completes a full share takes one momentum step on the
+        mean of the bank and itself. An empty bank and ``f = 1``: the plain step, bit for bit."""
+        banked = self.pending_work
+        if banked == 0.0 and f == 1.0:
+            return self._update(g, f)
+        fg = {name: x if f == 1.0 else np.multiply(x, np.float32(f)) for name, x in g.items()}
+        out = {}
+        if banked + f < 1.0 - FULL_STEP_TOLERANCE:  # still short of a full step: no momentum
+            neg = np.float32(-self.lr * f)
+            for name, x in g.items():
+                self._momentum_buffer(name, x)  # made at the first step: layout checks see it
+                if name in self.pending:
+                    np.add(self.pending[name], fg[name], out=self.pending[name])  # d <- d + f g
+                else:
+                    self.pending[name] = np.array(fg[name], dtype=np.float32)
+                out[name] = np.multiply(x, neg)  # u = -lr * f * g
+            self.pending_work = banked + f
+            return out
+        mu, neg, share = np.float32(self.mu), np.float32(-self.lr), np.float32(banked + f)
+        for name, x in g.items():
+            m = self._momentum_buffer(name, x)
+            d = fg[name] if name not in self.pending else np.add(self.pending[name], fg[name])
+            np.multiply(m, mu, out=m)  # m <- mu * m
+            np.add(m, np.divide(d, share, dtype=np.float32), out=m)  # + (d + f g) / share
+            u = np.multiply(m, mu)  #     u  = mu * m
+            np.add(fg[name], u, out=u)  # u  = f * g + mu * m
+            np.multiply(u, neg, out=u)  # u = -lr * (f * g + mu * m)
+            out[name] = u
+        self.pending, self.pending_work = {}, 0.0
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The base state plus, while a deferred momentum step is pending, ``"pending/<name>"``
+        (the banked ``f * g``) and ``"pending_work"`` (its share of a step)."""
+        state = super().state_dict()
+        if self.pending_work:
+            state[_PENDING_WORK] = np.array(self.pending_work, dtype=np.float64)
+            for name, d in self.pending.items():
+                state[_PENDING + name] = d.copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`'s state, a pending deferred step included."""
+        base = {k: v for k, v in state.items() if k != _PENDING_WORK and not k.startswith(_PENDING)}
+        super().load_state_dict(base)
+        work = float(np.asarray(state.get(_PENDING_WORK, 0.0)).reshape(-1)[0])
+        pending = {
+            k[len(_PENDING) :]: np.array(v, dtype=np.float32)
+            for k, v in state.items()
+            if k.startswith(_PENDING)
+        }
+        if not (0.0 <= work < 1.0) or (work > 0) != bool(pending):
+            raise ValueError(
+                f"{self.name} state: a pending deferred step needs a share in (0, 1) and its "
+                f"sums, got share {work} with {len(pending)} sum(s)"
+            )
+        if pending and set(pending) != set(self.momentum):
+            raise ValueError(
+                f"{self.name} state: pending sums for {sorted(pending)}, momentum for "
+                f"{sorted(self.momentum)}"
+            )
+        self.pending, self.pending_work = pending, work
 
 
 class DelayedNesterov(OuterOptimizer):

@@ -5,14 +5,17 @@ Douillard et al. 2023, Algorithm 1, outer loop; CO2, Sun et al. 2024)::
 
     g      = sum_i w_i delta_i / sum_i w_i          (aggregator.merge.finalize)
     f      = min(1, work / buffer_k)                (step_fraction; 1 with partial_step "full")
-    u_v    = outer.step(theta_{v-1}, g, f)          (Nesterov SGD by default)
+    u_v    = outer.step(theta_{v-1}, g, f)          (Nesterov SGD by default; momentum
+                                                      deferred while f falls short of 1)
     wire   = encode(u_v)                            (the configured codec)
     theta_v = theta_{v-1} + decode(wire)            (aggregator.outer.apply_update)
 
 A version merging less island work than ``buffer_k`` full rounds takes that share of an outer
 step (aggregator.outer, "A partial step"): ``work`` counts each island update as
 ``min(1, steps / every)`` of a round (its meta), so a deadline flush or a slow island's lone
-short last round does not move the model by a full step of momentum.
+short last round does not move the model by a full step of momentum; by default
+(``partial_step = "deferred"``) it moves it by none, the momentum waiting until versions
+adding up to a full step have arrived.
 
 A merge or outer step that is not finite (a float32 overflow of large-but-finite updates)
 raises :class:`~aggregator.merge.NonFiniteMergeError`: a non-finite ``u_v`` or ``theta_v`` is
@@ -53,9 +56,6 @@ class NewVersion:
     fraction: float = 1.0  # the share of a full outer step it took (step_fraction)  # decode(encode(u_v)), as replicas apply it
 
 
-PARTIAL_STEPS = ("scaled", "full")
-
-
 def step_fraction(work: float, buffer_k: int | None) -> float:
     """The share of a full outer step a version merging ``work`` rounds of island work (each
     update ``min(1, steps / every)``) stands for: ``work / buffer_k``, at most 1
@@ -79,11 +79,15 @@ class RootModel:
         identity: Identity,
         version: int = 0,
         buffer_k: int | None = None,
+        defer: bool = False,
     ):
         """``buffer_k``: the updates a full version merges; a version of fewer takes that
-        share of an outer step (None: every version a full step, "partial_step = full")."""
+        share of an outer step (None: every version a full step, "partial_step = full").
+        ``defer``: such a version's momentum waits for a full step's share (aggregator.outer,
+        "Deferred momentum"; "partial_step = deferred")."""
         self.model_id = model_id
         self.buffer_k = buffer_k
+        self.defer = defer
         self.theta = {k: np.array(v, dtype=np.float32, order="C") for k, v in theta.items()}
         self.manifest = Manifest.from_arrays(self.theta)
         self.outer = outer
@@ -96,7 +100,7 @@ class RootModel:
         """Apply the outer step for one flushed aggregate; returns the published version."""
         g = finalize(partial)  # NonFiniteMergeError before any state moves
         fraction = step_fraction(partial.work, self.buffer_k)
-        u = self.outer.step(self.theta, g, fraction)
+        u = self.outer.step(self.theta, g, fraction, defer=self.defer)
         check_finite(u, f"the outer step to version {self.version + 1}")
         env = encode_update(
             u,

@@ -290,8 +290,10 @@ class AggregatorService(
         outer = make_outer_optimizer(cfg.outer, **cfg.outer_params)
         codec = get_codec(cfg.codec, **cfg.codec_params)
         merge = self.config.merge
-        buffer_k = self.config.buffer_k(line.model_id) if merge.partial_step == "scaled" else None
-        root = RootModel(line.model_id, theta0, outer, codec, self.identity, buffer_k=buffer_k)
+        partial = merge.partial_step != "full"
+        buffer_k = self.config.buffer_k(line.model_id) if partial else None
+        root = RootModel(line.model_id, theta0, outer, codec, self.identity, buffer_k=buffer_k,
+                         defer=merge.partial_step == "deferred")  # fmt: skip
         saved = store.load_state()
         if saved is not None:
             arrays, meta = saved

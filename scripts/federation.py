@@ -65,7 +65,7 @@ from federation_plan import ExpertsPlan, make_plan
 from federation_procs import Child, FederationError, Supervisor, tail
 from federation_report import Progress, phase_summary, write_report
 
-from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
+from aggregator.config import PARTIAL_STEPS, AggregatorConfig, MergeConfig, ModelConfig
 from comms.config import save_config
 from comms.identity import Identity, Roster
 from comms.tls import CA_CERT_FILE, TLSConfig, material_paths
@@ -703,9 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="root only: islands in network namespaces behind tc-shaped links")  # fmt: skip
     p.add_argument("--tls", action="store_true",
                    help="mutual TLS on every gRPC link (material from `aggregator tls init`)")  # fmt: skip
-    p.add_argument("--partial-step", choices=["scaled", "full"], default="scaled",
+    p.add_argument("--partial-step", choices=PARTIAL_STEPS, default=PARTIAL_STEPS[0],
                    help="the root's merge.partial_step: a version of fewer than buffer_k updates "
-                        "takes that share of an outer step (scaled, the default) or a whole one")  # fmt: skip
+                        "takes that share of a plain step, its momentum deferred (deferred, the "
+                        "default), that share of a momentum step (scaled) or a whole one (full)")  # fmt: skip
     p.add_argument("--eval-global", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
     return p
 

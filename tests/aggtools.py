@@ -78,23 +78,36 @@ def delta_bytes(ident: Identity, delta, sequence: int, base_version: int = 0, co
     return env.to_bytes()
 
 
-def hand_versions(theta0, rounds, lr=0.7, momentum=0.9, buffer_k=None):
+def hand_versions(theta0, rounds, lr=0.7, momentum=0.9, buffer_k=None, defer=False):
     """theta_v after each round, in float64 by hand: ``rounds`` lists (delta, staleness) pairs;
     g = sum w d / sum w with FedBuff's w = 1/sqrt(1+s), then Nesterov: m = mu m + g,
     u = -lr (g + mu m), theta += u. With ``buffer_k``, a round of n < buffer_k updates takes
     the share f = n / buffer_k of a step (the root's partial_step "scaled"): m = mu^f m + f g,
-    u = -lr f (g + mu m)."""
+    u = -lr f (g + mu m). With ``defer`` too ("deferred"): while the bank F + f stays below 1,
+    u = -lr f g and D += f g, F += f; the step reaching 1 takes m = mu m + (D + f g) / (F + f),
+    u = -lr (f g + mu m) and empties the bank."""
     theta = {k: v.astype(np.float64) for k, v in theta0.items()}
     m = {k: np.zeros_like(v) for k, v in theta.items()}
+    bank, banked = {k: np.zeros_like(v) for k, v in theta.items()}, 0.0
     out = []
     for updates in rounds:
         w = [1.0 / np.sqrt(1.0 + s) for _, s in updates]
         f = 1.0 if buffer_k is None else min(1.0, len(updates) / buffer_k)
+        short = defer and banked + f < 1.0 - 1e-6
         for k in theta:
             g = sum(wi * d[k].astype(np.float64) for wi, (d, _) in zip(w, updates, strict=True))
             g /= sum(w)
-            m[k] = momentum**f * m[k] + f * g
-            theta[k] = theta[k] - lr * f * (g + momentum * m[k])
+            if short:
+                bank[k] = bank[k] + f * g
+                theta[k] = theta[k] - lr * f * g
+            elif defer:
+                m[k] = momentum * m[k] + (bank[k] + f * g) / (banked + f)
+                theta[k] = theta[k] - lr * (f * g + momentum * m[k])
+                bank[k] = np.zeros_like(bank[k])
+            else:
+                m[k] = momentum**f * m[k] + f * g
+                theta[k] = theta[k] - lr * f * (g + momentum * m[k])
+        banked = banked + f if short else 0.0
         out.append({k: v.copy() for k, v in theta.items()})
     return out
 

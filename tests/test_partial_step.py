@@ -1,9 +1,12 @@
 """A version merged from fewer updates than the root's buffer_k takes that share of an outer
-step (aggregator/outer.py, "A partial step"; aggregator/root.py step_fraction).
+step (aggregator/outer.py, "A partial step"; aggregator/root.py step_fraction), and by default
+its momentum waits until a full step's share has arrived ("Deferred momentum").
 
-Without it, a lone short round at the end of a run (the slow island's last 20 steps, alone at
-the deadline) moved the model by a full step of accumulated momentum and the run's last
-version was worse than the one before it."""
+Without the share, a lone short round at the end of a run (the slow island's last 20 steps,
+alone at the deadline) moved the model by a full step of accumulated momentum and the run's
+last version was worse than the one before it. With the share but the momentum moving too,
+it was still worse, by less: the momentum part alone raised the loss, the gradient part alone
+lowered it."""
 
 import asyncio
 
@@ -114,27 +117,174 @@ def _partial(deltas):
     return p
 
 
-@pytest.mark.parametrize("buffer_k", [4, None], ids=["scaled", "full"])
-def test_a_lone_short_last_round_does_not_move_the_model_by_a_full_momentum_step(buffer_k):
+@pytest.mark.parametrize("mode", ["deferred", "scaled", "full"])
+def test_a_lone_short_last_round_does_not_move_the_model_by_a_full_momentum_step(mode):
     """The demo's last version: after full versions of four islands pulling one way, the slow
     island's last round of 20 of 50 steps arrives alone. Scaled, that version moves the model
-    by about a quarter of the step before it; as a full step, by about as much again."""
+    by about a quarter of the step before it; as a full step, by about as much again;
+    deferred, by exactly a quarter of a plain gradient step, no momentum at all."""
     theta0 = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     root = RootModel("m", theta0, NesterovSGD(), get_codec("none"), Identity.generate(),
-                     buffer_k=buffer_k)  # fmt: skip
+                     buffer_k=None if mode == "full" else 4,
+                     defer=mode == "deferred")  # fmt: skip
     pull = _g()
     for v in range(8):  # full versions: four islands' deltas around the same direction
         nv = root.step(_partial([{k: pull[k] + _g(0.3, 10 * v + i)[k] for k in pull}
                                  for i in range(4)]))  # fmt: skip
         assert nv.fraction == 1.0
     before = _norm(nv.applied)
-    last = root.step(_partial([{k: 0.4 * pull[k] for k in pull}]))  # 20 of 50 steps
+    g = {k: 0.4 * pull[k] for k in pull}
+    last = root.step(_partial([g]))  # 20 of 50 steps
     moved = _norm(last.applied)
-    if buffer_k is None:
+    if mode == "full":
         assert last.fraction == 1.0 and moved > 0.8 * before
+        return
+    assert last.fraction == 0.25 and moved < 0.3 * before
+    assert _version_meta(last.envelope)["fraction"] == 0.25
+    if mode == "deferred":
+        for k in g:
+            np.testing.assert_array_equal(last.applied[k], g[k] * np.float32(-0.7 * 0.25))
     else:
-        assert last.fraction == 0.25 and moved < 0.3 * before
-        assert _version_meta(last.envelope)["fraction"] == 0.25
+        assert moved > 2 * 0.7 * 0.25 * _norm(g)  # the momentum moved it too
+
+
+def _quadratic_federation(mode: str, full_versions: int, short_steps: int) -> tuple[float, float]:
+    """Four islands run 10 steps of gradient descent on the same ill-conditioned quadratic
+    from each version; after ``full_versions`` versions one island's round of
+    ``short_steps`` steps arrives alone. The loss before and after that last version."""
+    curvature = np.array([1.0, 0.3, 0.05], np.float32)
+
+    def loss(theta):
+        return float(0.5 * (curvature * theta["w"].astype(np.float64) ** 2).sum())
+
+    def island_delta(theta, steps):
+        w = theta["w"].copy()
+        for _ in range(steps):
+            w = w - np.float32(0.5) * curvature * w
+        return {"w": (theta["w"] - w).astype(np.float32)}  # anchor - params
+
+    root = RootModel("m", {"w": np.ones(3, np.float32)}, NesterovSGD(), get_codec("none"),
+                     Identity.generate(), buffer_k=4, defer=mode == "deferred")  # fmt: skip
+    for _ in range(full_versions):
+        root.step(_partial([island_delta(root.theta, 10)] * 4))
+    before = loss(root.theta)
+    lone = accumulate(PartialAggregate(), island_delta(root.theta, short_steps), 1.0,
+                      update_id=("island3", 99), work=short_steps / 10)  # fmt: skip
+    last = root.step(lone)
+    assert last.fraction == pytest.approx(short_steps / 10 / 4)
+    return before, loss(root.theta)
+
+
+def test_with_deferred_momentum_a_lone_short_last_round_never_undoes_progress():
+    """The mechanism behind the demo's worse last version, on a convex loss: the islands'
+    progress lowers it, so a plain partial step toward their parameters (a convex combination)
+    never raises it, while the momentum's share can point past the minimum. Deferred, no last
+    version is worse than the one before it, however many full versions came first; scaled,
+    many are."""
+    worse = {mode: [] for mode in ("deferred", "scaled")}
+    for mode, found in worse.items():
+        for full_versions in range(1, 25):
+            before, after = _quadratic_federation(mode, full_versions, short_steps=4)
+            if after > before:
+                found.append(full_versions)
+    assert worse["deferred"] == []
+    assert len(worse["scaled"]) >= 8, worse["scaled"]
+
+
+def _hand_deferred(fractions, gs, lr=0.7, mu=0.9):
+    """The deferred steps' updates in float64 (aggregator.outer, "Deferred momentum")."""
+    m = {k: np.zeros(x.shape) for k, x in gs[0].items()}
+    bank, banked, out = {k: np.zeros(x.shape) for k, x in gs[0].items()}, 0.0, []
+    for f, g in zip(fractions, gs, strict=True):
+        g = {k: x.astype(np.float64) for k, x in g.items()}
+        if banked + f < 1.0 - 1e-6:
+            out.append({k: -lr * f * g[k] for k in g})
+            bank = {k: bank[k] + f * g[k] for k in g}
+            banked += f
+            continue
+        m = {k: mu * m[k] + (bank[k] + f * g[k]) / (banked + f) for k in g}
+        out.append({k: -lr * (f * g[k] + mu * m[k]) for k in g})
+        bank, banked = {k: np.zeros(x.shape) for k, x in g.items()}, 0.0
+    return out
+
+
+FRACTIONS = (1.0, 0.25, 0.5, 0.25, 1.0, 0.6, 0.6, 1.0, 0.1, 0.1, 1.0, 0.3)
+
+
+def test_deferred_momentum_moves_once_a_full_steps_share_has_arrived():
+    theta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    gs = [_g(seed=i) for i in range(len(FRACTIONS))]
+    opt = NesterovSGD()
+    got = [opt.step(theta, g, fraction=f, defer=True) for f, g in zip(FRACTIONS, gs, strict=True)]
+    for u, want in zip(got, _hand_deferred(FRACTIONS, gs), strict=True):
+        for k in u:
+            np.testing.assert_allclose(u[k], want[k], rtol=1e-5, atol=1e-6)
+    assert opt.pending_work == pytest.approx(0.3) and set(opt.pending) == set(SHAPES)
+    # the bank's short steps carry no momentum: -lr f g exactly
+    assert all((got[1][k] == gs[1][k] * np.float32(-0.7 * 0.25)).all() for k in SHAPES)
+
+
+def test_deferred_full_steps_are_the_plain_step_bit_for_bit():
+    theta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    plain, deferred = NesterovSGD(), NesterovSGD()
+    for seed in range(6):
+        g = _g(seed=seed)
+        u, v = plain.step(theta, g), deferred.step(theta, g, defer=True)
+        assert all((u[k] == v[k]).all() for k in u)
+
+
+@pytest.mark.parametrize("make", [SGD, CO2])
+def test_optimizers_without_a_deferred_rule_take_the_scaled_step(make):
+    theta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    scaled, deferred = make(), make()
+    for i, f in enumerate(FRACTIONS):
+        g = _g(seed=i)
+        u, v = scaled.step(theta, g, fraction=f), deferred.step(theta, g, fraction=f, defer=True)
+        assert all((u[k] == v[k]).all() for k in u)
+
+
+def test_a_pending_bank_survives_a_restart_bit_for_bit():
+    """The root saves its state after every version; a restart in the middle of a bank
+    continues it exactly (the bank is state, not a by-product of the version count)."""
+    theta0 = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    ident = Identity.generate()
+
+    def root():
+        return RootModel("m", theta0, NesterovSGD(), get_codec("int8"), ident, buffer_k=4,
+                         defer=True)  # fmt: skip
+
+    partials = [_partial([_g(seed=10 * v + i) for i in range(n)])
+                for v, n in enumerate((4, 1, 2, 4, 3, 3))]  # fmt: skip
+    straight, first = root(), root()
+    for p in partials:
+        straight.step(p)
+    for p in partials[:3]:  # banks 1/4 + 2/4
+        first.step(p)
+    saved = first.state_arrays()
+    assert first.outer.pending_work == 0.75 and "outer/pending_work" in saved
+    second = root()
+    second.load_state_arrays(saved, first.version)
+    for p in partials[3:]:
+        second.step(p)
+    assert second.version == straight.version
+    assert all((second.theta[k] == straight.theta[k]).all() for k in SHAPES)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [lambda s: s.pop("pending_work"), lambda s: s.pop("pending/w"),
+     lambda s: s.__setitem__("pending_work", np.array(1.5)),
+     lambda s: s.__setitem__("pending/zz", np.zeros(3, np.float32))],
+    ids=["no share", "a sum missing", "share above one", "unknown tensor"],
+)  # fmt: skip
+def test_a_corrupt_pending_bank_is_refused(corrupt):
+    theta = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    opt = NesterovSGD()
+    opt.step(theta, _g(), fraction=0.5, defer=True)
+    state = opt.state_dict()
+    corrupt(state)
+    with pytest.raises(ValueError, match="pending"):
+        NesterovSGD().load_state_dict(state)
 
 
 async def _wait_for(cond, timeout=20.0):
@@ -145,13 +295,14 @@ async def _wait_for(cond, timeout=20.0):
     raise AssertionError("timed out")
 
 
-@pytest.mark.parametrize("partial_step", ["scaled", "full"])
+@pytest.mark.parametrize("partial_step", ["deferred", "scaled", "full"])
 async def test_a_deadline_flush_takes_its_share_of_an_outer_step_at_the_root(
     tmp_path, partial_step
 ):
     """A real root, buffer_k 4: version 1 from four updates, version 2 from one update that
-    the deadline flushed. theta_2 is the hand-computed Nesterov trajectory with the partial
-    step (f = 1/4) by default, and DiLoCo's plain step with partial_step = "full"."""
+    the deadline flushed. theta_2 is the hand-computed Nesterov trajectory with a quarter of
+    a plain step by default ("deferred"), a quarter of a momentum step with "scaled", and
+    DiLoCo's whole step with "full"; each differs from the others."""
     fed = make_federation(tmp_path, 4, aggregators=("root",))
     cfg = fed.config("root", "root", buffer_k=4, deadline_s=DEADLINE_S, clip="off",
                      partial_step=partial_step)  # fmt: skip
@@ -170,11 +321,14 @@ async def test_a_deadline_flush_takes_its_share_of_an_outer_step_at_the_root(
     finally:
         await root.stop()
     rounds = [[(d[i], 0) for i in range(4)], [(d[4], 0)]]
-    want = hand_versions(fed.theta0, rounds, buffer_k=4 if partial_step == "scaled" else None)[-1]
-    other = hand_versions(fed.theta0, rounds, buffer_k=None if partial_step == "scaled" else 4)[-1]
-    for k in want:
-        np.testing.assert_allclose(line.theta[k], want[k], rtol=1e-5, atol=1e-6)
-    assert not all(np.allclose(line.theta[k], other[k], rtol=1e-5, atol=1e-6) for k in want)
+    by_mode = {
+        "deferred": hand_versions(fed.theta0, rounds, buffer_k=4, defer=True)[-1],
+        "scaled": hand_versions(fed.theta0, rounds, buffer_k=4)[-1],
+        "full": hand_versions(fed.theta0, rounds)[-1],
+    }
+    for mode, want in by_mode.items():
+        close = all(np.allclose(line.theta[k], want[k], rtol=1e-5, atol=1e-6) for k in want)
+        assert close == (mode == partial_step), mode
 
 
 def _delta_with_meta(ident, delta, sequence, base_version, meta):
@@ -235,7 +389,7 @@ def test_a_childs_partial_with_impossible_work_is_malformed(tmp_path):
             _partial_from_child(env, arrays)
 
 
-def test_partial_step_is_checked_in_the_config_and_scaled_by_default():
+def test_partial_step_is_checked_in_the_config_and_deferred_by_default():
     with pytest.raises(ConfigError, match="partial_step"):
         MergeConfig(partial_step="half").validate()
-    assert MergeConfig().partial_step == "scaled"
+    assert MergeConfig().partial_step == "deferred"
