@@ -76,6 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from comms.errors import NotFoundError
 from comms.update import Manifest
 from island.lookahead import NesterovReplay
 from island.pseudo import (
@@ -368,6 +369,17 @@ class LocalUpdate:
                 log.error(
                     "%s; keeping version %d, trying again at the next boundary",
                     refused, self._version,
+                )  # fmt: skip
+                self.engine.follow(self._version)
+                self._set_start()
+                return
+            except NotFoundError as missing:  # the line is not served (now): not fatal either
+                log.warning(
+                    "model %s: the aggregator at %s serves neither the versions after %d nor "
+                    "a snapshot (%s); keeping version %d and the local model, training on and "
+                    "trying again at the next boundary",
+                    self.engine.model_id, self.engine.address, self._version, missing,
+                    self._version,
                 )  # fmt: skip
                 self.engine.follow(self._version)
                 self._set_start()

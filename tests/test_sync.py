@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from comms.aio import LoopThread
 from comms.config import config_from_dict
@@ -30,6 +31,8 @@ from comms.identity import Identity, Roster
 from comms.reads import ReadGuard
 from comms.transport import TransportClient, TransportServer
 from comms.update import Manifest, decode_update, encode_update
+from island.local_update import LocalUpdate
+from island.pseudo import params_to_numpy
 from island.sync import SnapshotRefusedError, SyncConfig, SyncEngine, VersionGapError
 from island.sync.versions import manifest_differences
 
@@ -83,10 +86,18 @@ class RecordingHandler:
         self.stale_sequences: set[int] = set()
         self.skip_once: set[int] = set()  # versions left out of the next subscription
         self.subscriptions: list[int] = []
+        self.served = True  # False: the model line is not served (pushes and reads NotFound)
+        self.unserved: list[str] = []  # what was answered NotFound for it: push, subscribe, fetch
         self._published = asyncio.Event()
+
+    def _check_served(self, what: str, model_id: str) -> None:
+        if not self.served:
+            self.unserved.append(what)
+            raise NotFoundError(f"model {model_id!r} is not served here")
 
     async def on_push(self, upload_id, data, metadata):
         env = Envelope.from_bytes(data, max_bytes=1 << 30)
+        self._check_served("push", env.header.model_id)
         sender, sequence = env.header.sender, env.header.sequence
         await asyncio.sleep(self.ack_delay_s)
         while not self.acks_released.is_set():
@@ -106,6 +117,7 @@ class RecordingHandler:
         }
 
     async def subscribe(self, model_id, from_version):
+        self._check_served("subscribe", model_id)
         self.subscriptions.append(from_version)
         skip, self.skip_once = self.skip_once, set()
         version = from_version
@@ -118,6 +130,7 @@ class RecordingHandler:
             await published.wait()
 
     async def fetch(self, model_id, version):
+        self._check_served("fetch", model_id)
         if self.snapshot is None:
             raise NotFoundError(f"model {model_id!r} has no snapshot")
         return self.snapshot
@@ -438,6 +451,66 @@ def test_an_island_outside_the_roster_is_refused_reads_and_told_why(harness, cap
     member = harness.engine()  # the roster's island reads the same server
     member.follow(0)
     assert member.wait_for_version(0, timeout=5) == 1
+
+
+def test_a_resumed_island_whose_line_is_not_served_trains_on_and_adopts_once_it_is(harness, caplog):
+    """An island resumed at version 3 while its aggregator serves no line "lm" (a root whose
+    [[models]] entry is gone): the stream and, at each boundary, the snapshot fetch are
+    answered NotFound; the boundary logs it, keeps version 3 and the anchor, and training goes
+    on. Once the line is served again the next boundary loads its snapshot, and the boundary
+    after that adopts the next version from the stream."""
+    torch.manual_seed(40)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+
+    def train(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def holds(arrays) -> bool:
+        got = params_to_numpy(model)
+        return all(got[n].tobytes() == arrays[n].tobytes() for n in arrays)
+
+    anchor = params_to_numpy(model)  # the resumed snapshot's anchor at version 3
+    harness.handler.served = False
+    engine = harness.engine(codec="none", rebase="reset")
+    lu = LocalUpdate(model, optimizer, every=1, engine=engine, anchor=anchor, anchor_version=3)
+    with lu:
+        for boundary in range(1, 3):
+            assert engine.wait_for_version(3, timeout=5) == 3  # returns: the stream was lost
+            train(boundary)
+            assert not holds(anchor)  # the round trained
+            assert lu.step()  # the boundary: the versions and the snapshot are not found
+            assert harness.handler.unserved.count("fetch") == boundary
+            assert lu.version == 3 and lu.round == boundary
+            assert all(lu.anchor[n].tobytes() == anchor[n].tobytes() for n in anchor)
+            assert holds(anchor)  # reset: the next round starts from the kept anchor
+        warned = [r for r in caplog.records if "serves neither" in r.getMessage()]
+        assert len(warned) == 2 and all(r.levelname == "WARNING" for r in warned)
+        said = warned[0].getMessage()
+        assert "model lm:" in said and "after 3" in said and "keeping version 3" in said
+        assert "is not served here" in said
+        assert "push" in harness.handler.unserved  # the pushes were answered NotFound too
+
+        assert engine.wait_for_version(3, timeout=5) == 3  # followed again: lost again
+        harness.handler.served = True
+        rng = np.random.default_rng(40)
+        theta5 = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in anchor.items()}
+        harness.set_snapshot(5, theta5)
+        train(10)
+        assert lu.step()  # this boundary finds the line: its snapshot is loaded
+        assert lu.version == 5 and holds(theta5)
+        u6 = {n: rng.standard_normal(a.shape).astype(np.float32) * 1e-3 for n, a in anchor.items()}
+        harness.publish(6, u6)
+        assert engine.wait_for_version(5, timeout=5) == 6
+        train(11)
+        assert lu.step()  # and the stream after it is followed as usual
+        assert lu.version == 6
+        assert holds({n: theta5[n] + u6[n] for n in theta5})
+    assert harness.handler.pushes  # the pushes after the line came back were accepted
 
 
 # ------------------------------------------------------------------ the island's own manifest
