@@ -11,7 +11,14 @@ inner optimizer; see ``scripts/quality_methods.py`` for the workers).
 4. **Archipelago**: overlapped, staleness-weighted sync, int8 and int4 deltas with error
    feedback (published ``u_v`` in the same codec), ``H`` in ``--H``; each island adopts a
    version at the first inner step after it arrives (``--adopt arrival``, the default) or
-   at its next round boundary (``boundary``).
+   at its next round boundary (``boundary``). With ``--fragments F`` (> 1) an Archipelago
+   setting also runs **with streamed fragments** (Streaming DiLoCo, ``[sync] fragments = F``
+   of the island daemon): each worker trains through the island's ``StreamingLocalUpdate``
+   with one sync engine per fragment line ``<model_id>.f<p>`` (``island.fragmented``), and
+   the root serves one model line per fragment (``fragment = [p, F]`` of the same init);
+   fragment p pushes ``H (p + 1) / F`` steps in, then every ``H``. Rank 0 evaluates the union
+   of the fragments' anchors every ``H`` steps (the last fragment's boundaries, as often as
+   without fragments); the steps it holds are the fewest any fragment's anchor holds.
 
 Every method but DDP runs until it has done ``S`` steps *and* reached the target, or
 ``--max-factor * S`` steps. Rank 0 evaluates the held-out loss every round. Reported per
@@ -48,18 +55,25 @@ method and every Archipelago setting (``--H`` 50 and ``--every-s`` 2.5 by defaul
 over them. **Thin links** (``--thin``): every worker's link is set so that one dense fp32
 pseudo-gradient takes 4x one round of 50 inner steps (one worker's step measured alone here),
 50 ms one way; DDP, sync DiLoCo (fp32, H = 50), Archipelago int4 at H = 50 and sparse2 at H = 10
-(outer sgd, int8 versions) are timed over them. Both report, per method, measured seconds to
-the target, rank 0's bytes to it, each worker's bytes up and down and utilization (seconds in
-inner steps over wall seconds), and the compute-only bound (DDP's steps at one worker's pace
-alone, no communication).
+(outer sgd, int8 versions) are timed over them, and int4 at H = 50 again with streamed
+fragments (``THIN_FRAGMENTS``, F = 2 and 4; ``--fragments`` sets the counts). Both report, per
+method, measured seconds to the target, rank 0's bytes to it, each worker's bytes up and down
+and utilization (seconds in inner steps over wall seconds), the peak bytes per push (the
+largest mean bytes sent per push of any model line, on the wire; with fragments about 1/F of
+the whole model's push), and the compute-only bound (DDP's steps at one worker's pace alone,
+no communication).
 
-    python scripts/bench_quality.py [--quick] [--no-netns] [--hetero | --thin] --json PATH
+    python scripts/bench_quality.py [--quick] [--no-netns] [--hetero | --thin] [--fragments F ...]
+        --json PATH
 
 Writes ``{"target_loss", "ddp": {...}, "sync_diloco": {...}, "hivemind": {...},
 "archipelago": {"int8_H100": {...}, ...}, "config", "notes", "plots", "meta"}``; each method
 holds ``final_loss, steps, bytes_per_island, bytes_to_target, seconds_to_target{"100","10"}``
 (null where the target was never reached) plus ``loss_at_S``, ``steps_to_target``,
-``ddp_bytes_ratio``, ``utilization``, ``curve`` and the run's diagnostics; ``"shaped":
+``ddp_bytes_ratio``, ``utilization``, ``curve``, for DiLoCo/Archipelago ``fragments``,
+``bytes_up``/``bytes_down`` per worker, ``push_bytes_peak`` (measured) and
+``push_bytes_planned`` (``island.sync.auto.push_nbytes`` of the largest fragment), and the
+run's diagnostics; ``"shaped":
 {LINK: {"backend", "ddp": {"seconds_per_step", "seconds_to_target", ...}, "sync_diloco":
 {"seconds_to_target", "steps_to_target", ...}, ...}}`` holds the measured times.
 """
@@ -105,6 +119,16 @@ THIN_SLOTS = {
     "sparse2_H10_sgd": {"H": 10, "codec": "sparse2", "publish_codec": "int8",
                         "outer": ("sgd", {"lr": 1.0})},
 }  # fmt: skip
+# --thin's fragment counts per setting (streamed fragments, besides the whole model; override:
+# --fragments). int4 at H = 50 in 2 and 4 fragments: the thin model's 28 tensors cut into
+# fragments of 55/45% and 28/27/28/17% of the parameters (comms.fragments), so a push falls to
+# about 38 KB and 20 KB from 69 KB, each sent within the 25 or 12.5 steps before the next
+# fragment's push (at thin.md's 20-ms step: 0.32 and 0.17 s at the thin rate against 0.50 and
+# 0.25 s of compute). 8 fragments would push 10 KB every 6.25 steps: 0.09 s on the wire, less
+# than the 50-ms link's round trip, so latency, not bandwidth, would set their pace.
+# sparse2 at H = 10 stays whole: its versions' downlink volume (int8, every 10 steps) kept it
+# from the target, and fragments split that volume over F lines without shrinking it.
+THIN_FRAGMENTS = {"int4_H50": [2, 4]}
 
 
 # ============================================================================ pure figures
@@ -222,7 +246,8 @@ def run_method(
         elif method == "diloco":
             federation = Federation(run_dir, args.workload, args.seed, args.world,
                                     spec["publish_codec"], args.deadline, spec["outer"],
-                                    net, buffer_k=spec.get("buffer_k"))  # fmt: skip
+                                    net, buffer_k=spec.get("buffer_k"),
+                                    fragments=spec.get("fragments", 1))  # fmt: skip
             spec.update(roster=federation.roster, model_id=MODEL_ID)
             for r, extra_r in enumerate(per_rank):
                 extra_r.update(address=federation.addresses[r], key=federation.keys[r])
@@ -305,12 +330,52 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
         },
     }
     if kind in ("sync", "overlapped"):
+        out.update(line_figures(results, spec, cal))
         out["measured"]["staleness_last"] = [e.get("staleness") for e in rank0["evals"]][-1:]
         out["measured"]["pushes_stale"] = [r["lu"]["sync"]["pushes_stale"] for r in results]
         out["measured"]["root"] = run.get("root")  # versions and their updates' staleness
     if kind == "hivemind":
         out["measured"]["epochs"] = [r["epoch"] for r in results]
     return out
+
+
+def param_sizes(workload_cfg: dict) -> dict[str, int]:
+    """The model's parameter tensors: name -> number of elements."""
+    from island.workloads import get_workload
+
+    model = get_workload("bytelm", **workload_cfg).build_model(0)
+    return {n: p.numel() for n, p in model.named_parameters()}
+
+
+def planned_push_bytes(sizes: dict[str, int], codec: str, fragments: int) -> int:
+    """Bytes of the largest push of a model of ``sizes`` cut into ``fragments`` fragments
+    (``comms.fragments.split_fragments``, as the island and the root cut it) under ``codec``
+    (``island.sync.auto.push_nbytes``: the codec's payload plus the envelope's overhead)."""
+    from comms.fragments import split_fragments
+    from island.sync.auto import push_nbytes
+
+    return max(push_nbytes(codec, [sizes[n] for n in names])
+               for names in split_fragments(sizes, fragments))  # fmt: skip
+
+
+def line_figures(results: list[dict[str, Any]], spec: dict[str, Any], cal: dict) -> dict:
+    """A DiLoCo/Archipelago run's bytes per worker, up and down, and its bytes per push:
+    ``push_bytes_peak``, the largest mean bytes sent per answered push of any model line of
+    any worker (the engines' counters on the wire, gRPC framing included), and
+    ``push_bytes_planned``, the largest fragment's push as the island sizes it."""
+    sizes = [line["push_bytes"] for r in results for line in r.get("lines", [])
+             if line["push_bytes"]]  # fmt: skip
+    fragments = spec.get("fragments", 1)
+    return {
+        "fragments": fragments,
+        "bytes_up": [r["bytes_sent"] for r in results],
+        "bytes_down": [r["bytes_received"] for r in results],
+        "push_bytes_peak": max(sizes, default=None),
+        "push_bytes_planned": planned_push_bytes(cal["sizes"], spec["codec"], fragments)
+        if "sizes" in cal
+        else None,
+        "lines": [r.get("lines") for r in results],
+    }
 
 
 def ratios(doc: dict[str, Any]) -> None:
@@ -350,13 +415,14 @@ def measure(args, tmp: Path, doc: dict, slot: str, kind: str, method: str, cal, 
         holder[key] = empty_entry(f"{type(err).__name__}: {err}")
 
 
-def shaped_entry(run: dict[str, Any], target: float) -> dict[str, Any]:
+def shaped_entry(run: dict[str, Any], target: float, cal: dict) -> dict[str, Any]:
     """Measured figures of one run over shaped links: seconds from the start barrier to rank
     0's first evaluation at or below ``target``, less rank 0's own evaluation time; for
     DiLoCo/Archipelago, to the arrival of the global version that evaluation found at or below
     it (and the steps that version holds). Also rank 0's bytes (sent + received) at that
     evaluation, each worker's bytes up and down at the run's end (it stops at the target) and
-    each worker's utilization (:func:`utilization`)."""
+    each worker's utilization (:func:`utilization`); for DiLoCo/Archipelago also the bytes per
+    push (:func:`line_figures`)."""
     rank0 = run["results"][0]
     hit = first_crossing(rank0["evals"], target)
     last = rank0["evals"][-1] if rank0["evals"] else None
@@ -381,6 +447,8 @@ def shaped_entry(run: dict[str, Any], target: float) -> dict[str, Any]:
         entry["bytes_up"] = [r["bytes_sent"] for r in results]
         entry["bytes_down"] = [r["bytes_received"] for r in results]
         entry["engine_compute_fraction"] = [r["lu"]["compute_fraction"] for r in results]
+        entry.update({k: v for k, v in line_figures(results, run["spec"], cal).items()
+                      if k not in ("bytes_up", "bytes_down")})  # fmt: skip
     elif "allreduce_out" in rank0:  # hivemind, counted as in the loopback runs
         entry["bytes_to_target"] = 4 * hit["allreduce_out"] + hit["state_out"] if hit else None
         entry["bytes_up"] = [2 * r["allreduce_out"] + r["state_out"] for r in results]
@@ -460,7 +528,7 @@ def measure_shaped(args, tmp: Path, doc: dict, link: str, hivemind: dict, cal: d
             try:
                 run = run_method(args, tmp, f"shaped{link}_{name.replace(' ', '_')}", method,
                                  net=net, target=target, min_steps=0, **extra)  # fmt: skip
-                out[name] = shaped_entry(run, target)
+                out[name] = shaped_entry(run, target, cal)
             except Exception as err:
                 print(f"    shaped {name}: FAILED: {err}", flush=True)
                 out[name] = {"error": f"{type(err).__name__}: {err}"}
@@ -491,6 +559,16 @@ def parse_outer(text: str) -> tuple[str, dict[str, float]]:
     except ConfigError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
     return name, params
+
+
+def fragment_suffix(fragments: int) -> str:
+    """A slot suffix: ``_F<n>`` for a run in ``n`` streamed fragments, none for the whole model."""
+    return f"_F{fragments}" if fragments > 1 else ""
+
+
+def fragment_setting(fragments: int) -> dict[str, int]:
+    """The run's ``fragments`` setting; none for the whole model (its settings as before)."""
+    return {"fragments": fragments} if fragments > 1 else {}
 
 
 def split_outer(outer: tuple[str, dict[str, float]]) -> tuple[tuple[str, dict], int | None]:
@@ -530,6 +608,30 @@ def parse_h_warmup(text: str) -> tuple[int, int]:
     if h0 < 1 or steps < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: H0 and STEPS must be at least 1")
     return h0, steps
+
+
+def check_fragments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--fragments``: each count at least 1, at most every H it is run with (fragment p
+    pushes ``H (p + 1) / F`` steps in); not with ``--h-warmup`` (the fragments' rounds keep
+    one length). Sets ``args.fragments`` (the counts for the settings of H steps) and
+    ``args.thin_fragments`` (--thin: setting -> its counts)."""
+    counts = args.fragments
+    if counts is not None and any(f < 1 for f in counts):
+        p.error(f"--fragments: counts of at least 1 (1: the whole model), got {counts}")
+    thin = {slot: counts or [1, *THIN_FRAGMENTS.get(slot, [])] if slot in THIN_FRAGMENTS
+            else [1] for slot in THIN_SLOTS} if args.thin else {}  # fmt: skip
+    args.fragments = [1] if args.thin else list(dict.fromkeys(counts or [1]))
+    args.thin_fragments = {slot: list(dict.fromkeys(v)) for slot, v in thin.items()}
+    most = max([*args.fragments, *(f for v in thin.values() for f in v)])
+    if most == 1:
+        return
+    if args.h_warmup:
+        p.error("--fragments: not with --h-warmup (streamed fragments keep one round length)")
+    shortest = min(args.H) if not args.thin else min(
+        THIN_SLOTS[slot]["H"] for slot, v in thin.items() if max(v) > 1)  # fmt: skip
+    if most > shortest:
+        p.error(f"--fragments: {most} fragments need rounds of at least {most} steps (fragment "
+                f"p pushes H (p + 1) / F steps in); the shortest H is {shortest}")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -596,6 +698,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="when Archipelago adopts a version (island.sync.SyncConfig.adopt); more than one "
         "runs each",
     )
+    p.add_argument(
+        "--fragments", type=int, nargs="+", metavar="F",
+        help="Archipelago: the fragment counts each setting of H inner steps runs at "
+        "(streamed fragments, the island's [sync] fragments; 1: the whole model, > 1: a row "
+        "with slot suffix _F<n>); default 1; --thin: the counts of "
+        + ", ".join(f"{k} (default 1 {' '.join(map(str, v))})" for k, v in THIN_FRAGMENTS.items())
+        + ", the other settings whole",
+    )  # fmt: skip
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
@@ -633,7 +743,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"thin links: every worker's link set so that one dense fp32 pseudo-gradient "
         f"takes {THIN_RATIO:g}x one round of H = {THIN_H} steps (measured here), "
         f"{THIN_DELAY_S * 1e3:g} ms; DDP, sync DiLoCo (fp32, H = {THIN_H}), Archipelago "
-        f"{' and '.join(THIN_SLOTS)}, each timed over them",
+        f"{' and '.join(THIN_SLOTS)} (and with fragments, see --fragments), each timed over "
+        "them",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.hetero and args.thin:
@@ -673,6 +784,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.step_floor = 0.05 if quick else 0.0
     if args.eval_every is None:
         args.eval_every = min([*args.H, args.baseline_H])
+    check_fragments(p, args)
     if args.shaped is None:
         args.shaped = [] if (quick or args.no_netns) else ["10", "100"]
     if args.hetero or args.thin:  # timed over their own links only
@@ -684,11 +796,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_fragment_counts(sizes: dict[str, int], args: argparse.Namespace) -> None:
+    """SystemExit (2) naming the count when the model cannot be cut into that many fragments
+    (each needs one of its parameter tensors; ``comms.fragments.split_fragments``)."""
+    from comms.errors import ConfigError
+    from comms.fragments import split_fragments
+
+    for count in sorted({*args.fragments, *(f for v in args.thin_fragments.values() for f in v)}):
+        try:
+            split_fragments(sizes, count)
+        except ConfigError as err:
+            print(f"bench_quality.py: error: --fragments {count}: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     compute_s, param_bytes = calibrate_compute_s(args.workload)
     args.compute_s = compute_s  # --slowdowns hold each step this much times (slowdown - 1)
-    cal = {"compute_s": compute_s, "param_bytes": param_bytes}
+    cal = {"compute_s": compute_s, "param_bytes": param_bytes,
+           "sizes": param_sizes(args.workload)}  # fmt: skip
+    check_fragment_counts(cal["sizes"], args)
     print(f"model {args.workload}: {param_bytes // 4:,} params; one worker's step alone: "
           f"{compute_s * 1e3:.1f} ms", flush=True)  # fmt: skip
     if args.thin:
@@ -728,11 +856,11 @@ def main(argv: list[str] | None = None) -> int:
             measure(args, tmp, doc, "hivemind", "hivemind", "hivemind", cal, target=target,
                     H=h, **hivemind_settings)  # fmt: skip
         for codec in args.codecs:
-            for every in args.H:
+            for every, frags in itertools.product(args.H, args.fragments):
                 for rebase, adopt, outer in itertools.product(args.rebase, args.adopt,
                                                               args.arch_outer):  # fmt: skip
                     warm = f"_warm{args.h_warmup[0]}x{args.h_warmup[1]}" if args.h_warmup else ""
-                    slot = f"{codec}_H{every}{warm}" + "".join(
+                    slot = f"{codec}_H{every}{warm}{fragment_suffix(frags)}" + "".join(
                         f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt),
                                                 (outer_label(outer), args.arch_outer))
                         if len(opts) > 1)  # fmt: skip
@@ -741,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
                             H=every, H_warmup=args.h_warmup,
                             codec=codec, publish_codec=args.publish_codec or codec,
                             mode="overlapped", outer=opt, buffer_k=buffer_k,
-                            rebase=rebase, adopt=adopt)  # fmt: skip
+                            rebase=rebase, adopt=adopt, **fragment_setting(frags))  # fmt: skip
             for every_s, outer in itertools.product(args.every_s, args.arch_outer):
                 # rounds sized to each island's speed
                 label = f"_{outer_label(outer)}" if len(args.arch_outer) > 1 else ""
@@ -751,8 +879,10 @@ def main(argv: list[str] | None = None) -> int:
                         publish_codec=args.publish_codec or codec, mode="overlapped",
                         outer=opt, buffer_k=buffer_k)  # fmt: skip
         for slot, settings in THIN_SLOTS.items() if args.thin else ():
-            measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
-                    mode="overlapped", **settings)  # fmt: skip
+            for frags in args.thin_fragments[slot]:  # the whole model, then its fragment rows
+                measure(args, tmp, doc, slot + fragment_suffix(frags), "overlapped", "diloco",
+                        cal, target=target, mode="overlapped", **settings,
+                        **fragment_setting(frags))  # fmt: skip
         ratios(doc)
         doc["shaped"] = {}
         why_not = ShapedNet.available() if args.shaped else None
@@ -769,6 +899,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "archipelago": [list(o) for o in args.arch_outer]},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,
         "codecs": args.codecs, "publish_codec": args.publish_codec, "h_warmup": args.h_warmup,
+        "fragments": args.fragments, "thin_fragments": args.thin_fragments,
         "slowdowns": args.slowdowns, "every_s": args.every_s,
         "eval_batches": args.eval_batches, "eval_every": args.eval_every,
         "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}

@@ -14,6 +14,10 @@ per step. Rank 0 evaluates the model it holds on the held-out windows at every r
   root (DiLoCo, Douillard et al. 2023, Algorithm 1). ``mode = "sync"`` is synchronous
   DiLoCo; ``"overlapped"`` is Archipelago's overlapped, staleness-weighted sync (CO2, Sun et
   al. 2024). Bytes are the engine's on-the-wire counters (envelopes and gRPC framing).
+  With ``fragments`` > 1 the worker streams its model in fragments as the island daemon does
+  with ``[sync] fragments`` (``island.fragmented``, ``island.streaming``): one engine per
+  fragment line ``<model_id>.f<p>`` on one network loop and a ``StreamingLocalUpdate`` around
+  them; the bytes are the engines' counters summed, and each line's own are in ``lines``.
 - ``hivemind``: ``hivemind.Optimizer(use_local_updates=True)``, one epoch = ``world * batch
   * H`` samples, parameters averaged by hivemind's butterfly all-reduce in the background.
   Bytes: the serialized tensor parts each peer sends in the reduce-scatter phase, counted
@@ -192,12 +196,16 @@ def ddp_worker(spec: dict[str, Any]) -> None:
 
 
 def diloco_worker(spec: dict[str, Any]) -> None:
+    from comms.aio import LoopThread
     from comms.identity import Identity, Roster
+    from island.fragmented import FragmentEngines, fragment_configs
     from island.local_update import LocalUpdate
     from island.pseudo import load_numpy_into, params_to_numpy
+    from island.streaming import StreamingLocalUpdate
     from island.sync import SyncConfig, SyncEngine
 
     rank = spec["rank"]
+    fragments = spec.get("fragments", 1)
     workload = get_workload("bytelm", **spec["workload"])
     model = workload.build_model(spec["seed"])
     optimizer = make_adamw(model.parameters(), spec)
@@ -208,25 +216,44 @@ def diloco_worker(spec: dict[str, Any]) -> None:
     every_s = spec.get("every_s")  # rounds sized by seconds of compute instead of steps
     config = SyncConfig(
         model_id=spec["model_id"], every=None if every_s else spec["H"], every_s=every_s,
-        codec=spec["codec"], mode=spec["mode"],
+        codec=spec["codec"], mode=spec["mode"], fragments=fragments,
         sync_timeout_s=spec["timeout_s"], retry_interval_s=0.2, max_retry_interval_s=2.0,
         rebase=spec.get("rebase", "eager"), adopt=spec.get("adopt", "arrival"), **lookahead,
     )  # fmt: skip
     identity = Identity.load(spec["key"])
-    engine = SyncEngine(config, identity, spec["address"], roster=Roster.load(spec["roster"]))
+    roster = Roster.load(spec["roster"])
     rec = Recorder(spec, workload, model)
     # Every worker builds theta_0 from the shared seed (the root's init file holds the same
     # bits), as DDP's workers do: version 0 is known without a download.
-    lu = LocalUpdate(model, optimizer, engine=engine, flush_on_exit=False,
-                     anchor=params_to_numpy(model), anchor_version=0)  # fmt: skip
+    theta0 = params_to_numpy(model)
+    loop = None
+    if fragments > 1:
+        # streamed fragments as the island daemon runs them (island.fragmented): one engine
+        # per fragment line <model_id>.f<p> on one network loop, one StreamingLocalUpdate
+        # around them (fragment p pushes H (p + 1) / F steps in, then every H)
+        loop = LoopThread(f"bench-rank{rank}").start()
+        engines = [SyncEngine(c, identity, spec["address"], roster=roster, loop=loop)
+                   for c in fragment_configs(config)]  # fmt: skip
+        engine: Any = FragmentEngines(engines)
+        lu: Any = StreamingLocalUpdate(model, optimizer, engines=engines, flush_on_exit=False,
+                                       anchor=theta0, anchor_versions=[0] * fragments)  # fmt: skip
+        parts = lu.updates
+    else:
+        engine = SyncEngine(config, identity, spec["address"], roster=roster)
+        engines = [engine]
+        lu = LocalUpdate(model, optimizer, engine=engine, flush_on_exit=False,
+                         anchor=theta0, anchor_version=0)  # fmt: skip
+        parts = [lu]
     global_model = workload.build_model(spec["seed"])  # rank 0 evaluates the global version
     step = 0
     # H warm-up: rounds of h0 steps until step `until`, then of H (set at round boundaries)
     h0, until = spec.get("H_warmup") or (spec["H"], 0)
-    if not every_s:
+    if not every_s and fragments == 1:
         lu.every = h0 if until > 0 else spec["H"]
-    round_steps: dict[int, int] = {}  # sequence of a pushed round -> its steps
-    steps_in_round = 0
+    # per fragment (one without fragments): sequence of a pushed round -> its steps, and the
+    # step of its last boundary
+    round_steps: list[dict[int, int]] = [{} for _ in parts]
+    boundary = [0] * len(parts)
     try:
         lu.start()
         rec.barrier()
@@ -235,44 +262,120 @@ def diloco_worker(spec: dict[str, Any]) -> None:
             timed_step(rec, step, model, optimizer, next(batches), optimizer.param_groups, spec)
             step += 1
             ended = lu.step(tokens=tokens)
-            steps_in_round += 1
-            if ended:
-                round_steps[lu.last_push.sequence], steps_in_round = steps_in_round, 0
-                if step >= until and not every_s:
-                    lu.every = spec["H"]
-            if ended and rank == 0:
+            if not ended:
+                continue
+            for p, part in enumerate(parts):
+                if part.steps_in_round == 0 and boundary[p] < step:  # its round ended here
+                    round_steps[p][part.last_push.sequence] = step - boundary[p]
+                    boundary[p] = step
+            if fragments == 1 and step >= until and not every_s:
+                lu.every = spec["H"]
+            # rank 0 evaluates once a round of H steps: with fragments at the last fragment's
+            # boundaries (every H steps), as often as without
+            if rank == 0 and boundary[-1] == step:
                 sync = engine.stats
-                # the anchor is global version lu.version (the root's theta, bit for bit);
-                # the worker's own params start the next round from it plus its in-flight delta.
-                # It holds every step but the rounds still in flight (overlapped: at least the
-                # one just pushed), and it existed here since its arrival.
+                # the anchor is the global model (with fragments the union of the fragments'
+                # anchors, each the root's theta of its line bit for bit); the worker's own
+                # params start the next round from it plus its in-flight deltas. A fragment's
+                # anchor holds its steps to its last boundary but the rounds still in flight
+                # (overlapped: at least the one just pushed); with fragments the model holds
+                # at least the fewest of any fragment, and existed here since the last of the
+                # fragments' versions arrived.
                 load_numpy_into(global_model, lu.anchor)
-                arrived = engine.arrival_time(lu.version)
-                holds = step - sum(round_steps[int(s)] for s in lu.state_dict()["in_flight"])
+                holds = min(
+                    boundary[p]
+                    - sum(round_steps[p][int(s)] for s in part.state_dict()["in_flight"])
+                    for p, part in enumerate(parts)
+                )
+                pairs = zip(engines, parts, strict=True)
+                arrivals = [e.arrival_time(part.version) for e, part in pairs]
+                arrived = None if None in arrivals else max(arrivals)
                 rec.evaluate(
                     step, global_model, version=lu.version, holds_steps=holds,
                     version_t=None if arrived is None else arrived - rec.started,
                     bytes_sent=sync["bytes_sent"], bytes_received=sync["bytes_received"],
-                    staleness=sync["last_staleness"], rounds=lu.round,
+                    staleness=sync["last_staleness"], rounds=parts[-1].round,
+                    **({"versions": lu.versions} if fragments > 1 else {}),
                 )  # fmt: skip
-        stats = lu.stats  # the training's figures, before the drain below waits
-        if not rec.stopped() and drain(lu, engine, spec["drain_s"]) and rank == 0:
+        stats = local_update_stats(parts, engine)  # the training's figures, before the drain
+        if not rec.stopped() and drain_all(parts, spec["drain_s"]) and rank == 0:
             # every round is in the global model: the federation's final model, holding all
-            # the steps (without this the last point is whichever version was newest at the
-            # last boundary, rounds behind when the root lags: 4.6 against 3.2 in one run)
+            # the steps to each fragment's last boundary (without this the last point is
+            # whichever version was newest at the last boundary, rounds behind when the root
+            # lags: 4.6 against 3.2 in one run). A fragment's unfinished round is not pushed,
+            # as a whole model's is not: the other islands may have stopped at the target
+            # and would not push theirs, so no version would hold it before the deadline.
             load_numpy_into(global_model, lu.anchor)
             sync = engine.stats
             rec.evaluate(
-                step, global_model, version=lu.version, holds_steps=step, drained=True,
-                rounds=lu.round,
+                step, global_model, version=lu.version, holds_steps=min(boundary), drained=True,
+                rounds=parts[-1].round,
                 bytes_sent=sync["bytes_sent"], bytes_received=sync["bytes_received"],
                 staleness=sync["last_staleness"],
             )  # fmt: skip
+        # the pushes still queued go out (or are abandoned) before the lines' bytes are read
+        engine.close(timeout=5)
         rec.write(step, lu=stats, boundary_s=stats["boundary_s"], blocked_s=stats["blocked_s"],
                   rounds=stats["rounds"], bytes_sent=stats["sync"]["bytes_sent"],
-                  bytes_received=stats["sync"]["bytes_received"])  # fmt: skip
+                  bytes_received=stats["sync"]["bytes_received"],
+                  lines=line_stats(engines))  # fmt: skip
     finally:
-        engine.close(timeout=5)
+        engine.close(timeout=5)  # idempotent
+        if loop is not None:
+            loop.stop()
+
+
+def local_update_stats(parts: list, engine) -> dict[str, Any]:
+    """``LocalUpdate.stats`` of the worker's one ``LocalUpdate``, or with fragments of its
+    fragments together: the engines' counters summed (``FragmentEngines.stats``), rounds of H
+    steps (the last fragment's, whose rounds are all whole), boundary and blocked seconds
+    summed over the fragments (one training thread spent them all)."""
+    if len(parts) == 1:
+        return parts[0].stats
+    per = [part.stats for part in parts]
+    sync = engine.stats
+    elapsed = max(s["elapsed_s"] for s in per)
+    blocked = sync["blocked_s"]
+    return {
+        "rounds": per[-1]["rounds"],
+        "fragment_rounds": [s["rounds"] for s in per],
+        "steps": per[-1]["steps"],
+        "versions": [s["version"] for s in per],
+        "boundary_s": sum(s["boundary_s"] for s in per),
+        "blocked_s": blocked,
+        "elapsed_s": elapsed,
+        "compute_fraction": max(0.0, 1.0 - blocked / elapsed) if elapsed > 0 else 1.0,
+        "sync": sync,
+    }
+
+
+def line_stats(engines: list) -> list[dict[str, Any]]:
+    """Per model line (one, or one per fragment), read after the engines closed: the engine's
+    bytes on the wire, its pushes the aggregator answered, those left undelivered, and
+    ``push_bytes``, bytes sent per answered push (the push client's uploads and gRPC framing,
+    plus the version stream's small requests); None when a push was left undelivered, whose
+    bytes may be partly counted."""
+    out = []
+    for engine in engines:
+        s = engine.stats
+        answered = sum(s[k] for k in ("pushes_accepted", "pushes_replayed", "pushes_stale",
+                                      "pushes_rejected"))  # fmt: skip
+        out.append({
+            "model_id": engine.model_id, "bytes_sent": s["bytes_sent"],
+            "bytes_received": s["bytes_received"], "pushes": answered,
+            "pushes_undelivered": s["pushes_pending"],
+            "versions_received": s["versions_received"],
+            "push_bytes": s["bytes_sent"] / answered if answered and not s["pushes_pending"]
+            else None,
+        })  # fmt: skip
+    return out
+
+
+def drain_all(parts: list, timeout_s: float) -> bool:
+    """:func:`drain` of each ``LocalUpdate`` (the one, or each fragment's), ``timeout_s`` in
+    all; True when none has anything left in flight."""
+    deadline = time.monotonic() + timeout_s
+    return all([drain(part, part.engine, deadline - time.monotonic()) for part in parts])
 
 
 def drain(lu, engine, timeout_s: float) -> bool:

@@ -126,13 +126,17 @@ class Federation:
 
     def __init__(self, run_dir: Path, workload_cfg: dict, seed: int, world: int,
                  publish_codec: str, deadline_s: float, outer: tuple[str, dict],
-                 net: ShapedNet | None = None, buffer_k: int | None = None):  # fmt: skip
+                 net: ShapedNet | None = None, buffer_k: int | None = None,
+                 fragments: int = 1):  # fmt: skip
         """``buffer_k``: the root's merge.buffer_k (None: ``world``, one version per round of
-        every island)."""
+        every island). ``fragments`` > 1: the root serves one model line per fragment
+        (``<MODEL_ID>.f<p>``, ``fragment = [p, fragments]`` of the same init file), as an
+        island with ``[sync] fragments`` needs (``comms.fragments``)."""
         from safetensors.numpy import save_file
 
         from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
         from comms.config import save_config
+        from comms.fragments import fragment_model_id
         from comms.identity import Identity, Roster
         from island.pseudo import params_to_numpy
         from island.workloads import get_workload
@@ -152,13 +156,20 @@ class Federation:
         roster.save(self.roster)
         model = get_workload("bytelm", **workload_cfg).build_model(seed)
         save_file(params_to_numpy(model), str(run_dir / "init.safetensors"))
+        if fragments > 1:
+            self.model_ids = [fragment_model_id(MODEL_ID, p) for p in range(fragments)]
+            cuts = [[p, fragments] for p in range(fragments)]
+        else:
+            self.model_ids, cuts = [MODEL_ID], [[]]
         config = AggregatorConfig(
             name="root", role="root", key=str(run_dir / "root.pem"), roster=self.roster,
             state_dir=str(run_dir / "root-state"), http="",
             listen="0.0.0.0:0" if net else "127.0.0.1:0",
             merge=MergeConfig(buffer_k=buffer_k or world, deadline_s=deadline_s),
-            models=[ModelConfig(MODEL_ID, init=str(run_dir / "init.safetensors"),
-                                outer=outer[0], outer_params=dict(outer[1]), codec=publish_codec)],
+            models=[ModelConfig(model_id, init=str(run_dir / "init.safetensors"),
+                                outer=outer[0], outer_params=dict(outer[1]), codec=publish_codec,
+                                fragment=fragment)
+                    for model_id, fragment in zip(self.model_ids, cuts, strict=True)],
         )  # fmt: skip
         save_config(config, run_dir / "root.toml")
         log = open(run_dir / "root.log", "wb")
@@ -187,13 +198,20 @@ class Federation:
     def versions_staleness(self) -> dict[str, Any]:
         """From the root's stored versions (read after :meth:`close`): how many it published
         and how stale their updates were (each version's meta ``max_staleness``: the stalest
-        island update it merged, in versions)."""
+        island update it merged, in versions); with fragments summed over the fragment lines,
+        and each line's count under ``versions_per_line``."""
         from comms.envelope import Envelope
 
-        folder = self.run_dir / "root-state" / "store" / MODEL_ID / "versions"
-        stale = []
-        for path in sorted(folder.glob("*.env")):
-            env = Envelope.from_bytes(path.read_bytes(), max_bytes=1 << 40)
-            stale.append(int(env.header.meta["max_staleness"]))
-        return {"versions": len(stale), "max_staleness": max(stale, default=None),
-                "versions_by_max_staleness": {str(s): stale.count(s) for s in sorted(set(stale))}}  # fmt: skip
+        stale, per_line = [], {}
+        for model_id in self.model_ids:
+            folder = self.run_dir / "root-state" / "store" / model_id / "versions"
+            paths = sorted(folder.glob("*.env"))
+            per_line[model_id] = len(paths)
+            for path in paths:
+                env = Envelope.from_bytes(path.read_bytes(), max_bytes=1 << 40)
+                stale.append(int(env.header.meta["max_staleness"]))
+        out = {"versions": len(stale), "max_staleness": max(stale, default=None),
+               "versions_by_max_staleness": {str(s): stale.count(s) for s in sorted(set(stale))}}  # fmt: skip
+        if len(self.model_ids) > 1:
+            out["versions_per_line"] = per_line
+        return out

@@ -70,16 +70,16 @@ def print_table(doc: dict[str, Any]) -> None:
     for name, e in named_entries(doc):
         if "error" in e:
             status = "skipped" if e["error"].startswith("skipped") else "FAILED"
-            rows.append([name, status, *[None] * 9])
+            rows.append([name, status, *[None] * 10])
             continue
         secs = e["seconds_to_target"]
         rows.append([
             name, e["loss_at_S"], e["final_loss"], e["steps"], e["steps_to_target"],
             e["bytes_to_target"], e["ddp_bytes_ratio"], secs["100"], secs["10"],
-            e["utilization"]["10"], e["bytes_per_island"],
+            e["utilization"]["10"], e["bytes_per_island"], e.get("push_bytes_peak"),
         ])  # fmt: skip
     headers = ["method", "loss@S", "final", "steps", "steps->tgt", "bytes->tgt", "DDP/x bytes",
-               "s->tgt 100M*", "s->tgt 10M*", "util 10M*", "bytes total"]  # fmt: skip
+               "s->tgt 100M*", "s->tgt 10M*", "util 10M*", "bytes total", "peak B/push"]  # fmt: skip
     print(f"\ntarget loss (DDP after {doc['config']['S']} steps): {doc['target_loss']:.4f}")
     print(format_table(headers, rows))
     print("* modelled: measured compute per step + link model (see notes)")
@@ -111,20 +111,26 @@ def print_shaped(link: str, entries: dict[str, Any]) -> None:
             continue
         secs = e.get("seconds_to_target")
         util = e.get("utilization")
+        up, down = e.get("bytes_up"), e.get("bytes_down")
         rows.append([
             name, secs, ddp_s / secs if ddp_s and secs else None,
             sync_s / secs if sync_s and secs else None, e.get("steps_to_target"), e.get("steps"),
-            e.get("bytes_to_target"),
+            e.get("bytes_to_target"), mean_mb(up), mean_mb(down), e.get("push_bytes_peak"),
             " ".join(f"{u:.2f}" for u in util) if util else (e.get("error") or "").split("\n")[0][:60],
         ])  # fmt: skip
     label = f"{link} Mbit/s" if link in ("100", "10") else f"{link}, {link_label(entries['links'])}"
     print(f"\nMEASURED over real shaped links, {label} ({entries.get('backend')}):")
     headers = ["method", "s->tgt", "DDP/x", "syncDiLoCo/x", "steps->tgt", "steps", "bytes->tgt",
-               "util per worker"]  # fmt: skip
+               "up MB", "down MB", "peak B/push", "util per worker"]  # fmt: skip
     print(format_table(headers, rows))
     if "compute_only_bound_s" in entries:
         print(f"compute-only bound (DDP's steps at one worker's pace alone, no communication): "
               f"{entries['compute_only_bound_s']:.1f} s")  # fmt: skip
+
+
+def mean_mb(values: list[float] | None) -> float | None:
+    """The workers' mean of ``values`` (bytes), in MB; None without any."""
+    return sum(values) / len(values) / 1e6 if values else None
 
 
 def notes(args, hivemind_settings: dict) -> list[str]:
@@ -143,12 +149,25 @@ def notes(args, hivemind_settings: dict) -> list[str]:
         "framing; every worker builds theta_0 from the shared seed, as DDP's do, so no initial "
         "download); hivemind: 4x the serialized reduce-scatter "
         "parts each peer sent, plus state it served (DHT and libp2p framing not counted)",
+        "peak B/push (push_bytes_peak): the largest mean bytes sent per answered push of any "
+        "model line of any worker, on the wire (with fragments: of any fragment line); "
+        "up/down MB: each worker's bytes sent/received to its run's end, the workers' mean",
         "evaluation: rank 0's model every round (DiLoCo: the global anchor just adopted; "
         "hivemind: its local parameters after background averaging) on fixed held-out windows; "
         "DiLoCo/Archipelago add a last point, the global model once it holds every round "
         "pushed (drained: true)",
         f"hivemind: use_local_updates=True, target_batch_size = world*batch*H, "
         f"{hivemind_settings}; default delay_state_averaging (background averaging)",
+        *(
+            [
+                "fragments (slot suffix _F<n>): the island's streamed fragments (sync.fragments, "
+                "island.streaming) against a root serving one model line per fragment; rank 0 "
+                "evaluates the union of the fragments' anchors at the last fragment's boundaries "
+                "(every H steps) and counts the steps the fragment holding the fewest holds"
+            ]
+            if max([*args.fragments, *(f for v in args.thin_fragments.values() for f in v)]) > 1
+            else []
+        ),
         *(
             [f"every method's inner steps last at least {args.step_floor:g} s (--step-floor)"]
             if args.step_floor

@@ -86,3 +86,50 @@ def test_bad_outer_steps_are_refused_before_any_run(value, message, capsys):
     with pytest.raises(SystemExit):
         bench_quality.parse_args(["--arch-outer", value])
     assert message in capsys.readouterr().err
+
+
+def test_fragments_rows_per_setting():
+    args = bench_quality.parse_args(["--quick", "--fragments", "1", "2", "2"])
+    assert args.fragments == [1, 2]  # each count once
+    assert bench_quality.parse_args(["--quick"]).fragments == [1]
+    # --thin: int4 at H = 50 whole and in 2 and 4 fragments, sparse2 whole; --fragments sets
+    # the int4 setting's counts
+    args = bench_quality.parse_args(["--thin"])
+    assert args.thin_fragments == {"int4_H50": [1, 2, 4], "sparse2_H10_sgd": [1]}
+    assert args.fragments == [1]
+    args = bench_quality.parse_args(["--thin", "--fragments", "1", "8"])
+    assert args.thin_fragments == {"int4_H50": [1, 8], "sparse2_H10_sgd": [1]}
+    assert (bench_quality.fragment_suffix(1), bench_quality.fragment_suffix(4)) == ("", "_F4")
+    assert bench_quality.fragment_setting(1) == {}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--fragments", "0"], "counts of at least 1"),
+        (["--quick", "--fragments", "11"], "the shortest H is 10"),
+        (["--thin", "--fragments", "51"], "the shortest H is 50"),
+        (["--quick", "--fragments", "2", "--h-warmup", "5:20"], "not with --h-warmup"),
+    ],
+)
+def test_fragments_refused_where_they_cannot_run(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_quality.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_planned_push_of_the_thin_model_in_fragments(capsys):
+    # the thin run's model (d_model 64, 2 layers): 28 tensors, 120,576 parameters; its int4
+    # push falls from 69 KB to 38 KB in 2 fragments and 20 KB in 4 (the largest fragment's)
+    sizes = bench_quality.param_sizes(
+        {"d_model": 64, "n_layer": 2, "n_head": 4, "context": 64, "batch_size": 16}
+    )
+    assert (len(sizes), sum(sizes.values())) == (28, 120_576)
+    whole, two, four = (bench_quality.planned_push_bytes(sizes, "int4", f) for f in (1, 2, 4))
+    assert (whole, two, four) == (68_848, 38_500, 19_888)
+    # the quick model has 16 tensors: 17 fragments are refused before any run
+    args = bench_quality.parse_args(["--quick", "--H", "20", "--fragments", "17"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_quality.check_fragment_counts(bench_quality.param_sizes(args.workload), args)
+    assert exit_info.value.code == 2
+    assert "--fragments 17" in capsys.readouterr().err
