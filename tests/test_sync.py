@@ -9,6 +9,7 @@ and is not an aggregator; end-to-end tests against the real aggregator live with
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -489,7 +490,7 @@ def test_a_resumed_island_whose_line_is_not_served_trains_on_and_adopts_once_it_
             assert all(lu.anchor[n].tobytes() == anchor[n].tobytes() for n in anchor)
             assert holds(anchor)  # reset: the next round starts from the kept anchor
         warned = [r for r in caplog.records if "serves neither" in r.getMessage()]
-        assert len(warned) == 2 and all(r.levelname == "WARNING" for r in warned)
+        assert len(warned) == 2 and all(r.levelno == logging.WARNING for r in warned)
         said = warned[0].getMessage()
         assert "model lm:" in said and "after 3" in said and "keeping version 3" in said
         assert "is not served here" in said
