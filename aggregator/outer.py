@@ -112,6 +112,15 @@ FULL_STEP_TOLERANCE = 1e-6
 _STEP = "step"
 
 
+def _pending_of(state: Mapping[str, np.ndarray]) -> Params:
+    """The ``pending/<name>`` sums of a saved state, as new float32 arrays."""
+    return {
+        k[len(_PENDING) :]: np.array(v, dtype=np.float32)
+        for k, v in state.items()
+        if k.startswith(_PENDING)
+    }
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -122,7 +131,6 @@ class OuterOptimizer:
 
     name: ClassVar[str] = ""
     uses_momentum: ClassVar[bool] = True
-    defers: ClassVar[bool] = False  # implements the deferred-momentum partial step
 
     def __init__(self) -> None:
         self.steps = 0
@@ -150,7 +158,7 @@ class OuterOptimizer:
         version merged from fewer updates than the root's ``buffer_k``; see the module doc);
         1 is the optimizer's plain step, bit for bit. ``defer``: a partial step's momentum
         waits until a full step's share has arrived (module doc, "Deferred momentum"), for
-        the optimizers that support it (:attr:`defers`); the others take the scaled step.
+        the optimizers that have such a rule; the others take the scaled step.
         ``theta`` is not modified. A pseudo-gradient holding NaN or Inf raises
         :class:`~comms.errors.NonFiniteError` before any state changes.
         """
@@ -163,16 +171,13 @@ class OuterOptimizer:
                 raise NonFiniteError(f"pseudo-gradient tensor {name!r} holds NaN or Inf")
         if self.momentum:
             check_same_layout(self.momentum, g, "pseudo-gradient (vs momentum)")
-        if defer and self.defers:
-            u = self._deferred(g, float(fraction))
-        else:
-            u = self._update(g, float(fraction))
+        u = (self._deferred if defer else self._update)(g, float(fraction))
         self.steps += 1
         return u
 
     def _deferred(self, g: Mapping[str, np.ndarray], f: float) -> Params:
-        """The step with deferred momentum (optimizers with :attr:`defers` only)."""
-        raise NotImplementedError
+        """The step with deferred momentum; an optimizer without such a rule scales."""
+        return self._update(g, f)
 
     def _momentum_buffer(self, name: str, like: np.ndarray) -> np.ndarray:
         if name not in self.momentum:
@@ -240,7 +245,6 @@ class NesterovSGD(OuterOptimizer):
         _require(0 < momentum < 1, f"nesterov: momentum must be in (0, 1), got {momentum!r}")
         self.lr = float(lr)
         self.mu = float(momentum)
-
         self.pending: Params = {}  # deferred momentum: the banked sum of f * g
         self.pending_work = 0.0  # ... and the share of a step it holds, below 1
 
@@ -260,8 +264,6 @@ class NesterovSGD(OuterOptimizer):
             np.multiply(u, neg, out=u)  # u = -lr * f * (g + mu * m)
             out[name] = u
         return out
-
-    defers = True
 
     def _deferred(self, g: Mapping[str, np.ndarray], f: float) -> Params:
         """Deferred momentum (module doc): a step short of a full one is ``-lr * f * g`` and
@@ -311,11 +313,7 @@ class NesterovSGD(OuterOptimizer):
         base = {k: v for k, v in state.items() if k != _PENDING_WORK and not k.startswith(_PENDING)}
         super().load_state_dict(base)
         work = float(np.asarray(state.get(_PENDING_WORK, 0.0)).reshape(-1)[0])
-        pending = {
-            k[len(_PENDING) :]: np.array(v, dtype=np.float32)
-            for k, v in state.items()
-            if k.startswith(_PENDING)
-        }
+        pending = _pending_of(state)
         if not (0.0 <= work < 1.0) or (work > 0) != bool(pending):
             raise ValueError(
                 f"{self.name} state: a pending deferred step needs a share in (0, 1) and its "
@@ -399,11 +397,7 @@ class DelayedNesterov(OuterOptimizer):
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore :meth:`state_dict`'s state; a period in progress needs its pending sums."""
         super().load_state_dict({k: v for k, v in state.items() if not k.startswith(_PENDING)})
-        self.pending = {
-            k[len(_PENDING) :]: np.array(v, dtype=np.float32)
-            for k, v in state.items()
-            if k.startswith(_PENDING)
-        }
+        self.pending = _pending_of(state)
         in_period = self.steps % self.delay != 0
         if in_period and set(self.pending) != set(self.momentum):
             raise ValueError(

@@ -365,22 +365,20 @@ class LocalUpdate:
             log.warning("model %s: %s", self.engine.model_id, err)
             try:  # one try per boundary: training goes on meanwhile
                 version, params = self.engine.fetch_snapshot(retry_refused=False)
-            except SnapshotRefusedError as refused:
-                log.error(
-                    "%s; keeping version %d, trying again at the next boundary",
-                    refused, self._version,
-                )  # fmt: skip
-                self.engine.follow(self._version)
-                self._set_start()
-                return
-            except NotFoundError as missing:  # the line is not served (now): not fatal either
-                log.warning(
-                    "model %s: the aggregator at %s serves neither the versions after %d nor "
-                    "a snapshot (%s); keeping version %d and the local model, training on and "
-                    "trying again at the next boundary",
-                    self.engine.model_id, self.engine.address, self._version, missing,
-                    self._version,
-                )  # fmt: skip
+            except (SnapshotRefusedError, NotFoundError) as err:
+                if isinstance(err, SnapshotRefusedError):
+                    log.error(
+                        "%s; keeping version %d, trying again at the next boundary",
+                        err, self._version,
+                    )  # fmt: skip
+                else:  # the line is not served (now): not fatal either
+                    log.warning(
+                        "model %s: the aggregator at %s serves neither the versions after %d "
+                        "nor a snapshot (%s); keeping version %d and the local model, training "
+                        "on and trying again at the next boundary",
+                        self.engine.model_id, self.engine.address, self._version, err,
+                        self._version,
+                    )  # fmt: skip
                 self.engine.follow(self._version)
                 self._set_start()
                 return
