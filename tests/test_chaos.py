@@ -153,8 +153,8 @@ def test_short_chaos_run_passes_every_check(tmp_path):
     out = tmp_path / "chaos"
     argv = [
         sys.executable, str(REPO / "scripts" / "chaos.py"), "--scenarios", "aimed",
-        "--small", "--steps", "160", "--every", "20", "--slowdown", "6", "--aimed-random-kills", "3", "--kill-start", "6",
-        "--kill-span", "20", "--aimed-set", "fast", "--eval-batches", "4",
+        "--small", "--steps", "320", "--every", "20", "--slowdown", "6", "--aimed-random-kills", "3", "--kill-start", "6",
+        "--kill-span", "10", "--aimed-set", "fast", "--eval-batches", "4",
         "--out", str(out), "--json", str(tmp_path / "chaos.json"),
     ]  # fmt: skip
     p = subprocess.run(argv, capture_output=True, text=True, timeout=380, cwd=REPO)
