@@ -102,6 +102,17 @@ from quality_report import link_label, notes, plot, print_table  # noqa: E402
 
 FULL_MODEL = {"d_model": 128, "n_layer": 4, "n_head": 4, "context": 128, "batch_size": 16}
 QUICK_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 4}
+# --preset NAME: settings a flag given by hand overrides. "medium": the bytelm workload's own
+# default size (FULL_MODEL, 0.84 M parameters; the headline tables run a 0.12 M reduction of
+# it), S = 2000, the default push codec and int4 at H = 50 against DDP and sync DiLoCo at the
+# same H, on loopback (times modelled). Up to 2 S steps a method: about 75 min on this 2-core
+# machine (4 workers at about 0.17 s a step alone). hivemind is left out for time (--skip
+# with no names brings it back); --device cuda runs the same preset on a GPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "medium": {"model": FULL_MODEL, "steps": 2000, "max_factor": 2.0, "H": [50],
+               "codecs": ["int8", "int4"], "baseline_H": 50, "skip": ["hivemind"],
+               "no_netns": True},
+}  # fmt: skip
 OPTIM = {"lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0}
 OUTER = {"lr": 0.7, "momentum": 0.9}
 HIVEMIND_STANDARD = {"matchmaking_time": 5.0, "averaging_timeout": 60.0}
@@ -198,6 +209,7 @@ def calibrate_compute_s(workload_cfg: dict, steps: int = 25) -> tuple[float, int
     model = workload.build_model(0)
     opt = make_adamw(model.parameters(), OPTIM)
     batches = workload.train_batches(0)
+    sync = torch.cuda.synchronize if workload.device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(steps + 5):
         t0 = time.perf_counter()
@@ -205,6 +217,7 @@ def calibrate_compute_s(workload_cfg: dict, steps: int = 25) -> tuple[float, int
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return statistics.median(times[5:]), param_bytes
@@ -343,7 +356,7 @@ def param_sizes(workload_cfg: dict) -> dict[str, int]:
     """The model's parameter tensors: name -> number of elements."""
     from island.workloads import get_workload
 
-    model = get_workload("bytelm", **workload_cfg).build_model(0)
+    model = get_workload("bytelm", **{**workload_cfg, "device": "cpu"}).build_model(0)
     return {n: p.numel() for n, p in model.named_parameters()}
 
 
@@ -637,6 +650,17 @@ def check_fragments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, a few dozen steps (CI)")
+    p.add_argument(
+        "--preset", choices=list(PRESETS),
+        help="a named set of settings (flags given by hand override them); medium: the "
+        "bytelm workload's default size (0.84 M parameters), S = 2000, H = 50, int8 and int4, "
+        "DDP and sync DiLoCo, loopback; about 75 min on 2 cores",
+    )  # fmt: skip
+    p.add_argument(
+        "--device", default="cpu",
+        help="torch device of every worker's model and batches (cpu, cuda, cuda:N, auto); "
+        "with cuda all workers share the visible GPU(s) and DDP's all-reduce stays on gloo",
+    )  # fmt: skip
     p.add_argument("--no-netns", action="store_true", help="no network namespaces (see notes)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plots", help="folder for the PNGs (default: beside --json, or ./)")
@@ -719,7 +743,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=60.0, help="aggregator merge deadline_s")
     p.add_argument("--timeout", type=float, default=3600.0, help="longest run of one method, s")
     p.add_argument("--workdir", help="a new folder for run files, kept (default: a temp dir)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["sync_diloco", "hivemind"])
+    p.add_argument(
+        "--skip", nargs="*", choices=["sync_diloco", "hivemind"],
+        help="methods left out (default none; --preset medium: hivemind); --skip alone: none",
+    )  # fmt: skip
     p.add_argument(
         "--shaped", nargs="*", choices=list(LINKS),
         help="links to also time for real in network namespaces (default: 10 100; quick or "
@@ -747,6 +774,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "them",
     )  # fmt: skip
     args = p.parse_args(argv)
+    apply_preset(p, args)
     if args.hetero and args.thin:
         p.error("--hetero and --thin are separate benchmarks: give one")
     args.profiles = {}  # link name -> each worker's (rate, delay); --thin's is set once measured
@@ -770,11 +798,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.slowdowns is not None and len(args.slowdowns) != args.world:
         p.error(f"--slowdowns: give one per worker ({args.world}), got {len(args.slowdowns)}")
     quick = args.quick
-    model = dict(QUICK_MODEL if quick else FULL_MODEL)
+    model = dict(args.preset_model or (QUICK_MODEL if quick else FULL_MODEL))
     for key in ("d_model", "n_layer", "n_head", "context", "batch_size"):
         if getattr(args, key) is not None:
             model[key] = getattr(args, key)
-    args.workload = model
+    args.workload = {**model, "device": check_device(p, args.device)}
     defaults = {"steps": (40, 3000), "max_factor": (1.5, 3.0), "H": ([10], [50, 100, 250, 500]),
                 "baseline_H": (10, 100), "warmup": (5, 100), "eval_batches": (2, 16)}  # fmt: skip
     for key, (q, full) in defaults.items():
@@ -794,6 +822,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if quick:
         args.timeout = min(args.timeout, 120.0)
     return args
+
+
+def apply_preset(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the settings ``--preset`` names where no flag set them (``args.preset_model``: the
+    preset's model, or None); ``--skip`` given alone keeps every method."""
+    preset = PRESETS.get(args.preset, {}) if args.preset else {}
+    if preset and (args.quick or args.hetero or args.thin):
+        p.error(f"--preset {args.preset}: not with --quick, --hetero or --thin")
+    args.preset_model = preset.get("model")
+    for key, value in preset.items():
+        if key == "model":
+            continue
+        if key == "no_netns":
+            args.no_netns = args.no_netns or (value and args.shaped is None)
+        elif getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.skip is None:
+        args.skip = []
+
+
+def check_device(p: argparse.ArgumentParser, name: str) -> str:
+    """``--device``: a torch device this machine has (``island.workloads.resolve_device``)."""
+    from comms.errors import ConfigError
+    from island.workloads import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except ConfigError as err:
+        p.error(f"--device: {err}")
+        raise  # p.error exits; for the type checker
 
 
 def check_fragment_counts(sizes: dict[str, int], args: argparse.Namespace) -> None:
@@ -905,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         "compute_s_per_step": compute_s, "links": {k: {"rate_bps": r, "delay_s": d}
                                                    for k, (r, d) in LINKS.items()},
         "hivemind": hivemind_settings, "quick": args.quick, "hetero": args.hetero,
+        "preset": args.preset, "device": args.workload["device"], "skip": args.skip,
         "thin": cal.get("thin"), "profiles": {k: [{"rate_bps": r, "delay_s": d} for r, d in v]
                                               for k, v in args.profiles.items()},
     }  # fmt: skip

@@ -143,6 +143,7 @@ def timed_step(rec: Recorder, step: int, model, optimizer, batch, lr_groups, spe
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    value = float(loss.detach())  # waits for a GPU's queued work, so the step's time is whole
     spent = time.perf_counter() - t0
     rec.step_s.append(spent)
     slowdown = (spec.get("slowdowns") or [1.0] * spec["world"])[spec["rank"]]
@@ -157,7 +158,7 @@ def timed_step(rec: Recorder, step: int, model, optimizer, batch, lr_groups, spe
         time.sleep(spec["step_floor_s"] - spent)
         spent = spec["step_floor_s"]
     rec.busy_s += spent
-    return float(loss.detach())
+    return value
 
 
 # ============================================================================ DDP

@@ -154,7 +154,8 @@ class Federation:
         roster.add(root.public_key, "aggregator", "root")
         self.roster = str(run_dir / "roster.json")
         roster.save(self.roster)
-        model = get_workload("bytelm", **workload_cfg).build_model(seed)
+        # theta_0 on the CPU: build_model draws on the CPU and moves, so the bits are the workers'
+        model = get_workload("bytelm", **{**workload_cfg, "device": "cpu"}).build_model(seed)
         save_file(params_to_numpy(model), str(run_dir / "init.safetensors"))
         if fragments > 1:
             self.model_ids = [fragment_model_id(MODEL_ID, p) for p in range(fragments)]
