@@ -485,6 +485,8 @@ class Island:
         sync = self.engine.stats
         record = {
             "t": round(time.perf_counter() - self.started, 3),
+            # seconds since the epoch: `island plot` lines islands up on it
+            "wall_time": round(time.time(), 3),
             "island": self.config.name,
             "round": rnd,
             "step": self.step,
@@ -510,6 +512,7 @@ class Island:
         val = self._evaluate(model)
         self._record({
             "t": round(time.perf_counter() - self.started, 3),
+            "wall_time": round(time.time(), 3),
             "island": self.config.name,
             "step": self.step,
             "train_loss": float(np.mean(losses)) if losses else None,

@@ -4,13 +4,15 @@ federation report (``scripts/federation_report.py``, which draws the same figure
 A run directory holds, anywhere below it:
 
 - island round records (``metrics_file``, one JSON object per round or expert checkpoint:
-  ``t``, ``island``, ``step``, ``val_loss``, ``bytes_sent``, ``utilization``, ...);
+  ``t`` (seconds since the island started), ``wall_time`` (seconds since the epoch), ``island``, ``step``,
+  ``val_loss``, ``bytes_sent``, ``utilization``, ...);
 - ack logs (``acks.jsonl`` in an island's snapshot directory: every push its aggregator
   answered, with the staleness it was admitted at); the directory names the island;
 - daemon logs (``*.log``, JSON lines or text, ``comms.logs``): a root's published versions.
 
 ``read_run(run_dir)`` collects them; ``render_run`` draws what they hold: validation loss per
-island, bytes sent per island (against synchronous data-parallel training when the model's
+island against inner steps and against seconds since the run's first island started (islands
+lined up by their records' wall clock; each island's own ``t`` where a record has none), bytes sent per island (against synchronous data-parallel training when the model's
 parameter count is known), utilization, and the staleness histogram. What synchronous
 data-parallel training would have sent: a ring all-reduce of fp32 gradients every step moves
 ``2 (N - 1) / N * 4 * params`` bytes per island per step (Patarasuk & Yuan 2009).
@@ -126,6 +128,35 @@ def staleness_from_log(text: str) -> list[int]:
     return [int(m.group(1)) for m in found if m]
 
 
+def _run_clock(run: RunRecords) -> tuple[float | None, dict[str, float | None]]:
+    """The wall-clock second the run's first island started, and each island's own start
+    (``wall_time - t`` of its first record with both: a resumed island's ``t`` starts again
+    at 0), None where an island's records carry no ``wall_time`` (records written before it existed)."""
+    starts = {}
+    for name, records in run.rounds.items():
+        timed = [r for r in records if finite(r.get("wall_time")) and finite(r.get("t"))]
+        starts[name] = timed[0]["wall_time"] - timed[0]["t"] if timed else None
+    known = [s for s in starts.values() if s is not None]
+    return (min(known) if known else None), starts
+
+
+def loss_over_time(run: RunRecords) -> tuple[dict[str, list[tuple[float, float]]], bool]:
+    """Each island's (seconds, validation loss) in name order, seconds counted from the run's
+    first island's start on the records' wall clock (``wall_time``), so islands that started or
+    resumed at different moments line up; and whether every island could be placed so. An
+    island without ``wall_time`` in its records counts from its own start (``t``), and the second
+    value is False."""
+    origin, starts = _run_clock(run)
+    out = {}
+    for name in sorted(run.rounds):
+        out[name] = [
+            (r["wall_time"] - origin if finite(r.get("wall_time")) and origin is not None
+             else r["t"], r["val_loss"])
+            for r in run.rounds[name] if finite(r.get("val_loss")) and finite(r.get("t"))
+        ]  # fmt: skip
+    return out, all(s is not None for s in starts.values())
+
+
 def version_times(root_log: str, wall_start: float) -> dict[int, float]:
     """Seconds after ``wall_start`` at which the root published each version (its log)."""
     times = {0: 0.0}
@@ -162,6 +193,7 @@ def plot_val_loss(
     global_points: list[tuple[float, float]] | None = None,
     x: str = "t",
     title: str = "Local-update: validation loss, islands and global model",
+    xlabel: str | None = None,
 ) -> bytes:
     """Each island's validation loss at its round boundaries against ``x`` (``t``: seconds,
     shifted by ``offsets``; or ``step``), and the global model's points if given."""
@@ -174,7 +206,7 @@ def plot_val_loss(
     if global_points:
         ax.plot(*zip(*global_points, strict=True), color="black", marker="o", linewidth=2,
                 label="global model (root)")  # fmt: skip
-    xlabel = "seconds since the islands started" if x == "t" else "inner steps"
+    xlabel = xlabel or ("seconds since the islands started" if x == "t" else "inner steps")
     ax.set(xlabel=xlabel, ylabel="validation loss", title=title)
     ax.legend(fontsize=8)
     return _png(plt, fig)
@@ -231,6 +263,7 @@ def plot_staleness(per_island: dict[str, list[int]]) -> bytes:
 
 TITLES = {
     "val_loss": "Validation loss",
+    "val_loss_time": "Validation loss over time",
     "bytes": "Bytes sent per island",
     "utilization": "Compute utilization per island",
     "staleness": "Staleness histogram",
@@ -273,6 +306,15 @@ def render_run(run_dir: str | Path, out: str | Path, params: int | None = None) 
     f = run_figures(run, params)
     records = {n: run.rounds[n] for n in f["islands"]}
     plots = {"val_loss": plot_val_loss(records, x="step", title="Validation loss per island")}
+    over_time, shared = loss_over_time(run)
+    plots["val_loss_time"] = plot_val_loss(
+        {n: [{"t": t, "val_loss": v} for t, v in pts] for n, pts in over_time.items()},
+        title="Validation loss per island over time",
+        xlabel="seconds since the run's first island started" if shared else (
+            "seconds since each island started (its records have no wall clock)"),
+    )  # fmt: skip
+    f["loss_over_time"] = {n: [list(p) for p in pts] for n, pts in over_time.items()}
+    f["shared_clock"] = shared
     with_bytes = [i for i, b in enumerate(f["bytes_sent"]) if b is not None]
     if with_bytes:  # local-update islands (experts send nothing)
         ddp = f["ddp_equivalent_bytes"]

@@ -476,7 +476,8 @@ def test_island_plot_draws_the_runs_plots_from_its_records(run):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(figures["plots"]) == {"val_loss", "bytes", "utilization", "staleness"}
+    assert set(figures["plots"]) == {"val_loss", "val_loss_time", "bytes", "utilization",
+                                     "staleness"}  # fmt: skip
     for path in figures["plots"].values():
         data = Path(path).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, path
@@ -489,6 +490,14 @@ def test_island_plot_draws_the_runs_plots_from_its_records(run):
     ]
     assert figures["islands"] == ["island0"]
     assert figures["records"] == {"island0": len(records)}
+    # the loss over time is on the records' wall clock, from the island's start
+    start = records[0]["wall_time"] - records[0]["t"]
+    assert figures["shared_clock"] is True
+    expected = [(r["wall_time"] - start, r["val_loss"]) for r in records
+                if r.get("val_loss") is not None]  # fmt: skip
+    drawn = figures["loss_over_time"]["island0"]
+    assert [v for _, v in drawn] == [v for _, v in expected]
+    assert [t for t, _ in drawn] == pytest.approx([t for t, _ in expected])
     assert figures["steps"] == [records[-1]["step"]]
     assert figures["bytes_sent"] == [records[-1]["bytes_sent"]]
     assert figures["staleness"]["island0"] == [int(a["staleness"]) for a in acks
@@ -519,6 +528,43 @@ def test_run_figures_compare_only_pushing_islands_with_data_parallel(tmp_path):
     assert f["steps"] == [30, 20, 5] and f["bytes_sent"] == [None, 90, 40]
     assert f["ddp_equivalent_bytes"] == [None, 8000.0, 2000.0]
     assert f["staleness"] == {"expert0": [], "island0": [0, 1], "island1": [2]}
+
+
+def test_island_plot_lines_islands_up_on_the_wall_clock(tmp_path):
+    """island1 started 5 s after island0 and was resumed at wall second 120 (its ``t`` starts
+    again at 0): its points sit at their wall-clock seconds after island0's start, not at its
+    own ``t``. Records without a wall clock (an older run) keep their own seconds."""
+    from island.plots import loss_over_time, read_run, render_run
+
+    (tmp_path / "m").mkdir()
+    rows = {
+        "island0": [{"t": 10.0, "wall_time": 110.0, "island": "island0", "step": 5, "val_loss": 3.0},
+                    {"t": 30.0, "wall_time": 130.0, "island": "island0", "step": 9, "val_loss": 2.5}],
+        "island1": [{"t": 10.0, "wall_time": 115.0, "island": "island1", "step": 4, "val_loss": 3.1},
+                    {"t": 2.0, "wall_time": 122.0, "island": "island1", "step": 6},
+                    {"t": 8.0, "wall_time": 128.0, "island": "island1", "step": 7, "val_loss": 2.7}],
+    }  # fmt: skip
+    for name, records in rows.items():
+        (tmp_path / "m" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                              for r in records))  # fmt: skip
+    points, shared = loss_over_time(read_run(tmp_path))
+    assert shared is True
+    assert points == {"island0": [(10.0, 3.0), (30.0, 2.5)],
+                      "island1": [(15.0, 3.1), (28.0, 2.7)]}  # fmt: skip
+    figures = render_run(tmp_path, tmp_path / "out")
+    assert Path(figures["plots"]["val_loss_time"]).read_bytes().startswith(PNG)
+
+    for records in rows.values():
+        for r in records:
+            del r["wall_time"]
+    (tmp_path / "old").mkdir()
+    for name, records in rows.items():
+        (tmp_path / "old" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                                for r in records))  # fmt: skip
+    points, shared = loss_over_time(read_run(tmp_path / "old"))
+    assert shared is False
+    assert points == {"island0": [(10.0, 3.0), (30.0, 2.5)],
+                      "island1": [(10.0, 3.1), (8.0, 2.7)]}  # fmt: skip
 
 
 def _model_params():
