@@ -14,6 +14,15 @@ SIGTERM, a grace period, then SIGKILL of the child's whole process group (which 
 anything it started, such as hivemind's DHT daemon). ``OUT/processes.json`` lists every
 child's pid as it starts, for tests and for a user cleaning up by hand.
 
+gRPC and ``preexec_fn``. A child started with ``preexec_fn`` is forked (not spawned), so
+gRPC's fork handlers run in it; with gRPC's fork support on, they restart its poller thread in
+the child, whose epoll descriptor ``close_fds`` has already closed, and the child aborts before
+its ``exec`` (``epoll_wait error: Bad file descriptor``, exit -6; grpc/grpc#43055). Measured
+here: 27 of 200 such children of a process with a busy gRPC channel died so, none with fork
+support off. No child uses its launcher's gRPC, so importing this module turns gRPC's fork
+support off (``GRPC_ENABLE_FORK_SUPPORT=false``, unless set): gRPC reads it at its own import,
+so a launcher imports this module before anything that imports grpc (tests: ``conftest.py``).
+
 Concurrency: one reader thread per child copies its stdout into its log and a queue;
 everything else runs in the caller's thread.
 """
@@ -34,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before grpc's import: see above
 
 
 class FederationError(Exception):
