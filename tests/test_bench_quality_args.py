@@ -1,5 +1,5 @@
-"""``scripts/bench_quality.py``'s ``--hetero`` and ``--thin`` presets: what they set, the
-input they refuse, the thin link's rate and the printed link labels. The runs themselves are
+"""``scripts/bench_quality.py``'s ``--hetero``, ``--thin`` and ``--preset medium``: what they
+set, the input they refuse, ``--device``, the thin link's rate and the printed link labels. The runs themselves are
 in docs/benchmarks/hetero.md and thin.md (minutes each, too long for the suite)."""
 
 import sys
@@ -34,6 +34,10 @@ def test_hetero_sets_the_mix_and_times_it_over_its_own_links():
         (["--hetero", "--thin"], "give one"),
         (["--thin", "--codecs", "int8"], "leave out --H, --codecs and --every-s"),
         (["--hetero", "--no-netns"], "drop --no-netns"),
+        (["--preset", "medium", "--quick"], "not with --quick, --hetero or --thin"),
+        (["--preset", "medium", "--thin"], "not with --quick, --hetero or --thin"),
+        (["--preset", "large"], "invalid choice: 'large'"),
+        (["--device", "gpu7"], "--device: device: 'gpu7' is not a torch device"),
     ],
 )
 def test_presets_refuse_what_they_cannot_honour(argv, message, capsys):
@@ -133,3 +137,36 @@ def test_planned_push_of_the_thin_model_in_fragments(capsys):
         bench_quality.check_fragment_counts(bench_quality.param_sizes(args.workload), args)
     assert exit_info.value.code == 2
     assert "--fragments 17" in capsys.readouterr().err
+
+
+def test_the_medium_preset_runs_the_workloads_default_model():
+    from island.workloads.bytelm import ByteLMConfig
+
+    args = bench_quality.parse_args(["--preset", "medium"])
+    default = ByteLMConfig()
+    for key in ("d_model", "n_layer", "n_head", "context"):
+        assert args.workload[key] == getattr(default, key), key
+    assert args.workload["device"] == "cpu"
+    assert (args.steps, args.max_factor, args.H, args.baseline_H) == (2000, 2.0, [50], 50)
+    assert args.codecs == ["int8", "int4"] and args.skip == ["hivemind"]
+    assert args.no_netns and args.shaped == []
+    # flags given by hand win; --skip alone keeps every method; --shaped times links again
+    args = bench_quality.parse_args(["--preset", "medium", "--steps", "2500", "--H", "100",
+                                     "--skip", "--shaped", "10", "--d-model", "96"])  # fmt: skip
+    assert (args.steps, args.H, args.skip, args.shaped) == (2500, [100], [], ["10"])
+    assert args.workload["d_model"] == 96 and not args.no_netns
+    # without the preset nothing changes
+    args = bench_quality.parse_args([])
+    assert (args.steps, args.H, args.skip) == (3000, [50, 100, 250, 500], [])
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        assert bench_quality.parse_args(["--device", "cuda"]).workload["device"] == "cuda"
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        bench_quality.parse_args(["--preset", "medium", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
