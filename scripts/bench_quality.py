@@ -63,8 +63,15 @@ largest mean bytes sent per push of any model line, on the wire; with fragments 
 the whole model's push), and the compute-only bound (DDP's steps at one worker's pace alone,
 no communication).
 
+**The workload's default model** (``--preset medium``): the bytelm model at its own default
+size (842,496 parameters; the tables above run a 120,576-parameter reduction), S = 2000, H = 50,
+int8 and int4 against DDP and sync DiLoCo, on loopback with modelled times (``PRESETS``). On a
+GPU machine the same preset runs with ``--device cuda`` (every worker's model and batches on the
+GPU; DDP's all-reduce stays on gloo), e.g. at 8 workers and about 25 M parameters:
+``--preset medium --device cuda --world 8 --d-model 512 --n-layer 8 --n-head 8``.
+
     python scripts/bench_quality.py [--quick] [--no-netns] [--hetero | --thin] [--fragments F ...]
-        --json PATH
+        [--preset medium] [--device DEVICE] --json PATH
 
 Writes ``{"target_loss", "ddp": {...}, "sync_diloco": {...}, "hivemind": {...},
 "archipelago": {"int8_H100": {...}, ...}, "config", "notes", "plots", "meta"}``; each method
