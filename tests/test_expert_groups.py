@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from aggtools import delta_bytes, make_federation, random_delta, rejected_by_reason
 from safetensors.numpy import load_file
-from test_island_daemon import _start, _stop
+from test_island_daemon import _start, _start_root, _stop
 
 from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
 from aggregator.groups import ExpertGroup
@@ -259,9 +259,7 @@ def test_two_expert_groups_train_their_experts_through_one_root(tmp_path, two_cl
     configs = [_island(tmp_path, i, two_clusters, i // 2, "") for i in range(4)]
     export_initial_parameters(configs[0], str(tmp_path / "init.safetensors"))
     save_config(_root_config(tmp_path, GROUPS), tmp_path / "root.toml")
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")],
-                        tmp_path / "root.log", "serving on")  # fmt: skip
-    address = line.split("serving on ")[1].split()[0]
+    root, address, _ = _start_root(tmp_path)
     procs = []
     try:
         for i, cfg in enumerate(configs):

@@ -30,7 +30,14 @@ from island.distributed import (
 )
 from island.sync import SyncConfig
 from island.workloads import select_documents
-from tests.test_island_daemon import _accepted_updates, _root_theta, _start, _stop, _theta_at
+from tests.test_island_daemon import (
+    _accepted_updates,
+    _root_theta,
+    _start,
+    _start_root,
+    _stop,
+    _theta_at,
+)
 
 pytestmark = pytest.mark.timeout(180)
 TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "context": 32, "batch_size": 4}
@@ -162,9 +169,7 @@ def _setup(tmp_path, steps, every):
 def test_torchrun_island_pushes_once_per_round_and_matches_the_root(tmp_path):
     steps, every = 12, 4
     cfg = _setup(tmp_path, steps, every)
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
-                        "serving on")  # fmt: skip
-    address = line.split("serving on ")[1].split()[0]
+    root, address, line = _start_root(tmp_path)
     root_http = line.split(" http ")[1].split()[0]
     island = None
     try:
@@ -205,9 +210,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_a_restart_resumes(tmp_
     cfg = _setup(tmp_path, steps=0, every=4)  # 0: until stopped
     cfg.sync.mode = "overlapped"
     cfg.snapshot = SnapshotConfig(dir=str(tmp_path / "snap"))
-    root, line = _start(["aggregator", "serve", str(tmp_path / "root.toml")], tmp_path / "root.log",
-                        "serving on")  # fmt: skip
-    address = line.split("serving on ")[1].split()[0]
+    root, address, line = _start_root(tmp_path)
     root_http = line.split(" http ")[1].split()[0]
     cfg.aggregator = address
     save_config(cfg, tmp_path / "island.toml")
