@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import bench_quality
+import quality_args
 from quality_report import link_label
 
 
@@ -57,7 +58,7 @@ def test_thin_rate_makes_a_dense_push_four_rounds_long():
 
 
 def test_link_labels():
-    assert link_label(bench_quality.HETERO_LINKS) == "100/10/10/2 Mbit/s, 0/50/50/50 ms"
+    assert link_label(quality_args.HETERO_LINKS) == "100/10/10/2 Mbit/s, 0/50/50/50 ms"
     assert link_label([(964_608.0, 0.05)] * 4) == "0.965 Mbit/s, 50 ms"
     assert link_label([{"rate_bps": 100e6, "delay_s": 0.0}] * 4) == "100 Mbit/s"
 
