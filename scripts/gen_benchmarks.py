@@ -428,6 +428,18 @@ def quality_longer(doc: dict) -> str:
     )
 
 
+def quality_medium(doc: dict) -> str:
+    config = doc.get("config") or {}
+    w = config.get("workload") or {}
+    return quality(
+        doc,
+        f"Quality per byte on the workload's default model (--preset medium: "
+        f"{config.get('params', 0):,} parameters, d_model {w.get('d_model')}, "
+        f"{w.get('n_layer')} layers, context {w.get('context')}; S = {config.get('S')}, "
+        f"H = {', '.join(map(str, config.get('H', [])))}, device {config.get('device', 'cpu')})",
+    )
+
+
 def _shaped_tables(doc: dict) -> list[str]:
     """The MEASURED times over real shaped links, beside the modelled ones."""
     out = []
@@ -514,10 +526,12 @@ SECTIONS = {
     "bench_ensemble_hybrid.json": hybrid,
     "bench_quality_s1500.json": quality_longer,
     "bench_quality_s1500_h250.json": quality_longer,
+    "bench_quality_medium.json": quality_medium,
 }
 
 # the command behind a JSON file where it is not ``scripts/<name>.py``
-COMMANDS = {"bench_ensemble_hybrid.json": "bench_ensemble.py --hybrid"}
+COMMANDS = {"bench_ensemble_hybrid.json": "bench_ensemble.py --hybrid",
+            "bench_quality_medium.json": "bench_quality.py --preset medium"}  # fmt: skip
 
 ANCHORS = """## What the projects we compare with report
 
@@ -553,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         "[`docs/benchmarks/hetero.md`](docs/benchmarks/hetero.md). Expert groups against "
         "isolated experts, one global model and the monolith (`bench_ensemble.py --hybrid`): "
         "below.",
+        "Model sizes: every `bench_quality` table here and in `docs/benchmarks/` runs the "
+        "bytelm model reduced to 120,576 parameters (d_model 64, 2 layers, context 64), "
+        "except the section on the workload's default model (`--preset medium`, 842,496 "
+        "parameters: d_model 128, 4 layers, context 128), which says so in its heading; its "
+        "reading, and the command for a GPU, are in "
+        "[`docs/benchmarks/medium.md`](docs/benchmarks/medium.md).",
     ]
     found = 0
     for name, render in SECTIONS.items():
