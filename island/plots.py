@@ -4,18 +4,19 @@ federation report (``scripts/federation_report.py``, which draws the same figure
 A run directory holds, anywhere below it:
 
 - island round records (``metrics_file``, one JSON object per round or expert checkpoint:
-  ``t`` (seconds since the island started), ``wall_time`` (seconds since the epoch), ``island``, ``step``,
-  ``val_loss``, ``bytes_sent``, ``utilization``, ...);
+  ``t`` (seconds since the island started), ``wall_time`` (seconds since the epoch),
+  ``island``, ``step``, ``val_loss``, ``bytes_sent``, ``utilization``, ...);
 - ack logs (``acks.jsonl`` in an island's snapshot directory: every push its aggregator
   answered, with the staleness it was admitted at); the directory names the island;
 - daemon logs (``*.log``, JSON lines or text, ``comms.logs``): a root's published versions.
 
 ``read_run(run_dir)`` collects them; ``render_run`` draws what they hold: validation loss per
 island against inner steps and against seconds since the run's first island started (islands
-lined up by their records' wall clock; each island's own ``t`` where a record has none), bytes sent per island (against synchronous data-parallel training when the model's
-parameter count is known), utilization, and the staleness histogram. What synchronous
-data-parallel training would have sent: a ring all-reduce of fp32 gradients every step moves
-``2 (N - 1) / N * 4 * params`` bytes per island per step (Patarasuk & Yuan 2009).
+lined up by their records' wall clock; each island's own ``t`` where a record has none), bytes
+sent per island (against synchronous data-parallel training when the model's parameter count is
+known), utilization, and the staleness histogram. What synchronous data-parallel training would
+have sent: a ring all-reduce of fp32 gradients every step moves ``2 (N - 1) / N * 4 * params``
+bytes per island per step (Patarasuk & Yuan 2009).
 
 Single-threaded; matplotlib with the Agg backend, imported on first use.
 """
@@ -128,33 +129,26 @@ def staleness_from_log(text: str) -> list[int]:
     return [int(m.group(1)) for m in found if m]
 
 
-def _run_clock(run: RunRecords) -> tuple[float | None, dict[str, float | None]]:
-    """The wall-clock second the run's first island started, and each island's own start
-    (``wall_time - t`` of its first record with both: a resumed island's ``t`` starts again
-    at 0), None where an island's records carry no ``wall_time`` (records written before it existed)."""
-    starts = {}
-    for name, records in run.rounds.items():
-        timed = [r for r in records if finite(r.get("wall_time")) and finite(r.get("t"))]
-        starts[name] = timed[0]["wall_time"] - timed[0]["t"] if timed else None
-    known = [s for s in starts.values() if s is not None]
-    return (min(known) if known else None), starts
-
-
 def loss_over_time(run: RunRecords) -> tuple[dict[str, list[tuple[float, float]]], bool]:
     """Each island's (seconds, validation loss) in name order, seconds counted from the run's
-    first island's start on the records' wall clock (``wall_time``), so islands that started or
-    resumed at different moments line up; and whether every island could be placed so. An
-    island without ``wall_time`` in its records counts from its own start (``t``), and the second
-    value is False."""
-    origin, starts = _run_clock(run)
-    out = {}
-    for name in sorted(run.rounds):
-        out[name] = [
-            (r["wall_time"] - origin if finite(r.get("wall_time")) and origin is not None
-             else r["t"], r["val_loss"])
-            for r in run.rounds[name] if finite(r.get("val_loss")) and finite(r.get("t"))
-        ]  # fmt: skip
-    return out, all(s is not None for s in starts.values())
+    first island's start on the records' wall clock (``wall_time``; a start is ``wall_time -
+    t``, and a resumed island's ``t`` starts again at 0), so islands that started or resumed at
+    different moments line up; and whether every island could be placed so. An island without
+    ``wall_time`` in its records (written before it existed) counts from its own start
+    (``t``), and the second value is False."""
+
+    def timed(r: dict[str, Any]) -> bool:
+        return finite(r.get("wall_time")) and finite(r.get("t"))
+
+    starts = [r["wall_time"] - r["t"] for rs in run.rounds.values() for r in rs if timed(r)]
+    origin = min(starts, default=None)
+    out = {
+        name: [(r["wall_time"] - origin if origin is not None and finite(r.get("wall_time"))
+                else r["t"], r["val_loss"])
+               for r in run.rounds[name] if finite(r.get("val_loss")) and finite(r.get("t"))]
+        for name in sorted(run.rounds)
+    }  # fmt: skip
+    return out, all(any(timed(r) for r in rs) for rs in run.rounds.values())
 
 
 def version_times(root_log: str, wall_start: float) -> dict[int, float]:

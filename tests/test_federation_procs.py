@@ -7,6 +7,7 @@ at import; a fresh interpreter that imports it before grpc, with a gRPC channel 
 thread, must start every child.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -48,7 +49,7 @@ LAUNCHER = textwrap.dedent(
 
 
 def test_children_start_while_the_launcher_is_busy_in_grpc(tmp_path):
-    env = {k: v for k, v in __import__("os").environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
     proc = subprocess.run(
         [sys.executable, "-c", LAUNCHER, str(SCRIPTS), str(tmp_path), "150"],
         capture_output=True, text=True, timeout=120, env=env,
