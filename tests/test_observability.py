@@ -490,8 +490,10 @@ def test_island_plot_draws_the_runs_plots_from_its_records(run):
     ]
     assert figures["islands"] == ["island0"]
     assert figures["records"] == {"island0": len(records)}
-    # the loss over time is on the records' wall clock, from the island's start
-    start = records[0]["wall_time"] - records[0]["t"]
+    # the loss over time is on the records' wall clock, from the island's start: the earliest
+    # wall_time - t of its records (both are rounded to the millisecond, so each record's
+    # difference may be a millisecond off the first's)
+    start = min(r["wall_time"] - r["t"] for r in records)
     assert figures["shared_clock"] is True
     expected = [(r["wall_time"] - start, r["val_loss"]) for r in records
                 if r.get("val_loss") is not None]  # fmt: skip
