@@ -36,8 +36,9 @@ worker's compute per inner step ``c`` is measured once, alone, before the runs; 
   the measured per-round encode/apply time;
 - Archipelago (overlapped), k rounds: ``max(k (H c + o), B / r + 3 k d)`` (pushes and
   versions overlap the compute);
-- hivemind, k epochs: ``max(k H c, (B / 2) / r + 4 k d)`` (background averaging overlaps the
-  compute; matchmaking waits are not charged: generous to hivemind).
+- hivemind, k epochs: ``max(k H c, (B / 2) / r + 4 k d)`` (averaging taken to overlap the
+  compute, which hivemind's local-update mode does not do, and matchmaking waits not charged:
+  generous to hivemind).
 
 **Time to target, measured** (``--shaped 10 100``, the default unless ``--quick`` or
 ``--no-netns``; needs root): the methods run again with every worker in its own network

@@ -19,7 +19,10 @@ per step. Rank 0 evaluates the model it holds on the held-out windows at every r
   fragment line ``<model_id>.f<p>`` on one network loop and a ``StreamingLocalUpdate`` around
   them; the bytes are the engines' counters summed, and each line's own are in ``lines``.
 - ``hivemind``: ``hivemind.Optimizer(use_local_updates=True)``, one epoch = ``world * batch
-  * H`` samples, parameters averaged by hivemind's butterfly all-reduce in the background.
+  * H`` samples, parameters averaged by hivemind's butterfly all-reduce at each epoch's end;
+  the step that ends an epoch waits for that round (``delay_state_averaging`` off, hivemind's
+  default; on, the next local step waits for it instead: local updates average by the delta
+  rule). Timing: ``quality_args.HIVEMIND_STANDARD``.
   Bytes: the serialized tensor parts each peer sends in the reduce-scatter phase, counted
   by a pass-through compression (``CountingNoCompression``); the all-gather phase returns
   parts of equal size and the peer receives as much as it sends, so sent + received is four
@@ -452,6 +455,7 @@ def hivemind_worker(spec: dict[str, Any]) -> None:
         batch_size_per_step=batch_size, params=model.parameters(),
         optimizer=lambda params: make_adamw(params, spec), use_local_updates=True,
         matchmaking_time=spec["matchmaking_time"], averaging_timeout=spec["averaging_timeout"],
+        next_chunk_timeout=spec.get("next_chunk_timeout"),
         state_averaging_compression=counting_compression(allreduce_out),
         load_state_compression=counting_compression(state_out), verbose=False,
     )  # fmt: skip

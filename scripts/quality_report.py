@@ -153,11 +153,12 @@ def notes(args, hivemind_settings: dict) -> list[str]:
         "model line of any worker, on the wire (with fragments: of any fragment line); "
         "up/down MB: each worker's bytes sent/received to its run's end, the workers' mean",
         "evaluation: rank 0's model every round (DiLoCo: the global anchor just adopted; "
-        "hivemind: its local parameters after background averaging) on fixed held-out windows; "
+        "hivemind: its local parameters after its latest averaging round) on fixed held-out windows; "
         "DiLoCo/Archipelago add a last point, the global model once it holds every round "
         "pushed (drained: true)",
         f"hivemind: use_local_updates=True, target_batch_size = world*batch*H, "
-        f"{hivemind_settings}; default delay_state_averaging (background averaging)",
+        f"{hivemind_settings}; delay_state_averaging off (hivemind's default: the step that ends an "
+        f"epoch waits for its all-reduce)",
         *(
             [
                 "fragments (slot suffix _F<n>): the island's streamed fragments (sync.fragments, "

@@ -171,3 +171,20 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys):
         bench_quality.parse_args(["--preset", "medium", "--device", "cuda"])
     assert exit_info.value.code == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_hivemind_gives_a_part_time_to_cross_the_thinnest_hetero_link():
+    """A sender whose next chunk takes longer than ``next_chunk_timeout`` is dropped from the
+    all-reduce, and after such a partial round hivemind's parameters went NaN (hetero.md). The
+    thinnest peer streams to the other three at once, so a part of hivemind's largest size
+    shares its link three ways; the timeout must outlast that."""
+    from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+
+    settings = quality_args.HIVEMIND_STANDARD
+    thinnest = min(rate for rate, _ in quality_args.HETERO_LINKS)
+    world = len(quality_args.HETERO_LINKS)
+    shared_part_s = (world - 1) * DEFAULT_PART_SIZE_BYTES * 8 / thinnest
+    # hivemind's default is matchmaking_time, which is short for another reason (quality_args)
+    timeout = settings.get("next_chunk_timeout", settings["matchmaking_time"])
+    assert timeout > shared_part_s
+    assert settings["averaging_timeout"] >= timeout
