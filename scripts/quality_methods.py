@@ -83,6 +83,10 @@ class Recorder:
         self.evals: list[dict[str, Any]] = []
         self.step_s: list[float] = []
         self.busy_s = 0.0  # inner steps, with the --slowdowns and --step-floor holds
+        # each step's optimizer.step() seconds; where the optimizer can wait for peers inside
+        # it (hivemind), the busy seconds count each at most the median (``optimizer_wait_s``)
+        self.optimizer_s: list[float] = []
+        self.optimizer_waits = False
         self.eval_s = 0.0
         self.started = time.perf_counter()
 
@@ -117,6 +121,15 @@ class Recorder:
         print(json.dumps({"rank": self.rank, **record}), file=sys.stderr, flush=True)
         return loss
 
+    def optimizer_wait_s(self) -> float:
+        """Seconds the optimizer's step spent beyond its median, where it can wait for peers
+        (``optimizer_waits``): a hivemind step that ends an epoch, or the local step after
+        it, holds the all-reduce. 0 otherwise."""
+        if not self.optimizer_waits or not self.optimizer_s:
+            return 0.0
+        typical = statistics.median(self.optimizer_s)
+        return sum(max(0.0, s - typical) for s in self.optimizer_s)
+
     def write(self, steps: int, **extra: Any) -> None:
         timed = self.step_s[5:] or self.step_s  # the first steps warm caches up
         result = {
@@ -127,7 +140,8 @@ class Recorder:
             "wall_s": time.perf_counter() - self.started,
             "eval_s": self.eval_s,
             "compute_s": sum(self.step_s),
-            "busy_s": self.busy_s,
+            "busy_s": self.busy_s - self.optimizer_wait_s(),
+            "optimizer_wait_s": self.optimizer_wait_s(),
             **extra,
         }
         tmp = self.run_dir / f"result-{self.rank}.json.tmp"
@@ -144,7 +158,9 @@ def timed_step(rec: Recorder, step: int, model, optimizer, batch, lr_groups, spe
     loss.backward()
     if spec["grad_clip"]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
+    t_opt = time.perf_counter()
     optimizer.step()
+    rec.optimizer_s.append(time.perf_counter() - t_opt)
     optimizer.zero_grad(set_to_none=True)
     value = float(loss.detach())  # waits for a GPU's queued work, so the step's time is whole
     spent = time.perf_counter() - t0
@@ -462,6 +478,7 @@ def hivemind_worker(spec: dict[str, Any]) -> None:
     lr_groups = opt.state_averager.optimizer.param_groups  # the live groups (not copies)
     batches = workload.train_batches(spec["data_seed"], shard=rank, num_shards=world)
     rec = Recorder(spec, workload, model)
+    rec.optimizer_waits = True
     rec.barrier()
     step = 0
     while step < spec["steps"] and not rec.stopped():

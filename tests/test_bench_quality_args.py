@@ -188,3 +188,22 @@ def test_hivemind_gives_a_part_time_to_cross_the_thinnest_hetero_link():
     timeout = settings.get("next_chunk_timeout", settings["matchmaking_time"])
     assert timeout > shared_part_s
     assert settings["averaging_timeout"] >= timeout
+
+
+def test_a_hivemind_workers_wait_for_peers_is_not_counted_as_compute(tmp_path):
+    """hivemind's optimizer step holds the all-reduce at an epoch's end, inside the timed
+    step: the busy seconds (utilization) count each optimizer step at most its median."""
+    import json
+
+    from quality_methods import Recorder
+
+    rec = Recorder({"rank": 0, "run_dir": str(tmp_path), "world": 1}, None, None)
+    rec.busy_s = 10.0
+    rec.optimizer_s = [0.01, 0.01, 0.012, 5.0, 0.011]
+    assert rec.optimizer_wait_s() == 0.0  # an optimizer that never waits: counted whole
+    rec.optimizer_waits = True
+    assert rec.optimizer_wait_s() == pytest.approx((5.0 - 0.011) + (0.012 - 0.011))  # median 0.011
+    rec.write(5)
+    result = json.loads((tmp_path / "result-0.json").read_text())
+    assert result["busy_s"] == pytest.approx(10.0 - 4.99)
+    assert result["optimizer_wait_s"] == pytest.approx(4.99)
