@@ -132,6 +132,7 @@ class Recorder:
 
     def write(self, steps: int, **extra: Any) -> None:
         timed = self.step_s[5:] or self.step_s  # the first steps warm caches up
+        waited = self.optimizer_wait_s()
         result = {
             "rank": self.rank,
             "steps": steps,
@@ -140,8 +141,8 @@ class Recorder:
             "wall_s": time.perf_counter() - self.started,
             "eval_s": self.eval_s,
             "compute_s": sum(self.step_s),
-            "busy_s": self.busy_s - self.optimizer_wait_s(),
-            "optimizer_wait_s": self.optimizer_wait_s(),
+            "busy_s": self.busy_s - waited,
+            "optimizer_wait_s": waited,
             **extra,
         }
         tmp = self.run_dir / f"result-{self.rank}.json.tmp"
