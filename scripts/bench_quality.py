@@ -375,6 +375,11 @@ def line_figures(results: list[dict[str, Any]], spec: dict[str, Any], cal: dict)
     }
 
 
+def ef_label(decay: float | None) -> str:
+    """A slot suffix for an error-feedback decay (None: the island's default for the codec)."""
+    return "ef_default" if decay is None else f"ef{decay:g}"
+
+
 def ratios(doc: dict[str, Any]) -> None:
     """``ddp_bytes_ratio``: DDP's bytes to the target over each method's."""
     ddp_bytes = doc["ddp"].get("bytes_to_target")
@@ -616,19 +621,21 @@ def main(argv: list[str] | None = None) -> int:
                     H=h, **hivemind_settings)  # fmt: skip
         for codec in args.codecs:
             for every, frags in itertools.product(args.H, args.fragments):
-                for rebase, adopt, outer in itertools.product(args.rebase, args.adopt,
-                                                              args.arch_outer):  # fmt: skip
+                for rebase, adopt, outer, decay in itertools.product(
+                        args.rebase, args.adopt, args.arch_outer, args.ef_decay):  # fmt: skip
                     warm = f"_warm{args.h_warmup[0]}x{args.h_warmup[1]}" if args.h_warmup else ""
                     slot = f"{codec}_H{every}{warm}{fragment_suffix(frags)}" + "".join(
                         f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt),
-                                                (outer_label(outer), args.arch_outer))
+                                                (outer_label(outer), args.arch_outer),
+                                                (ef_label(decay), args.ef_decay))
                         if len(opts) > 1)  # fmt: skip
                     opt, buffer_k = split_outer(outer)
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
                             H=every, H_warmup=args.h_warmup,
                             codec=codec, publish_codec=args.publish_codec or codec,
                             mode="overlapped", outer=opt, buffer_k=buffer_k,
-                            rebase=rebase, adopt=adopt, **fragment_setting(frags))  # fmt: skip
+                            rebase=rebase, adopt=adopt, ef_decay=decay,
+                            **fragment_setting(frags))  # fmt: skip
             for every_s, outer in itertools.product(args.every_s, args.arch_outer):
                 # rounds sized to each island's speed
                 label = f"_{outer_label(outer)}" if len(args.arch_outer) > 1 else ""
@@ -658,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "archipelago": [list(o) for o in args.arch_outer]},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,
         "codecs": args.codecs, "publish_codec": args.publish_codec, "h_warmup": args.h_warmup,
+        "ef_decay": args.ef_decay,
         "fragments": args.fragments, "thin_fragments": args.thin_fragments,
         "slowdowns": args.slowdowns, "every_s": args.every_s,
         "eval_batches": args.eval_batches, "eval_every": args.eval_every,

@@ -111,6 +111,17 @@ def parse_h_warmup(text: str) -> tuple[int, int]:
     return h0, steps
 
 
+def parse_ef_decay(text: str) -> float:
+    """An error-feedback decay: a number in (0, 1]."""
+    try:
+        beta = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number in (0, 1], e.g. 0.95") from err
+    if not 0 < beta <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be in (0, 1] (1: no decay)")
+    return beta
+
+
 def check_fragments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--fragments``: each count at least 1, at most every H it is run with (fragment p
     pushes ``H (p + 1) / F`` steps in); not with ``--h-warmup`` (the fragments' rounds keep
@@ -182,6 +193,16 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
         "--publish-codec",
         help="the codec of the root's published u_v for every Archipelago run (default: each "
         "run's --codecs entry, as for the pushes)",
+    )
+    p.add_argument(
+        "--ef-decay",
+        type=parse_ef_decay,
+        nargs="+",
+        default=[None],
+        metavar="BETA",
+        help="Archipelago islands' error-feedback decay (sync.ef_decay, in (0, 1]; 1: none; "
+        "default: the island's, 0.95 with a sparse codec, else 1); more than one runs each "
+        "side by side",
     )
     p.add_argument("--baseline-H", type=int, help="H of sync DiLoCo and hivemind (100; 10)")
     p.add_argument(

@@ -238,6 +238,7 @@ def diloco_worker(spec: dict[str, Any]) -> None:
     config = SyncConfig(
         model_id=spec["model_id"], every=None if every_s else spec["H"], every_s=every_s,
         codec=spec["codec"], mode=spec["mode"], fragments=fragments,
+        ef_decay=spec.get("ef_decay"), codec_params=dict(spec.get("codec_params") or {}),
         sync_timeout_s=spec["timeout_s"], retry_interval_s=0.2, max_retry_interval_s=2.0,
         rebase=spec.get("rebase", "eager"), adopt=spec.get("adopt", "arrival"), **lookahead,
     )  # fmt: skip

@@ -93,6 +93,18 @@ def test_bad_outer_steps_are_refused_before_any_run(value, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_error_feedback_decays_side_by_side():
+    assert bench_quality.parse_args([]).ef_decay == [None]  # the island's default
+    assert bench_quality.parse_args(["--ef-decay", "1", "0.95"]).ef_decay == [1.0, 0.95]
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "most"])
+def test_a_bad_error_feedback_decay_is_refused_before_any_run(value, capsys):
+    with pytest.raises(SystemExit):
+        bench_quality.parse_args(["--ef-decay", value])
+    assert "(0, 1]" in capsys.readouterr().err
+
+
 def test_fragments_rows_per_setting():
     args = bench_quality.parse_args(["--quick", "--fragments", "1", "2", "2"])
     assert args.fragments == [1, 2]  # each count once

@@ -338,3 +338,31 @@ def test_error_feedback_sends_every_coordinate_and_its_residual_stays_bounded() 
         f"sparse2 constant input: every coordinate sent by round {first_sent.max()}, "
         f"residual max {largest[-1]:.1f} (|x| <= 1.5)"
     )
+
+
+def test_decayed_error_feedback_sends_the_codec_of_the_decayed_buffer_bit_for_bit() -> None:
+    """With ``decay`` beta (SparseLoCo's error-feedback buffer) each round sends exactly the
+    codec's payload of ``c = x + float32(beta * e)`` and keeps ``c - Q(c)``, bit for bit,
+    over 40 rounds; a coordinate left unsent keeps ``beta**k`` of its residual."""
+    codec = get_codec("sparse2", density=0.02)
+    beta = 0.95
+    ef = ErrorFeedback(decay=beta)
+    rng = np.random.default_rng(7)
+    n = 2 * 4096 + 700
+    residual = np.zeros(n, dtype=np.float32)
+    for _ in range(40):
+        x = rng.standard_normal(n).astype(np.float32)
+        corrected = x + residual * np.float32(beta)
+        expected = codec.encode(corrected)
+        assert ef.compress("w", x, codec) == expected
+        residual = corrected - codec.decode(expected, (n,))
+        np.testing.assert_array_equal(ef.residuals()["w"], residual)
+    # a zero input: what is not sent fades by beta a round
+    before = ef.residuals()["w"]
+    sent = codec.decode(ef.compress("w", np.zeros(n, np.float32), codec), (n,))
+    dropped = sent == 0
+    np.testing.assert_array_equal(ef.residuals()["w"][dropped], before[dropped] * np.float32(beta))
+    with pytest.raises(ValueError, match="decay must be in"):
+        ErrorFeedback(decay=0.0)
+    with pytest.raises(ValueError, match="decay must be in"):
+        ErrorFeedback(decay=1.5)

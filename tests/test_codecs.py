@@ -32,8 +32,10 @@ ALL_CODECS = [get_codec(name) for name in REQUIRED_CODECS] + [
     get_codec("topk", fraction=1.0),
     get_codec("sparse2", density=0.3, chunk=64),
     get_codec("sparse2", density=1.0, chunk=7),
+    get_codec("sign1", block=8),
+    get_codec("sign1", block=1000),
 ]
-LOSSY_FOR_EF = ["int8", "int4", "topk", "sparse2"]
+LOSSY_FOR_EF = ["int8", "int4", "topk", "sparse2", "sign1"]
 EF_PARAMS = {"topk": {"fraction": 0.05}, "sparse2": {"density": 0.05, "chunk": 128}}
 
 
@@ -243,7 +245,7 @@ def test_wrong_payload_size_rejected(codec: Codec) -> None:
 def crafted(codec: Codec, numel: int, scale: float) -> bytes:
     """A payload of the right size whose first scale (or value) is ``scale``."""
     raw = bytearray(codec.encode(np.ones(numel, dtype=np.float32)))
-    if codec.name in ("none", "topk", "int8", "int4", "sparse2"):
+    if codec.name in ("none", "topk", "int8", "int4", "sparse2", "sign1"):
         offset = 4 * codec.num_kept(numel) if codec.name == "topk" else 0
         raw[offset : offset + 4] = np.float32(scale).tobytes()
     else:  # fp16 / bf16: overwrite the first value with the format's own NaN/Inf
@@ -446,7 +448,7 @@ def test_validate_agrees_with_decode(name):
     codec.validate(payload, x.shape)  # a valid payload passes
     with pytest.raises(MalformedError):
         codec.validate(payload[:-1], x.shape)
-    if name in ("none", "fp16", "int8", "int4", "sparse2"):
+    if name in ("none", "fp16", "int8", "int4", "sparse2", "sign1"):
         bad = bytearray(payload)
         nan = {"none": np.float32(np.nan).tobytes(), "fp16": np.float16(np.nan).tobytes()}
         bad[: 4 if name != "fp16" else 2] = nan.get(name, np.float32(np.inf).tobytes())

@@ -154,7 +154,7 @@ def test_envelope_header_length_and_msgpack_counts_are_not_trusted():
 def test_codec_shape_of_1e12_elements_is_refused_before_allocating():
     from comms.codecs import get_codec
 
-    for name in ("none", "fp16", "bf16", "int8", "int4", "sparse2"):
+    for name in ("none", "fp16", "bf16", "int8", "int4", "sparse2", "sign1"):
         codec = get_codec(name)
         refused_small(lambda c=codec: c.decode(b"\x00" * 64, (10**12,)), MalformedError)
         refused_small(lambda c=codec: c.validate(b"\x00" * 64, (10**6, 10**6)), MalformedError)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from comms.aio import LoopThread
+from comms.codecs import get_codec
 from comms.config import config_from_dict
 from comms.envelope import Envelope
 from comms.errors import (
@@ -273,6 +274,33 @@ def test_pushes_follow_the_protocol_and_error_feedback_accounts_for_codec_loss(h
     assert stats["pushes_accepted"] == 4 and stats["pushes_pending"] == 0
     assert stats["last_staleness"] == -3 and stats["last_v_now"] == 0
     assert stats["bytes_sent"] >= sum(p.wire_size for p in pushes)
+
+
+def test_an_islands_ef_decay_scales_what_its_codec_left_unsent(harness):
+    """``[sync] ef_decay`` reaches the island's error feedback: each push is the codec's
+    encoding of ``delta + beta * residual``, bit for bit, with the residual the previous
+    corrected delta less what was sent."""
+    beta = np.float32(0.5)
+    engine = harness.engine(codec="int4", ef_decay=0.5)
+    rng = np.random.default_rng(3)
+    deltas = [random_delta(rng) for _ in range(3)]
+    for r, d in enumerate(deltas):
+        assert (
+            engine.submit_delta(d, base_version=0, meta={"steps": 10, "round": r})
+            .result(timeout=10)
+            .status
+            == "accepted"
+        )
+    codec = get_codec("int4")
+    sent = [decode_update(env) for env in harness.handler.pushes]
+    for name in ("w", "b"):
+        residual = np.zeros_like(deltas[0][name])
+        for d, got in zip(deltas, sent, strict=True):
+            corrected = d[name] + residual * beta
+            expected = codec.decode(codec.encode(corrected), corrected.shape)
+            assert got[name].tobytes() == expected.tobytes()
+            residual = corrected - expected
+        assert engine.state_dict()["residuals"][name].tobytes() == residual.tobytes()
 
 
 def test_a_stale_rejection_is_counted_and_dropped_and_later_pushes_go_through(harness):
@@ -650,3 +678,10 @@ def test_config_loads_from_a_table_and_names_bad_keys():
         SyncConfig(model_id="lm", rebase="lookahead", outer_momentum=1.0).validate()
     with pytest.raises(ConfigError, match="unknown codec 'int3'"):
         SyncConfig(model_id="lm", codec="int3").validate()
+    assert SyncConfig(model_id="lm", codec="sparse2").error_feedback_decay == 0.95
+    assert SyncConfig(model_id="lm", codec="topk").error_feedback_decay == 0.95
+    assert SyncConfig(model_id="lm", codec="int4").error_feedback_decay == 1.0
+    assert SyncConfig(model_id="lm", codec="sparse2", ef_decay=1).error_feedback_decay == 1.0
+    for decay in (0, -0.5, 1.01, True, "0.9"):
+        with pytest.raises(ConfigError, match="ef_decay: must be in"):
+            SyncConfig(model_id="lm", ef_decay=decay).validate()

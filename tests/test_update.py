@@ -21,7 +21,7 @@ def params():
     }
 
 
-@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "int4", "topk", "sparse2"])
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "int4", "topk", "sparse2", "sign1"])
 def test_round_trip_signed(params, codec):
     ident = Identity.generate()
     roster = Roster()

@@ -21,6 +21,9 @@ Codecs, by name:
   SparseLoCo (Sarfi et al., "Communication Efficient LLM Pre-training with SparseLoCo", 2025);
   about 0.047 bytes per parameter at its default density of 0.02. Meant for use with
   ``ErrorFeedback``.
+- ``sign1``: one sign bit per element and one float32 scale (the mean ``|x|``) per block of
+  256, as in Karimireddy et al., "Error Feedback Fixes SignSGD" (2019): about 0.141 bytes per
+  parameter, dense. Meant for use with ``ErrorFeedback``.
 
 A sparse codec (``topk``, ``sparse2``) also decodes to a ``SparseTensor`` (``decode_sparse``:
 flat indices and float32 values), which the merge adds into its sum without a dense copy.
@@ -35,12 +38,13 @@ merges updates starts fast; torch tensors are accepted by duck typing. Codecs ar
 safe to share between threads; an ``ErrorFeedback`` belongs to one thread.
 
 Modules: ``base`` (``Codec``, the registry, input checks), ``cast``, ``blockwise``, ``topk``,
-``sparse``, ``feedback``. Importing this package registers every codec in ``REQUIRED_CODECS``.
+``sparse``, ``sign``, ``feedback``. Importing this package registers every codec in ``REQUIRED_CODECS``.
 """
 
 from comms.codecs.base import (
     CODECS,
     REQUIRED_CODECS,
+    SPARSE_CODECS,
     Codec,
     SparseTensor,
     as_float_array,
@@ -51,6 +55,7 @@ from comms.codecs.base import (
 from comms.codecs.blockwise import FLUSH_BELOW, Int4Codec, Int8Codec
 from comms.codecs.cast import Bf16Codec, Fp16Codec, NoneCodec
 from comms.codecs.feedback import ErrorFeedback
+from comms.codecs.sign import Sign1Codec
 from comms.codecs.sparse import Sparse2Codec
 from comms.codecs.topk import TopKCodec, top_k_indices
 
@@ -58,6 +63,7 @@ __all__ = [
     "CODECS",
     "FLUSH_BELOW",
     "REQUIRED_CODECS",
+    "SPARSE_CODECS",
     "Bf16Codec",
     "Codec",
     "ErrorFeedback",
@@ -65,6 +71,7 @@ __all__ = [
     "Int4Codec",
     "Int8Codec",
     "NoneCodec",
+    "Sign1Codec",
     "Sparse2Codec",
     "SparseTensor",
     "TopKCodec",

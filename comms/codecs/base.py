@@ -26,7 +26,9 @@ _FLT_MAX = float(np.finfo(np.float32).max)
 _CHUNK_ELEMS = 1 << 17
 
 
-REQUIRED_CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk", "sparse2")
+REQUIRED_CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk", "sparse2", "sign1")
+# codecs that send a few entries and leave the rest to error feedback (decode_sparse works)
+SPARSE_CODECS = frozenset({"topk", "sparse2"})
 
 
 def as_float_array(x: Any, codec_name: str = "codec") -> np.ndarray:
@@ -228,6 +230,20 @@ def _check_int_param(codec: str, key: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
         raise ValueError(f"{codec}: {key} must be an integer in [{lo}, {hi}], got {value!r}")
     return int(value)
+
+
+def _block_absmax_bound(x: Any, codec_name: str, block: int, per_block) -> np.ndarray:
+    """An error bound built per block: ``per_block(absmax)`` (float64, one per block of
+    ``block`` elements of the float32-rounded ``|x|``) repeated over each block's elements,
+    plus the float64 -> float32 conversion bound; shaped as ``x``."""
+    arr = as_float_array(x, codec_name)
+    x64 = arr.astype(np.float64).reshape(-1)
+    n = x64.size
+    padded = np.zeros(-(-n // block) * block)
+    padded[:n] = np.abs(_flat_f32(arr))
+    absmax = padded.reshape(-1, block).max(axis=1) if n else padded
+    bound = np.repeat(per_block(absmax), block)[:n] + _f32_rounding_bound(x64)
+    return bound.reshape(arr.shape)
 
 
 def _f32_rounding_bound(x64: np.ndarray) -> np.ndarray:

@@ -19,8 +19,8 @@ from comms.codecs.base import (
     _F32,
     _FLT_MAX,
     Codec,
+    _block_absmax_bound,
     _check_int_param,
-    _f32_rounding_bound,
     _flat_f32,
     _raise_nonfinite,
     as_float_array,
@@ -172,17 +172,12 @@ class _BlockwiseAbsmax(Codec):
     # error bound ----------------------------------------------------------------------------
 
     def error_bound(self, x: Any) -> np.ndarray:
-        arr = as_float_array(x, self.name)
-        x64 = arr.astype(np.float64).reshape(-1)
-        a32 = np.abs(_flat_f32(arr)).astype(np.float64)
-        n, b = x64.size, self.block
-        padded = np.zeros(self._num_blocks(n) * b)
-        padded[:n] = a32
-        absmax = padded.reshape(-1, b).max(axis=1) if n else padded
-        per_block = absmax / (2 * self.qmax) + absmax * 2.0**-20
-        per_block[absmax < FLUSH_BELOW] = FLUSH_BELOW
-        bound = np.repeat(per_block, b)[:n] + _f32_rounding_bound(x64)
-        return bound.reshape(arr.shape)
+        def per_block(absmax: np.ndarray) -> np.ndarray:
+            bound = absmax / (2 * self.qmax) + absmax * 2.0**-20
+            bound[absmax < FLUSH_BELOW] = FLUSH_BELOW
+            return bound
+
+        return _block_absmax_bound(x, self.name, self.block, per_block)
 
 
 @register_codec

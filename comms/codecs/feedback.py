@@ -3,6 +3,11 @@
 Seide et al., "1-bit SGD" (2014); Karimireddy et al., "Error Feedback Fixes SignSGD" (2019):
 ``c_t = x_t + e_t``, ``send Q(c_t)``, ``e_{t+1} = c_t - Q(c_t)``. Summed over rounds, what was
 sent plus the final residual equals what was put in.
+
+With a decay ``beta < 1`` (SparseLoCo, Sarfi et al. 2025, arXiv:2508.15706: the
+error-feedback buffer decays like a momentum buffer, ``e <- beta * e + delta``, and the top-k
+is taken of it) the corrected input is ``c_t = x_t + beta * e_t``: what was not sent fades
+by ``beta`` a round instead of waiting whole until its coordinate is chosen.
 """
 
 from __future__ import annotations
@@ -20,10 +25,16 @@ class ErrorFeedback:
     ``compress(name, x, codec)`` sends ``Q(x + e)`` and keeps ``e' = (x + e) - Q(x + e)``, so
     over any number of rounds ``sum(decoded) + residual == sum(inputs)`` up to float32
     rounding. If encoding raises (NaN input, say), the residual is left as it was.
+    ``decay`` (beta, in (0, 1]; 1 keeps the residual whole) scales the residual before it is
+    added: ``c = x + float32(beta * e)``, ``e' = c - Q(c)``, each operation in float32, so
+    ``e'`` is a function of ``x``, ``e`` and ``beta`` bit for bit.
     Not thread-safe: one instance belongs to one sender.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, decay: float = 1.0) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1:
+            raise ValueError(f"error feedback: decay must be in (0, 1], got {decay!r}")
+        self.decay = float(decay)
         self._residuals: dict[str, np.ndarray] = {}
 
     def compress(self, name: str, x: Any, codec: Codec) -> bytes:
@@ -36,7 +47,10 @@ class ErrorFeedback:
                     f"error feedback: tensor {name!r} has shape {corrected.shape} but its "
                     f"residual has shape {residual.shape}; call reset() when the model changes"
                 )
-            corrected += residual
+            if self.decay == 1.0:
+                corrected += residual
+            else:
+                corrected += residual * np.float32(self.decay)
         payload = codec.encode(corrected)
         decoded = codec.decode(payload, corrected.shape)
         np.subtract(corrected, decoded, out=corrected)

@@ -6,7 +6,8 @@ chosen per chunk of the flattened tensor (so an index is an offset within its ch
 small), each kept value quantized to 2 bits, and error feedback on the sender so what is not
 sent this round is sent later. What is taken from the paper: top-k chosen per chunk, density
 1-3%, 2-bit values, a residual kept by each sender. The paper's error feedback decays its
-residual (``e <- beta * e + delta``); here ``ErrorFeedback`` keeps it whole (``beta = 1``).
+residual (``e <- beta * e + delta``); ``ErrorFeedback`` keeps it whole by default (``beta = 1``)
+and decays it with ``decay`` (an island's ``[sync] ef_decay``).
 The chunk of 4096 entries is this codec's default, and the 2-bit scheme below is its own.
 
 Selection. The flattened tensor is cut into chunks of ``chunk`` entries (the last may be

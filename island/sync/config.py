@@ -7,10 +7,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from comms.codecs import get_codec
+from comms.codecs import SPARSE_CODECS, get_codec
 from comms.errors import ConfigError
 
 DEFAULT_EVERY = 100  # H when neither ``every`` nor ``every_s`` is given
+SPARSE_EF_DECAY = 0.95  # ef_decay's default with a sparse codec (docs/benchmarks/thin.md)
 
 
 @dataclass
@@ -39,8 +40,12 @@ class SyncConfig:
     # every_s is set
     every: int | None = None
     every_s: float | None = None  # T: seconds of compute per round, instead of every
-    codec: str = "int8"  # codec of pushed deltas: none, fp16, bf16, int8, int4, topk
+    codec: str = "int8"  # of pushed deltas: none, fp16, bf16, int8, int4, topk, sparse2, sign1
     codec_params: dict[str, Any] = field(default_factory=dict)  # e.g. {block = 128}
+    # error feedback's decay beta in (0, 1]: each round sends Q(delta + beta * residual);
+    # 1 keeps what a lossy codec dropped whole. None (the default): 0.95 with a sparse codec
+    # (sparse2, topk: SparseLoCo's decay, measured better in docs/benchmarks/thin.md), else 1
+    ef_decay: float | None = None
     mode: Literal["overlapped", "sync"] = "overlapped"  # overlapped never waits at a boundary
     # where a round starts: "eager" = the newest global version plus this island's own deltas
     # still in flight (applied locally until a version holds them); "lookahead" = the newest
@@ -109,6 +114,11 @@ class SyncConfig:
         if self.max_retry_interval_s < self.retry_interval_s:
             raise ConfigError("max_retry_interval_s: must be >= retry_interval_s")
         get_codec(self.codec, **self.codec_params)  # ConfigError for a bad codec
+        d = self.ef_decay
+        if d is not None and (
+            isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d <= 1
+        ):
+            raise ConfigError(f"ef_decay: must be in (0, 1] (1: no decay), got {d!r}")
         if self.auto:
             self._validate_auto()
         self._validate_fragments()
@@ -166,6 +176,13 @@ class SyncConfig:
                 )
         elif not self.every > 0:
             raise ConfigError(f"every: must be positive, got {self.every!r}")
+
+    @property
+    def error_feedback_decay(self) -> float:
+        """``ef_decay``, or its default for ``codec``: 0.95 for a sparse codec, else 1."""
+        if self.ef_decay is not None:
+            return float(self.ef_decay)
+        return SPARSE_EF_DECAY if self.codec in SPARSE_CODECS else 1.0
 
     @property
     def by_time(self) -> bool:

@@ -80,7 +80,9 @@ class SyncEngine(PushQueue, VersionStream, SnapshotJoiner):
         self._codec = get_codec(config.codec, **config.codec_params)
         # with auto the codec may change between rounds: the residual carries across codecs
         self._error_feedback = (
-            ErrorFeedback() if self._codec.name != "none" or config.auto else None
+            ErrorFeedback(config.error_feedback_decay)
+            if self._codec.name != "none" or config.auto
+            else None
         )
         self._uplink = UplinkEstimate()
         self._owns_loop = loop is None
