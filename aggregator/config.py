@@ -87,6 +87,7 @@ from aggregator.norm_bound import (
     DEFAULT_WARMUP_RATIO,
     DEFAULT_WINDOW,
 )
+from comms.codecs.base import SPARSE_CODECS
 from comms.errors import ConfigError
 from comms.tls import TLSConfig
 
@@ -228,7 +229,6 @@ class ModelConfig:
 
 # Codecs that send a few coordinates per message and keep the rest in an error-feedback
 # residual: published by the root, a coordinate's step waits about 1 / density versions
-SPARSE_CODECS = frozenset({"sparse2", "topk"})
 
 
 def check_publish_codec(model: ModelConfig, where: str) -> None:
