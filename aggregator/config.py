@@ -227,10 +227,6 @@ class ModelConfig:
                 )
 
 
-# Codecs that send a few coordinates per message and keep the rest in an error-feedback
-# residual: published by the root, a coordinate's step waits about 1 / density versions
-
-
 def check_publish_codec(model: ModelConfig, where: str) -> None:
     """A sparse codec for the published ``u_v`` only with an outer optimizer without momentum.
 
