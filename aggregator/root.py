@@ -80,11 +80,13 @@ class RootModel:
         version: int = 0,
         buffer_k: int | None = None,
         defer: bool = False,
+        ef_decay: float = 1.0,
     ):
         """``buffer_k``: the updates a full version merges; a version of fewer takes that
         share of an outer step (None: every version a full step, "partial_step = full").
         ``defer``: such a version's momentum waits for a full step's share (aggregator.outer,
-        "Deferred momentum"; "partial_step = deferred")."""
+        "Deferred momentum"; "partial_step = deferred"). ``ef_decay``: the decay of the
+        residual the publish codec leaves (``comms.codecs.ErrorFeedback``)."""
         self.model_id = model_id
         self.buffer_k = buffer_k
         self.defer = defer
@@ -94,7 +96,7 @@ class RootModel:
         self.codec = codec
         self.identity = identity
         self.version = version
-        self.residual = ErrorFeedback()
+        self.residual = ErrorFeedback(ef_decay)
 
     def step(self, partial: PartialAggregate) -> NewVersion:
         """Apply the outer step for one flushed aggregate; returns the published version."""

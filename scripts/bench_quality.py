@@ -244,7 +244,8 @@ def run_method(
             federation = Federation(run_dir, args.workload, args.seed, args.world,
                                     spec["publish_codec"], args.deadline, spec["outer"],
                                     net, buffer_k=spec.get("buffer_k"),
-                                    fragments=spec.get("fragments", 1))  # fmt: skip
+                                    fragments=spec.get("fragments", 1),
+                                    ef_decay=spec.get("publish_ef_decay"))  # fmt: skip
             spec.update(roster=federation.roster, model_id=MODEL_ID)
             for r, extra_r in enumerate(per_rank):
                 extra_r.update(address=federation.addresses[r], key=federation.keys[r])
@@ -621,13 +622,16 @@ def main(argv: list[str] | None = None) -> int:
                     H=h, **hivemind_settings)  # fmt: skip
         for codec in args.codecs:
             for every, frags in itertools.product(args.H, args.fragments):
-                for rebase, adopt, outer, decay in itertools.product(
-                        args.rebase, args.adopt, args.arch_outer, args.ef_decay):  # fmt: skip
+                for rebase, adopt, outer, decay, root_decay in itertools.product(
+                        args.rebase, args.adopt, args.arch_outer, args.ef_decay,
+                        args.publish_ef_decay):  # fmt: skip
                     warm = f"_warm{args.h_warmup[0]}x{args.h_warmup[1]}" if args.h_warmup else ""
                     slot = f"{codec}_H{every}{warm}{fragment_suffix(frags)}" + "".join(
                         f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt),
                                                 (outer_label(outer), args.arch_outer),
-                                                (ef_label(decay), args.ef_decay))
+                                                (ef_label(decay), args.ef_decay),
+                                                ("root" + ef_label(root_decay),
+                                                 args.publish_ef_decay))
                         if len(opts) > 1)  # fmt: skip
                     opt, buffer_k = split_outer(outer)
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
@@ -635,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                             codec=codec, publish_codec=args.publish_codec or codec,
                             mode="overlapped", outer=opt, buffer_k=buffer_k,
                             rebase=rebase, adopt=adopt, ef_decay=decay,
+                            publish_ef_decay=root_decay,
                             **fragment_setting(frags))  # fmt: skip
             for every_s, outer in itertools.product(args.every_s, args.arch_outer):
                 # rounds sized to each island's speed
@@ -665,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "archipelago": [list(o) for o in args.arch_outer]},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,
         "codecs": args.codecs, "publish_codec": args.publish_codec, "h_warmup": args.h_warmup,
-        "ef_decay": args.ef_decay,
+        "ef_decay": args.ef_decay, "publish_ef_decay": args.publish_ef_decay,
         "fragments": args.fragments, "thin_fragments": args.thin_fragments,
         "slowdowns": args.slowdowns, "every_s": args.every_s,
         "eval_batches": args.eval_batches, "eval_every": args.eval_every,

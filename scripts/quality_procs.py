@@ -127,11 +127,12 @@ class Federation:
     def __init__(self, run_dir: Path, workload_cfg: dict, seed: int, world: int,
                  publish_codec: str, deadline_s: float, outer: tuple[str, dict],
                  net: ShapedNet | None = None, buffer_k: int | None = None,
-                 fragments: int = 1):  # fmt: skip
+                 fragments: int = 1, ef_decay: float | None = None):  # fmt: skip
         """``buffer_k``: the root's merge.buffer_k (None: ``world``, one version per round of
         every island). ``fragments`` > 1: the root serves one model line per fragment
         (``<MODEL_ID>.f<p>``, ``fragment = [p, fragments]`` of the same init file), as an
-        island with ``[sync] fragments`` needs (``comms.fragments``)."""
+        island with ``[sync] fragments`` needs (``comms.fragments``). ``ef_decay``: the
+        root's ``[[models]] ef_decay`` (None: its default for ``publish_codec``)."""
         from safetensors.numpy import save_file
 
         from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
@@ -169,7 +170,7 @@ class Federation:
             merge=MergeConfig(buffer_k=buffer_k or world, deadline_s=deadline_s),
             models=[ModelConfig(model_id, init=str(run_dir / "init.safetensors"),
                                 outer=outer[0], outer_params=dict(outer[1]), codec=publish_codec,
-                                fragment=fragment)
+                                fragment=fragment, ef_decay=ef_decay)
                     for model_id, fragment in zip(self.model_ids, cuts, strict=True)],
         )  # fmt: skip
         save_config(config, run_dir / "root.toml")

@@ -96,6 +96,8 @@ def test_bad_outer_steps_are_refused_before_any_run(value, message, capsys):
 def test_error_feedback_decays_side_by_side():
     assert bench_quality.parse_args([]).ef_decay == [None]  # the island's default
     assert bench_quality.parse_args(["--ef-decay", "1", "0.95"]).ef_decay == [1.0, 0.95]
+    args = bench_quality.parse_args(["--publish-ef-decay", "0.9", "1"])
+    assert (args.publish_ef_decay, args.ef_decay) == ([0.9, 1.0], [None])
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "most"])

@@ -16,7 +16,24 @@ from typing import Any
 
 import numpy as np
 
-from comms.codecs.base import Codec, _finite_abs_max, as_float_array
+from comms.codecs.base import SPARSE_CODECS, Codec, _finite_abs_max, as_float_array
+
+# The decay a sparse codec's feedback gets unless configured (SparseLoCo's; measured better
+# than none in docs/benchmarks/thin.md); dense codecs keep the residual whole.
+SPARSE_DECAY = 0.95
+
+
+def is_valid_decay(decay: Any) -> bool:
+    """A decay is a number in (0, 1] (not a bool)."""
+    return not isinstance(decay, bool) and isinstance(decay, int | float) and 0 < decay <= 1
+
+
+def feedback_decay(codec_name: str, decay: float | None) -> float:
+    """``decay``, or when it is None the default for ``codec_name``: ``SPARSE_DECAY`` for a
+    sparse codec (``SPARSE_CODECS``), 1 for the others."""
+    if decay is not None:
+        return float(decay)
+    return SPARSE_DECAY if codec_name in SPARSE_CODECS else 1.0
 
 
 class ErrorFeedback:
@@ -32,7 +49,7 @@ class ErrorFeedback:
     """
 
     def __init__(self, decay: float = 1.0) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1:
+        if not is_valid_decay(decay):
             raise ValueError(f"error feedback: decay must be in (0, 1], got {decay!r}")
         self.decay = float(decay)
         self._residuals: dict[str, np.ndarray] = {}

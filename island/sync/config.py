@@ -7,11 +7,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from comms.codecs import SPARSE_CODECS, get_codec
+from comms.codecs import get_codec
+from comms.codecs.feedback import feedback_decay, is_valid_decay
 from comms.errors import ConfigError
 
 DEFAULT_EVERY = 100  # H when neither ``every`` nor ``every_s`` is given
-SPARSE_EF_DECAY = 0.95  # ef_decay's default with a sparse codec (docs/benchmarks/thin.md)
 
 
 @dataclass
@@ -115,9 +115,7 @@ class SyncConfig:
             raise ConfigError("max_retry_interval_s: must be >= retry_interval_s")
         get_codec(self.codec, **self.codec_params)  # ConfigError for a bad codec
         d = self.ef_decay
-        if d is not None and (
-            isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d <= 1
-        ):
+        if d is not None and not is_valid_decay(d):
             raise ConfigError(f"ef_decay: must be in (0, 1] (1: no decay), got {d!r}")
         if self.auto:
             self._validate_auto()
@@ -180,9 +178,7 @@ class SyncConfig:
     @property
     def error_feedback_decay(self) -> float:
         """``ef_decay``, or its default for ``codec``: 0.95 for a sparse codec, else 1."""
-        if self.ef_decay is not None:
-            return float(self.ef_decay)
-        return SPARSE_EF_DECAY if self.codec in SPARSE_CODECS else 1.0
+        return feedback_decay(self.codec, self.ef_decay)
 
     @property
     def by_time(self) -> bool:
