@@ -198,8 +198,8 @@ class ModelConfig:
     codec: str = "int8"  # codec of the published u_v (error-free replicas: decode(encode(u)))
     codec_params: dict[str, Any] = field(default_factory=dict)
     # root: the decay of the residual a lossy publish codec leaves (u_v sent is
-    # Q(u + beta * e)); None: 0.95 with a sparse codec (sparse2, topk), 1 with the others
-    ef_decay: float | None = None
+    # Q(u + beta * e)); 1 keeps it whole (0.9 to 1 measured alike: docs/benchmarks/thin.md)
+    ef_decay: float = 1.0
     snapshot_every: int = 10  # a full snapshot of theta every N versions
     keep_versions: int = 1000  # recent u_v kept for subscribers catching up
     public_read: bool = False  # serve Fetch/Subscribe unsigned; each aggregator's own says
@@ -216,7 +216,7 @@ class ModelConfig:
             raise ConfigError(f"buffer_k: must be >= 0 (0: merge.buffer_k), got {self.buffer_k}")
         if self.snapshot_every < 1:
             raise ConfigError(f"snapshot_every: must be at least 1, got {self.snapshot_every}")
-        if self.ef_decay is not None and not is_valid_decay(self.ef_decay):
+        if not is_valid_decay(self.ef_decay):
             raise ConfigError(f"ef_decay: must be in (0, 1] (1: no decay), got {self.ef_decay!r}")
         from aggregator.outer import make_outer_optimizer  # outer imports no config
 

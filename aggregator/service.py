@@ -55,7 +55,6 @@ from aggregator.staleness import get_staleness_function
 from aggregator.store import ModelStore
 from aggregator.wal import WriteAheadLog
 from comms.codecs import get_codec
-from comms.codecs.feedback import feedback_decay
 from comms.envelope import parse_header
 from comms.errors import ConfigError, MalformedError, NotFoundError, RejectedError, StorageError
 from comms.fragments import fragment_of
@@ -295,7 +294,7 @@ class AggregatorService(
         buffer_k = self.config.buffer_k(line.model_id) if partial else None
         root = RootModel(line.model_id, theta0, outer, codec, self.identity, buffer_k=buffer_k,
                          defer=merge.partial_step == "deferred",
-                         ef_decay=feedback_decay(cfg.codec, cfg.ef_decay))  # fmt: skip
+                         ef_decay=cfg.ef_decay)  # fmt: skip
         saved = store.load_state()
         if saved is not None:
             arrays, meta = saved

@@ -211,8 +211,7 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
         default=[None],
         metavar="BETA",
         help="the root's error-feedback decay on published versions ([[models]] ef_decay; "
-        "default: the root's, 0.95 with a sparse publish codec, else 1); more than one runs "
-        "each side by side",
+        "default: the root's, 1); more than one runs each side by side",
     )
     p.add_argument("--baseline-H", type=int, help="H of sync DiLoCo and hivemind (100; 10)")
     p.add_argument(

@@ -132,7 +132,7 @@ class Federation:
         every island). ``fragments`` > 1: the root serves one model line per fragment
         (``<MODEL_ID>.f<p>``, ``fragment = [p, fragments]`` of the same init file), as an
         island with ``[sync] fragments`` needs (``comms.fragments``). ``ef_decay``: the
-        root's ``[[models]] ef_decay`` (None: its default for ``publish_codec``)."""
+        root's ``[[models]] ef_decay`` (None: its default)."""
         from safetensors.numpy import save_file
 
         from aggregator.config import AggregatorConfig, MergeConfig, ModelConfig
@@ -170,7 +170,8 @@ class Federation:
             merge=MergeConfig(buffer_k=buffer_k or world, deadline_s=deadline_s),
             models=[ModelConfig(model_id, init=str(run_dir / "init.safetensors"),
                                 outer=outer[0], outer_params=dict(outer[1]), codec=publish_codec,
-                                fragment=fragment, ef_decay=ef_decay)
+                                fragment=fragment,
+                                **({} if ef_decay is None else {"ef_decay": ef_decay}))
                     for model_id, fragment in zip(self.model_ids, cuts, strict=True)],
         )  # fmt: skip
         save_config(config, run_dir / "root.toml")
