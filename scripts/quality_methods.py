@@ -44,6 +44,7 @@ so the imports sit inside each worker function.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -438,10 +439,14 @@ def counting_compression(counter):
 
 
 def _dht_peers(spec: dict[str, Any], dht) -> list[str]:
-    """Rank 0 publishes its multiaddrs in ``run_dir/dht.json``; the others wait for them."""
+    """Rank 0 publishes its multiaddrs in ``run_dir/dht.json``; the others wait for them.
+    The file appears whole (written aside, then renamed): a reader that found it created but
+    not yet written read an empty file and failed (seen on a loaded machine)."""
     path = Path(spec["run_dir"]) / "dht.json"
     if spec["rank"] == 0:
-        path.write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
+        aside = path.with_suffix(".json.tmp")
+        aside.write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
+        os.replace(aside, path)
         return []
     deadline = time.monotonic() + spec["timeout_s"]
     while not path.exists():
