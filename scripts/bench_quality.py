@@ -212,7 +212,7 @@ def base_spec(args, method: str, run_dir: Path, steps: int) -> dict[str, Any]:
         "method": method, "world": args.world, "run_dir": str(run_dir), "steps": steps,
         "min_steps": args.steps, "target": None, "workload": args.workload, "seed": args.seed,
         "data_seed": args.seed, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
-        "warmup_steps": args.warmup, "timeout_s": args.timeout, **OPTIM,
+        "warmup_steps": args.warmup, "timeout_s": args.timeout, **OPTIM, "lr": args.lr,
         "drain_s": args.deadline + 10.0,  # Archipelago's wait for its last rounds' versions
         "slowdowns": args.slowdowns, "compute_s": args.compute_s,
         "step_floor_s": args.step_floor,
@@ -622,16 +622,17 @@ def main(argv: list[str] | None = None) -> int:
                     H=h, **hivemind_settings)  # fmt: skip
         for codec in args.codecs:
             for every, frags in itertools.product(args.H, args.fragments):
-                for rebase, adopt, outer, decay, root_decay in itertools.product(
+                for rebase, adopt, outer, decay, root_decay, lr in itertools.product(
                         args.rebase, args.adopt, args.arch_outer, args.ef_decay,
-                        args.publish_ef_decay):  # fmt: skip
+                        args.publish_ef_decay, args.arch_lr):  # fmt: skip
                     warm = f"_warm{args.h_warmup[0]}x{args.h_warmup[1]}" if args.h_warmup else ""
                     slot = f"{codec}_H{every}{warm}{fragment_suffix(frags)}" + "".join(
                         f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt),
                                                 (outer_label(outer), args.arch_outer),
                                                 (ef_label(decay), args.ef_decay),
                                                 ("root" + ef_label(root_decay),
-                                                 args.publish_ef_decay))
+                                                 args.publish_ef_decay),
+                                                (f"lr{lr:g}", args.arch_lr))
                         if len(opts) > 1)  # fmt: skip
                     opt, buffer_k = split_outer(outer)
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,
@@ -639,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                             codec=codec, publish_codec=args.publish_codec or codec,
                             mode="overlapped", outer=opt, buffer_k=buffer_k,
                             rebase=rebase, adopt=adopt, ef_decay=decay,
-                            publish_ef_decay=root_decay,
+                            publish_ef_decay=root_decay, **({} if lr is None else {"lr": lr}),
                             **fragment_setting(frags))  # fmt: skip
             for every_s, outer in itertools.product(args.every_s, args.arch_outer):
                 # rounds sized to each island's speed
@@ -665,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
             doc["shaped"]["error"] = why_not
     doc["config"] = {
         "S": args.steps, "max_steps": int(args.max_factor * args.steps), "world": args.world,
-        "workload": args.workload, "params": param_bytes // 4, "inner_optim": OPTIM,
+        "workload": args.workload, "params": param_bytes // 4,
+        "inner_optim": {**OPTIM, "lr": args.lr}, "arch_lr": args.arch_lr,
         "warmup_steps": args.warmup, "outer": {"sync_diloco": ["nesterov", OUTER],
                                                "archipelago": [list(o) for o in args.arch_outer]},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,

@@ -111,6 +111,17 @@ def parse_h_warmup(text: str) -> tuple[int, int]:
     return h0, steps
 
 
+def parse_lr(text: str) -> float:
+    """A learning rate: a positive finite number."""
+    try:
+        lr = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive number, e.g. 4e-3") from err
+    if not (math.isfinite(lr) and lr > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a learning rate must be positive")
+    return lr
+
+
 def parse_ef_decay(text: str) -> float:
     """An error-feedback decay: a number in (0, 1]."""
     try:
@@ -193,6 +204,21 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
         "--publish-codec",
         help="the codec of the root's published u_v for every Archipelago run (default: each "
         "run's --codecs entry, as for the pushes)",
+    )
+    p.add_argument(
+        "--lr",
+        type=parse_lr,
+        default=OPTIM["lr"],
+        help=f"inner AdamW learning rate of every method (default {OPTIM['lr']:g})",
+    )
+    p.add_argument(
+        "--arch-lr",
+        type=parse_lr,
+        nargs="+",
+        default=[None],
+        metavar="LR",
+        help="Archipelago islands' inner learning rate (default: --lr); more than one runs "
+        "each side by side (a local-update island's best rate need not be data-parallel's)",
     )
     p.add_argument(
         "--ef-decay",

@@ -107,6 +107,21 @@ def test_a_bad_error_feedback_decay_is_refused_before_any_run(value, capsys):
     assert "(0, 1]" in capsys.readouterr().err
 
 
+def test_inner_learning_rates():
+    args = bench_quality.parse_args([])
+    assert (args.lr, args.arch_lr) == (2e-3, [None])  # every method at the same rate
+    args = bench_quality.parse_args(["--lr", "4e-3", "--arch-lr", "4e-3", "8e-3"])
+    assert (args.lr, args.arch_lr) == (4e-3, [4e-3, 8e-3])
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--arch-lr"])
+@pytest.mark.parametrize("value", ["0", "-1e-3", "nan", "fast"])
+def test_a_bad_learning_rate_is_refused_before_any_run(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        bench_quality.parse_args([f"{flag}={value}"])
+    assert "positive" in capsys.readouterr().err
+
+
 def test_fragments_rows_per_setting():
     args = bench_quality.parse_args(["--quick", "--fragments", "1", "2", "2"])
     assert args.fragments == [1, 2]  # each count once
