@@ -381,6 +381,11 @@ def ef_label(decay: float | None) -> str:
     return "ef_default" if decay is None else f"ef{decay:g}"
 
 
+def lr_label(lr: float | None) -> str:
+    """A slot suffix for an islands' inner rate (None: ``--lr``, every method's)."""
+    return "lr_default" if lr is None else f"lr{lr:g}"
+
+
 def ratios(doc: dict[str, Any]) -> None:
     """``ddp_bytes_ratio``: DDP's bytes to the target over each method's."""
     ddp_bytes = doc["ddp"].get("bytes_to_target")
@@ -632,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 (ef_label(decay), args.ef_decay),
                                                 ("root" + ef_label(root_decay),
                                                  args.publish_ef_decay),
-                                                (f"lr{lr:g}", args.arch_lr))
+                                                (lr_label(lr), args.arch_lr))
                         if len(opts) > 1)  # fmt: skip
                     opt, buffer_k = split_outer(outer)
                     measure(args, tmp, doc, slot, "overlapped", "diloco", cal, target=target,

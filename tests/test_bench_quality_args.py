@@ -112,6 +112,9 @@ def test_inner_learning_rates():
     assert (args.lr, args.arch_lr) == (2e-3, [None])  # every method at the same rate
     args = bench_quality.parse_args(["--lr", "4e-3", "--arch-lr", "4e-3", "8e-3"])
     assert (args.lr, args.arch_lr) == (4e-3, [4e-3, 8e-3])
+    # slots are named by the rate only when several run side by side; the default has a label too
+    assert [bench_quality.lr_label(x) for x in (None, 4e-3)] == ["lr_default", "lr0.004"]
+    assert [bench_quality.ef_label(x) for x in (None, 0.95)] == ["ef_default", "ef0.95"]
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--arch-lr"])
