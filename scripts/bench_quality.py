@@ -516,11 +516,14 @@ def measure_shaped(args, tmp: Path, doc: dict, link: str, hivemind: dict, cal: d
         except Exception as err:
             out["ddp"] = {"error": f"{type(err).__name__}: {err}"}
         runs = []
+        baseline_lr = {} if args.baseline_lr is None else {"lr": args.baseline_lr}
         if "sync_diloco" not in args.skip:
             runs.append(("sync_diloco", "diloco", {"H": args.baseline_H, "codec": "none",
-                         "publish_codec": "none", "mode": "sync", "outer": ("nesterov", OUTER)}))  # fmt: skip
+                         "publish_codec": "none", "mode": "sync", "outer": ("nesterov", OUTER),
+                         **baseline_lr}))  # fmt: skip
         if "hivemind" not in args.skip:
-            runs.append(("hivemind", "hivemind", {"H": args.baseline_H, **hivemind}))
+            runs.append(("hivemind", "hivemind", {"H": args.baseline_H, **hivemind,
+                                                  **baseline_lr}))  # fmt: skip
         if link in args.profiles:
             slots = [slot for slot, e in doc["archipelago"].items() if "settings" in e]
         else:
@@ -614,17 +617,18 @@ def main(argv: list[str] | None = None) -> int:
         doc["ddp"] = summarize("ddp", ddp, target, args, cal)
         print(f"    target loss: {target:.4f}", flush=True)
         h = args.baseline_H
+        baseline_lr = {} if args.baseline_lr is None else {"lr": args.baseline_lr}
         if "sync_diloco" in args.skip:
             doc["sync_diloco"] = empty_entry("skipped (--skip)")
         else:
             measure(args, tmp, doc, "sync_diloco", "sync", "diloco", cal, target=target, H=h,
                     codec="none", publish_codec="none", mode="sync",
-                    outer=("nesterov", OUTER))  # fmt: skip
+                    outer=("nesterov", OUTER), **baseline_lr)  # fmt: skip
         if "hivemind" in args.skip:
             doc["hivemind"] = empty_entry("skipped (--skip)")
         else:
             measure(args, tmp, doc, "hivemind", "hivemind", "hivemind", cal, target=target,
-                    H=h, **hivemind_settings)  # fmt: skip
+                    H=h, **hivemind_settings, **baseline_lr)  # fmt: skip
         for codec in args.codecs:
             for every, frags in itertools.product(args.H, args.fragments):
                 for rebase, adopt, outer, decay, root_decay, lr in itertools.product(
@@ -673,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         "S": args.steps, "max_steps": int(args.max_factor * args.steps), "world": args.world,
         "workload": args.workload, "params": param_bytes // 4,
         "inner_optim": {**OPTIM, "lr": args.lr}, "arch_lr": args.arch_lr,
+        "baseline_lr": args.baseline_lr,
         "warmup_steps": args.warmup, "outer": {"sync_diloco": ["nesterov", OUTER],
                                                "archipelago": [list(o) for o in args.arch_outer]},
         "baseline_H": h, "H": args.H, "rebase": args.rebase, "adopt": args.adopt,

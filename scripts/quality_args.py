@@ -221,6 +221,13 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
         "each side by side (a local-update island's best rate need not be data-parallel's)",
     )
     p.add_argument(
+        "--baseline-lr",
+        type=parse_lr,
+        metavar="LR",
+        help="sync DiLoCo's and hivemind's inner learning rate (default: --lr), so that each "
+        "method can train at its own best rate against one DDP target",
+    )
+    p.add_argument(
         "--ef-decay",
         type=parse_ef_decay,
         nargs="+",

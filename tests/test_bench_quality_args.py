@@ -109,15 +109,16 @@ def test_a_bad_error_feedback_decay_is_refused_before_any_run(value, capsys):
 
 def test_inner_learning_rates():
     args = bench_quality.parse_args([])
-    assert (args.lr, args.arch_lr) == (2e-3, [None])  # every method at the same rate
-    args = bench_quality.parse_args(["--lr", "4e-3", "--arch-lr", "4e-3", "8e-3"])
-    assert (args.lr, args.arch_lr) == (4e-3, [4e-3, 8e-3])
+    assert (args.lr, args.arch_lr, args.baseline_lr) == (2e-3, [None], None)  # one rate
+    args = bench_quality.parse_args(["--lr", "4e-3", "--arch-lr", "4e-3", "8e-3",
+                                     "--baseline-lr", "6e-3"])  # fmt: skip
+    assert (args.lr, args.arch_lr, args.baseline_lr) == (4e-3, [4e-3, 8e-3], 6e-3)
     # slots are named by the rate only when several run side by side; the default has a label too
     assert [bench_quality.lr_label(x) for x in (None, 4e-3)] == ["lr_default", "lr0.004"]
     assert [bench_quality.ef_label(x) for x in (None, 0.95)] == ["ef_default", "ef0.95"]
 
 
-@pytest.mark.parametrize("flag", ["--lr", "--arch-lr"])
+@pytest.mark.parametrize("flag", ["--lr", "--arch-lr", "--baseline-lr"])
 @pytest.mark.parametrize("value", ["0", "-1e-3", "nan", "fast"])
 def test_a_bad_learning_rate_is_refused_before_any_run(flag, value, capsys):
     with pytest.raises(SystemExit):
