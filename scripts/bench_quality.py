@@ -97,6 +97,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -560,13 +561,24 @@ def fragment_setting(fragments: int) -> dict[str, int]:
     return {"fragments": fragments} if fragments > 1 else {}
 
 
-def outer_label(outer: tuple[str, dict[str, float]]) -> str:
+def outer_label(
+    outer: tuple[str, dict[str, float]], others: Sequence[tuple[str, dict[str, float]]] = ()
+) -> str:
     """A slot suffix: the name, the delay and the root's buffer_k when given
-    (``delayed_nesterov_d4_k1``)."""
+    (``delayed_nesterov_d4_k1``); every parameter (``nesterov_lr0.5_momentum0.9``) when another
+    entry of ``others`` would get the same short suffix, so side-by-side runs keep their own
+    slots."""
+
+    def short(o: tuple[str, dict[str, float]]) -> str:
+        name, params = o
+        return name + "".join(f"_{tag}{params[key]:g}" for key, tag in (("delay", "d"),
+                                                                         ("buffer_k", "k"))
+                              if key in params)  # fmt: skip
+
+    if not any(o != outer and short(o) == short(outer) for o in others):
+        return short(outer)
     name, params = outer
-    return name + "".join(f"_{tag}{params[key]:g}" for key, tag in (("delay", "d"),
-                                                                     ("buffer_k", "k"))
-                          if key in params)  # fmt: skip
+    return name + "".join(f"_{key}{value:g}" for key, value in sorted(params.items()))
 
 
 def check_fragment_counts(sizes: dict[str, int], args: argparse.Namespace) -> None:
@@ -637,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                     warm = f"_warm{args.h_warmup[0]}x{args.h_warmup[1]}" if args.h_warmup else ""
                     slot = f"{codec}_H{every}{warm}{fragment_suffix(frags)}" + "".join(
                         f"_{v}" for v, opts in ((rebase, args.rebase), (adopt, args.adopt),
-                                                (outer_label(outer), args.arch_outer),
+                                                (outer_label(outer, args.arch_outer), args.arch_outer),
                                                 (ef_label(decay), args.ef_decay),
                                                 ("root" + ef_label(root_decay),
                                                  args.publish_ef_decay),
@@ -653,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
                             **fragment_setting(frags))  # fmt: skip
             for every_s, outer in itertools.product(args.every_s, args.arch_outer):
                 # rounds sized to each island's speed
-                label = f"_{outer_label(outer)}" if len(args.arch_outer) > 1 else ""
+                label = (
+                    f"_{outer_label(outer, args.arch_outer)}" if len(args.arch_outer) > 1 else ""
+                )
                 opt, buffer_k = split_outer(outer)
                 measure(args, tmp, doc, f"{codec}_T{every_s:g}{label}", "overlapped", "diloco",
                         cal, target=target, H=args.H[0], every_s=every_s, codec=codec,

@@ -71,6 +71,12 @@ def test_outer_steps_side_by_side():
     plain, delayed = bench_quality.parse_args(argv).arch_outer
     assert bench_quality.outer_label(plain) == "nesterov"
     assert bench_quality.outer_label(delayed) == "delayed_nesterov_d4_k1"
+    # two entries with the same short label each get every parameter, so their slots differ
+    a, b = bench_quality.parse_args(["--arch-outer", "nesterov:lr=0.7,momentum=0.8",
+                                     "nesterov:lr=0.5,momentum=0.9"]).arch_outer  # fmt: skip
+    assert [bench_quality.outer_label(o, [a, b]) for o in (a, b)] == [
+        "nesterov_lr0.7_momentum0.8", "nesterov_lr0.5_momentum0.9"]  # fmt: skip
+    assert bench_quality.outer_label(plain, [plain, delayed]) == "nesterov"
     # buffer_k is the root's, not the optimizer's
     assert bench_quality.split_outer(delayed) == (
         ("delayed_nesterov", {"lr": 0.7, "momentum": 0.9, "delay": 4.0}), 1
