@@ -593,8 +593,11 @@ class Island:
             out.update(replicas_agree=self.replicas_agree)
         if self.lu is not None and self.engine is not None:
             sync = self.engine.stats
+            fragments = self._fragment_fields()  # read once: the version below agrees with it
+            version = (min(f["version"] for f in fragments["fragments"]) if fragments
+                       else self.lu.version)  # fmt: skip
             out.update(
-                version=self.lu.version,
+                version=version,
                 anchor_digest=params_digest(self.lu.anchor),
                 round=self.lu.round,
                 staleness=sync["last_staleness"],
@@ -602,7 +605,7 @@ class Island:
                 bytes_received=sync["bytes_received"],
                 queue_depth=sync["pushes_pending"],
                 sync=sync,
-                **self._fragment_fields(),
+                **fragments,
             )
         return out
 
