@@ -172,6 +172,47 @@ def first_crossing(curve: list[dict[str, Any]], target: float) -> dict[str, Any]
     return next((point for point in curve if point["loss"] <= target), None)
 
 
+def held_steps(
+    merged: dict[int, list[tuple[str, int]]], round_steps: dict[str, dict[str, int]]
+) -> tuple[dict[int, dict[str, int]], int]:
+    """One model line's versions (``merged``: version -> the (peer id, push sequence) of the
+    island updates it merged) against each island's rounds (``round_steps``: peer id -> push
+    sequence -> the inner steps of that round): version -> peer id -> the inner steps of that
+    island's rounds merged in versions 1..v (version 0 holds none); and how many merged
+    updates matched no round (counted as none)."""
+    held = dict.fromkeys(round_steps, 0)
+    out, missing = {0: dict(held)}, 0
+    for version in sorted(merged):
+        for peer, seq in merged[version]:
+            steps = round_steps.get(peer, {}).get(str(seq))
+            if steps is None:
+                missing += 1
+                continue
+            held[peer] += steps
+        out[version] = dict(held)
+    return out, missing
+
+
+def federation_steps(
+    evals: list[dict[str, Any]], lines: list[dict[int, dict[str, int]]], peers: list[str]
+) -> list[tuple[float, int]]:
+    """For each of rank 0's evaluations (its ``version``, or with fragments its ``versions``,
+    one per line), the inner steps the evaluated model holds: the mean over the islands
+    (``peers``, rank 0 first) and rank 0's own. With fragments an island's steps in the
+    model are the fewest of any fragment's (``lines`` as from :func:`held_steps`)."""
+
+    def at(line: dict[int, dict[str, int]], version: int) -> dict[str, int]:
+        return line[max(v for v in line if v <= version)]
+
+    out = []
+    for e in evals:
+        versions = e.get("versions") or [e.get("version", 0)] * len(lines)
+        per_peer = [min(at(line, int(v))[p] for line, v in zip(lines, versions, strict=True))
+                    for p in peers]  # fmt: skip
+        out.append((statistics.mean(per_peer), per_peer[0]))
+    return out
+
+
 def loss_at(curve: list[dict[str, Any]], step: int) -> float | None:
     """The loss of the last evaluation at or before ``step``."""
     before = [p for p in curve if p["step"] <= step]
@@ -264,6 +305,7 @@ def run_method(
     out = {"results": results, "spec": spec, "run_s": time.perf_counter() - t0}
     if federation is not None:
         out["root"] = federation.versions_staleness()
+        out["contributors"] = federation.version_contributors()
     return out
 
 
@@ -273,11 +315,26 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
     rank0 = results[0]
     world, c, pbytes = args.world, cal["compute_s"], cal["param_bytes"]
     h = spec.get("H", 1)
+    held, unmatched = None, None
+    if run.get("contributors") is not None and all("round_steps" in r for r in results):
+        # DiLoCo/Archipelago: every island's steps
+        lines, unmatched = [], 0
+        for p, merged in enumerate(run["contributors"]):
+            line, missing = held_steps(merged, {r["peer_id"]: r["round_steps"][p] for r in results})
+            lines.append(line)
+            unmatched += missing
+        held = federation_steps(rank0["evals"], lines, [r["peer_id"] for r in results])
     curve = []
-    for e in rank0["evals"]:
-        # DiLoCo/Archipelago: the steps the evaluated global version holds (overlapped: the
-        # round just pushed is not in it yet)
+    for i, e in enumerate(rank0["evals"]):
+        # DiLoCo/Archipelago: the inner steps the evaluated global version holds (overlapped:
+        # the rounds still in flight are not in it), the mean over the islands: rank 0 also
+        # evaluates, so the others run ahead of it, by up to 2x at H = 5 on this machine
         point = {"step": e.get("holds_steps", e["step"]), "loss": e["loss"], "t": e.get("t")}
+        scale = 1.0  # the islands' mean over rank 0's own: its bytes sent and rounds scaled
+        if held is not None:
+            mean, own = held[i]
+            point["step"], point["step_rank0"] = round(mean), own
+            scale = mean / own if own else 1.0
         if kind == "ddp":
             point["bytes"] = e["step"] * ddp_bytes_per_step(pbytes, world)
             point["seconds"] = {n: ddp_seconds(e["step"], c, pbytes, world, link)
@@ -287,10 +344,13 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
                 point["bytes"] = 4 * e["allreduce_out"] + e["state_out"]
                 overhead = 0.0
             else:
-                point["bytes"] = e["bytes_sent"] + e["bytes_received"]
+                # the islands' mean: rank 0's bytes sent scaled as its steps; every island
+                # receives the same versions
+                point["bytes"] = round(e["bytes_sent"] * scale) + e["bytes_received"]
                 boundary = max(0.0, rank0["boundary_s"] - rank0["blocked_s"])
                 overhead = boundary / max(1, rank0["rounds"])
-            rounds = e.get("rounds", e["step"] // h)  # a worker's own count, when it gave one
+            # a worker's own count, when it gave one (scaled as its steps)
+            rounds = e.get("rounds", e["step"] // h) * scale
             point["seconds"] = {
                 n: rounds_seconds(kind, rounds, h, c, overhead, point["bytes"], link)
                 for n, link in LINKS.items()
@@ -333,6 +393,9 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
         out["measured"]["staleness_last"] = [e.get("staleness") for e in rank0["evals"]][-1:]
         out["measured"]["pushes_stale"] = [r["lu"]["sync"]["pushes_stale"] for r in results]
         out["measured"]["root"] = run.get("root")  # versions and their updates' staleness
+        out["measured"]["steps_per_island"] = [r["steps"] for r in results]
+        if unmatched is not None:  # merged updates with no round in their island's record
+            out["measured"]["updates_unmatched"] = unmatched
     if kind == "hivemind":
         out["measured"]["epochs"] = [r["epoch"] for r in results]
     return out

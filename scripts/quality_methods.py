@@ -341,7 +341,10 @@ def diloco_worker(spec: dict[str, Any]) -> None:
         rec.write(step, lu=stats, boundary_s=stats["boundary_s"], blocked_s=stats["blocked_s"],
                   rounds=stats["rounds"], bytes_sent=stats["sync"]["bytes_sent"],
                   bytes_received=stats["sync"]["bytes_received"],
-                  lines=line_stats(engines))  # fmt: skip
+                  lines=line_stats(engines), peer_id=identity.peer_id,
+                  # per model line: push sequence -> the inner steps of that round, so the
+                  # bench can count the steps every island has in each version
+                  round_steps=[{str(q): n for q, n in rs.items()} for rs in round_steps])  # fmt: skip
     finally:
         engine.close(timeout=5)  # idempotent
         if loop is not None:

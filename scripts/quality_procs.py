@@ -198,6 +198,24 @@ class Federation:
         stop_process(self.proc)
         self.proc.stdout.close()
 
+    def version_contributors(self) -> list[dict[int, list[tuple[str, int]]]]:
+        """From the root's stored versions (read after :meth:`close`), per model line in
+        ``model_ids`` order: version -> the island updates it merged, as (peer id, the
+        island's push sequence) pairs (each version's meta ``contributors``)."""
+        from comms.envelope import Envelope
+
+        lines = []
+        for model_id in self.model_ids:
+            folder = self.run_dir / "root-state" / "store" / model_id / "versions"
+            merged: dict[int, list[tuple[str, int]]] = {}
+            for path in folder.glob("*.env"):
+                env = Envelope.from_bytes(path.read_bytes(), max_bytes=1 << 40)
+                merged[int(env.header.sequence)] = [
+                    (str(s), int(q)) for s, q in env.header.meta.get("contributors", [])
+                ]
+            lines.append(merged)
+        return lines
+
     def versions_staleness(self) -> dict[str, Any]:
         """From the root's stored versions (read after :meth:`close`): how many it published
         and how stale their updates were (each version's meta ``max_staleness``: the stalest

@@ -246,3 +246,27 @@ def test_a_hivemind_workers_wait_for_peers_is_not_counted_as_compute(tmp_path):
     result = json.loads((tmp_path / "result-0.json").read_text())
     assert result["busy_s"] == pytest.approx(10.0 - 4.99)
     assert result["optimizer_wait_s"] == pytest.approx(4.99)
+
+
+def test_steps_in_a_version_count_every_islands_merged_rounds():
+    # island a pushed rounds of 5 steps (sequences 1..3), b of 10 (1..2); version 1 merged
+    # a's first round and b's first, version 2 a's second, version 3 a's third, b's second
+    # and an update no island recorded
+    merged = {1: [("a", 1), ("b", 1)], 2: [("a", 2)], 3: [("a", 3), ("b", 2), ("c", 9)]}
+    rounds = {"a": {"1": 5, "2": 5, "3": 5}, "b": {"1": 10, "2": 10}}
+    held, missing = bench_quality.held_steps(merged, rounds)
+    assert held == {0: {"a": 0, "b": 0}, 1: {"a": 5, "b": 10}, 2: {"a": 10, "b": 10},
+                    3: {"a": 15, "b": 20}}  # fmt: skip
+    assert missing == 1
+    evals = [{"version": 0}, {"version": 2}, {"version": 3}]
+    # the mean over the islands, and rank 0's (the first peer's) own
+    assert bench_quality.federation_steps(evals, [held], ["a", "b"]) == [(0, 0), (10, 10),
+                                                                         (17.5, 15)]  # fmt: skip
+
+
+def test_steps_in_a_fragmented_model_are_each_islands_fewest_of_any_fragment():
+    line0 = {0: {"a": 0, "b": 0}, 1: {"a": 50, "b": 50}, 2: {"a": 100, "b": 50}}
+    line1 = {0: {"a": 0, "b": 0}, 1: {"a": 25, "b": 75}}
+    # rank 0 evaluated versions (2, 1) of the two lines: a holds min(100, 25), b min(50, 75)
+    got = bench_quality.federation_steps([{"versions": [2, 1]}], [line0, line1], ["a", "b"])
+    assert got == [(37.5, 25)]

@@ -4,6 +4,7 @@ figure of the JSON and both plots are produced."""
 
 import math
 import os
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -64,6 +65,15 @@ def test_quick_benchmark_runs_every_method_and_writes_every_figure(tmp_path):
     for name, entry in methods.items():
         _check_method(name, entry, target)
     assert doc["hivemind"]["measured"]["epochs"][0] >= 1  # hivemind really averaged
+    for name, entry in [("sync_diloco", doc["sync_diloco"]), *doc["archipelago"].items()]:
+        # steps are the islands' mean of the inner steps each version holds, counted from
+        # the root's versions: every update merged is a round some island recorded, and a
+        # version holds no more steps than the islands took
+        measured = entry["measured"]
+        assert measured["updates_unmatched"] == 0, name
+        last = entry["curve"][-1]
+        assert 0 < last["step"] <= statistics.mean(measured["steps_per_island"]), name
+        assert 0 < last["step_rank0"] <= measured["steps_per_island"][0], name
     for path in doc["plots"].values():
         png = Path(path)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
