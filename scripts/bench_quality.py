@@ -309,21 +309,27 @@ def run_method(
     return out
 
 
+def run_held_steps(run: dict) -> tuple[list[tuple[float, int]] | None, int | None]:
+    """A DiLoCo/Archipelago run's :func:`federation_steps` for each of rank 0's evaluations
+    and the merged updates that matched no island's round; (None, None) for other runs."""
+    results = run["results"]
+    if run.get("contributors") is None or not all("round_steps" in r for r in results):
+        return None, None
+    lines, unmatched = [], 0
+    for p, merged in enumerate(run["contributors"]):
+        line, missing = held_steps(merged, {r["peer_id"]: r["round_steps"][p] for r in results})
+        lines.append(line)
+        unmatched += missing
+    return federation_steps(results[0]["evals"], lines, [r["peer_id"] for r in results]), unmatched
+
+
 def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str, Any]:
     """The JSON figures of one method from its workers' results."""
     results, spec = run["results"], run["spec"]
     rank0 = results[0]
     world, c, pbytes = args.world, cal["compute_s"], cal["param_bytes"]
     h = spec.get("H", 1)
-    held, unmatched = None, None
-    if run.get("contributors") is not None and all("round_steps" in r for r in results):
-        # DiLoCo/Archipelago: every island's steps
-        lines, unmatched = [], 0
-        for p, merged in enumerate(run["contributors"]):
-            line, missing = held_steps(merged, {r["peer_id"]: r["round_steps"][p] for r in results})
-            lines.append(line)
-            unmatched += missing
-        held = federation_steps(rank0["evals"], lines, [r["peer_id"] for r in results])
+    held, unmatched = run_held_steps(run)
     curve = []
     for i, e in enumerate(rank0["evals"]):
         # DiLoCo/Archipelago: the inner steps the evaluated global version holds (overlapped:
@@ -503,6 +509,13 @@ def shaped_entry(run: dict[str, Any], target: float, cal: dict) -> dict[str, Any
         seconds, steps = hit["version_t"] - hit["eval_s_before"], hit["holds_steps"]
     elif hit:
         seconds, steps = hit["t"] - hit["eval_s"], hit["step"]
+    # DiLoCo/Archipelago: the islands' mean steps in that version, and rank 0's bytes sent
+    # scaled alike (as in :func:`summarize`)
+    held, _ = run_held_steps(run)
+    scale = 1.0
+    if hit and held is not None:
+        mean, own = held[rank0["evals"].index(hit)]
+        steps, scale = round(mean), (mean / own if own else 1.0)
     entry = {
         "seconds_to_target": seconds,
         "steps_to_target": steps,
@@ -515,7 +528,9 @@ def shaped_entry(run: dict[str, Any], target: float, cal: dict) -> dict[str, Any
     }
     results = run["results"]
     if "bytes_sent" in rank0:  # DiLoCo / Archipelago: the sync engine's counts on the wire
-        entry["bytes_to_target"] = hit["bytes_sent"] + hit["bytes_received"] if hit else None
+        entry["bytes_to_target"] = (
+            round(hit["bytes_sent"] * scale) + hit["bytes_received"] if hit else None
+        )
         entry["bytes_up"] = [r["bytes_sent"] for r in results]
         entry["bytes_down"] = [r["bytes_received"] for r in results]
         entry["engine_compute_fraction"] = [r["lu"]["compute_fraction"] for r in results]
