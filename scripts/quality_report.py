@@ -156,6 +156,11 @@ def notes(args, hivemind_settings: dict) -> list[str]:
         "hivemind: its local parameters after its latest averaging round) on fixed held-out windows; "
         "DiLoCo/Archipelago add a last point, the global model once it holds every round "
         "pushed (drained: true)",
+        "steps (DiLoCo/Archipelago): the islands' mean of the inner steps the evaluated version "
+        "holds, from the root's versions (the island updates each merged) and each island's "
+        "rounds; rank 0 evaluates, so the others run ahead of it (its own count: step_rank0; "
+        "measured.steps_per_island); bytes to the target: rank 0's bytes sent, scaled alike, "
+        "plus what it received",
         f"hivemind: use_local_updates=True, target_batch_size = world*batch*H, "
         f"{hivemind_settings}; delay_state_averaging off (hivemind's default: the step that ends an "
         f"epoch waits for its all-reduce)",
@@ -164,7 +169,8 @@ def notes(args, hivemind_settings: dict) -> list[str]:
                 "fragments (slot suffix _F<n>): the island's streamed fragments (sync.fragments, "
                 "island.streaming) against a root serving one model line per fragment; rank 0 "
                 "evaluates the union of the fragments' anchors at the last fragment's boundaries "
-                "(every H steps) and counts the steps the fragment holding the fewest holds"
+                "(every H steps); an island's steps in it are those of its fragment holding the "
+                "fewest"
             ]
             if max([*args.fragments, *(f for v in args.thin_fragments.values() for f in v)]) > 1
             else []
