@@ -309,9 +309,11 @@ def run_method(
     return out
 
 
-def run_held_steps(run: dict) -> tuple[list[tuple[float, int]] | None, int | None]:
-    """A DiLoCo/Archipelago run's :func:`federation_steps` for each of rank 0's evaluations
-    and the merged updates that matched no island's round; (None, None) for other runs."""
+def run_held_steps(run: dict) -> tuple[list[tuple[float, int, float]] | None, int | None]:
+    """A DiLoCo/Archipelago run's steps for each of rank 0's evaluations, as (the islands'
+    mean, rank 0's own, from :func:`federation_steps`; the mean over rank 0's own: the factor
+    its bytes sent and rounds are scaled by), and the merged updates that matched no island's
+    round; (None, None) for other runs."""
     results = run["results"]
     if run.get("contributors") is None or not all("round_steps" in r for r in results):
         return None, None
@@ -320,7 +322,8 @@ def run_held_steps(run: dict) -> tuple[list[tuple[float, int]] | None, int | Non
         line, missing = held_steps(merged, {r["peer_id"]: r["round_steps"][p] for r in results})
         lines.append(line)
         unmatched += missing
-    return federation_steps(results[0]["evals"], lines, [r["peer_id"] for r in results]), unmatched
+    steps = federation_steps(results[0]["evals"], lines, [r["peer_id"] for r in results])
+    return [(mean, own, mean / own if own else 1.0) for mean, own in steps], unmatched
 
 
 def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str, Any]:
@@ -338,9 +341,8 @@ def summarize(kind: str, run: dict, target: float, args, cal: dict) -> dict[str,
         point = {"step": e.get("holds_steps", e["step"]), "loss": e["loss"], "t": e.get("t")}
         scale = 1.0  # the islands' mean over rank 0's own: its bytes sent and rounds scaled
         if held is not None:
-            mean, own = held[i]
+            mean, own, scale = held[i]
             point["step"], point["step_rank0"] = round(mean), own
-            scale = mean / own if own else 1.0
         if kind == "ddp":
             point["bytes"] = e["step"] * ddp_bytes_per_step(pbytes, world)
             point["seconds"] = {n: ddp_seconds(e["step"], c, pbytes, world, link)
@@ -514,8 +516,8 @@ def shaped_entry(run: dict[str, Any], target: float, cal: dict) -> dict[str, Any
     held, _ = run_held_steps(run)
     scale = 1.0
     if hit and held is not None:
-        mean, own = held[rank0["evals"].index(hit)]
-        steps, scale = round(mean), (mean / own if own else 1.0)
+        mean, _, scale = held[rank0["evals"].index(hit)]
+        steps = round(mean)
     entry = {
         "seconds_to_target": seconds,
         "steps_to_target": steps,

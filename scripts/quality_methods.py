@@ -342,9 +342,9 @@ def diloco_worker(spec: dict[str, Any]) -> None:
                   rounds=stats["rounds"], bytes_sent=stats["sync"]["bytes_sent"],
                   bytes_received=stats["sync"]["bytes_received"],
                   lines=line_stats(engines), peer_id=identity.peer_id,
-                  # per model line: push sequence -> the inner steps of that round, so the
-                  # bench can count the steps every island has in each version
-                  round_steps=[{str(q): n for q, n in rs.items()} for rs in round_steps])  # fmt: skip
+                  # per model line: push sequence -> the inner steps of that round (JSON keys:
+                  # strings), so the bench can count the steps every island has in each version
+                  round_steps=round_steps)  # fmt: skip
     finally:
         engine.close(timeout=5)  # idempotent
         if loop is not None:

@@ -5,6 +5,7 @@ worker process per rank (:func:`run_workers`) and a real ``aggregator serve`` ro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -198,41 +199,40 @@ class Federation:
         stop_process(self.proc)
         self.proc.stdout.close()
 
-    def version_contributors(self) -> list[dict[int, list[tuple[str, int]]]]:
-        """From the root's stored versions (read after :meth:`close`), per model line in
-        ``model_ids`` order: version -> the island updates it merged, as (peer id, the
-        island's push sequence) pairs (each version's meta ``contributors``)."""
+    @functools.cached_property
+    def stored_versions(self) -> list[dict[int, dict[str, Any]]]:
+        """The root's stored versions (read once, after :meth:`close`), per model line in
+        ``model_ids`` order: version -> its envelope's meta."""
         from comms.envelope import Envelope
 
         lines = []
         for model_id in self.model_ids:
             folder = self.run_dir / "root-state" / "store" / model_id / "versions"
-            merged: dict[int, list[tuple[str, int]]] = {}
+            metas = {}
             for path in folder.glob("*.env"):
                 env = Envelope.from_bytes(path.read_bytes(), max_bytes=1 << 40)
-                merged[int(env.header.sequence)] = [
-                    (str(s), int(q)) for s, q in env.header.meta.get("contributors", [])
-                ]
-            lines.append(merged)
+                metas[int(env.header.sequence)] = env.header.meta
+            lines.append(metas)
         return lines
 
-    def versions_staleness(self) -> dict[str, Any]:
-        """From the root's stored versions (read after :meth:`close`): how many it published
-        and how stale their updates were (each version's meta ``max_staleness``: the stalest
-        island update it merged, in versions); with fragments summed over the fragment lines,
-        and each line's count under ``versions_per_line``."""
-        from comms.envelope import Envelope
+    def version_contributors(self) -> list[dict[int, list[tuple[str, int]]]]:
+        """Per model line in ``model_ids`` order: version -> the island updates it merged, as
+        (peer id, the island's push sequence) pairs (each version's meta ``contributors``)."""
+        return [{v: [(str(s), int(q)) for s, q in meta.get("contributors", [])]
+                 for v, meta in line.items()} for line in self.stored_versions]  # fmt: skip
 
-        stale, per_line = [], {}
-        for model_id in self.model_ids:
-            folder = self.run_dir / "root-state" / "store" / model_id / "versions"
-            paths = sorted(folder.glob("*.env"))
-            per_line[model_id] = len(paths)
-            for path in paths:
-                env = Envelope.from_bytes(path.read_bytes(), max_bytes=1 << 40)
-                stale.append(int(env.header.meta["max_staleness"]))
+    def versions_staleness(self) -> dict[str, Any]:
+        """How many versions the root published and how stale their updates were (each
+        version's meta ``max_staleness``: the stalest island update it merged, in versions);
+        with fragments summed over the fragment lines, and each line's count under
+        ``versions_per_line``."""
+        stale = [int(meta["max_staleness"]) for line in self.stored_versions
+                 for meta in line.values()]  # fmt: skip
         out = {"versions": len(stale), "max_staleness": max(stale, default=None),
                "versions_by_max_staleness": {str(s): stale.count(s) for s in sorted(set(stale))}}  # fmt: skip
         if len(self.model_ids) > 1:
-            out["versions_per_line"] = per_line
+            out["versions_per_line"] = {
+                model_id: len(line)
+                for model_id, line in zip(self.model_ids, self.stored_versions, strict=True)
+            }
         return out
